@@ -1,0 +1,47 @@
+"""One spec string -> one backbone.
+
+    load_backbone("adm:/path/256x256_diffusion_uncond.pt")              # preset from the file name
+    load_backbone("adm:/path/model.pt", preset="256x256_diffusion_uncond")
+    load_backbone("adm:/path/model.pt", image_size=64, num_channels=64, num_head_channels=32, ...)
+    load_backbone("adm:random", preset="256x256_diffusion_uncond")      # random weights
+    load_backbone("diffusers:/path/to/unet_or_pipeline")                 # or a hub id
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import DiffprobeError
+from .base import Backbone, BlockInfo
+
+FAMILIES = ("adm", "diffusers")
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    family, sep, target = spec.partition(":")
+    if not sep or family not in FAMILIES or not target:
+        if spec.endswith((".pt", ".pth", ".safetensors")) and ":" not in spec:
+            return "adm", spec
+        raise DiffprobeError(
+            f"backbone spec {spec!r} not understood: expected adm:PATH.pt, adm:random or diffusers:PATH_OR_HUB_ID"
+        )
+    return family, target
+
+
+def load_backbone(spec: str, device: str = "cpu", **options: Any) -> Backbone:
+    """Load a frozen diffusion U-Net. ADM options: preset=..., or guided-diffusion flags.
+
+    diffusers options: subfolder=..., schedule="linear"|"cosine" (when the model folder has no
+    scheduler config), num_train_timesteps=...
+    """
+    family, target = parse_spec(spec)
+    if family == "adm":
+        from .adm_backbone import load_adm
+
+        return load_adm(None if target == "random" else target, device=device, **options)
+    from .diffusers_unet import load_diffusers
+
+    return load_diffusers(target, device=device, **options)
+
+
+__all__ = ["Backbone", "BlockInfo", "load_backbone", "parse_spec", "FAMILIES"]

@@ -1,0 +1,106 @@
+"""The contract every backbone keeps, whatever its model family.
+
+    backbone.blocks                                -> [BlockInfo(index, name, channels, resolution)]
+    backbone.forward_features(x_t, t, [19, 24])    -> {19: Tensor, 24: Tensor}
+
+All requested blocks come out of one forward pass that stops after the deepest one.
+Nothing downstream knows which family it is reading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from ..errors import DiffprobeError
+from ..noise import NoiseSchedule
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    index: int  # 1-based, the paper's numbering for ADM
+    name: str  # module path inside the model, e.g. "output_blocks.4"
+    channels: int
+    resolution: int  # side of the square feature map at the backbone's image_size
+
+
+class Backbone(nn.Module):
+    """A frozen diffusion U-Net seen as a feature extractor."""
+
+    family: str = "?"
+
+    def __init__(self, model: nn.Module, blocks: list[BlockInfo], image_size: int, schedule: NoiseSchedule,
+                 num_classes: int | None, config: dict[str, Any], source: str):  # fmt: skip
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.blocks = blocks
+        self.image_size = image_size
+        self.schedule = schedule
+        self.num_classes = num_classes  # None: unconditional
+        self.config = config  # everything that defines the architecture, JSON-serialisable
+        self.source = source  # where the weights came from, for messages
+        self._fingerprint: str | None = None
+
+    # -- implemented by each family -------------------------------------------------------
+    def iter_blocks(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, last: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield (block index, output) for blocks 1..last in order, then stop."""
+        raise NotImplementedError
+
+    # -- shared -----------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def resolve_blocks(self, blocks: Iterable[int] | str) -> list[int]:
+        """Sorted unique block numbers; 'all' means every block. Out-of-range is an error."""
+        if isinstance(blocks, str):
+            if blocks.strip().lower() == "all":
+                return list(range(1, self.num_blocks + 1))
+            blocks = [int(b) for b in blocks.split(",") if b.strip()]
+        chosen = sorted(set(int(b) for b in blocks))
+        if not chosen:
+            raise DiffprobeError("no blocks requested")
+        bad = [b for b in chosen if not 1 <= b <= self.num_blocks]
+        if bad:
+            raise DiffprobeError(
+                f"block {bad[0]} is out of range: this {self.family} model has blocks 1..{self.num_blocks} "
+                f"(see `diffprobe blocks {self.source}`)"
+            )
+        return chosen
+
+    def forward_features(self, x_t: torch.Tensor, t: int | torch.Tensor, blocks: Iterable[int] | str,
+                         y: torch.Tensor | None = None) -> dict[int, torch.Tensor]:  # fmt: skip
+        """Outputs of `blocks` for the noisy batch x_t at timestep(s) t, in one pass."""
+        wanted = self.resolve_blocks(blocks)
+        if x_t.ndim != 4 or x_t.shape[1] != 3:
+            raise DiffprobeError(f"expected a batch of RGB images [B, 3, H, W], got shape {list(x_t.shape)}")
+        t_tensor = torch.as_tensor(t, device=x_t.device).reshape(-1)
+        if t_tensor.numel() == 1:
+            t_tensor = t_tensor.expand(x_t.shape[0])
+        self.schedule.check_timesteps(sorted(set(t_tensor.tolist())))
+        wanted_set = set(wanted)
+        out: dict[int, torch.Tensor] = {}
+        for index, h in self.iter_blocks(x_t, t_tensor, y, wanted[-1]):
+            if index in wanted_set:
+                out[index] = h
+        return out
+
+    def fingerprint(self) -> str:
+        """Hash of the architecture config and every weight: two stores agree only if this does."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            h.update(repr(sorted(self.config.items())).encode())
+            h.update(self.schedule.alphas_cumprod.tobytes())
+            for name, tensor in sorted(self.model.state_dict().items()):
+                h.update(name.encode())
+                h.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
+                h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:20]
+        return self._fingerprint
+
+    def block_table(self) -> list[dict[str, Any]]:
+        return [asdict(b) for b in self.blocks]
