@@ -1,0 +1,174 @@
+"""The `diffprobe` command: parses arguments and calls the library; no logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import DiffprobeError
+
+log = logging.getLogger("diffprobe")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _blocks(text: str) -> list[int] | str:
+    return "all" if text.strip().lower() == "all" else _int_list(text)
+
+
+def parse_model_options(model_flags: str | None, options: Sequence[str], preset: str | None) -> dict[str, Any]:
+    """`--model-flags "--image_size 64 --num_channels 192"` (guided-diffusion's own spelling)
+    and `-o key=value` pairs become keyword options of load_backbone."""
+    out: dict[str, Any] = {}
+    if model_flags:
+        words = shlex.split(model_flags)
+        if len(words) % 2:
+            raise DiffprobeError(f"--model-flags must be '--name value' pairs, got {model_flags!r}")
+        for name, value in zip(words[::2], words[1::2]):
+            if not name.startswith("--"):
+                raise DiffprobeError(f"--model-flags: expected --name before {value!r}, got {name!r}")
+            out[name[2:]] = value
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise DiffprobeError(f"-o {item!r}: expected key=value")
+        out[key] = value
+    if preset:
+        out["preset"] = preset
+    return out
+
+
+def _add_backbone_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="adm:PATH.pt | adm:random | diffusers:FOLDER_OR_HUB_ID")
+    p.add_argument("--preset", help="ADM preset (e.g. 256x256_diffusion_uncond); see `diffprobe presets`")
+    p.add_argument("--model-flags", help='guided-diffusion flags as on its command line, e.g. "--image_size 64 --num_channels 192"')
+    p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="one backbone option (repeatable)")
+
+
+def _load_backbone(args: argparse.Namespace):
+    from .backbones import load_backbone
+
+    return load_backbone(args.spec, **parse_model_options(args.model_flags, args.option, args.preset))
+
+
+def cmd_blocks(args: argparse.Namespace) -> None:
+    backbone = _load_backbone(args)
+    rows = backbone.block_table()
+    if args.json:
+        print(json.dumps({"source": backbone.source, "image_size": backbone.image_size, "blocks": rows}, indent=1))
+        return
+    print(f"{backbone.source}: {backbone.family}, {backbone.image_size}×{backbone.image_size} input, "
+          f"schedule {backbone.schedule.name}, {'class-conditional' if backbone.num_classes else 'unconditional'}")  # fmt: skip
+    print(f"{'block':>5}  {'module':<28} {'channels':>8}  {'resolution':>10}")
+    for r in rows:
+        print(f"{r['index']:>5}  {r['name']:<28} {r['channels']:>8}  {r['resolution']:>7}×{r['resolution']}")
+
+
+def cmd_presets(args: argparse.Namespace) -> None:
+    from .backbones.adm_config import PRESETS
+
+    for name, flags in PRESETS.items():
+        print(f"{name}: " + " ".join(f"--{k} {v}" for k, v in flags.items()))
+
+
+def cmd_extract(args: argparse.Namespace) -> None:
+    from .data import open_dataset
+    from .features import extract
+    from .precision import choose_compute
+
+    backbone = _load_backbone(args)
+    data = open_dataset(args.data, root=args.data_root, split=args.split, download=args.download)
+    compute = choose_compute(args.device, args.precision, {"auto": "auto", "on": True, "off": False}[args.channels_last])
+    log.info("%s on %s (%d images, %d classes), %s", backbone.source, data.name, len(data), len(data.classes), compute.describe())
+    store = extract(
+        backbone, data, args.out, args.t, args.blocks, args.pool,
+        seed=args.seed, draws=args.draws, batch_size=args.batch_size, dtype=args.dtype, compute=compute,
+        limit=args.limit, subset_seed=args.subset_seed, cond_class=args.class_label,
+        rank=args.rank, world_size=args.world_size, workers=args.workers, overwrite=args.overwrite,
+    )  # fmt: skip
+    summary = store.summary()
+    print(f"store {summary['root']}: {summary['rows']} rows, {len(summary['complete'])} complete arrays"
+          + (f", {len(summary['incomplete'])} incomplete" if summary["incomplete"] else ""))  # fmt: skip
+
+
+def cmd_store(args: argparse.Namespace) -> None:
+    from .store import FeatureStore
+
+    store = FeatureStore.open(args.store)
+    m = store.manifest
+    info = {"backbone": m["backbone"]["source"], "fingerprint": m["backbone"]["fingerprint"], "data": m["data"]["name"],
+            "noise": m["noise"], "dtype": m["dtype"], "precision": m["precision"], **store.summary()}  # fmt: skip
+    print(json.dumps(info, indent=1))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffprobe", description="Diffusion U-Nets as image classifiers: extract and probe block features.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("blocks", help="print a backbone's block table (paper numbering for ADM)")
+    _add_backbone_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_blocks)
+
+    p = sub.add_parser("presets", help="list the ADM presets (released guided-diffusion checkpoints)")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("extract", help="extract pooled block features into a resumable store")
+    _add_backbone_args(p)
+    p.add_argument("--data", required=True, help="ImageFolder dir, .tar/.tar.gz of one, or torchvision:NAME")
+    p.add_argument("--data-root", help="where torchvision datasets live (default: the diffprobe cache)")
+    p.add_argument("--split", default="train", help="dataset split (torchvision) or sub-folder (archives); default train")
+    p.add_argument("--download", action="store_true", help="let torchvision download the dataset (needs internet)")
+    p.add_argument("--blocks", type=_blocks, required=True, help="comma-separated block numbers, or all")
+    p.add_argument("--t", type=_int_list, required=True, help="comma-separated timesteps, e.g. 90,150")
+    p.add_argument("--pool", type=_int_list, default=[1], help="pooled grid sizes p (p×p), e.g. 1,2; default 1")
+    p.add_argument("--out", required=True, help="feature store directory")
+    p.add_argument("--seed", type=int, default=0, help="noise seed: ε depends on (seed, image index, draw) only")
+    p.add_argument("--draws", type=int, default=1, help="average features over this many noise draws")
+    p.add_argument("--limit", type=int, help="a stratified subset of this many images")
+    p.add_argument("--subset-seed", type=int, default=0)
+    p.add_argument("--class-label", type=int, help="class to condition on (class-conditional models only)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per pass; also the store's chunk size")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored feature dtype")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--rank", type=int, default=0, help="this process's share of the chunks (with --world-size)")
+    p.add_argument("--world-size", type=int, default=1)
+    p.add_argument("--overwrite", action="store_true", help="discard an existing store at --out")
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("store", help="describe a feature store")
+    p.add_argument("store")
+    p.set_defaults(func=cmd_store)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="diffprobe: %(message)s")
+    try:
+        args.func(args)
+    except DiffprobeError as e:
+        print(f"diffprobe: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("diffprobe: interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

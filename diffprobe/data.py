@@ -1,0 +1,290 @@
+"""Labelled image datasets, the model transform, and fixed stratified splits.
+
+Three sources, one interface (`LabeledImages`):
+  * an ImageFolder directory (root/<class>/<image>);
+  * a .tar / .tar.gz of an ImageFolder, unpacked once into the cache;
+  * a torchvision dataset by name (`torchvision:CIFAR10`), downloaded only with download=True.
+Images are read lazily; a file that cannot be decoded is reported by its path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from .errors import DiffprobeError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+TORCHVISION_DATASETS = ("CIFAR10", "Flowers102", "FGVCAircraft", "OxfordIIITPet", "Food101", "DTD", "StanfordCars")
+
+
+def cache_dir() -> Path:
+    """Where unpacked archives (and other re-creatable things) live: $DIFFPROBE_CACHE or ~/.cache/diffprobe."""
+    return Path(os.environ.get("DIFFPROBE_CACHE", Path.home() / ".cache" / "diffprobe"))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB; transparent pixels are composited on white (not left black)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image).convert("RGB")
+    return image.convert("RGB")
+
+
+def read_image(path: str | Path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return to_rgb(im)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DiffprobeError(f"cannot read image {path}: {e}") from None
+
+
+@dataclass
+class LabeledImages:
+    """A fixed, ordered list of labelled images. Index i is the image's identity everywhere."""
+
+    name: str
+    classes: list[str]
+    labels: np.ndarray  # int64 [N]
+    load: Callable[[int], Image.Image]  # index -> RGB image; raises DiffprobeError naming the file
+    describe: Callable[[int], str]  # index -> a path or name for messages
+    identity: dict[str, Any] = field(default_factory=dict)  # what the fingerprint is made of
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(repr(sorted(self.identity.items())).encode())
+        h.update(self.labels.astype(np.int64).tobytes())
+        return h.hexdigest()[:20]
+
+
+# ------------------------------------------------------------------ ImageFolder and archives
+
+
+def image_folder(root: str | Path) -> LabeledImages:
+    root = Path(root)
+    if not root.is_dir():
+        raise DiffprobeError(f"dataset folder not found: {root}")
+    from torchvision.datasets.folder import find_classes, make_dataset
+
+    try:
+        classes, class_to_idx = find_classes(str(root))
+        samples = make_dataset(str(root), class_to_idx, extensions=IMAGE_EXTENSIONS, allow_empty=False)
+    except FileNotFoundError as e:
+        raise DiffprobeError(
+            f"no images in {root}: expected an ImageFolder, root/<class>/<image>{IMAGE_EXTENSIONS[0]} ({e})"
+        ) from None
+    paths = [p for p, _ in samples]
+    labels = np.array([c for _, c in samples], dtype=np.int64)
+    # Content identity without reading every byte: relative paths and file sizes.
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(os.path.relpath(p, root).encode() + b"\0" + str(os.path.getsize(p)).encode() + b"\n")
+    return LabeledImages(
+        name=root.name,
+        classes=list(classes),
+        labels=labels,
+        load=lambda i: read_image(paths[i]),
+        describe=lambda i: paths[i],
+        identity={"kind": "imagefolder", "files": h.hexdigest(), "classes": list(classes)},
+    )
+
+
+def _imagefolder_root(top: Path, split: str | None) -> Path:
+    """Descend through single-folder wrappers (cifar10/train/...) to the folder of class folders."""
+    here = top
+    while True:
+        subdirs = [p for p in here.iterdir() if p.is_dir()]
+        files = [p for p in here.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+        if split and (here / split).is_dir() and len(subdirs) > 1 and not files:
+            here = here / split
+        elif len(subdirs) == 1 and not files:
+            here = subdirs[0]
+        else:
+            return here
+
+
+def unpack_archive(archive: str | Path) -> Path:
+    """Unpack a .tar(.gz) once into the cache (atomically) and return the folder."""
+    archive = Path(archive).resolve()
+    st = archive.stat()
+    key = hashlib.sha256(f"{archive}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "archives" / f"{archive.name.split('.')[0]}-{key}"
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=target.parent))
+    try:
+        with tarfile.open(archive) as tar:
+            for member in tqdm(tar, desc=f"unpacking {archive.name}", unit="file", leave=False):
+                tar.extract(member, tmp, filter="data")
+        os.rename(tmp, target)  # another process may have won the race: keep theirs
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if target.is_dir():
+            return target
+        raise DiffprobeError(f"cannot unpack {archive}: {e}") from None
+    except tarfile.TarError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DiffprobeError(f"cannot unpack {archive}: not a readable tar archive ({e})") from None
+    return target
+
+
+def is_archive(path: str | Path) -> bool:
+    return str(path).endswith((".tar", ".tar.gz", ".tgz"))
+
+
+# ------------------------------------------------------------------ torchvision datasets
+
+
+def _torchvision_labels(ds: Any) -> np.ndarray:
+    # torchvision keeps labels under different names per dataset; read them without decoding images.
+    for attr in ("targets", "_labels"):
+        if hasattr(ds, attr):
+            return np.asarray(getattr(ds, attr), dtype=np.int64)
+    if hasattr(ds, "_samples"):
+        return np.asarray([s[1] for s in ds._samples], dtype=np.int64)
+    return np.asarray([ds[i][1] for i in range(len(ds))], dtype=np.int64)
+
+
+def torchvision_dataset(name: str, root: str | Path, split: str = "train", download: bool = False) -> LabeledImages:
+    import torchvision.datasets as tvd
+
+    if name not in TORCHVISION_DATASETS:
+        raise DiffprobeError(f"unknown torchvision dataset {name!r}; supported: {', '.join(TORCHVISION_DATASETS)}")
+    cls = getattr(tvd, name)
+    kwargs: dict[str, Any] = {"root": str(root), "download": download}
+    if name == "CIFAR10":
+        if split not in ("train", "test"):
+            raise DiffprobeError("CIFAR10 splits are train and test")
+        kwargs["train"] = split == "train"
+    else:
+        kwargs["split"] = split
+    try:
+        ds = cls(**kwargs)
+    except (RuntimeError, FileNotFoundError) as e:
+        hint = "" if download else " Pass --download (needs internet) or point --data-root at a copy."
+        raise DiffprobeError(f"torchvision dataset {name} ({split}) not found under {root}.{hint} ({e})") from None
+    except ValueError as e:
+        raise DiffprobeError(f"torchvision dataset {name}: {e}") from None
+    labels = _torchvision_labels(ds)
+    classes = [str(c) for c in getattr(ds, "classes", range(int(labels.max()) + 1))]
+
+    def load(i: int) -> Image.Image:
+        try:
+            return to_rgb(ds[i][0])
+        except (OSError, ValueError) as e:
+            raise DiffprobeError(f"cannot read image {i} of {name}: {e}") from None
+
+    return LabeledImages(
+        name=f"{name}-{split}",
+        classes=classes,
+        labels=labels,
+        load=load,
+        describe=lambda i: f"{name}[{i}]",
+        identity={"kind": "torchvision", "name": name, "split": split, "n": len(labels)},
+    )
+
+
+def open_dataset(spec: str | Path, root: str | Path | None = None, split: str = "train", download: bool = False) -> LabeledImages:
+    """`torchvision:NAME`, an ImageFolder directory, or a .tar(.gz) of one."""
+    spec = str(spec)
+    if spec.startswith("torchvision:"):
+        return torchvision_dataset(spec.split(":", 1)[1], root or cache_dir() / "torchvision", split, download)
+    path = Path(spec)
+    if not path.exists():
+        raise DiffprobeError(f"dataset not found: {spec} (expected a folder, a .tar/.tar.gz, or torchvision:NAME)")
+    if path.is_file():
+        if not is_archive(path):
+            raise DiffprobeError(f"{spec} is a file but not a .tar/.tar.gz archive of an ImageFolder")
+        data = image_folder(_imagefolder_root(unpack_archive(path), split))
+        data.name = path.name.split(".")[0]
+        return data
+    return image_folder(_imagefolder_root(path, split))
+
+
+# ------------------------------------------------------------------ transform, splits, torch Dataset
+
+
+def model_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
+    """Resize the short side, centre-crop to the model's resolution, scale to [-1, 1]."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([
+        v2.PILToTensor(),
+        v2.Resize(image_size, antialias=True),
+        v2.CenterCrop(image_size),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize([0.5] * 3, [0.5] * 3),
+    ])  # fmt: skip
+
+
+def transform_description(image_size: int) -> dict[str, Any]:
+    return {"resize": image_size, "crop": "center", "interpolation": "bilinear-antialias", "range": [-1, 1]}
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of validation rows: the same fraction of every class, fixed by the seed."""
+    if not 0 <= val_fraction < 1:
+        raise DiffprobeError(f"val_fraction {val_fraction} must be in [0, 1)")
+    rng = np.random.default_rng(seed)
+    is_val = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        n_val = int(round(val_fraction * len(members)))
+        is_val[rng.permutation(members)[:n_val]] = True
+    return is_val
+
+
+def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Sorted indices of n images with classes in proportion, fixed by the seed."""
+    if n >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    order = np.concatenate([rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)])
+    # Interleave classes by rank-within-class so any prefix is (nearly) balanced.
+    ranks = np.concatenate([np.arange((labels == c).sum()) / (labels == c).sum() for c in np.unique(labels)])
+    return np.sort(order[np.argsort(ranks, kind="stable")[:n]])
+
+
+class TransformedImages(Dataset):
+    """torch Dataset over some indices of a LabeledImages; bad files come back as errors, not crashes.
+
+    Returning the error (instead of raising inside a DataLoader worker, where the message is
+    buried in a traceback) lets the extraction loop stop with the file's path on one line.
+    """
+
+    def __init__(self, data: LabeledImages, transform: Callable[[Image.Image], torch.Tensor], image_size: int):
+        self.data, self.transform, self.image_size = data, transform, image_size
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, str]:
+        try:
+            x = self.transform(self.data.load(index))
+            return x, int(self.data.labels[index]), index, ""
+        except DiffprobeError as e:
+            return torch.zeros(3, self.image_size, self.image_size), -1, index, str(e)

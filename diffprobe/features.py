@@ -1,0 +1,197 @@
+"""The extraction loop: dataset -> noise(t, seed) -> backbone blocks -> pooled features -> store.
+
+One U-Net pass per (batch, timestep) yields every requested block; the pass stops after
+the deepest block. Work is done in chunks of rows (a chunk is a batch); a chunk already
+marked done in the store is skipped, so an interrupted extraction resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from . import __version__
+from .backbones.base import Backbone
+from .data import LabeledImages, TransformedImages, model_transform, stratified_subset, transform_description
+from .errors import DiffprobeError
+from .noise import image_noise
+from .precision import Compute, choose_compute
+from .store import FeatureKey, FeatureStore, feature_keys
+
+log = logging.getLogger(__name__)
+DTYPES = ("float16", "float32")
+
+
+def pool_features(h: torch.Tensor, pool: int) -> torch.Tensor:
+    """Adaptive average pooling to pool×pool, flattened channel-major ([B, C·p·p]), in float32."""
+    return F.adaptive_avg_pool2d(h.float(), pool).flatten(1)
+
+
+@dataclass(frozen=True)
+class ExtractionPlan:
+    timesteps: list[int]
+    blocks: list[int]
+    pools: list[int]
+
+    @property
+    def keys(self) -> list[FeatureKey]:
+        return feature_keys(self.timesteps, self.blocks, self.pools)
+
+
+def make_plan(backbone: Backbone, timesteps: Sequence[int], blocks: Sequence[int] | str, pools: Sequence[int]) -> ExtractionPlan:
+    ts = sorted(set(backbone.schedule.check_timesteps(timesteps)))
+    if not ts:
+        raise DiffprobeError("no timesteps requested")
+    chosen = backbone.resolve_blocks(blocks)
+    pools = sorted(set(int(p) for p in pools))
+    if not pools or min(pools) < 1:
+        raise DiffprobeError(f"pool sizes must be integers ≥ 1, got {pools}")
+    for b in chosen:
+        res = backbone.blocks[b - 1].resolution
+        if max(pools) > res:
+            raise DiffprobeError(f"pool {max(pools)} is larger than block {b}'s {res}×{res} feature map")
+    return ExtractionPlan(ts, chosen, pools)
+
+
+def build_manifest(backbone: Backbone, data: LabeledImages, rows: np.ndarray, plan_dtype: str, compute: Compute,
+                   seed: int, draws: int, chunk_rows: int, cond_class: int | None, limit: int | None,
+                   subset_seed: int) -> dict:  # fmt: skip
+    return {
+        "backbone": {
+            "source": backbone.source,
+            "family": backbone.family,
+            "fingerprint": backbone.fingerprint(),
+            "config": backbone.config,
+            "class_label": cond_class,
+        },
+        "data": {"name": data.name, "fingerprint": data.fingerprint(), "size": len(data), "classes": data.classes},
+        "rows": {
+            "count": len(rows),
+            "selection": hashlib.sha256(rows.astype(np.int64).tobytes()).hexdigest()[:20],
+            "limit": limit,
+            "subset_seed": subset_seed if limit is not None else None,
+        },
+        "transform": transform_description(backbone.image_size),
+        "noise": {"schedule": backbone.schedule.name, "seed": seed, "draws": draws},
+        "dtype": plan_dtype,
+        "precision": compute.precision,
+        "chunk_rows": chunk_rows,
+        "written_with": {
+            "diffprobe": __version__,
+            "torch": torch.__version__,
+            "device": compute.describe(),
+            "python": platform.python_version(),
+        },
+    }
+
+
+def extract(
+    backbone: Backbone,
+    data: LabeledImages,
+    out: str | Path,
+    timesteps: Sequence[int],
+    blocks: Sequence[int] | str,
+    pools: Sequence[int] = (1,),
+    *,
+    seed: int = 0,
+    draws: int = 1,
+    batch_size: int = 64,
+    dtype: str = "float16",
+    compute: Compute | None = None,
+    limit: int | None = None,
+    subset_seed: int = 0,
+    cond_class: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    workers: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> FeatureStore:
+    """Extract pooled block features of `data` into the store at `out` (resuming if present).
+
+    rank/world_size: this process writes chunks rank, rank+world_size, ... so several
+    processes (torchrun ranks) fill one store together.
+    """
+    if dtype not in DTYPES:
+        raise DiffprobeError(f"dtype {dtype!r}: expected float16 or float32")
+    if draws < 1:
+        raise DiffprobeError("draws (noise samples averaged per image) must be ≥ 1")
+    if not 0 <= rank < world_size:
+        raise DiffprobeError(f"rank {rank} is not in [0, {world_size})")
+    if backbone.num_classes is not None and cond_class is None:
+        raise DiffprobeError(f"{backbone.source} is class-conditional: choose the class label to condition on (--class-label)")
+    if backbone.num_classes is None and cond_class is not None:
+        raise DiffprobeError(f"{backbone.source} is unconditional: drop --class-label")
+    if len(data) == 0:
+        raise DiffprobeError(f"dataset {data.name} is empty")
+    compute = compute or choose_compute()
+    plan = make_plan(backbone, timesteps, blocks, pools)
+    rows = stratified_subset(data.labels, limit, subset_seed) if limit is not None else np.arange(len(data))
+
+    out = Path(out)
+    if overwrite and (out / "manifest.json").is_file():
+        shutil.rmtree(out)
+    manifest = build_manifest(backbone, data, rows, dtype, compute, seed, draws, batch_size, cond_class, limit, subset_seed)
+    store = FeatureStore.create_or_open(out, manifest, data.labels[rows], rows)
+    if store.chunk_rows != batch_size:
+        log.info("resuming with the store's chunk size %d (batch size %d ignored)", store.chunk_rows, batch_size)
+    for key in plan.keys:
+        store.ensure_array(key, backbone.blocks[key.block - 1].channels * key.pool**2)
+
+    done = {key: store.done_chunks(key) for key in plan.keys}
+    my_chunks = range(rank, store.num_chunks, world_size)
+    todo: list[tuple[int, list[int]]] = []  # (chunk, timesteps still missing in it)
+    for chunk in my_chunks:
+        missing_ts = sorted({k.t for k in plan.keys if not done[k][chunk]})
+        if missing_ts:
+            todo.append((chunk, missing_ts))
+    if not todo:
+        log.info("all %d arrays in %s are complete: nothing to do", len(plan.keys), out)
+        return store
+
+    model = compute.prepare(backbone)
+    dataset = TransformedImages(data, model_transform(backbone.image_size), backbone.image_size)
+    batches = [rows[store.chunk_slice(chunk)].tolist() for chunk, _ in todo]
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=compute.device.type == "cuda")
+    shape = (3, backbone.image_size, backbone.image_size)
+    bar = tqdm(total=sum(len(ts) for _, ts in todo) * 1, desc=f"extract → {out.name}", unit="pass", disable=not progress)
+    images_done, started = 0, time.perf_counter()
+    with torch.inference_mode():
+        for (chunk, missing_ts), (x0, _, index, errors) in zip(todo, loader):
+            bad = [e for e in errors if e]
+            if bad:
+                more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+                raise DiffprobeError("; ".join(bad[:3]) + more + ". Fix or remove the file(s), then rerun: finished chunks are kept")
+            x0 = x0.to(compute.device)
+            noises = [image_noise(index.tolist(), seed, shape, draw).to(compute.device) for draw in range(draws)]
+            y = None if cond_class is None else torch.full((len(index),), cond_class, device=compute.device)
+            for t in missing_ts:
+                keys_t = [k for k in plan.keys if k.t == t and not done[k][chunk]]
+                sums: dict[FeatureKey, torch.Tensor] = {}
+                for eps in noises:
+                    x_t = compute.batch(backbone.schedule.q_sample(x0, t, eps))
+                    with compute.autocast():
+                        feats = model.forward_features(x_t, t, sorted({k.block for k in keys_t}), y=y)
+                    for k in keys_t:
+                        pooled = pool_features(feats[k.block], k.pool)
+                        sums[k] = pooled if k not in sums else sums[k] + pooled
+                for k in keys_t:
+                    values = (sums[k] / draws).cpu().numpy().astype(dtype)
+                    store.write_chunk(k, chunk, values)
+                bar.update(1)
+            images_done += len(index)
+            bar.set_postfix(img_per_s=f"{images_done / (time.perf_counter() - started):.1f}")
+    bar.close()
+    return store

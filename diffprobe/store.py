@@ -1,0 +1,233 @@
+"""The on-disk feature store: one array per (timestep, block, pool), a manifest, resume.
+
+Layout of a store directory:
+
+    manifest.json                    identity (model, data, rows, transform, noise, dtype, precision)
+    labels.npy, indices.npy          per row: class label, index of the image in its dataset
+    features/t0090_b24_p1.npy        [rows, channels·p·p] float16 (or float32), a .npy memmap
+    features/t0090_b24_p1.done       one byte per chunk of rows: 1 once that chunk is written
+
+Rows are written a chunk at a time into the memmap, and a chunk's byte in the `.done` file is
+set only after its rows are flushed. So a process killed at any point (kill -9) leaves only
+whole chunks marked, and rerunning recomputes the rest. Chunks are the unit of work, and
+different processes (ranks) may write disjoint chunks of the same arrays at once. Every file
+is created under a temporary name and hard-linked into place, so concurrent creators never
+clobber each other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from .errors import DiffprobeError
+
+FORMAT_VERSION = 1
+# Fields that must be equal for a store to be reused; any difference means other features.
+IDENTITY_FIELDS = ("format", "backbone", "data", "rows", "transform", "noise", "dtype", "precision", "chunk_rows")
+
+
+@dataclass(frozen=True, order=True)
+class FeatureKey:
+    t: int
+    block: int
+    pool: int
+
+    @property
+    def stem(self) -> str:
+        return f"t{self.t:04d}_b{self.block:02d}_p{self.pool}"
+
+    @classmethod
+    def parse(cls, stem: str) -> "FeatureKey":
+        t, b, p = stem.split("_")
+        return cls(int(t[1:]), int(b[1:]), int(p[1:]))
+
+
+def _create_exclusive(final: Path, write) -> None:
+    """Write a file under a temporary name, then link it into place unless it already exists."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            pass  # another process created it first; theirs is identical by construction
+    finally:
+        os.unlink(tmp)
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object, so numpy does not append ".npy" to the temp name
+        np.save(f, array)
+
+
+def _describe_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    diffs = []
+    for name in IDENTITY_FIELDS:
+        if old.get(name) != new.get(name):
+            a, b = old.get(name), new.get(name)
+            if isinstance(a, dict) and isinstance(b, dict):
+                keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+                diffs.append(f"{name} ({', '.join(f'{k}: {a.get(k)!r} vs {b.get(k)!r}' for k in keys[:3])})")
+            else:
+                diffs.append(f"{name} ({a!r} vs {b!r})")
+    return "; ".join(diffs)
+
+
+class FeatureStore:
+    """A directory of cached features. Open with `create_or_open` (writers) or `open` (readers)."""
+
+    def __init__(self, root: str | Path, manifest: dict[str, Any]):
+        self.root = Path(root)
+        self.manifest = manifest
+        self._maps: dict[FeatureKey, np.memmap] = {}
+
+    # ---------------------------------------------------------------- opening
+    @classmethod
+    def open(cls, root: str | Path) -> "FeatureStore":
+        root = Path(root)
+        path = root / "manifest.json"
+        if not path.is_file():
+            raise DiffprobeError(f"{root} is not a feature store (no manifest.json): run `diffprobe extract --out {root}` first")
+        try:
+            manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise DiffprobeError(f"{path} is corrupt: {e}") from None
+        if manifest.get("format") != FORMAT_VERSION:
+            raise DiffprobeError(f"{root} was written by an incompatible diffprobe (store format {manifest.get('format')}, expected {FORMAT_VERSION})")
+        return cls(root, manifest)
+
+    @classmethod
+    def create_or_open(cls, root: str | Path, manifest: dict[str, Any], labels: np.ndarray, indices: np.ndarray) -> "FeatureStore":
+        """Open the store at root if it holds exactly these features' identity; create it if absent.
+
+        A store with another identity (model, data, rows, noise, ...) is an error, never reused.
+        """
+        root = Path(root)
+        manifest = {"format": FORMAT_VERSION, **manifest}
+        if (root / "manifest.json").is_file():
+            store = cls.open(root)
+            old = {k: store.manifest.get(k) for k in IDENTITY_FIELDS}
+            new = {k: manifest.get(k) for k in IDENTITY_FIELDS}
+            if old != new:
+                raise DiffprobeError(
+                    f"{root} holds other features ({_describe_difference(old, new)}): "
+                    "choose another --out, or pass --overwrite to discard them"
+                )
+            return store
+        if root.exists() and any(root.iterdir()):
+            raise DiffprobeError(f"{root} exists and is not a feature store: choose an empty or new --out")
+        root.mkdir(parents=True, exist_ok=True)
+        _create_exclusive(root / "labels.npy", lambda p: _save_npy(p, labels.astype(np.int64)))
+        _create_exclusive(root / "indices.npy", lambda p: _save_npy(p, indices.astype(np.int64)))
+        # The manifest goes last: its presence says the store is usable.
+        _create_exclusive(root / "manifest.json", lambda p: Path(p).write_text(json.dumps(manifest, indent=1)))
+        return cls.open(root)
+
+    # ---------------------------------------------------------------- shape of the store
+    @property
+    def rows(self) -> int:
+        return int(self.manifest["rows"]["count"])
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(self.manifest["chunk_rows"])
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.rows // self.chunk_rows)
+
+    def chunk_slice(self, chunk: int) -> slice:
+        return slice(chunk * self.chunk_rows, min((chunk + 1) * self.chunk_rows, self.rows))
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.load(self.root / "labels.npy")
+
+    @property
+    def indices(self) -> np.ndarray:
+        return np.load(self.root / "indices.npy")
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["data"]["classes"])
+
+    def _paths(self, key: FeatureKey) -> tuple[Path, Path]:
+        base = self.root / "features" / key.stem
+        return base.with_suffix(".npy"), base.with_suffix(".done")
+
+    def keys(self) -> list[FeatureKey]:
+        folder = self.root / "features"
+        if not folder.is_dir():
+            return []
+        return sorted(FeatureKey.parse(p.stem) for p in folder.glob("t*_b*_p*.npy"))
+
+    # ---------------------------------------------------------------- writing
+    def ensure_array(self, key: FeatureKey, dim: int) -> None:
+        array_path, done_path = self._paths(key)
+        dtype = np.dtype(self.manifest["dtype"])
+        if not array_path.exists():
+            _create_exclusive(array_path, lambda p: np.lib.format.open_memmap(p, mode="w+", dtype=dtype, shape=(self.rows, dim)).flush())
+        if not done_path.exists():
+            _create_exclusive(done_path, lambda p: Path(p).write_bytes(bytes(self.num_chunks)))
+        shape = np.load(array_path, mmap_mode="r").shape
+        if shape != (self.rows, dim):
+            raise DiffprobeError(f"{array_path} has shape {shape}, expected {(self.rows, dim)}: the store is damaged")
+
+    def done_chunks(self, key: FeatureKey) -> np.ndarray:
+        _, done_path = self._paths(key)
+        if not done_path.exists():
+            return np.zeros(self.num_chunks, dtype=bool)
+        return np.frombuffer(done_path.read_bytes(), dtype=np.uint8).astype(bool)
+
+    def write_chunk(self, key: FeatureKey, chunk: int, values: np.ndarray) -> None:
+        """Write a chunk's rows, flush them, then mark the chunk done (in that order)."""
+        if key not in self._maps:
+            self._maps[key] = np.load(self._paths(key)[0], mmap_mode="r+")
+        target = self._maps[key]
+        target[self.chunk_slice(chunk)] = values
+        target.flush()
+        fd = os.open(self._paths(key)[1], os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"\x01", chunk)  # one byte per chunk: disjoint writers never overlap
+        finally:
+            os.close(fd)
+
+    # ---------------------------------------------------------------- reading
+    def is_complete(self, key: FeatureKey) -> bool:
+        return self._paths(key)[0].exists() and bool(self.done_chunks(key).all())
+
+    def complete_keys(self) -> list[FeatureKey]:
+        return [k for k in self.keys() if self.is_complete(k)]
+
+    def load(self, key: FeatureKey, rows: np.ndarray | None = None) -> np.ndarray:
+        """Features as float32 [rows, dim]; an incomplete array is an error, never partial data."""
+        array_path, _ = self._paths(key)
+        if not array_path.exists():
+            have = ", ".join(k.stem for k in self.complete_keys()) or "none"
+            raise DiffprobeError(f"{self.root} has no features for t={key.t} block={key.block} pool={key.pool} (complete: {have})")
+        if not self.is_complete(key):
+            missing = int((~self.done_chunks(key)).sum())
+            raise DiffprobeError(f"{array_path.name} in {self.root} is incomplete ({missing} chunks missing): rerun the extraction to resume it")
+        data = np.load(array_path, mmap_mode="r")
+        return np.asarray(data if rows is None else data[rows], dtype=np.float32)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "root": str(self.root),
+            "rows": self.rows,
+            "complete": [k.stem for k in self.complete_keys()],
+            "incomplete": [k.stem for k in self.keys() if not self.is_complete(k)],
+        }
+
+
+def feature_keys(timesteps: Iterable[int], blocks: Iterable[int], pools: Iterable[int]) -> list[FeatureKey]:
+    return sorted(FeatureKey(t, b, p) for t in timesteps for b in blocks for p in pools)
