@@ -39,7 +39,8 @@ def adm_block_table(model: ADMUNet, image_size: int) -> list[BlockInfo]:
     """The paper's numbering: input_blocks 1..n, middle_block n+1, output_blocks after it."""
     blocks: list[BlockInfo] = []
     # Shapes come from a pass on the meta device: nothing is computed, every shape is exact.
-    meta = ADMUNet(model.arch).to("meta")
+    with torch.device("meta"):
+        meta = ADMUNet(model.arch)
     x = torch.zeros(1, model.arch.in_channels, image_size, image_size, device="meta")
     emb = torch.zeros(1, 4 * model.arch.model_channels, device="meta")
     names = [f"input_blocks.{i}" for i in range(len(model.input_blocks))] + ["middle_block"]
