@@ -39,6 +39,24 @@ def pool_features(h: torch.Tensor, pool: int) -> torch.Tensor:
     return F.adaptive_avg_pool2d(h.float(), pool).flatten(1)
 
 
+def batch_features(backbone: Backbone, compute: Compute, x0: torch.Tensor, t: int, noises: Sequence[torch.Tensor],
+                   keys: Sequence[FeatureKey], y: torch.Tensor | None = None) -> dict[FeatureKey, torch.Tensor]:  # fmt: skip
+    """Pooled features of one batch at one timestep, averaged over the given noise draws.
+
+    One pass per draw computes every requested block and stops after the deepest.
+    """
+    blocks = sorted({k.block for k in keys})
+    sums: dict[FeatureKey, torch.Tensor] = {}
+    for eps in noises:
+        x_t = compute.batch(backbone.schedule.q_sample(x0, t, eps))
+        with compute.autocast():
+            feats = backbone.forward_features(x_t, t, blocks, y=y)
+        for k in keys:
+            pooled = pool_features(feats[k.block], k.pool)
+            sums[k] = pooled if k not in sums else sums[k] + pooled
+    return {k: v / len(noises) for k, v in sums.items()}
+
+
 @dataclass(frozen=True)
 class ExtractionPlan:
     timesteps: list[int]
@@ -179,17 +197,9 @@ def extract(
             y = None if cond_class is None else torch.full((len(index),), cond_class, device=compute.device)
             for t in missing_ts:
                 keys_t = [k for k in plan.keys if k.t == t and not done[k][chunk]]
-                sums: dict[FeatureKey, torch.Tensor] = {}
-                for eps in noises:
-                    x_t = compute.batch(backbone.schedule.q_sample(x0, t, eps))
-                    with compute.autocast():
-                        feats = model.forward_features(x_t, t, sorted({k.block for k in keys_t}), y=y)
-                    for k in keys_t:
-                        pooled = pool_features(feats[k.block], k.pool)
-                        sums[k] = pooled if k not in sums else sums[k] + pooled
+                pooled = batch_features(model, compute, x0, t, noises, keys_t, y)
                 for k in keys_t:
-                    values = (sums[k] / draws).cpu().numpy().astype(dtype)
-                    store.write_chunk(k, chunk, values)
+                    store.write_chunk(k, chunk, pooled[k].cpu().numpy().astype(dtype))
                 bar.update(1)
             images_done += len(index)
             bar.set_postfix(img_per_s=f"{images_done / (time.perf_counter() - started):.1f}")

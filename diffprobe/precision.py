@@ -26,11 +26,28 @@ class Compute:
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "fp32":
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
 
     def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Move a frozen model for inference, in place.
+
+        With bf16/fp16, conv and linear weights are cast once here: autocast would otherwise
+        cast every weight again at every call (frozen weights are not in its cast cache). The
+        values are the same ones autocast would use. Norm parameters stay float32. A
+        backbone's fingerprint is taken before the cast, so it still names the fp32 weights.
+        """
+        fingerprint = getattr(module, "fingerprint", None)
+        if callable(fingerprint):
+            fingerprint()
         module = module.to(self.device)
+        if self.precision != "fp32":
+            for m in module.modules():
+                if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)):
+                    m.to(self.dtype)
         return module.to(memory_format=torch.channels_last) if self.channels_last else module
 
     def batch(self, x: torch.Tensor) -> torch.Tensor:

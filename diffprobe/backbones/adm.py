@@ -44,10 +44,28 @@ class ADMArchitecture:
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 and cast back, as guided-diffusion does (fp16-safe)."""
+    """GroupNorm with float32 statistics, as guided-diffusion's (fp16-safe).
+
+    guided-diffusion upcasts the input to float32. For bf16/fp16 inputs PyTorch's GroupNorm
+    kernels already accumulate in float32, so we hand them the input as it is (with autocast
+    off, which would upcast it): same statistics, without two full-tensor copies per norm
+    (measured ~15× faster for the norm on CPU, see benchmarks/extract.py).
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        if x.dtype not in (torch.bfloat16, torch.float16):
+            return super().forward(x.float()).type(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            if x.device.type == "cpu" and x.ndim == 4 and x.shape[2] * x.shape[3] <= 256 and _is_channels_last(x):
+                # The CPU channels_last GroupNorm kernel is slow on small maps with many channels
+                # (5.0 ms vs 1.4 ms with the copies, 32×128×16×16 bf16): normalise a contiguous copy.
+                y = F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
+                return y.contiguous(memory_format=torch.channels_last)
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def _norm(channels: int) -> GroupNorm32:
@@ -128,21 +146,24 @@ class ResBlock(nn.Module):
             self.skip_connection = nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        if self.updown:
-            # Resample after the first GN+SiLU, on both paths (resblock_updown).
-            h = self.in_layers[:-1](x)
-            h = self.in_layers[-1](self.h_upd(h))
-            x = self.x_upd(x)
-        else:
-            h = self.in_layers(x)
+        # Without autograd, elementwise steps run in place: fewer full-size temporaries (measured
+        # in benchmarks/extract.py). With autograd the same maths runs out of place.
+        inplace = not torch.is_grad_enabled()
+        norm_in, _, conv_in = self.in_layers
+        h = F.silu(norm_in(x), inplace=inplace)
+        if self.updown:  # resample after the first GN+SiLU, on both paths (resblock_updown)
+            h, x = self.h_upd(h), self.x_upd(x)
+        h = conv_in(h)
         emb_out = self.emb_layers(emb).type(h.dtype)[:, :, None, None]
+        norm_out, _, dropout, conv_out = self.out_layers
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
-            h = self.out_layers[0](h) * (1 + scale) + shift
-            h = self.out_layers[1:](h)
+            h = torch.addcmul(shift, norm_out(h), 1 + scale)  # GN(h)·(1 + scale) + shift
         else:
-            h = self.out_layers(h + emb_out)
-        return self.skip_connection(x) + h
+            h = norm_out(h + emb_out)
+        h = conv_out(dropout(F.silu(h, inplace=inplace)))
+        skip = self.skip_connection(x)
+        return h.add_(skip) if inplace else skip + h
 
 
 class AttentionBlock(nn.Module):
