@@ -24,7 +24,7 @@ import torch
 from diffprobe import load_backbone
 from diffprobe.features import batch_features, pool_features
 from diffprobe.noise import image_noise
-from diffprobe.precision import Compute
+from diffprobe.precision import Compute, choose_compute
 from diffprobe.store import FeatureKey
 
 
@@ -130,8 +130,16 @@ def main() -> None:
         fp32 = Compute(device, "fp32", False)
         variants = [("early exit, fp32", fp32), (f"early exit, {precision}", Compute(device, precision, False)),
                     (f"early exit, {precision}, channels_last", Compute(device, precision, True))]  # fmt: skip
+        if device.type == "cuda":
+            variants += [(f"early exit, {precision}, compiled", Compute(device, precision, False, True)),
+                         (f"early exit, {precision}, channels_last, compiled", Compute(device, precision, True, True))]  # fmt: skip
+        default = choose_compute(str(device), precision)  # what `diffprobe extract` uses here
+        default_name = next((name for name, c in variants if c == default), None)
+        if default_name is None:
+            default_name = "default " + default.describe()
+            variants.append((default_name, default))
         if args.skip_steps:
-            variants = variants[-1:]
+            variants = [(default_name, default)]
 
         def run_ref():
             with torch.inference_mode():
@@ -155,15 +163,17 @@ def main() -> None:
             for name, compute in variants:
                 var_times[name] += timed(run_variant(name, compute), device, 1, 1)
         ref_out = run_ref()
-        best_out = run_variant(*variants[-1])()
+        best_out = run_variant(default_name, default)()
         ref_ips = args.batch / statistics.median(ref_times)
         print(f"\nblocks {selection} at t={args.t}: {flops / 1e9:.2f} GFLOP/img to block {max(blocks)} "
               f"({flops / full_flops:.0%} of the full forward)")  # fmt: skip
-        print(f"  {'reference (full forward, fp32, hooks)':<44} {ref_ips:9.1f} img/s   1.00×")
+        print(f"  {'reference (full forward, fp32, hooks)':<52} {ref_ips:9.1f} img/s   1.00×")
         for name, _ in variants:
             ips = args.batch / statistics.median(var_times[name])
-            print(f"  {'diffprobe ' + name:<44} {ips:9.1f} img/s {ips / ref_ips:6.2f}×   {ips * flops / peak:6.1%} of peak")
-        best_ips = args.batch / statistics.median(var_times[variants[-1][0]])
+            mark = "  <- default" if name == default_name else ""
+            print(f"  {'diffprobe ' + name:<52} {ips:9.1f} img/s {ips / ref_ips:6.2f}×   {ips * flops / peak:6.1%} of peak{mark}")
+        best_ips = args.batch / statistics.median(var_times[default_name])
+        print(f"  default ({default.describe()}) vs reference:")
         for k in keys:
             a, b = ref_out[k].float().flatten(), best_out[k].float().flatten()
             cos = torch.nn.functional.cosine_similarity(a, b, dim=0).item()

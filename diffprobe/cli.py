@@ -88,7 +88,8 @@ def cmd_extract(args: argparse.Namespace) -> None:
 
     backbone = _load_backbone(args)
     data = open_dataset(args.data, root=args.data_root, split=args.split, download=args.download)
-    compute = choose_compute(args.device, args.precision, {"auto": "auto", "on": True, "off": False}[args.channels_last])
+    switch = {"auto": "auto", "on": True, "off": False}
+    compute = choose_compute(args.device, args.precision, switch[args.channels_last], switch[args.compile])
     log.info("%s on %s (%d images, %d classes), %s", backbone.source, data.name, len(data), len(data.classes), compute.describe())
     store = extract(
         backbone, data, args.out, args.t, args.blocks, args.pool,
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile the U-Net (auto: on for CUDA)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--rank", type=int, default=0, help="this process's share of the chunks (with --world-size)")
     p.add_argument("--world-size", type=int, default=1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -30,9 +30,8 @@ log = logging.getLogger(__name__)
 class ADMBackbone(Backbone):
     family = "adm"
 
-    def iter_blocks(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, last: int) -> Iterator[tuple[int, torch.Tensor]]:
-        emb = self.model.embed(t, y)
-        yield from self.model.run_blocks(x, emb, last)
+    def run(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, wanted: tuple[int, ...]) -> dict[int, torch.Tensor]:
+        return self.model.run_blocks(x, self.model.embed(t, y), wanted)
 
 
 def adm_block_table(model: ADMUNet, image_size: int) -> list[BlockInfo]:
@@ -45,7 +44,8 @@ def adm_block_table(model: ADMUNet, image_size: int) -> list[BlockInfo]:
     emb = torch.zeros(1, 4 * model.arch.model_channels, device="meta")
     names = [f"input_blocks.{i}" for i in range(len(model.input_blocks))] + ["middle_block"]
     names += [f"output_blocks.{i}" for i in range(len(model.output_blocks))]
-    for index, h in meta.run_blocks(x, emb, meta.num_blocks):
+    every = tuple(range(1, meta.num_blocks + 1))
+    for index, h in meta.run_blocks(x, emb, every).items():
         blocks.append(BlockInfo(index, names[index - 1], int(h.shape[1]), int(h.shape[-1])))
     return blocks
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -44,11 +44,16 @@ class Backbone(nn.Module):
         self.config = config  # everything that defines the architecture, JSON-serialisable
         self.source = source  # where the weights came from, for messages
         self._fingerprint: str | None = None
+        self._run = None  # a compiled `run`, once `compile()` was called
 
     # -- implemented by each family -------------------------------------------------------
-    def iter_blocks(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, last: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield (block index, output) for blocks 1..last in order, then stop."""
+    def run(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, wanted: tuple[int, ...]) -> dict[int, torch.Tensor]:
+        """Outputs of the `wanted` blocks (valid, sorted) in one pass that stops at the deepest."""
         raise NotImplementedError
+
+    def compile(self, **options: Any) -> None:
+        """Run `run` through torch.compile from now on (fuses norms and pointwise ops on GPUs)."""
+        self._run = torch.compile(self.run, dynamic=False, **options)
 
     # -- shared -----------------------------------------------------------------------------
     @property
@@ -82,12 +87,7 @@ class Backbone(nn.Module):
         if t_tensor.numel() == 1:
             t_tensor = t_tensor.expand(x_t.shape[0])
         self.schedule.check_timesteps(sorted(set(t_tensor.tolist())))
-        wanted_set = set(wanted)
-        out: dict[int, torch.Tensor] = {}
-        for index, h in self.iter_blocks(x_t, t_tensor, y, wanted[-1]):
-            if index in wanted_set:
-                out[index] = h
-        return out
+        return (self._run or self.run)(x_t, t_tensor, y, tuple(wanted))
 
     def fingerprint(self) -> str:
         """Hash of the architecture config and every weight: two stores agree only if this does."""

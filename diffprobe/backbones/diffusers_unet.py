@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,12 +74,13 @@ class DiffusersBackbone(Backbone):
         super().__init__(*args, **kwargs)
         self._units = _units(self.model)
 
-    def iter_blocks(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, last: int) -> Iterator[tuple[int, torch.Tensor]]:
-        yield from run_units(self.model, self._units, x, t, y, last)
+    def run(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, wanted: tuple[int, ...]) -> dict[int, torch.Tensor]:
+        return run_units(self.model, self._units, x, t, y, wanted)
 
 
-def run_units(model: nn.Module, units, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, last: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """UNet2DModel.forward, unrolled unit by unit so it can stop after block `last`."""
+def run_units(model: nn.Module, units, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
+              wanted: tuple[int, ...]) -> dict[int, torch.Tensor]:  # fmt: skip
+    """UNet2DModel.forward, unrolled unit by unit so it can stop after the deepest wanted block."""
     cfg = model.config
     if cfg.center_input_sample:
         x = 2 * x - 1.0
@@ -91,6 +92,8 @@ def run_units(model: nn.Module, units, x: torch.Tensor, t: torch.Tensor, y: torc
         emb = emb + model.class_embedding(labels).to(dtype=model.dtype)
     elif y is not None:
         raise DiffprobeError("this diffusers model is unconditional: do not pass class labels y")
+    last = max(wanted)
+    out: dict[int, torch.Tensor] = {}
     skips: list[torch.Tensor] = []
     h = x
     for index, (name, parts) in enumerate(units, start=1):
@@ -109,9 +112,11 @@ def run_units(model: nn.Module, units, x: torch.Tensor, t: torch.Tensor, y: torc
                 h = module(h)
         if not name.startswith(("mid_block", "up_blocks")):
             skips.append(h)
-        yield index, h
+        if index in wanted:
+            out[index] = h
         if index >= last:
-            return
+            break
+    return out
 
 
 def _local_folder(target: str, subfolder: str | None) -> tuple[Path, str | None] | None:
@@ -178,7 +183,8 @@ def load_diffusers(target: str, device: str | torch.device = "cpu", subfolder: s
     names = [name for name, _ in units]
     blocks = [
         BlockInfo(i, names[i - 1], int(h.shape[1]), int(h.shape[-1]))
-        for i, h in run_units(meta, _units(meta), x, torch.zeros(1, dtype=torch.long, device="meta"), y, len(units))
+        for i, h in run_units(meta, _units(meta), x, torch.zeros(1, dtype=torch.long, device="meta"), y,
+                              tuple(range(1, len(units) + 1))).items()
     ]
     config = json.loads(json.dumps(dict(model.config), default=str))
     config["noise_schedule"] = sched.name
