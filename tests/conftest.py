@@ -1,0 +1,69 @@
+"""Shared test data: the ADM fixture, a small ImageFolder cut from the shared CIFAR-10 archive."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+FIXTURE_DIR = SHARED / "fixtures" / "adm"
+FIXTURE_CKPT = FIXTURE_DIR / "adm_uncond_tiny.pt"
+CIFAR_TAR = SHARED / "data" / "cifar10-train.tar.gz"
+FIXTURE_SPEC = f"adm:{FIXTURE_CKPT}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Unpacked archives go to a per-session cache, never the user's ~/.cache."""
+    cache = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("DIFFPROBE_CACHE")
+    os.environ["DIFFPROBE_CACHE"] = str(cache)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    yield cache
+    if old is None:
+        os.environ.pop("DIFFPROBE_CACHE", None)
+    else:
+        os.environ["DIFFPROBE_CACHE"] = old
+
+
+def _cut_cifar(dest: Path, per_class: int) -> Path:
+    """The first `per_class` images of each class of the shared archive, as an ImageFolder."""
+    counts: dict[str, int] = {}
+    with tarfile.open(CIFAR_TAR) as tar:
+        for member in tar:
+            parts = Path(member.name).parts
+            if not member.isfile() or len(parts) < 2:
+                continue
+            cls = parts[-2]
+            if counts.get(cls, 0) >= per_class:
+                continue
+            counts[cls] = counts.get(cls, 0) + 1
+            out = dest / cls / parts[-1]
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(tar.extractfile(member).read())
+    assert len(counts) == 10, counts
+    return dest
+
+
+@pytest.fixture(scope="session")
+def cifar_small(tmp_path_factory) -> Path:
+    """30 real CIFAR-10 images per class (300 in all)."""
+    return _cut_cifar(tmp_path_factory.mktemp("cifar_small") / "cifar", 30)
+
+
+@pytest.fixture(scope="session")
+def fixture_backbone():
+    from diffprobe import load_backbone
+
+    return load_backbone(FIXTURE_SPEC)
+
+
+def png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()

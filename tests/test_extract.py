@@ -1,0 +1,176 @@
+"""Extraction into the feature store: correctness, resume after kill -9, ranks, identity checks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import CIFAR_TAR, FIXTURE_SPEC, ROOT
+from diffprobe import DiffprobeError, load_backbone
+from diffprobe.data import model_transform, open_dataset
+from diffprobe.features import extract, pool_features
+from diffprobe.noise import image_noise
+from diffprobe.precision import Compute
+from diffprobe.store import FeatureKey, FeatureStore
+
+FP32 = Compute(torch.device("cpu"), "fp32", False)
+BF16 = Compute(torch.device("cpu"), "bf16", True)
+
+
+def run_extract(out, data, **kw):
+    args = dict(timesteps=[90, 300], blocks=[13, 18], pools=[1, 2], batch_size=40, compute=FP32, progress=False)
+    args.update(kw)
+    return extract(load_backbone(FIXTURE_SPEC), data, out, args.pop("timesteps"), args.pop("blocks"), args.pop("pools"), **args)
+
+
+def test_store_holds_exactly_the_pooled_block_features(cifar_small, tmp_path):
+    data = open_dataset(cifar_small)
+    store = run_extract(tmp_path / "s", data, dtype="float32")
+    assert store.rows == 300 and len(store.complete_keys()) == 8
+    assert np.array_equal(store.labels, data.labels)
+    # Recompute a few rows by hand: transform, ε(seed, index), q_sample, blocks, pooling.
+    bb = load_backbone(FIXTURE_SPEC)
+    rows = [0, 77, 299]
+    x0 = torch.stack([model_transform(32)(data.load(i)) for i in rows])
+    x_t = bb.schedule.q_sample(x0, 300, image_noise(rows, 0, (3, 32, 32)))
+    with torch.inference_mode():
+        h = bb.forward_features(x_t, 300, [18])[18]
+    expected = pool_features(h, 2).numpy()
+    got = store.load(FeatureKey(300, 18, 2), np.array(rows))
+    assert got.shape == (3, 64 * 4)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_features_do_not_depend_on_the_batch(cifar_small, tmp_path):
+    data = open_dataset(cifar_small)
+    a = run_extract(tmp_path / "a", data, batch_size=40, dtype="float32", blocks=[13], pools=[1])
+    b = run_extract(tmp_path / "b", data, batch_size=64, dtype="float32", blocks=[13], pools=[1])
+    for key in a.complete_keys():
+        np.testing.assert_allclose(a.load(key), b.load(key), rtol=1e-5, atol=1e-5)
+
+
+def test_rerun_is_a_no_op(cifar_small, tmp_path, monkeypatch):
+    data = open_dataset(cifar_small)
+    run_extract(tmp_path / "s", data, compute=BF16)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "s" / "features").iterdir()}
+
+    def forbidden(*a, **k):
+        raise AssertionError("the U-Net ran although every chunk was done")
+
+    monkeypatch.setattr("diffprobe.backbones.adm_backbone.ADMBackbone.run", forbidden)
+    run_extract(tmp_path / "s", data, compute=BF16)
+    after = {p.name: p.read_bytes() for p in (tmp_path / "s" / "features").iterdir()}
+    assert before == after
+
+
+def test_new_blocks_extend_a_store_and_only_missing_work_runs(cifar_small, tmp_path):
+    data = open_dataset(cifar_small)
+    run_extract(tmp_path / "s", data, blocks=[13], pools=[1])
+    store = run_extract(tmp_path / "s", data, blocks=[13, 18], pools=[1])
+    assert {k.stem for k in store.complete_keys()} == {"t0090_b13_p1", "t0090_b18_p1", "t0300_b13_p1", "t0300_b18_p1"}
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "diffprobe.cli", *args]
+
+
+def test_killed_extraction_resumes_to_identical_arrays(cifar_small, tmp_path):
+    common = ["extract", FIXTURE_SPEC, "--data", str(cifar_small), "--blocks", "5,13,18,25", "--t", "50,300",
+              "--pool", "1,2", "--batch-size", "6", "--precision", "bf16"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run(_cli(*common, "--out", str(tmp_path / "whole")), check=True, env=env, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(*common, "--out", str(killed)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done_file = killed / "features" / "t0300_b25_p2.done"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if done_file.exists() and sum(done_file.read_bytes()) >= 5:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    partial = FeatureStore.open(killed)
+    assert not all(partial.is_complete(k) for k in partial.keys()), "the run finished before it could be killed"
+    with pytest.raises(DiffprobeError, match="incomplete"):
+        partial.load(FeatureKey(300, 25, 2))
+
+    subprocess.run(_cli(*common, "--out", str(killed)), check=True, env=env, capture_output=True)
+    whole, resumed = FeatureStore.open(tmp_path / "whole"), FeatureStore.open(killed)
+    assert whole.keys() == resumed.keys() and len(whole.keys()) == 16
+    for key in whole.keys():
+        assert np.array_equal(whole.load(key), resumed.load(key)), key
+
+
+def test_ranks_fill_disjoint_chunks_of_one_store(cifar_small, tmp_path):
+    data = open_dataset(cifar_small)
+    single = run_extract(tmp_path / "single", data, blocks=[13], pools=[1])
+    run_extract(tmp_path / "ranked", data, blocks=[13], pools=[1], rank=1, world_size=2)
+    partial = FeatureStore.open(tmp_path / "ranked")
+    assert partial.done_chunks(FeatureKey(90, 13, 1)).tolist() == [False, True] * 4
+    ranked = run_extract(tmp_path / "ranked", data, blocks=[13], pools=[1], rank=0, world_size=2)
+    for key in single.complete_keys():
+        assert np.array_equal(single.load(key), ranked.load(key))
+
+
+def test_a_store_of_other_features_is_never_reused(cifar_small, tmp_path):
+    data = open_dataset(cifar_small)
+    out = tmp_path / "s"
+    run_extract(out, data, blocks=[13], pools=[1])
+    with pytest.raises(DiffprobeError, match=r"holds other features \(noise.*seed"):
+        run_extract(out, data, blocks=[13], pools=[1], seed=1)
+    with pytest.raises(DiffprobeError, match=r"holds other features \(rows"):
+        run_extract(out, data, blocks=[13], pools=[1], limit=100)
+    other = load_backbone("adm:random", image_size=32, num_channels=32, channel_mult="1,1,2,2",
+                          attention_resolutions="16,8,4", num_head_channels=8, learn_sigma=True, resblock_updown=True)  # fmt: skip
+    with pytest.raises(DiffprobeError, match=r"holds other features \(backbone.*fingerprint"):
+        extract(other, data, out, [90], [13], [1], compute=FP32, progress=False)
+    fresh = extract(other, data, out, [90], [13], [1], compute=FP32, progress=False, overwrite=True)
+    assert fresh.manifest["backbone"]["fingerprint"] == other.fingerprint()
+
+
+def test_limit_takes_a_balanced_subset(cifar_small, tmp_path):
+    store = run_extract(tmp_path / "s", open_dataset(cifar_small), blocks=[13], pools=[1], limit=50)
+    assert store.rows == 50 and np.bincount(store.labels).tolist() == [5] * 10
+
+
+def test_unreadable_image_stops_with_its_path_and_keeps_finished_chunks(cifar_small, tmp_path):
+    folder = tmp_path / "data"
+    shutil.copytree(cifar_small, folder)
+    victim = sorted((folder / "truck").iterdir())[-1]
+    victim.write_bytes(b"\x89PNG broken")
+    data = open_dataset(folder)
+    with pytest.raises(DiffprobeError, match=f"cannot read image .*{victim.name}"):
+        run_extract(tmp_path / "s", data, blocks=[13], pools=[1])
+    store = FeatureStore.open(tmp_path / "s")
+    assert store.done_chunks(FeatureKey(90, 13, 1)).sum() >= 7  # every chunk before the bad one
+
+
+def test_pool_larger_than_the_map_is_refused(cifar_small, tmp_path):
+    with pytest.raises(DiffprobeError, match="larger than block 13's 4×4"):
+        run_extract(tmp_path / "s", open_dataset(cifar_small), blocks=[13], pools=[8])
+
+
+@pytest.mark.slow
+def test_cli_extracts_from_the_shared_cifar_archive(tmp_path, capsys):
+    from diffprobe.cli import main
+
+    out = tmp_path / "store"
+    code = main(["extract", FIXTURE_SPEC, "--data", str(CIFAR_TAR), "--limit", "200", "--blocks", "13,18",
+                 "--t", "90", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    store = FeatureStore.open(out)
+    assert store.manifest["data"]["size"] == 50000 and store.rows == 200
+    assert store.manifest["data"]["classes"][-1] == "truck"
+    assert "200 rows, 2 complete arrays" in capsys.readouterr().out
