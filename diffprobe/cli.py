@@ -27,7 +27,7 @@ def _blocks(text: str) -> list[int] | str:
 
 
 def parse_model_options(model_flags: str | None, options: Sequence[str], preset: str | None) -> dict[str, Any]:
-    """`--model-flags "--image_size 64 --num_channels 192"` (guided-diffusion's own spelling)
+    """`--model-flags="--image_size 64 --num_channels 192"` (guided-diffusion's own spelling)
     and `-o key=value` pairs become keyword options of load_backbone."""
     out: dict[str, Any] = {}
     if model_flags:
@@ -51,7 +51,7 @@ def parse_model_options(model_flags: str | None, options: Sequence[str], preset:
 def _add_backbone_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="adm:PATH.pt | adm:random | diffusers:FOLDER_OR_HUB_ID")
     p.add_argument("--preset", help="ADM preset (e.g. 256x256_diffusion_uncond); see `diffprobe presets`")
-    p.add_argument("--model-flags", help='guided-diffusion flags as on its command line, e.g. "--image_size 64 --num_channels 192"')
+    p.add_argument("--model-flags", help='guided-diffusion flags as on its command line: --model-flags="--image_size 64 --num_channels 192"')
     p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="one backbone option (repeatable)")
 
 

@@ -120,8 +120,8 @@ def _imagefolder_root(top: Path, split: str | None) -> Path:
         files = [p for p in here.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
         if split and (here / split).is_dir() and len(subdirs) > 1 and not files:
             here = here / split
-        elif len(subdirs) == 1 and not files:
-            here = subdirs[0]
+        elif len(subdirs) == 1 and not files and any(p.is_dir() for p in subdirs[0].iterdir()):
+            here = subdirs[0]  # a wrapper folder (its one child holds folders, not images)
         else:
             return here
 

@@ -184,9 +184,10 @@ def extract(
     batches = [rows[store.chunk_slice(chunk)].tolist() for chunk, _ in todo]
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=compute.device.type == "cuda")
     shape = (3, backbone.image_size, backbone.image_size)
-    bar = tqdm(total=sum(len(ts) for _, ts in todo) * 1, desc=f"extract → {out.name}", unit="pass", disable=not progress)
+    total = sum(len(ts) for _, ts in todo)
     images_done, started = 0, time.perf_counter()
-    with torch.inference_mode():
+    # The bar closes (ending its line) before any error propagates, so messages start clean.
+    with tqdm(total=total, desc=f"extract → {out.name}", unit="pass", disable=not progress) as bar, torch.inference_mode():
         for (chunk, missing_ts), (x0, _, index, errors) in zip(todo, loader):
             bad = [e for e in errors if e]
             if bad:
@@ -203,5 +204,4 @@ def extract(
                 bar.update(1)
             images_done += len(index)
             bar.set_postfix(img_per_s=f"{images_done / (time.perf_counter() - started):.1f}")
-    bar.close()
     return store

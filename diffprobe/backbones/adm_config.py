@@ -190,13 +190,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        text = str(e)
+        if "Unsupported global" in text:
+            name = text.split("Unsupported global:", 1)[1].split(" was not")[0].strip()
             raise DiffprobeError(
-                f"{path} is not a plain state_dict (it pickles Python objects, which diffprobe will not "
-                f"unpickle): save `model.state_dict()` instead ({first})"
+                f"{path} is not a plain state_dict: it pickles Python objects ({name}), which diffprobe will not "
+                "unpickle; save `model.state_dict()` instead"
             ) from None
-        raise DiffprobeError(f"cannot read checkpoint {path}: corrupt or not a PyTorch file ({first})") from None
+        raise DiffprobeError(f"cannot read checkpoint {path}: corrupt or not a PyTorch file ({type(e).__name__})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]  # diffprobe's own pretrain checkpoints wrap it with their config
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
