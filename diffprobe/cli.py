@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -95,7 +96,8 @@ def cmd_extract(args: argparse.Namespace) -> None:
         backbone, data, args.out, args.t, args.blocks, args.pool,
         seed=args.seed, draws=args.draws, batch_size=args.batch_size, dtype=args.dtype, compute=compute,
         limit=args.limit, subset_seed=args.subset_seed, cond_class=args.class_label,
-        rank=args.rank, world_size=args.world_size, workers=args.workers, overwrite=args.overwrite,
+        rank=args.rank, world_size=args.world_size, overwrite=args.overwrite,
+        workers=args.workers if args.workers is not None else (0 if compute.device.type == "cpu" else 8),
     )  # fmt: skip
     summary = store.summary()
     print(f"store {summary['root']}: {summary['rows']} rows, {len(summary['complete'])} complete arrays"
@@ -146,9 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile the U-Net (auto: on for CUDA)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--rank", type=int, default=0, help="this process's share of the chunks (with --world-size)")
-    p.add_argument("--world-size", type=int, default=1)
+    p.add_argument("--workers", type=int, help="DataLoader worker processes (default: 0 on CPU, where the U-Net needs every core; 8 on GPUs)")
+    p.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)),
+                   help="this process's share of the chunks (default: $RANK, as torchrun sets it)")
+    p.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)), help="default: $WORLD_SIZE")
     p.add_argument("--overwrite", action="store_true", help="discard an existing store at --out")
     p.set_defaults(func=cmd_extract)
 

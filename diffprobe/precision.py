@@ -44,8 +44,14 @@ class Compute:
         fingerprint = getattr(module, "fingerprint", None)
         if callable(fingerprint):
             fingerprint()
+        cast_to = getattr(module, "_diffprobe_weights_cast_to", None)
+        if cast_to is not None and cast_to != self.precision:
+            raise DiffprobeError(
+                f"this model's weights were already cast to {cast_to} for extraction; load it again to run it in {self.precision}"
+            )
         module = module.to(self.device)
         if self.precision != "fp32":
+            module._diffprobe_weights_cast_to = self.precision
             for m in module.modules():
                 if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)):
                     m.to(self.dtype)

@@ -156,6 +156,12 @@ class FeatureStore:
     def indices(self) -> np.ndarray:
         return np.load(self.root / "indices.npy")
 
+    def split(self, val_fraction: float = 0.1, seed: int = 0) -> np.ndarray:
+        """Boolean mask of validation rows: stratified, fixed by the seed (data.stratified_split)."""
+        from .data import stratified_split
+
+        return stratified_split(self.labels, val_fraction, seed)
+
     @property
     def classes(self) -> list[str]:
         return list(self.manifest["data"]["classes"])

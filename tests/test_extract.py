@@ -174,3 +174,25 @@ def test_cli_extracts_from_the_shared_cifar_archive(tmp_path, capsys):
     assert store.manifest["data"]["size"] == 50000 and store.rows == 200
     assert store.manifest["data"]["classes"][-1] == "truck"
     assert "200 rows, 2 complete arrays" in capsys.readouterr().out
+
+
+def test_a_model_cast_for_bf16_is_not_silently_reused_in_fp32():
+    bb = BF16.prepare(load_backbone(FIXTURE_SPEC))
+    with pytest.raises(DiffprobeError, match="already cast to bf16"):
+        FP32.prepare(bb)
+    assert BF16.prepare(bb) is bb
+
+
+def test_noise_draws_are_averaged(cifar_small, tmp_path):
+    data = open_dataset(cifar_small)
+    store = run_extract(tmp_path / "s", data, blocks=[18], pools=[1], timesteps=[300], draws=2, dtype="float32", limit=20)
+    bb = load_backbone(FIXTURE_SPEC)
+    rows = store.indices[:4].tolist()
+    x0 = torch.stack([model_transform(32)(data.load(i)) for i in rows])
+    pooled = []
+    with torch.inference_mode():
+        for draw in (0, 1):
+            x_t = bb.schedule.q_sample(x0, 300, image_noise(rows, 0, (3, 32, 32), draw))
+            pooled.append(pool_features(bb.forward_features(x_t, 300, [18])[18], 1))
+    np.testing.assert_allclose(store.load(FeatureKey(300, 18, 1))[:4], ((pooled[0] + pooled[1]) / 2).numpy(), atol=1e-4)
+    assert store.split(0.5, seed=0).sum() == 10  # 2 images per class, one of each to validation
