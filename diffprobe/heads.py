@@ -1,0 +1,142 @@
+"""Classification heads on frozen features: plain `nn.Module`s.
+
+Every head takes the features as the store holds them: a batch of flattened pooled maps
+[B, C·p·p] (channel-major, as `adaptive_avg_pool2d(...).flatten(1)` lays them out), plus the
+map's shape (C, p) where it needs the spatial layout. `FusionHead` takes a list of such inputs,
+one per (block, timestep).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+class LinearHead(nn.Module):
+    """A linear classifier, optionally after BatchNorm without affine parameters (MAE's probe)."""
+
+    def __init__(self, in_features: int, num_classes: int, batchnorm: bool = False):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(in_features, affine=False) if batchnorm else nn.Identity()
+        self.fc = nn.Linear(in_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(x))
+
+
+class MLPHead(nn.Module):
+    """Linear → BatchNorm → ReLU (→ Dropout) for each hidden size, then a linear classifier."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: Sequence[int] = (1024,), dropout: float = 0.0):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.BatchNorm1d(h), nn.ReLU(inplace=True)]
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+            width = h
+        layers.append(nn.Linear(width, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def as_map(x: torch.Tensor, channels: int, pool: int) -> torch.Tensor:
+    """[B, C·p·p] → [B, C, p, p]."""
+    return x.reshape(x.shape[0], channels, pool, pool)
+
+
+class CNNHead(nn.Module):
+    """Two 3×3 conv → BatchNorm → ReLU layers over the p×p map, global average pool, linear."""
+
+    def __init__(self, channels: int, pool: int, num_classes: int, width: int = 256):
+        super().__init__()
+        self.channels, self.pool = channels, pool
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )  # fmt: skip
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(as_map(x, self.channels, self.pool)))
+
+
+class AttentionTrunk(nn.Module):
+    """The paper's attention head without its classifier: the CLS token's final state.
+
+    LayerNorm over channels, 1×1 conv to width d, the p·p positions as tokens plus a learned
+    CLS token (no positional embedding, as in the public code), `depth` pre-norm transformer
+    blocks (MLP ratio 4, GELU), final LayerNorm.
+    """
+
+    def __init__(self, channels: int, pool: int, width: int = 256, depth: int = 2, heads: int = 8, dropout: float = 0.0):
+        super().__init__()
+        self.channels, self.pool = channels, pool
+        self.norm_in = nn.LayerNorm(channels)
+        self.proj = nn.Conv2d(channels, width, 1)
+        self.cls = nn.Parameter(torch.zeros(1, 1, width))
+        nn.init.trunc_normal_(self.cls, std=0.02)
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout, activation="gelu", batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm_out = nn.LayerNorm(width)
+        self.width = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fmap = as_map(x, self.channels, self.pool)
+        fmap = self.norm_in(fmap.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        tokens = self.proj(fmap).flatten(2).transpose(1, 2)  # [B, p·p, d]
+        tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], dim=1)
+        return self.norm_out(self.blocks(tokens)[:, 0])
+
+
+class AttentionHead(nn.Module):
+    def __init__(self, channels: int, pool: int, num_classes: int, width: int = 256, depth: int = 2, heads: int = 8,
+                 dropout: float = 0.0):  # fmt: skip
+        super().__init__()
+        self.trunk = AttentionTrunk(channels, pool, width, depth, heads, dropout)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.trunk(x))
+
+
+class FusionHead(nn.Module):
+    """DifFormer: one attention trunk per (block, timestep) input, CLS outputs concatenated."""
+
+    def __init__(self, shapes: Sequence[tuple[int, int]], num_classes: int, width: int = 256, depth: int = 2,
+                 heads: int = 8, dropout: float = 0.0):  # fmt: skip
+        super().__init__()
+        self.trunks = nn.ModuleList(AttentionTrunk(c, p, width, depth, heads, dropout) for c, p in shapes)
+        self.fc = nn.Linear(width * len(shapes), num_classes)
+
+    def forward(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.fc(torch.cat([trunk(x) for trunk, x in zip(self.trunks, xs)], dim=1))
+
+
+HEADS = ("linear", "mlp", "cnn", "attention", "fusion")
+
+
+def build_head(kind: str, shapes: Sequence[tuple[int, int]], num_classes: int, **options) -> nn.Module:
+    """A head for inputs of the given (channels, pool) shapes; `fusion` takes several."""
+    from .errors import DiffprobeError
+
+    if kind not in HEADS:
+        raise DiffprobeError(f"unknown head {kind!r}; expected one of {', '.join(HEADS)}")
+    if kind != "fusion" and len(shapes) != 1:
+        raise DiffprobeError(f"the {kind} head takes one (block, timestep) input; use the fusion head for {len(shapes)}")
+    channels, pool = shapes[0]
+    if kind == "linear":
+        return LinearHead(channels * pool * pool, num_classes, **options)
+    if kind == "mlp":
+        return MLPHead(channels * pool * pool, num_classes, **options)
+    if kind == "cnn":
+        return CNNHead(channels, pool, num_classes, **options)
+    if kind == "attention":
+        return AttentionHead(channels, pool, num_classes, **options)
+    return FusionHead(shapes, num_classes, **options)
