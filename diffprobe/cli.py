@@ -83,22 +83,13 @@ def cmd_presets(args: argparse.Namespace) -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
-    from .data import open_dataset
     from .features import extract
-    from .precision import choose_compute
 
     backbone = _load_backbone(args)
-    data = open_dataset(args.data, root=args.data_root, split=args.split, download=args.download)
-    switch = {"auto": "auto", "on": True, "off": False}
-    compute = choose_compute(args.device, args.precision, switch[args.channels_last], switch[args.compile])
-    log.info("%s on %s (%d images, %d classes), %s", backbone.source, data.name, len(data), len(data.classes), compute.describe())
-    store = extract(
-        backbone, data, args.out, args.t, args.blocks, args.pool,
-        seed=args.seed, draws=args.draws, batch_size=args.batch_size, dtype=args.dtype, compute=compute,
-        limit=args.limit, subset_seed=args.subset_seed, cond_class=args.class_label,
-        rank=args.rank, world_size=args.world_size, overwrite=args.overwrite,
-        workers=args.workers if args.workers is not None else (0 if compute.device.type == "cpu" else 8),
-    )  # fmt: skip
+    data = _open_data(args)
+    options = _extract_options(args)
+    log.info("%s on %s (%d images, %d classes), %s", backbone.source, data.name, len(data), len(data.classes), options["compute"].describe())
+    store = extract(backbone, data, args.out, args.t, args.blocks, args.pool, **options)
     summary = store.summary()
     print(f"store {summary['root']}: {summary['rows']} rows, {len(summary['complete'])} complete arrays"
           + (f", {len(summary['incomplete'])} incomplete" if summary["incomplete"] else ""))  # fmt: skip
@@ -112,6 +103,67 @@ def cmd_store(args: argparse.Namespace) -> None:
     info = {"backbone": m["backbone"]["source"], "fingerprint": m["backbone"]["fingerprint"], "data": m["data"]["name"],
             "noise": m["noise"], "dtype": m["dtype"], "precision": m["precision"], **store.summary()}  # fmt: skip
     print(json.dumps(info, indent=1))
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="ImageFolder dir, .tar/.tar.gz of one, or torchvision:NAME")
+    p.add_argument("--data-root", help="where torchvision datasets live (default: the diffprobe cache)")
+    p.add_argument("--split", default="train", help="dataset split (torchvision) or sub-folder (archives); default train")
+    p.add_argument("--download", action="store_true", help="let torchvision download the dataset (needs internet)")
+
+
+def _add_extract_args(p: argparse.ArgumentParser, blocks_required: bool = True) -> None:
+    p.add_argument("--blocks", type=_blocks, required=blocks_required, help="comma-separated block numbers, or all")
+    p.add_argument("--t", type=_int_list, required=True, help="comma-separated timesteps, e.g. 90,150")
+    p.add_argument("--pool", type=_int_list, default=[1], help="pooled grid sizes p (p×p), e.g. 1,2; default 1")
+    p.add_argument("--seed", type=int, default=0, help="noise seed: ε depends on (seed, image index, draw) only")
+    p.add_argument("--draws", type=int, default=1, help="average features over this many noise draws")
+    p.add_argument("--limit", type=int, help="a stratified subset of this many images")
+    p.add_argument("--subset-seed", type=int, default=0)
+    p.add_argument("--class-label", type=int, help="class to condition on (class-conditional models only)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per pass; also the store's chunk size")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored feature dtype")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile the U-Net (auto: on for CUDA)")
+    p.add_argument("--workers", type=int, help="DataLoader worker processes (default: 0 on CPU, where the U-Net needs every core; 8 on GPUs)")
+    p.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)),
+                   help="this process's share of the chunks (default: $RANK, as torchrun sets it)")
+    p.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)), help="default: $WORLD_SIZE")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing store at --out")
+
+
+def _extract_options(args: argparse.Namespace) -> dict[str, Any]:
+    from .precision import choose_compute
+
+    switch = {"auto": "auto", "on": True, "off": False}
+    compute = choose_compute(args.device, args.precision, switch[args.channels_last], switch[args.compile])
+    return dict(
+        seed=args.seed, draws=args.draws, batch_size=args.batch_size, dtype=args.dtype, compute=compute,
+        limit=args.limit, subset_seed=args.subset_seed, cond_class=args.class_label,
+        rank=args.rank, world_size=args.world_size, overwrite=args.overwrite,
+        workers=args.workers if args.workers is not None else (0 if compute.device.type == "cpu" else 8),
+    )  # fmt: skip
+
+
+def _open_data(args: argparse.Namespace):
+    from .data import open_dataset
+
+    return open_dataset(args.data, root=args.data_root, split=args.split, download=args.download)
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from .sweep import describe_summary, sweep
+
+    backbone = _load_backbone(args)
+    data = _open_data(args)
+    options = _extract_options(args)
+    summary = sweep(backbone, data, args.out, args.t, args.blocks, args.pool, probe=args.probe,
+                    val_fraction=args.val_fraction, split_seed=args.split_seed, controls=not args.no_controls,
+                    probe_device="cuda" if options["compute"].device.type == "cuda" else "cpu", **options)  # fmt: skip
+    print(describe_summary(summary))
+    print(f"report: {args.out}/sweep.csv, {args.out}/heatmap_pool*.png, {args.out}/summary.json")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,31 +181,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("extract", help="extract pooled block features into a resumable store")
     _add_backbone_args(p)
-    p.add_argument("--data", required=True, help="ImageFolder dir, .tar/.tar.gz of one, or torchvision:NAME")
-    p.add_argument("--data-root", help="where torchvision datasets live (default: the diffprobe cache)")
-    p.add_argument("--split", default="train", help="dataset split (torchvision) or sub-folder (archives); default train")
-    p.add_argument("--download", action="store_true", help="let torchvision download the dataset (needs internet)")
-    p.add_argument("--blocks", type=_blocks, required=True, help="comma-separated block numbers, or all")
-    p.add_argument("--t", type=_int_list, required=True, help="comma-separated timesteps, e.g. 90,150")
-    p.add_argument("--pool", type=_int_list, default=[1], help="pooled grid sizes p (p×p), e.g. 1,2; default 1")
+    _add_data_args(p)
     p.add_argument("--out", required=True, help="feature store directory")
-    p.add_argument("--seed", type=int, default=0, help="noise seed: ε depends on (seed, image index, draw) only")
-    p.add_argument("--draws", type=int, default=1, help="average features over this many noise draws")
-    p.add_argument("--limit", type=int, help="a stratified subset of this many images")
-    p.add_argument("--subset-seed", type=int, default=0)
-    p.add_argument("--class-label", type=int, help="class to condition on (class-conditional models only)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per pass; also the store's chunk size")
-    p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored feature dtype")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile the U-Net (auto: on for CUDA)")
-    p.add_argument("--workers", type=int, help="DataLoader worker processes (default: 0 on CPU, where the U-Net needs every core; 8 on GPUs)")
-    p.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)),
-                   help="this process's share of the chunks (default: $RANK, as torchrun sets it)")
-    p.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)), help="default: $WORLD_SIZE")
-    p.add_argument("--overwrite", action="store_true", help="discard an existing store at --out")
+    _add_extract_args(p)
     p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("sweep", help="blocks × timesteps × pools: extract, score each cell with a fast probe, heatmaps, controls")
+    _add_backbone_args(p)
+    _add_data_args(p)
+    p.add_argument("--out", required=True, help="sweep directory (features/ store, sweep.csv, heatmaps, summary.json)")
+    _add_extract_args(p)
+    p.add_argument("--probe", default="logreg", choices=["logreg", "knn"], help="fast probe scoring each cell")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="stratified validation share of the rows")
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--no-controls", action="store_true", help="skip the pixels and random-weights controls")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("store", help="describe a feature store")
     p.add_argument("store")

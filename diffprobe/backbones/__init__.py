@@ -38,10 +38,13 @@ def load_backbone(spec: str, device: str = "cpu", **options: Any) -> Backbone:
     if family == "adm":
         from .adm_backbone import load_adm
 
-        return load_adm(None if target == "random" else target, device=device, **options)
-    from .diffusers_unet import load_diffusers
+        backbone: Backbone = load_adm(None if target == "random" else target, device=device, **options)
+    else:
+        from .diffusers_unet import load_diffusers
 
-    return load_diffusers(target, device=device, **options)
+        backbone = load_diffusers(target, device=device, **options)
+    backbone.spec, backbone.load_options = spec, dict(options)  # so a saved run can load it again
+    return backbone
 
 
 __all__ = ["Backbone", "BlockInfo", "load_backbone", "parse_spec", "FAMILIES"]

@@ -33,6 +33,14 @@ class ADMBackbone(Backbone):
     def run(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, wanted: tuple[int, ...]) -> dict[int, torch.Tensor]:
         return self.model.run_blocks(x, self.model.embed(t, y), wanted)
 
+    def random_like(self, seed: int = 0) -> "ADMBackbone":
+        # PyTorch's default initialisation everywhere (guided-diffusion's zero-initialised output
+        # convolutions would make every residual branch vanish, a degenerate control).
+        torch.manual_seed(seed)
+        model = ADMUNet(self.model.arch)
+        config = {**self.config, "weights": f"random (seed {seed})"}
+        return ADMBackbone(model, self.blocks, self.image_size, self.schedule, self.num_classes, config, source=f"{self.source} [random weights, seed {seed}]")
+
 
 def adm_block_table(model: ADMUNet, image_size: int) -> list[BlockInfo]:
     """The paper's numbering: input_blocks 1..n, middle_block n+1, output_blocks after it."""

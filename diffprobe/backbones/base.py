@@ -45,10 +45,15 @@ class Backbone(nn.Module):
         self.source = source  # where the weights came from, for messages
         self._fingerprint: str | None = None
         self._run = None  # a compiled `run`, once `compile()` was called
+        self.spec, self.load_options = source, {}  # set by load_backbone
 
     # -- implemented by each family -------------------------------------------------------
     def run(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, wanted: tuple[int, ...]) -> dict[int, torch.Tensor]:
         """Outputs of the `wanted` blocks (valid, sorted) in one pass that stops at the deepest."""
+        raise NotImplementedError
+
+    def random_like(self, seed: int = 0) -> "Backbone":
+        """The same architecture with freshly initialised weights: the random-weight control."""
         raise NotImplementedError
 
     def compile(self, **options: Any) -> None:

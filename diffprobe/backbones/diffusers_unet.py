@@ -77,6 +77,14 @@ class DiffusersBackbone(Backbone):
     def run(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, wanted: tuple[int, ...]) -> dict[int, torch.Tensor]:
         return run_units(self.model, self._units, x, t, y, wanted)
 
+    def random_like(self, seed: int = 0) -> "DiffusersBackbone":
+        from diffusers import UNet2DModel
+
+        torch.manual_seed(seed)
+        model = UNet2DModel.from_config(self.model.config)
+        config = {**self.config, "weights": f"random (seed {seed})"}
+        return DiffusersBackbone(model, self.blocks, self.image_size, self.schedule, self.num_classes, config, source=f"{self.source} [random weights, seed {seed}]")
+
 
 def run_units(model: nn.Module, units, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
               wanted: tuple[int, ...]) -> dict[int, torch.Tensor]:  # fmt: skip

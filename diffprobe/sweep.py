@@ -1,0 +1,142 @@
+"""Block × timestep × pool search with a fast probe, and the controls every report carries.
+
+One U-Net pass per (batch, timestep) fills every block of the store (features.extract); then a
+fast probe scores each (t, block, pool) cell on the validation split. The controls answer "what
+does pre-training add?": the same probe on raw pixels, and on the same architecture with random
+weights at the best setting.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .backbones.base import Backbone
+from .data import LabeledImages, model_transform
+from .errors import DiffprobeError
+from .fastprobe import ProbeScore, knn, logistic_regression
+from .features import extract
+from .report import heatmap, write_csv, write_json
+from .store import FeatureKey, FeatureStore
+
+log = logging.getLogger(__name__)
+PROBES = ("logreg", "knn")
+
+
+def fast_probe(kind: str, features: np.ndarray, labels: np.ndarray, is_val: np.ndarray, device: str = "cpu") -> ProbeScore:
+    args = (features[~is_val], labels[~is_val], features[is_val], labels[is_val])
+    if kind == "logreg":
+        return logistic_regression(*args, device=device)[0]
+    if kind == "knn":
+        return knn(*args, device=device)
+    raise DiffprobeError(f"unknown fast probe {kind!r}; expected one of {', '.join(PROBES)}")
+
+
+def score_store(store: FeatureStore, keys: Sequence[FeatureKey] | None = None, probe: str = "logreg",
+                val_fraction: float = 0.1, split_seed: int = 0, device: str = "cpu") -> list[dict]:  # fmt: skip
+    """One row per (t, block, pool): validation top-1/top-5 of the fast probe."""
+    keys = list(keys) if keys is not None else store.complete_keys()
+    if not keys:
+        raise DiffprobeError(f"{store.root} holds no complete features to probe: run the extraction first")
+    is_val = store.split(val_fraction, split_seed)
+    labels = store.labels
+    rows = []
+    for key in tqdm(keys, desc=f"{probe} probes", unit="cell"):
+        score = fast_probe(probe, store.load(key), labels, is_val, device)
+        rows.append({"t": key.t, "block": key.block, "pool": key.pool, "probe": probe, "top1": round(score.top1, 3),
+                     "top5": round(score.top5, 3), **{k: v for k, v in score.params.items()}})  # fmt: skip
+    return rows
+
+
+def write_sweep(out: str | Path, rows: list[dict], title: str) -> dict:
+    """sweep.csv, one heatmap PNG per pool size (block × t), best.json. Returns the best row."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "sweep.csv", rows)
+    best = max(rows, key=lambda r: (r["top1"], r["top5"]))
+    for pool in sorted({r["pool"] for r in rows}):
+        cells = [r for r in rows if r["pool"] == pool]
+        blocks = sorted({r["block"] for r in cells})
+        ts = sorted({r["t"] for r in cells})
+        grid = np.full((len(blocks), len(ts)), np.nan)
+        for r in cells:
+            grid[blocks.index(r["block"]), ts.index(r["t"])] = r["top1"]
+        mark = (blocks.index(best["block"]), ts.index(best["t"])) if best["pool"] == pool else None
+        heatmap(out / f"heatmap_pool{pool}.png", grid, blocks, ts, f"{title}, pool {pool}×{pool}", best=mark)
+    write_json(out / "best.json", best)
+    return best
+
+
+def pixel_features(data: LabeledImages, rows: np.ndarray, image_size: int, side: int = 32) -> np.ndarray:
+    """The pixels control: clean images at the model's transform, area-averaged to ≤ side×side."""
+    transform = model_transform(image_size)
+    side = min(side, image_size)
+    out = np.empty((len(rows), 3 * side * side), dtype=np.float32)
+    for i, index in enumerate(tqdm(rows, desc="pixels control", unit="img", leave=False)):
+        x = transform(data.load(int(index)))[None]
+        out[i] = F.adaptive_avg_pool2d(x, side).flatten().numpy()
+    return out
+
+
+def run_controls(backbone: Backbone, data: LabeledImages, store: FeatureStore, best: dict, out: str | Path,
+                 probe: str = "logreg", val_fraction: float = 0.1, split_seed: int = 0, device: str = "cpu",
+                 extract_options: dict | None = None) -> dict:  # fmt: skip
+    """Pixels and random-weight controls on the same rows and split as the store."""
+    out = Path(out)
+    is_val = store.split(val_fraction, split_seed)
+    labels = store.labels
+    cache = out / "control_pixels.npy"
+    if cache.is_file() and np.load(cache, mmap_mode="r").shape[0] == store.rows:
+        pixels = np.load(cache)
+    else:
+        pixels = pixel_features(data, store.indices, backbone.image_size)
+        np.save(cache, pixels)
+    pixel_score = fast_probe(probe, pixels, labels, is_val, device)
+    key = FeatureKey(int(best["t"]), int(best["block"]), int(best["pool"]))
+    random_bb = backbone.random_like(seed=0)
+    options = dict(extract_options or {})
+    limit = store.manifest["rows"]["limit"]
+    random_store = extract(random_bb, data, out / "control_random_weights", [key.t], [key.block], [key.pool],
+                           limit=limit, subset_seed=store.manifest["rows"]["subset_seed"] or 0, **options)  # fmt: skip
+    random_score = fast_probe(probe, random_store.load(key), labels, is_val, device)
+    return {
+        "pixels": {"top1": pixel_score.top1, "top5": pixel_score.top5, "features": int(pixels.shape[1]), **pixel_score.params},
+        "random_weights": {"top1": random_score.top1, "top5": random_score.top5, "setting": key.stem, **random_score.params},
+    }
+
+
+def sweep(backbone: Backbone, data: LabeledImages, out: str | Path, timesteps: Sequence[int], blocks, pools: Sequence[int],
+          probe: str = "logreg", val_fraction: float = 0.1, split_seed: int = 0, controls: bool = True,
+          probe_device: str = "cpu", **extract_options) -> dict:  # fmt: skip
+    """Extract (resuming), score every cell, write the report files, run the controls."""
+    out = Path(out)
+    store = extract(backbone, data, out / "features", timesteps, blocks, pools, **extract_options)
+    block_set = set(backbone.resolve_blocks(blocks))
+    wanted = [k for k in store.complete_keys() if k.t in set(timesteps) and k.pool in set(pools) and k.block in block_set]
+    rows = score_store(store, wanted, probe, val_fraction, split_seed, probe_device)
+    short = backbone.source.split(":", 1)[0] + ":" + Path(backbone.source.split(":", 1)[-1]).name
+    best = write_sweep(out, rows, f"{short} on {data.name}: {probe} top-1 (validation)")
+    summary = {"backbone": backbone.source, "data": data.name, "rows": store.rows, "probe": probe,
+               "val_fraction": val_fraction, "split_seed": split_seed, "best": best}  # fmt: skip
+    if controls:
+        ctrl_opts = {k: v for k, v in extract_options.items() if k not in ("limit", "subset_seed", "overwrite")}
+        summary["controls"] = run_controls(backbone, data, store, best, out, probe, val_fraction, split_seed,
+                                           probe_device, ctrl_opts)  # fmt: skip
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def describe_summary(summary: dict) -> str:
+    best = summary["best"]
+    lines = [f"best: t={best['t']} block={best['block']} pool={best['pool']}: {summary['probe']} top-1 {best['top1']:.2f}% "
+             f"(top-5 {best['top5']:.2f}%) on {summary['rows']} images, validation split"]  # fmt: skip
+    if "controls" in summary:
+        c = summary["controls"]
+        lines.append(f"controls: raw pixels {c['pixels']['top1']:.2f}%, random weights {c['random_weights']['top1']:.2f}% "
+                     f"(same probe, same split)")  # fmt: skip
+    return "\n".join(lines)
