@@ -166,6 +166,51 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     print(f"report: {args.out}/sweep.csv, {args.out}/heatmap_pool*.png, {args.out}/summary.json")
 
 
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def cmd_probe(args: argparse.Namespace) -> None:
+    from .probe import probe
+    from .store import FeatureKey, FeatureStore
+
+    store = FeatureStore.open(args.store)
+    keys = [FeatureKey(t, b, p) for b in args.block for t in args.t for p in args.pool]
+    head_options: dict[str, Any] = {}
+    if args.head == "linear":
+        head_options["batchnorm"] = args.batchnorm
+    elif args.head == "mlp":
+        head_options["hidden"] = args.hidden
+    elif args.head == "cnn":
+        head_options["width"] = args.width
+    else:
+        head_options.update(width=args.width, depth=args.depth, heads=args.heads)
+    test_store = FeatureStore.open(args.test_store) if args.test_store else None
+    device = "cuda" if args.device == "auto" and __import__("torch").cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    metrics = probe(store, keys, args.out, args.head, args.recipe, args.wd, args.epochs, args.lr, args.val_fraction,
+                    args.split_seed, args.seed, head_options, test_store, device)  # fmt: skip
+    line = f"{args.head} head: validation top-1 {metrics['val']['top1']:.2f}% top-5 {metrics['val']['top5']:.2f}%"
+    line += f" (epoch {metrics['chosen']['epoch']}, weight decay {metrics['chosen']['weight_decay']:g})"
+    if "test" in metrics:
+        line += f"; test top-1 {metrics['test']['top1']:.2f}%"
+    print(line)
+    print(f"run: {args.out}/config.json, head.pt, metrics.json, curves.png, confusion.png")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from .predict import Predictor
+
+    results = Predictor(args.run, args.device).predict(args.images, args.top_k)
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return
+    for r in results:
+        print(r["image"] + ": " + ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"]))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffprobe", description="Diffusion U-Nets as image classifiers: extract and probe block features.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -196,6 +241,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--no-controls", action="store_true", help="skip the pixels and random-weights controls")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("probe", help="train a head on stored features; choose epoch and weight decay on validation")
+    p.add_argument("store", help="feature store directory (from extract or sweep/features)")
+    p.add_argument("--t", type=_int_list, required=True, help="timestep(s); several only with --head fusion")
+    p.add_argument("--block", type=_int_list, required=True, help="block(s); several only with --head fusion")
+    p.add_argument("--pool", type=_int_list, default=[1], help="pool size(s)")
+    p.add_argument("--head", default="linear", choices=["linear", "mlp", "cnn", "attention", "fusion"])
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--recipe", default="modern", choices=["modern", "paper"], help="modern: AdamW + cosine; paper: SGD, ×0.1 every 7 of 28 epochs")
+    p.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    p.add_argument("--lr", type=float, help="override the recipe's learning rate")
+    p.add_argument("--wd", type=_float_list, default=[1e-4], help="weight decay(s); several are tried, the best on validation kept")
+    p.add_argument("--batchnorm", action="store_true", help="linear head: BatchNorm without affine first (MAE's probe)")
+    p.add_argument("--hidden", type=_int_list, default=[1024], help="MLP hidden sizes")
+    p.add_argument("--width", type=int, default=256, help="CNN/attention width")
+    p.add_argument("--depth", type=int, default=2, help="attention: transformer blocks")
+    p.add_argument("--heads", type=int, default=8, help="attention: heads")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed: same seed, same numbers")
+    p.add_argument("--test-store", help="a store of held-out test images made with the same backbone")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("predict", help="classify images with a saved probe run")
+    p.add_argument("run", help="run directory written by `diffprobe probe`")
+    p.add_argument("images", nargs="+", help="image files (any size or mode)")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("store", help="describe a feature store")
     p.add_argument("store")

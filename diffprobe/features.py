@@ -106,6 +106,7 @@ def build_manifest(backbone: Backbone, data: LabeledImages, rows: np.ndarray, pl
         "dtype": plan_dtype,
         "precision": compute.precision,
         "chunk_rows": chunk_rows,
+        "loaded_with": {"spec": absolute_spec(backbone.spec), "options": backbone.load_options},
         "written_with": {
             "diffprobe": __version__,
             "torch": torch.__version__,
@@ -113,6 +114,14 @@ def build_manifest(backbone: Backbone, data: LabeledImages, rows: np.ndarray, pl
             "python": platform.python_version(),
         },
     }
+
+
+def absolute_spec(spec: str) -> str:
+    """The spec with a local path made absolute, so a saved run finds the checkpoint from anywhere."""
+    family, sep, target = spec.partition(":")
+    if sep and target != "random" and Path(target).exists():
+        return f"{family}:{Path(target).resolve()}"
+    return spec
 
 
 def extract(
