@@ -1,0 +1,181 @@
+"""Heads, fast probes, sweep, probe runs and predict, on real CIFAR-10 features of the fixture model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from conftest import FIXTURE_SPEC
+from diffprobe import DiffprobeError, load_backbone
+from diffprobe.cli import main
+from diffprobe.data import open_dataset
+from diffprobe.fastprobe import knn, logistic_regression
+from diffprobe.features import extract
+from diffprobe.heads import HEADS, build_head
+from diffprobe.precision import Compute
+from diffprobe.probe import probe
+from diffprobe.store import FeatureKey, FeatureStore
+
+CPU = Compute(torch.device("cpu"), "bf16", True)
+
+
+@pytest.fixture(scope="module")
+def store(cifar_small, tmp_path_factory) -> FeatureStore:
+    out = tmp_path_factory.mktemp("probing") / "store"
+    return extract(load_backbone(FIXTURE_SPEC), open_dataset(cifar_small), out, [10, 90], [3, 13], [1, 2],
+                   compute=CPU, progress=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", HEADS)
+def test_every_head_maps_features_to_logits(kind):
+    shapes = [(8, 2)] if kind != "fusion" else [(8, 2), (4, 1)]
+    options = {"width": 16, "heads": 2} if kind in ("attention", "fusion") else {}
+    head = build_head(kind, shapes, 5, **options)
+    xs = [torch.randn(3, c * p * p) for c, p in shapes]
+    out = head(xs) if kind == "fusion" else head(xs[0])
+    assert out.shape == (3, 5)
+    out.sum().backward()
+
+
+def test_head_input_errors():
+    with pytest.raises(DiffprobeError, match="unknown head"):
+        build_head("transformer", [(8, 1)], 3)
+    with pytest.raises(DiffprobeError, match="use the fusion head"):
+        build_head("linear", [(8, 1), (8, 1)], 3)
+
+
+def test_logistic_regression_agrees_with_scikit_learn(store):
+    x, y = store.load(FeatureKey(10, 3, 2)), store.labels
+    val = store.split(0.2, 0)
+    score, model = logistic_regression(x[~val], y[~val], x[val], y[val])
+    scaler = StandardScaler().fit(x[~val])
+    sk = LogisticRegression(C=score.params["C"], max_iter=5000).fit(scaler.transform(x[~val]), y[~val])
+    sk_top1 = 100 * sk.score(scaler.transform(x[val]), y[val])
+    assert abs(score.top1 - sk_top1) <= 0.5 + 1e-9, (score.top1, sk_top1)
+    assert score.top1 > 20  # chance is 10
+    assert model["weights"].shape == (x.shape[1] + 1, 10)
+
+
+def test_knn_votes_for_the_nearest_classes():
+    train = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]], dtype=np.float32)
+    score = knn(train, np.array([0, 0, 1, 1]), np.array([[1, 0.05], [0.05, 1]], dtype=np.float32), np.array([0, 1]), k=2)
+    assert score.top1 == 100.0
+
+
+def test_fast_probe_inputs_are_checked():
+    with pytest.raises(DiffprobeError, match="empty"):
+        logistic_regression(np.zeros((0, 3)), np.zeros(0, int), np.zeros((2, 3)), np.zeros(2, int))
+    with pytest.raises(DiffprobeError, match="single class"):
+        logistic_regression(np.ones((4, 3)), np.zeros(4, int), np.ones((2, 3)), np.zeros(2, int))
+
+
+def test_probe_run_is_reproducible_and_complete(store, tmp_path):
+    key = [FeatureKey(10, 3, 2)]
+    a = probe(store, key, tmp_path / "a", "mlp", epochs=4, seed=3, progress=False)
+    b = probe(store, key, tmp_path / "b", "mlp", epochs=4, seed=3, progress=False)
+    assert a["val"] == b["val"] and a["history"] == b["history"]
+    for name in ("config.json", "head.pt", "metrics.json", "curves.png", "confusion.png"):
+        assert (tmp_path / "a" / name).is_file()
+    assert set(a["val"]["per_class_top1"]) == set(store.classes)
+
+
+def test_weight_decay_is_chosen_on_validation(store, tmp_path):
+    m = probe(store, [FeatureKey(90, 13, 1)], tmp_path / "r", "linear", weight_decays=[0.0, 10.0], epochs=3, progress=False)
+    assert set(m["weight_decay_trials"]) == {"0.0", "10.0"}
+    best = max(m["weight_decay_trials"], key=lambda k: m["weight_decay_trials"][k])
+    assert m["chosen"]["weight_decay"] == float(best)
+    assert m["val"]["top1"] == pytest.approx(max(m["weight_decay_trials"].values()))
+
+
+def test_probe_errors(store, tmp_path):
+    with pytest.raises(DiffprobeError, match="no complete features for t=10 block=25"):
+        probe(store, [FeatureKey(10, 25, 1)], tmp_path / "r", progress=False)
+    with pytest.raises(DiffprobeError, match="use --head fusion"):
+        probe(store, [FeatureKey(10, 3, 1), FeatureKey(90, 3, 1)], tmp_path / "r", "linear", progress=False)
+
+
+def test_cli_probe_predict_round_trip(store, tmp_path, capsys, cifar_small):
+    run = tmp_path / "run"
+    assert main(["probe", str(store.root), "--t", "10", "--block", "3", "--pool", "2", "--head", "linear",
+                 "--epochs", "3", "--out", str(run)]) == 0  # fmt: skip
+    assert "linear head: validation top-1" in capsys.readouterr().out
+    images = sorted((cifar_small / "ship").iterdir())[:2]
+    odd = tmp_path / "odd.png"
+    Image.new("LA", (50, 20), (128, 255)).save(odd)
+    assert main(["predict", str(run), *map(str, images), str(odd), "--json", "--top-k", "3"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert len(results) == 3 and len(results[0]["top"]) == 3
+    assert abs(sum(t["probability"] for t in results[0]["top"])) <= 1.0 + 1e-6
+    # Same image, same answer, whatever else is in the batch.
+    assert main(["predict", str(run), str(images[0]), "--json"]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert alone[0]["top"][0]["label"] == results[0]["top"][0]["label"]
+    assert alone[0]["top"][0]["probability"] == pytest.approx(results[0]["top"][0]["probability"], abs=1e-4)
+
+
+def test_predict_errors(store, tmp_path, capsys):
+    run = tmp_path / "run"
+    probe(store, [FeatureKey(10, 3, 1)], run, "linear", epochs=1, progress=False)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"nope")
+    assert main(["predict", str(run), str(bad)]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path), str(bad)]) == 2
+    assert "is not a probe run" in capsys.readouterr().err
+    config = json.loads((run / "config.json").read_text())
+    config["format"] = 99
+    (run / "config.json").write_text(json.dumps(config))
+    assert main(["predict", str(run), str(bad)]) == 2
+    assert "incompatible diffprobe" in capsys.readouterr().err
+    config["format"] = 1
+    config["input_shapes"] = [[99, 1]]
+    (run / "config.json").write_text(json.dumps(config))
+    assert main(["predict", str(run), str(bad)]) == 2
+    assert "does not fit the head" in capsys.readouterr().err
+
+
+def test_predict_refuses_a_changed_backbone(store, tmp_path, capsys):
+    import shutil
+
+    from conftest import FIXTURE_CKPT
+
+    ckpt = tmp_path / "model.pt"
+    shutil.copy(FIXTURE_CKPT, ckpt)
+    shutil.copy(FIXTURE_CKPT.with_suffix(".json"), tmp_path / "model.json")
+    run = tmp_path / "run"
+    probe(store, [FeatureKey(10, 3, 1)], run, "linear", epochs=1, progress=False)
+    config = json.loads((run / "config.json").read_text())
+    config["loaded_with"]["spec"] = f"adm:{ckpt}"
+    (run / "config.json").write_text(json.dumps(config))
+    sd = torch.load(ckpt, weights_only=True)
+    sd["out.2.bias"] += 1
+    torch.save(sd, ckpt)
+    dummy = tmp_path / "x.png"
+    Image.new("RGB", (32, 32)).save(dummy)
+    assert main(["predict", str(run), str(dummy)]) == 2
+    assert "not the one this run was trained on" in capsys.readouterr().err
+    ckpt.unlink()
+    assert main(["predict", str(run), str(dummy)]) == 2
+    assert "cannot load the backbone this run was trained on" in capsys.readouterr().err
+
+
+def test_sweep_writes_csv_heatmaps_best_and_controls(cifar_small, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    code = main(["sweep", FIXTURE_SPEC, "--data", str(cifar_small), "--blocks", "3,13,25", "--t", "10,300",
+                 "--pool", "1,2", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "best: t=" in text and "controls: raw pixels" in text
+    rows = (out / "sweep.csv").read_text().splitlines()
+    assert rows[0].startswith("t,block,pool,probe,top1,top5") and len(rows) == 1 + 12
+    assert (out / "heatmap_pool1.png").is_file() and (out / "heatmap_pool2.png").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best"]["top1"] == max(float(r.split(",")[4]) for r in rows[1:])
+    assert 0 < summary["controls"]["pixels"]["top1"] <= 100 and "random_weights" in summary["controls"]
+    assert summary["best"]["top1"] > 15  # 30 images per class, chance is 10
