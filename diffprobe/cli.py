@@ -161,7 +161,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     options = _extract_options(args)
     summary = sweep(backbone, data, args.out, args.t, args.blocks, args.pool, probe=args.probe,
                     val_fraction=args.val_fraction, split_seed=args.split_seed, controls=not args.no_controls,
-                    probe_device="cuda" if options["compute"].device.type == "cuda" else "cpu", **options)  # fmt: skip
+                    probe_device="cuda" if options["compute"].device.type == "cuda" else "cpu",
+                    train_heads=args.head, **options)  # fmt: skip
     print(describe_summary(summary))
     print(f"report: {args.out}/sweep.csv, {args.out}/heatmap_pool*.png, {args.out}/summary.json")
 
@@ -211,6 +212,23 @@ def cmd_predict(args: argparse.Namespace) -> None:
         print(r["image"] + ": " + ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"]))
 
 
+def cmd_transfer(args: argparse.Namespace) -> None:
+    from .store import FeatureKey
+    from .transfer import transfer
+
+    backbone = _load_backbone(args)
+    options = _extract_options(args)
+    if len(args.t) != 1 or len(args.blocks) != 1 or len(args.pool) != 1:
+        raise DiffprobeError("transfer takes one setting: a single --t, --blocks and --pool")
+    key = FeatureKey(args.t[0], args.blocks[0], args.pool[0])
+    rows = transfer(backbone, args.datasets, args.out, key, args.probe, args.val_fraction, args.split_seed,
+                    args.data_root, args.download, args.split,
+                    "cuda" if options["compute"].device.type == "cuda" else "cpu", **options)  # fmt: skip
+    for r in rows:
+        print(f"{r['dataset']:<24} {r['images']:>7} images {r['classes']:>4} classes  top-1 {r['top1']:6.2f}%")
+    print(f"table: {args.out}/transfer.csv, {args.out}/transfer.md")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffprobe", description="Diffusion U-Nets as image classifiers: extract and probe block features.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -240,7 +258,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.1, help="stratified validation share of the rows")
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--no-controls", action="store_true", help="skip the pixels and random-weights controls")
+    p.add_argument("--head", action="append", default=[], choices=["linear", "mlp", "cnn", "attention"],
+                   help="also train this head on the best setting (repeatable)")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("transfer", help="one backbone setting on several datasets: one table")
+    _add_backbone_args(p)
+    p.add_argument("--datasets", type=lambda s: [d for d in s.split(",") if d], required=True,
+                   help="comma-separated: folders, archives, torchvision:NAME")
+    p.add_argument("--data-root", help="where torchvision datasets live")
+    p.add_argument("--split", default="train")
+    p.add_argument("--download", action="store_true")
+    p.add_argument("--out", required=True)
+    _add_extract_args(p)
+    p.add_argument("--probe", default="logreg", choices=["logreg", "knn"])
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--split-seed", type=int, default=0)
+    p.set_defaults(func=cmd_transfer)
 
     p = sub.add_parser("probe", help="train a head on stored features; choose epoch and weight decay on validation")
     p.add_argument("store", help="feature store directory (from extract or sweep/features)")

@@ -112,8 +112,9 @@ def run_controls(backbone: Backbone, data: LabeledImages, store: FeatureStore, b
 
 def sweep(backbone: Backbone, data: LabeledImages, out: str | Path, timesteps: Sequence[int], blocks, pools: Sequence[int],
           probe: str = "logreg", val_fraction: float = 0.1, split_seed: int = 0, controls: bool = True,
-          probe_device: str = "cpu", **extract_options) -> dict:  # fmt: skip
-    """Extract (resuming), score every cell, write the report files, run the controls."""
+          probe_device: str = "cpu", train_heads: Sequence[str] = (), **extract_options) -> dict:  # fmt: skip
+    """Extract (resuming), score every cell, write the report files, run the controls, and
+    train each head in `train_heads` on the best setting (run directories head-<kind>/)."""
     out = Path(out)
     store = extract(backbone, data, out / "features", timesteps, blocks, pools, **extract_options)
     block_set = set(backbone.resolve_blocks(blocks))
@@ -127,6 +128,15 @@ def sweep(backbone: Backbone, data: LabeledImages, out: str | Path, timesteps: S
         ctrl_opts = {k: v for k, v in extract_options.items() if k not in ("limit", "subset_seed", "overwrite")}
         summary["controls"] = run_controls(backbone, data, store, best, out, probe, val_fraction, split_seed,
                                            probe_device, ctrl_opts)  # fmt: skip
+    if train_heads:
+        from .probe import probe as train_probe
+
+        key = FeatureKey(int(best["t"]), int(best["block"]), int(best["pool"]))
+        summary["heads"] = {}
+        for kind in train_heads:
+            metrics = train_probe(store, [key], out / f"head-{kind}", kind, val_fraction=val_fraction,
+                                  split_seed=split_seed, device=probe_device)  # fmt: skip
+            summary["heads"][kind] = {"top1": metrics["val"]["top1"], "top5": metrics["val"]["top5"], "run": str(out / f"head-{kind}")}
     write_json(out / "summary.json", summary)
     return summary
 
@@ -139,4 +149,6 @@ def describe_summary(summary: dict) -> str:
         c = summary["controls"]
         lines.append(f"controls: raw pixels {c['pixels']['top1']:.2f}%, random weights {c['random_weights']['top1']:.2f}% "
                      f"(same probe, same split)")  # fmt: skip
+    for kind, h in summary.get("heads", {}).items():
+        lines.append(f"{kind} head at the best setting: top-1 {h['top1']:.2f}% (run: {h['run']})")
     return "\n".join(lines)

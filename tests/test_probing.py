@@ -168,9 +168,10 @@ def test_predict_refuses_a_changed_backbone(store, tmp_path, capsys):
 def test_sweep_writes_csv_heatmaps_best_and_controls(cifar_small, tmp_path, capsys):
     out = tmp_path / "sweep"
     code = main(["sweep", FIXTURE_SPEC, "--data", str(cifar_small), "--blocks", "3,13,25", "--t", "10,300",
-                 "--pool", "1,2", "--out", str(out)])  # fmt: skip
+                 "--pool", "1,2", "--out", str(out), "--head", "linear"])  # fmt: skip
     assert code == 0
     text = capsys.readouterr().out
+    assert "linear head at the best setting" in text and (out / "head-linear" / "head.pt").is_file()
     assert "best: t=" in text and "controls: raw pixels" in text
     rows = (out / "sweep.csv").read_text().splitlines()
     assert rows[0].startswith("t,block,pool,probe,top1,top5") and len(rows) == 1 + 12
@@ -179,3 +180,26 @@ def test_sweep_writes_csv_heatmaps_best_and_controls(cifar_small, tmp_path, caps
     assert summary["best"]["top1"] == max(float(r.split(",")[4]) for r in rows[1:])
     assert 0 < summary["controls"]["pixels"]["top1"] <= 100 and "random_weights" in summary["controls"]
     assert summary["best"]["top1"] > 15  # 30 images per class, chance is 10
+
+
+def test_transfer_writes_one_table(cifar_small, tmp_path, capsys):
+    import shutil
+    import tarfile
+
+    # Two "datasets" made from the shared CIFAR-10: a folder of 5 classes and a .tar.gz of the other 5.
+    first, second = tmp_path / "animals", tmp_path / "staging" / "vehicles"
+    for cls in sorted(p.name for p in cifar_small.iterdir()):
+        target = first if cls in ("bird", "cat", "deer", "dog", "frog") else second
+        shutil.copytree(cifar_small / cls, target / cls)
+    archive = tmp_path / "vehicles.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(second, arcname="vehicles")
+    out = tmp_path / "transfer"
+    code = main(["transfer", FIXTURE_SPEC, "--datasets", f"{first},{archive}", "--t", "10", "--blocks", "3",
+                 "--pool", "2", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    table = (out / "transfer.md").read_text()
+    assert "| animals | 150 | 5 |" in table and "| vehicles | 150 | 5 |" in table
+    assert len((out / "transfer.csv").read_text().splitlines()) == 3
+    assert main(["transfer", FIXTURE_SPEC, "--datasets", str(first), "--t", "10,90", "--blocks", "3", "--out", str(out)]) == 2
+    assert "one setting" in capsys.readouterr().err

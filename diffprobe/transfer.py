@@ -1,0 +1,35 @@
+"""One backbone setting, several datasets, one table: the paper's transfer study."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from .backbones.base import Backbone
+from .data import open_dataset
+from .features import extract
+from .report import write_csv
+from .store import FeatureKey
+from .sweep import fast_probe
+
+
+def transfer(backbone: Backbone, datasets: Sequence[str], out: str | Path, key: FeatureKey, probe: str = "logreg",
+             val_fraction: float = 0.1, split_seed: int = 0, data_root: str | None = None, download: bool = False,
+             split: str = "train", probe_device: str = "cpu", **extract_options) -> list[dict]:  # fmt: skip
+    """Extract the setting on each dataset (stores under out/<name>/), score it with the fast probe
+    on a stratified validation split, and write transfer.csv and transfer.md."""
+    out = Path(out)
+    rows = []
+    for spec in datasets:
+        data = open_dataset(spec, root=data_root, split=split, download=download)
+        store = extract(backbone, data, out / data.name, [key.t], [key.block], [key.pool], **extract_options)
+        score = fast_probe(probe, store.load(key), store.labels, store.split(val_fraction, split_seed), probe_device)
+        rows.append({"dataset": data.name, "images": store.rows, "classes": len(data.classes), "setting": key.stem,
+                     "probe": probe, "top1": round(score.top1, 2), "top5": round(score.top5, 2)})  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "transfer.csv", rows)
+    lines = [f"Transfer of {backbone.source} at {key.stem} ({probe} probe, {val_fraction:.0%} stratified validation split)", "",
+             "| dataset | images | classes | top-1 % | top-5 % |", "|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {r['dataset']} | {r['images']} | {r['classes']} | {r['top1']:.2f} | {r['top5']:.2f} |" for r in rows]
+    (out / "transfer.md").write_text("\n".join(lines) + "\n")
+    return rows
