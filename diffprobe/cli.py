@@ -132,6 +132,9 @@ def _add_extract_args(p: argparse.ArgumentParser, blocks_required: bool = True) 
                    help="this process's share of the chunks (default: $RANK, as torchrun sets it)")
     p.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)), help="default: $WORLD_SIZE")
     p.add_argument("--overwrite", action="store_true", help="discard an existing store at --out")
+    p.add_argument("--augment-views", type=int, default=0,
+                   help="store K random-resized-crop + flip views per image instead of the centre crop (for probe --augmented-store)")
+    p.add_argument("--augment-seed", type=int, default=0)
 
 
 def _extract_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -143,6 +146,7 @@ def _extract_options(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed, draws=args.draws, batch_size=args.batch_size, dtype=args.dtype, compute=compute,
         limit=args.limit, subset_seed=args.subset_seed, cond_class=args.class_label,
         rank=args.rank, world_size=args.world_size, overwrite=args.overwrite,
+        augment_views=args.augment_views, augment_seed=args.augment_seed,
         workers=args.workers if args.workers is not None else (0 if compute.device.type == "cpu" else 8),
     )  # fmt: skip
 
@@ -162,7 +166,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     summary = sweep(backbone, data, args.out, args.t, args.blocks, args.pool, probe=args.probe,
                     val_fraction=args.val_fraction, split_seed=args.split_seed, controls=not args.no_controls,
                     probe_device="cuda" if options["compute"].device.type == "cuda" else "cpu",
-                    train_heads=args.head, **options)  # fmt: skip
+                    train_heads=args.head, head_epochs=args.head_epochs, **options)  # fmt: skip
     print(describe_summary(summary))
     print(f"report: {args.out}/sweep.csv, {args.out}/heatmap_pool*.png, {args.out}/summary.json")
 
@@ -190,9 +194,10 @@ def cmd_probe(args: argparse.Namespace) -> None:
     else:
         head_options.update(width=args.width, depth=args.depth, heads=args.heads)
     test_store = FeatureStore.open(args.test_store) if args.test_store else None
+    augmented = FeatureStore.open(args.augmented_store) if args.augmented_store else None
     device = "cuda" if args.device == "auto" and __import__("torch").cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
     metrics = probe(store, keys, args.out, args.head, args.recipe, args.wd, args.epochs, args.lr, args.val_fraction,
-                    args.split_seed, args.seed, head_options, test_store, device)  # fmt: skip
+                    args.split_seed, args.seed, head_options, test_store, device, augmented=augmented)  # fmt: skip
     line = f"{args.head} head: validation top-1 {metrics['val']['top1']:.2f}% top-5 {metrics['val']['top5']:.2f}%"
     line += f" (epoch {metrics['chosen']['epoch']}, weight decay {metrics['chosen']['weight_decay']:g})"
     if "test" in metrics:
@@ -260,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-controls", action="store_true", help="skip the pixels and random-weights controls")
     p.add_argument("--head", action="append", default=[], choices=["linear", "mlp", "cnn", "attention"],
                    help="also train this head on the best setting (repeatable)")
+    p.add_argument("--head-epochs", type=int, help="epochs for those heads (default: the modern recipe's 30)")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("transfer", help="one backbone setting on several datasets: one table")
@@ -296,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed: same seed, same numbers")
     p.add_argument("--test-store", help="a store of held-out test images made with the same backbone")
+    p.add_argument("--augmented-store", help="a store of cached augmented views (extract --augment-views K) to train on")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_probe)
 

@@ -269,6 +269,47 @@ def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(order[np.argsort(ranks, kind="stable")[:n]])
 
 
+AUGMENT_SCALE = (0.35, 1.0)  # random-resized-crop area range (a common choice for small images)
+
+
+def augment_description(image_size: int, views: int, seed: int) -> dict[str, Any]:
+    return {**transform_description(image_size), "crop": "random-resized", "scale": list(AUGMENT_SCALE),
+            "hflip": 0.5, "views": views, "augment_seed": seed}  # fmt: skip
+
+
+class AugmentedViews(Dataset):
+    """Row r of an augmented store: view `views[r]` of image `indices[r]`, a random-resized crop
+    and flip drawn from a generator seeded by (seed, image index, view) alone, so a view is
+    the same on every run, rank and resume."""
+
+    def __init__(self, data: LabeledImages, indices: np.ndarray, views: np.ndarray, image_size: int, seed: int):
+        from torchvision.transforms import v2
+
+        self.data, self.indices, self.views, self.image_size, self.seed = data, indices, views, image_size, seed
+        self.augment = v2.Compose([
+            v2.PILToTensor(),
+            v2.RandomResizedCrop(image_size, scale=AUGMENT_SCALE, antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize([0.5] * 3, [0.5] * 3),
+        ])  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, row: int) -> tuple[torch.Tensor, int, int, str]:
+        index, view = int(self.indices[row]), int(self.views[row])
+        try:
+            image = self.data.load(index)
+        except DiffprobeError as e:
+            return torch.zeros(3, self.image_size, self.image_size), -1, index, str(e)
+        state = np.random.SeedSequence([self.seed, index, view]).generate_state(1, np.uint32)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(state[0]))
+            x = self.augment(image)
+        return x, int(self.data.labels[index]), index, ""
+
+
 class TransformedImages(Dataset):
     """torch Dataset over some indices of a LabeledImages; bad files come back as errors, not crashes.
 

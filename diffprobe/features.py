@@ -24,7 +24,15 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .backbones.base import Backbone
-from .data import LabeledImages, TransformedImages, model_transform, stratified_subset, transform_description
+from .data import (
+    AugmentedViews,
+    LabeledImages,
+    TransformedImages,
+    augment_description,
+    model_transform,
+    stratified_subset,
+    transform_description,
+)
 from .errors import DiffprobeError
 from .noise import image_noise
 from .precision import Compute, choose_compute
@@ -85,7 +93,7 @@ def make_plan(backbone: Backbone, timesteps: Sequence[int], blocks: Sequence[int
 
 def build_manifest(backbone: Backbone, data: LabeledImages, rows: np.ndarray, plan_dtype: str, compute: Compute,
                    seed: int, draws: int, chunk_rows: int, cond_class: int | None, limit: int | None,
-                   subset_seed: int) -> dict:  # fmt: skip
+                   subset_seed: int, augment_views: int = 0, augment_seed: int = 0) -> dict:  # fmt: skip
     return {
         "backbone": {
             "source": backbone.source,
@@ -101,7 +109,8 @@ def build_manifest(backbone: Backbone, data: LabeledImages, rows: np.ndarray, pl
             "limit": limit,
             "subset_seed": subset_seed if limit is not None else None,
         },
-        "transform": transform_description(backbone.image_size),
+        "transform": (augment_description(backbone.image_size, augment_views, augment_seed) if augment_views
+                      else transform_description(backbone.image_size)),
         "noise": {"schedule": backbone.schedule.name, "seed": seed, "draws": draws},
         "dtype": plan_dtype,
         "precision": compute.precision,
@@ -145,11 +154,16 @@ def extract(
     workers: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    augment_views: int = 0,
+    augment_seed: int = 0,
 ) -> FeatureStore:
     """Extract pooled block features of `data` into the store at `out` (resuming if present).
 
     rank/world_size: this process writes chunks rank, rank+world_size, ... so several
     processes (torchrun ranks) fill one store together.
+    augment_views=K: instead of the centre crop, K random-resized-crop + flip views of each
+    image (rows = images × K, view-major within an image), each with its own noise, so heads
+    can train with augmentation without running the U-Net every epoch.
     """
     if dtype not in DTYPES:
         raise DiffprobeError(f"dtype {dtype!r}: expected float16 or float32")
@@ -166,11 +180,17 @@ def extract(
     compute = compute or choose_compute()
     plan = make_plan(backbone, timesteps, blocks, pools)
     rows = stratified_subset(data.labels, limit, subset_seed) if limit is not None else np.arange(len(data))
+    if augment_views < 0:
+        raise DiffprobeError("augment_views must be ≥ 0")
+    views = np.tile(np.arange(max(augment_views, 1)), len(rows))
+    if augment_views:
+        rows = np.repeat(rows, augment_views)
 
     out = Path(out)
     if overwrite and (out / "manifest.json").is_file():
         shutil.rmtree(out)
-    manifest = build_manifest(backbone, data, rows, dtype, compute, seed, draws, batch_size, cond_class, limit, subset_seed)
+    manifest = build_manifest(backbone, data, rows, dtype, compute, seed, draws, batch_size, cond_class, limit,
+                              subset_seed, augment_views, augment_seed)  # fmt: skip
     store = FeatureStore.create_or_open(out, manifest, data.labels[rows], rows)
     if store.chunk_rows != batch_size:
         log.info("resuming with the store's chunk size %d (batch size %d ignored)", store.chunk_rows, batch_size)
@@ -189,8 +209,12 @@ def extract(
         return store
 
     model = compute.prepare(backbone)
-    dataset = TransformedImages(data, model_transform(backbone.image_size), backbone.image_size)
-    batches = [rows[store.chunk_slice(chunk)].tolist() for chunk, _ in todo]
+    if augment_views:  # the loader addresses store rows; the view picks crop, flip and noise
+        dataset = AugmentedViews(data, rows, views, backbone.image_size, augment_seed)
+        batches = [list(range(store.rows))[store.chunk_slice(chunk)] for chunk, _ in todo]
+    else:  # the loader addresses dataset indices
+        dataset = TransformedImages(data, model_transform(backbone.image_size), backbone.image_size)
+        batches = [rows[store.chunk_slice(chunk)].tolist() for chunk, _ in todo]
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=compute.device.type == "cuda")
     shape = (3, backbone.image_size, backbone.image_size)
     total = sum(len(ts) for _, ts in todo)
@@ -203,7 +227,10 @@ def extract(
                 more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
                 raise DiffprobeError("; ".join(bad[:3]) + more + ". Fix or remove the file(s), then rerun: finished chunks are kept")
             x0 = x0.to(compute.device)
-            noises = [image_noise(index.tolist(), seed, shape, draw).to(compute.device) for draw in range(draws)]
+            chunk_views = views[store.chunk_slice(chunk)] if augment_views else np.zeros(len(index), dtype=int)
+            noises = [torch.stack([image_noise([i], seed, shape, int(v) * draws + draw)[0]
+                                   for i, v in zip(index.tolist(), chunk_views)]).to(compute.device)
+                      for draw in range(draws)]  # fmt: skip
             y = None if cond_class is None else torch.full((len(index),), cond_class, device=compute.device)
             for t in missing_ts:
                 keys_t = [k for k in plan.keys if k.t == t and not done[k][chunk]]

@@ -108,19 +108,43 @@ def _evaluate(model: FeatureHead, xs: list[torch.Tensor], y: torch.Tensor, batch
     return F.cross_entropy(out, y).item(), topk(out, y, 1), topk(out, y, 5), out
 
 
+def augmented_rows(store: FeatureStore, augmented: FeatureStore, train_rows: np.ndarray) -> np.ndarray:
+    """[K, n_train] row numbers in the augmented store: view v of each training image."""
+    check_same_backbone(store, augmented, "augmented")
+    k = int(augmented.manifest["transform"].get("views", 0))
+    if k < 1:
+        raise DiffprobeError(f"{augmented.root} holds no augmented views (extract it with --augment-views K)")
+    first_row = {int(idx): row for row, idx in enumerate(augmented.indices[::k])}
+    wanted = store.indices[train_rows]
+    missing = [int(i) for i in wanted if int(i) not in first_row]
+    if missing:
+        raise DiffprobeError(f"{augmented.root} lacks views of {len(missing)} training images (e.g. dataset index {missing[0]}): extract it over the same images")
+    base = np.array([first_row[int(i)] * k for i in wanted])
+    return base[None, :] + np.arange(k)[:, None]
+
+
 def train_once(store: FeatureStore, keys: Sequence[FeatureKey], head_kind: str, recipe: Recipe, weight_decay: float,
                train_rows: np.ndarray, val_rows: np.ndarray, seed: int, head_options: dict,
-               device: str = "cpu", progress: bool = True) -> tuple[FeatureHead, list[dict], int]:  # fmt: skip
-    """Train for the recipe's epochs; return the head at its best validation epoch and the history."""
+               device: str = "cpu", progress: bool = True,
+               augmented: FeatureStore | None = None) -> tuple[FeatureHead, list[dict], int]:  # fmt: skip
+    """Train for the recipe's epochs; return the head at its best validation epoch and the history.
+
+    With an augmented store, each epoch shows every training image as one of its cached views,
+    drawn at random per image and epoch (from the seed)."""
     torch.manual_seed(seed)
     labels = torch.from_numpy(store.labels)
     xs_train = load_inputs(store, keys, train_rows)
     xs_val = load_inputs(store, keys, val_rows)
     y_train, y_val = labels[train_rows], labels[val_rows]
-    scalers = [Standardizer(x) for x in xs_train]
+    scalers = [Standardizer(x) for x in xs_train]  # fitted on the clean (centre-crop) training features
     num_classes = len(store.classes)
     head = build_head(head_kind, input_shapes(store, keys), num_classes, **head_options)
     model = FeatureHead(head, [s.mean for s in scalers], [s.std for s in scalers], head_kind == "fusion").to(device)
+    views = None
+    if augmented is not None:
+        view_rows = augmented_rows(store, augmented, train_rows)  # [K, n]
+        xs_train = [torch.from_numpy(augmented.load(k, view_rows.reshape(-1))).reshape(*view_rows.shape, -1) for k in keys]
+        views = view_rows.shape[0]
     xs_train = [x.to(device) for x in xs_train]
     xs_val = [x.to(device) for x in xs_val]
     y_train, y_val = y_train.to(device), y_val.to(device)
@@ -139,6 +163,11 @@ def train_once(store: FeatureStore, keys: Sequence[FeatureKey], head_kind: str, 
     for epoch in bar:
         model.train()
         order = torch.randperm(n, generator=gen).to(device)
+        if views is not None:
+            pick = torch.randint(views, (n,), generator=gen).to(device)
+            epoch_inputs = [x[pick, torch.arange(n, device=device)] for x in xs_train]
+        else:
+            epoch_inputs = xs_train
         total_loss, correct = 0.0, 0
         for step in range(steps_per_epoch):
             for group in opt.param_groups:
@@ -146,7 +175,7 @@ def train_once(store: FeatureStore, keys: Sequence[FeatureKey], head_kind: str, 
             idx = order[step * recipe.batch_size:(step + 1) * recipe.batch_size]
             if len(idx) < 2 and n >= 2:
                 continue  # BatchNorm cannot train on a batch of one
-            logits = model([x[idx] for x in xs_train])
+            logits = model([x[idx] for x in epoch_inputs])
             loss = F.cross_entropy(logits, y_train[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -173,19 +202,19 @@ def per_class_report(logits: torch.Tensor, y: torch.Tensor, classes: Sequence[st
     return per_class, matrix
 
 
-def check_same_backbone(a: FeatureStore, b: FeatureStore) -> None:
+def check_same_backbone(a: FeatureStore, b: FeatureStore, role: str = "test") -> None:
     fa, fb = a.manifest["backbone"]["fingerprint"], b.manifest["backbone"]["fingerprint"]
     if fa != fb or a.manifest["noise"] != b.manifest["noise"]:
-        raise DiffprobeError(f"test store {b.root} was made with another backbone or noise setting than {a.root}")
+        raise DiffprobeError(f"{role} store {b.root} was made with another backbone or noise setting than {a.root}")
     if a.classes != b.classes:
-        raise DiffprobeError(f"test store {b.root} has other classes than {a.root}")
+        raise DiffprobeError(f"{role} store {b.root} has other classes than {a.root}")
 
 
 def probe(store: FeatureStore, keys: Sequence[FeatureKey], out: str | Path, head_kind: str = "linear",
           recipe_name: str = "modern", weight_decays: Sequence[float] = (1e-4,), epochs: int | None = None,
           lr: float | None = None, val_fraction: float = 0.1, split_seed: int = 0, seed: int = 0,
           head_options: dict | None = None, test_store: FeatureStore | None = None, device: str = "cpu",
-          progress: bool = True) -> dict:  # fmt: skip
+          progress: bool = True, augmented: FeatureStore | None = None) -> dict:  # fmt: skip
     """Train a head on the train split, choose epoch and weight decay on validation, save the run."""
     head_options = dict(head_options or {})
     available = set(store.complete_keys())
@@ -202,7 +231,8 @@ def probe(store: FeatureStore, keys: Sequence[FeatureKey], out: str | Path, head
         raise DiffprobeError(f"the split leaves no validation or no training rows ({store.rows} rows, val fraction {val_fraction})")
     trials = []
     for wd in weight_decays:
-        model, history, best_epoch = train_once(store, keys, head_kind, recipe, wd, train_rows, val_rows, seed, head_options, device, progress)
+        model, history, best_epoch = train_once(store, keys, head_kind, recipe, wd, train_rows, val_rows, seed,
+                                                head_options, device, progress, augmented)  # fmt: skip
         trials.append((max(h["val_top1"] for h in history), wd, model, history, best_epoch))
     best_top1, best_wd, model, history, best_epoch = max(trials, key=lambda tr: tr[0])
 
@@ -238,6 +268,7 @@ def probe(store: FeatureStore, keys: Sequence[FeatureKey], out: str | Path, head
         "seed": seed,
         "classes": store.classes,
         "store": str(store.root),
+        "augmented_store": str(augmented.root) if augmented is not None else None,
         "backbone": store.manifest["backbone"],
         "loaded_with": store.manifest.get("loaded_with", {}),
         "noise": store.manifest["noise"],

@@ -112,10 +112,13 @@ def run_controls(backbone: Backbone, data: LabeledImages, store: FeatureStore, b
 
 def sweep(backbone: Backbone, data: LabeledImages, out: str | Path, timesteps: Sequence[int], blocks, pools: Sequence[int],
           probe: str = "logreg", val_fraction: float = 0.1, split_seed: int = 0, controls: bool = True,
-          probe_device: str = "cpu", train_heads: Sequence[str] = (), **extract_options) -> dict:  # fmt: skip
+          probe_device: str = "cpu", train_heads: Sequence[str] = (), head_epochs: int | None = None,
+          **extract_options) -> dict:  # fmt: skip
     """Extract (resuming), score every cell, write the report files, run the controls, and
     train each head in `train_heads` on the best setting (run directories head-<kind>/)."""
     out = Path(out)
+    if extract_options.get("augment_views"):
+        raise DiffprobeError("a sweep scores centre-crop features; extract augmented views separately (extract --augment-views)")
     store = extract(backbone, data, out / "features", timesteps, blocks, pools, **extract_options)
     block_set = set(backbone.resolve_blocks(blocks))
     wanted = [k for k in store.complete_keys() if k.t in set(timesteps) and k.pool in set(pools) and k.block in block_set]
@@ -134,7 +137,7 @@ def sweep(backbone: Backbone, data: LabeledImages, out: str | Path, timesteps: S
         key = FeatureKey(int(best["t"]), int(best["block"]), int(best["pool"]))
         summary["heads"] = {}
         for kind in train_heads:
-            metrics = train_probe(store, [key], out / f"head-{kind}", kind, val_fraction=val_fraction,
+            metrics = train_probe(store, [key], out / f"head-{kind}", kind, epochs=head_epochs, val_fraction=val_fraction,
                                   split_seed=split_seed, device=probe_device)  # fmt: skip
             summary["heads"][kind] = {"top1": metrics["val"]["top1"], "top5": metrics["val"]["top5"], "run": str(out / f"head-{kind}")}
     write_json(out / "summary.json", summary)

@@ -7,6 +7,7 @@ from typing import Sequence
 
 from .backbones.base import Backbone
 from .data import open_dataset
+from .errors import DiffprobeError
 from .features import extract
 from .report import write_csv
 from .store import FeatureKey
@@ -19,6 +20,8 @@ def transfer(backbone: Backbone, datasets: Sequence[str], out: str | Path, key: 
     """Extract the setting on each dataset (stores under out/<name>/), score it with the fast probe
     on a stratified validation split, and write transfer.csv and transfer.md."""
     out = Path(out)
+    if extract_options.get("augment_views"):
+        raise DiffprobeError("transfer scores centre-crop features: drop --augment-views")
     rows = []
     for spec in datasets:
         data = open_dataset(spec, root=data_root, split=split, download=download)

@@ -203,3 +203,29 @@ def test_transfer_writes_one_table(cifar_small, tmp_path, capsys):
     assert len((out / "transfer.csv").read_text().splitlines()) == 3
     assert main(["transfer", FIXTURE_SPEC, "--datasets", str(first), "--t", "10,90", "--blocks", "3", "--out", str(out)]) == 2
     assert "one setting" in capsys.readouterr().err
+
+
+def test_augmented_views_are_cached_deterministically_and_train_a_head(cifar_small, store, tmp_path, capsys):
+    data = open_dataset(cifar_small)
+    bb = load_backbone(FIXTURE_SPEC)
+    kw = dict(compute=CPU, progress=False, limit=60, augment_views=3, batch_size=32)
+    a = extract(bb, data, tmp_path / "aug_a", [10], [3], [2], **kw)
+    b = extract(load_backbone(FIXTURE_SPEC), data, tmp_path / "aug_b", [10], [3], [2], **kw)
+    key = FeatureKey(10, 3, 2)
+    assert a.rows == 180 and np.array_equal(a.indices[::3], a.indices[1::3])
+    assert np.array_equal(a.load(key), b.load(key))  # same view, same features, every run
+    feats = a.load(key)
+    assert not np.allclose(feats[0], feats[1])  # two views of one image differ
+    assert a.manifest["transform"]["views"] == 3 and a.manifest["transform"]["crop"] == "random-resized"
+
+    # The store of 300 clean images: train on the augmented views of the 60 images it has.
+    with pytest.raises(DiffprobeError, match="lacks views of"):
+        probe(store, [key], tmp_path / "r", "linear", epochs=2, progress=False, augmented=a)
+    clean = extract(load_backbone(FIXTURE_SPEC), data, tmp_path / "clean", [10], [3], [2], compute=CPU, progress=False, limit=60)
+    m = probe(clean, [key], tmp_path / "r", "linear", epochs=3, val_fraction=0.5, progress=False, augmented=a)
+    assert m["val"]["rows"] == 30 and m["history"][0]["train_top1"] >= 0
+    with pytest.raises(DiffprobeError, match="holds no augmented views"):
+        probe(clean, [key], tmp_path / "r2", "linear", epochs=1, progress=False, augmented=clean)
+    code = main(["sweep", FIXTURE_SPEC, "--data", str(cifar_small), "--blocks", "3", "--t", "10", "--augment-views", "2",
+                 "--out", str(tmp_path / "sw")])  # fmt: skip
+    assert code == 2 and "a sweep scores centre-crop features" in capsys.readouterr().err
