@@ -228,9 +228,10 @@ def cmd_transfer(args: argparse.Namespace) -> None:
     key = FeatureKey(args.t[0], args.blocks[0], args.pool[0])
     rows = transfer(backbone, args.datasets, args.out, key, args.probe, args.val_fraction, args.split_seed,
                     args.data_root, args.download, args.split,
-                    "cuda" if options["compute"].device.type == "cuda" else "cpu", **options)  # fmt: skip
+                    "cuda" if options["compute"].device.type == "cuda" else "cpu", not args.no_controls, **options)  # fmt: skip
     for r in rows:
-        print(f"{r['dataset']:<24} {r['images']:>7} images {r['classes']:>4} classes  top-1 {r['top1']:6.2f}%")
+        ctrl = f"  (pixels {r['pixels_top1']:.2f}%, random weights {r['random_weights_top1']:.2f}%)" if "pixels_top1" in r else ""
+        print(f"{r['dataset']:<24} {r['images']:>7} images {r['classes']:>4} classes  top-1 {r['top1']:6.2f}%{ctrl}")
     print(f"table: {args.out}/transfer.csv, {args.out}/transfer.md")
 
 
@@ -280,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe", default="logreg", choices=["logreg", "knn"])
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--no-controls", action="store_true", help="skip the pixels and random-weights controls")
     p.set_defaults(func=cmd_transfer)
 
     p = sub.add_parser("probe", help="train a head on stored features; choose epoch and weight decay on validation")

@@ -11,14 +11,15 @@ from .errors import DiffprobeError
 from .features import extract
 from .report import write_csv
 from .store import FeatureKey
-from .sweep import fast_probe
+from .sweep import fast_probe, run_controls
 
 
 def transfer(backbone: Backbone, datasets: Sequence[str], out: str | Path, key: FeatureKey, probe: str = "logreg",
              val_fraction: float = 0.1, split_seed: int = 0, data_root: str | None = None, download: bool = False,
-             split: str = "train", probe_device: str = "cpu", **extract_options) -> list[dict]:  # fmt: skip
+             split: str = "train", probe_device: str = "cpu", controls: bool = True, **extract_options) -> list[dict]:  # fmt: skip
     """Extract the setting on each dataset (stores under out/<name>/), score it with the fast probe
-    on a stratified validation split, and write transfer.csv and transfer.md."""
+    on a stratified validation split (with the pixels and random-weight controls), and write
+    transfer.csv and transfer.md."""
     out = Path(out)
     if extract_options.get("augment_views"):
         raise DiffprobeError("transfer scores centre-crop features: drop --augment-views")
@@ -27,12 +28,20 @@ def transfer(backbone: Backbone, datasets: Sequence[str], out: str | Path, key: 
         data = open_dataset(spec, root=data_root, split=split, download=download)
         store = extract(backbone, data, out / data.name, [key.t], [key.block], [key.pool], **extract_options)
         score = fast_probe(probe, store.load(key), store.labels, store.split(val_fraction, split_seed), probe_device)
-        rows.append({"dataset": data.name, "images": store.rows, "classes": len(data.classes), "setting": key.stem,
-                     "probe": probe, "top1": round(score.top1, 2), "top5": round(score.top5, 2)})  # fmt: skip
+        row = {"dataset": data.name, "images": store.rows, "classes": len(data.classes), "setting": key.stem,
+               "probe": probe, "top1": round(score.top1, 2), "top5": round(score.top5, 2)}  # fmt: skip
+        if controls:
+            options = {k: v for k, v in extract_options.items() if k not in ("limit", "subset_seed", "overwrite")}
+            best = {"t": key.t, "block": key.block, "pool": key.pool}
+            ctrl = run_controls(backbone, data, store, best, out / data.name, probe, val_fraction, split_seed, probe_device, options)
+            row.update(pixels_top1=round(ctrl["pixels"]["top1"], 2), random_weights_top1=round(ctrl["random_weights"]["top1"], 2))
+        rows.append(row)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "transfer.csv", rows)
     lines = [f"Transfer of {backbone.source} at {key.stem} ({probe} probe, {val_fraction:.0%} stratified validation split)", "",
-             "| dataset | images | classes | top-1 % | top-5 % |", "|---|---|---|---|---|"]  # fmt: skip
-    lines += [f"| {r['dataset']} | {r['images']} | {r['classes']} | {r['top1']:.2f} | {r['top5']:.2f} |" for r in rows]
+             "| dataset | images | classes | top-1 % | top-5 % | raw pixels top-1 % | random weights top-1 % |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {r['dataset']} | {r['images']} | {r['classes']} | {r['top1']:.2f} | {r['top5']:.2f} | "
+              f"{r.get('pixels_top1', '–')} | {r.get('random_weights_top1', '–')} |" for r in rows]  # fmt: skip
     (out / "transfer.md").write_text("\n".join(lines) + "\n")
     return rows

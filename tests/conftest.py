@@ -16,6 +16,9 @@ FIXTURE_CKPT = FIXTURE_DIR / "adm_uncond_tiny.pt"
 CIFAR_TAR = SHARED / "data" / "cifar10-train.tar.gz"
 FIXTURE_SPEC = f"adm:{FIXTURE_CKPT}"
 
+# Tests never touch the network; set before huggingface_hub is first imported (it reads this once).
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory):
@@ -23,7 +26,6 @@ def isolated_cache(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     old = os.environ.get("DIFFPROBE_CACHE")
     os.environ["DIFFPROBE_CACHE"] = str(cache)
-    os.environ["HF_HUB_OFFLINE"] = "1"
     yield cache
     if old is None:
         os.environ.pop("DIFFPROBE_CACHE", None)

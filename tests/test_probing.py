@@ -200,6 +200,7 @@ def test_transfer_writes_one_table(cifar_small, tmp_path, capsys):
     assert code == 0
     table = (out / "transfer.md").read_text()
     assert "| animals | 150 | 5 |" in table and "| vehicles | 150 | 5 |" in table
+    assert "raw pixels top-1 %" in table and "random_weights_top1" in (out / "transfer.csv").read_text()
     assert len((out / "transfer.csv").read_text().splitlines()) == 3
     assert main(["transfer", FIXTURE_SPEC, "--datasets", str(first), "--t", "10,90", "--blocks", "3", "--out", str(out)]) == 2
     assert "one setting" in capsys.readouterr().err
@@ -229,3 +230,34 @@ def test_augmented_views_are_cached_deterministically_and_train_a_head(cifar_sma
     code = main(["sweep", FIXTURE_SPEC, "--data", str(cifar_small), "--blocks", "3", "--t", "10", "--augment-views", "2",
                  "--out", str(tmp_path / "sw")])  # fmt: skip
     assert code == 2 and "a sweep scores centre-crop features" in capsys.readouterr().err
+
+
+def test_probe_bad_inputs(store, tmp_path, capsys, cifar_small):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["probe", str(empty), "--t", "10", "--block", "3", "--out", str(tmp_path / "r")]) == 2
+    assert "is not a feature store" in capsys.readouterr().err
+    # A store whose extraction never finished: no complete array to train on.
+    partial = extract(load_backbone(FIXTURE_SPEC), open_dataset(cifar_small), tmp_path / "partial", [10], [3], [1],
+                      compute=CPU, progress=False, rank=0, world_size=50, batch_size=4)  # fmt: skip
+    assert not partial.complete_keys()
+    assert main(["probe", str(partial.root), "--t", "10", "--block", "3", "--out", str(tmp_path / "r")]) == 2
+    assert "no complete features for t=10 block=3" in capsys.readouterr().err
+    # A test store from another backbone.
+    other = extract(load_backbone(FIXTURE_SPEC).random_like(1), open_dataset(cifar_small), tmp_path / "other", [10], [3], [1],
+                    compute=CPU, progress=False, limit=20)  # fmt: skip
+    code = main(["probe", str(store.root), "--t", "10", "--block", "3", "--epochs", "1", "--test-store", str(other.root),
+                 "--out", str(tmp_path / "r")])  # fmt: skip
+    assert code == 2 and "test store" in capsys.readouterr().err
+
+
+def test_predict_with_an_unknown_block_in_the_run(store, tmp_path, capsys):
+    run = tmp_path / "run"
+    probe(store, [FeatureKey(10, 3, 1)], run, "linear", epochs=1, progress=False)
+    config = json.loads((run / "config.json").read_text())
+    config["keys"][0]["block"] = 99
+    (run / "config.json").write_text(json.dumps(config))
+    image = tmp_path / "x.png"
+    Image.new("RGB", (40, 30)).save(image)
+    assert main(["predict", str(run), str(image)]) == 2
+    assert "block 99 is out of range" in capsys.readouterr().err
