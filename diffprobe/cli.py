@@ -137,6 +137,13 @@ def _add_extract_args(p: argparse.ArgumentParser, blocks_required: bool = True) 
     p.add_argument("--augment-seed", type=int, default=0)
 
 
+def _add_fast_probe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--probe", default="logreg", choices=["logreg", "knn"], help="fast probe scoring each setting")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="stratified validation share of the rows")
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--no-controls", action="store_true", help="skip the pixels and random-weights controls")
+
+
 def _extract_options(args: argparse.Namespace) -> dict[str, Any]:
     from .precision import choose_compute
 
@@ -260,10 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--out", required=True, help="sweep directory (features/ store, sweep.csv, heatmaps, summary.json)")
     _add_extract_args(p)
-    p.add_argument("--probe", default="logreg", choices=["logreg", "knn"], help="fast probe scoring each cell")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="stratified validation share of the rows")
-    p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--no-controls", action="store_true", help="skip the pixels and random-weights controls")
+    _add_fast_probe_args(p)
     p.add_argument("--head", action="append", default=[], choices=["linear", "mlp", "cnn", "attention"],
                    help="also train this head on the best setting (repeatable)")
     p.add_argument("--head-epochs", type=int, help="epochs for those heads (default: the modern recipe's 30)")
@@ -278,10 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true")
     p.add_argument("--out", required=True)
     _add_extract_args(p)
-    p.add_argument("--probe", default="logreg", choices=["logreg", "knn"])
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--no-controls", action="store_true", help="skip the pixels and random-weights controls")
+    _add_fast_probe_args(p)
     p.set_defaults(func=cmd_transfer)
 
     p = sub.add_parser("probe", help="train a head on stored features; choose epoch and weight decay on validation")
