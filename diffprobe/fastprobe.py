@@ -100,6 +100,11 @@ def logistic_regression(train: np.ndarray, y_train: np.ndarray, val: np.ndarray,
     for log_c in sorted(grid):
         evaluate(log_c)
     step = (grid[1] - grid[0]) if len(grid) > 1 else 1.0
+    for _ in range(3):  # a best C on the grid's edge: extend the grid that way (up to 3 steps)
+        best = max(tried, key=lambda k: (tried[k][0], -abs(k)))
+        if len(grid) < 2 or min(tried) < best < max(tried):
+            break
+        evaluate(best - step if best == min(tried) else best + step)
     for _ in range(refine if len(grid) > 1 else 0):
         step /= 2
         best = max(tried, key=lambda k: (tried[k][0], -abs(k)))
