@@ -242,6 +242,44 @@ def cmd_transfer(args: argparse.Namespace) -> None:
     print(f"table: {args.out}/transfer.csv, {args.out}/transfer.md")
 
 
+def _store_keys(store, text: str | None):
+    from .store import FeatureKey
+
+    if not text:
+        keys = store.complete_keys()
+        if not keys:
+            raise DiffprobeError(f"{store.root} holds no complete features")
+        return keys
+    keys = [FeatureKey.parse(stem) for stem in text.split(",") if stem]
+    missing = [k.stem for k in keys if not store.is_complete(k)]
+    if missing:
+        raise DiffprobeError(f"{store.root} has no complete {', '.join(missing)} (complete: {', '.join(k.stem for k in store.complete_keys())})")
+    return keys
+
+
+def cmd_cka(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .cka import store_cka
+    from .report import heatmap, write_csv
+    from .store import FeatureStore
+
+    store_a = FeatureStore.open(args.a)
+    store_b = FeatureStore.open(args.b) if args.b else store_a
+    keys_a = _store_keys(store_a, args.a_keys)
+    keys_b = _store_keys(store_b, args.b_keys if args.b else (args.b_keys or args.a_keys))
+    matrix = store_cka(store_a, keys_a, store_b, keys_b, args.batch_size, args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "cka.csv", [{"a": ka.stem, **{kb.stem: round(float(v), 6) for kb, v in zip(keys_b, row)}} for ka, row in zip(keys_a, matrix)])
+    name_a = Path(store_a.manifest["backbone"]["source"].split(":", 1)[-1]).name
+    name_b = Path(store_b.manifest["backbone"]["source"].split(":", 1)[-1]).name
+    heatmap(out / "cka.png", matrix * 100, [k.stem for k in keys_a], [k.stem for k in keys_b],
+            f"linear CKA ×100 (minibatch, {store_a.rows} images)", xlabel=f"B: {name_b}", ylabel=f"A: {name_a}",
+            colorbar="CKA ×100")  # fmt: skip
+    print(f"CKA of {len(keys_a)} × {len(keys_b)} feature sets over {store_a.rows} images: {out}/cka.csv, {out}/cka.png")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffprobe", description="Diffusion U-Nets as image classifiers: extract and probe block features.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -316,6 +354,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("cka", help="minibatch linear CKA between the features of two stores (or a store and itself)")
+    p.add_argument("--a", required=True, help="feature store A")
+    p.add_argument("--b", help="feature store B (default: A against itself)")
+    p.add_argument("--a-keys", help="comma-separated settings of A, e.g. t0090_b24_p1 (default: all complete)")
+    p.add_argument("--b-keys", help="settings of B (default: all complete)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0, help="order of rows in the minibatches")
+    p.set_defaults(func=cmd_cka)
 
     p = sub.add_parser("store", help="describe a feature store")
     p.add_argument("store")

@@ -29,13 +29,16 @@ def write_json(path: str | Path, data: Any) -> None:
 
 
 def heatmap(path: str | Path, values: np.ndarray, row_labels: Sequence, col_labels: Sequence, title: str,
-            xlabel: str = "timestep t", ylabel: str = "block", best: tuple[int, int] | None = None) -> None:  # fmt: skip
+            xlabel: str = "timestep t", ylabel: str = "block", best: tuple[int, int] | None = None,
+            colorbar: str = "top-1 %") -> None:  # fmt: skip
     """Annotated heatmap (rows × columns), NaN cells left blank, the best cell outlined."""
     fig_h = max(3.0, 0.32 * len(row_labels) + 1.5)
     fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(col_labels) + 2.5), fig_h))
     masked = np.ma.masked_invalid(values)
     im = ax.imshow(masked, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(col_labels)), [str(c) for c in col_labels])
+    long_labels = max(len(str(c)) for c in col_labels) > 5
+    ax.set_xticks(range(len(col_labels)), [str(c) for c in col_labels], rotation=40 if long_labels else 0,
+                  ha="right" if long_labels else "center")  # fmt: skip
     ax.set_yticks(range(len(row_labels)), [str(r) for r in row_labels])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -49,7 +52,7 @@ def heatmap(path: str | Path, values: np.ndarray, row_labels: Sequence, col_labe
                         color="black" if values[i, j] > mid else "white")  # fmt: skip
     if best is not None:
         ax.add_patch(plt.Rectangle((best[1] - 0.5, best[0] - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
-    fig.colorbar(im, ax=ax, label="top-1 %")
+    fig.colorbar(im, ax=ax, label=colorbar)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,0 +1,136 @@
+"""Centred kernel alignment (CKA) between feature sources.
+
+- `linear_cka`: linear CKA of two full feature matrices (Kornblith et al., 2019), computed in
+  feature space, float64.
+- `rbf_cka`: CKA with Gaussian kernels, bandwidth a fraction of the median pairwise distance.
+- `MinibatchCKA`: the unbiased HSIC estimator accumulated over minibatches (Nguyen et al., 2021),
+  so 50,000 images never sit in memory at once; it fills a whole A × B matrix in one pass.
+
+Written here because no maintained library in this stack (torchmetrics, scikit-learn) offers CKA.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .errors import DiffprobeError
+
+
+def _as64(x) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).to(torch.float64)
+    if t.ndim != 2:
+        raise DiffprobeError(f"CKA takes [images, features] matrices, got shape {list(t.shape)}")
+    return t
+
+
+def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
+    if x.shape[0] != y.shape[0]:
+        raise DiffprobeError(f"CKA compares the same images: {x.shape[0]} rows vs {y.shape[0]}")
+    if x.shape[0] < 4:
+        raise DiffprobeError(f"CKA needs at least 4 images, got {x.shape[0]}")
+
+
+def linear_cka(x, y) -> float:
+    """‖YᵀX‖²_F / (‖XᵀX‖_F ‖YᵀY‖_F) on column-centred features."""
+    x, y = _as64(x), _as64(y)
+    _check_pair(x, y)
+    x = x - x.mean(0, keepdim=True)
+    y = y - y.mean(0, keepdim=True)
+    xx, yy = torch.linalg.matrix_norm(x.T @ x), torch.linalg.matrix_norm(y.T @ y)
+    if xx <= 0 or yy <= 0:
+        raise DiffprobeError("CKA is undefined for constant features (zero variance in every feature)")
+    return float(torch.linalg.matrix_norm(y.T @ x) ** 2 / (xx * yy))
+
+
+def _rbf_kernel(x: torch.Tensor, sigma_fraction: float) -> torch.Tensor:
+    sq = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") ** 2  # exact, not via matmul
+    median = torch.median(sq[sq > 0]) if (sq > 0).any() else torch.tensor(0.0, dtype=sq.dtype)
+    if median <= 0:
+        raise DiffprobeError("CKA is undefined for constant features (all images identical)")
+    return torch.exp(-sq / (2 * sigma_fraction**2 * median))
+
+
+def _hsic_biased(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    n = k.shape[0]
+    h = torch.eye(n, dtype=k.dtype) - 1.0 / n
+    return torch.trace(k @ h @ l @ h)
+
+
+def rbf_cka(x, y, sigma_fraction: float = 0.5) -> float:
+    """CKA with Gaussian kernels, σ = sigma_fraction · √(median squared distance)."""
+    x, y = _as64(x), _as64(y)
+    _check_pair(x, y)
+    k, l = _rbf_kernel(x, sigma_fraction), _rbf_kernel(y, sigma_fraction)
+    return float(_hsic_biased(k, l) / torch.sqrt(_hsic_biased(k, k) * _hsic_biased(l, l)))
+
+
+def hsic_unbiased(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """Song et al.'s unbiased HSIC of two n×n Gram matrices (n ≥ 4), as used by Nguyen et al."""
+    n = k.shape[0]
+    if n < 4:
+        raise DiffprobeError(f"unbiased HSIC needs minibatches of at least 4 images, got {n}")
+    k = k - torch.diag_embed(torch.diagonal(k))
+    l = l - torch.diag_embed(torch.diagonal(l))
+    ones = torch.ones(n, 1, dtype=k.dtype, device=k.device)
+    term = torch.trace(k @ l) + (ones.T @ k @ ones) * (ones.T @ l @ ones) / ((n - 1) * (n - 2)) - 2 * (ones.T @ k @ l @ ones) / (n - 2)
+    return term.squeeze() / (n * (n - 3))
+
+
+class MinibatchCKA:
+    """Linear CKA of every A source against every B source, accumulated over minibatches.
+
+        cka = MinibatchCKA(n_a=3, n_b=4)
+        for batch in batches: cka.update([a1, a2, a3], [b1, b2, b3, b4])   # [batch, features] each
+        cka.compute()  # -> [3, 4] matrix
+    """
+
+    def __init__(self, n_a: int, n_b: int):
+        self.hsic_ab = torch.zeros(n_a, n_b, dtype=torch.float64)
+        self.hsic_aa = torch.zeros(n_a, dtype=torch.float64)
+        self.hsic_bb = torch.zeros(n_b, dtype=torch.float64)
+        self.batches = 0
+
+    def update(self, a: Sequence, b: Sequence) -> None:
+        grams_a = [(lambda t: t @ t.T)(_as64(x)) for x in a]
+        grams_b = [(lambda t: t @ t.T)(_as64(y)) for y in b]
+        n = {g.shape[0] for g in grams_a + grams_b}
+        if len(n) != 1:
+            raise DiffprobeError(f"every source in a minibatch must hold the same images, got row counts {sorted(n)}")
+        for i, ka in enumerate(grams_a):
+            self.hsic_aa[i] += hsic_unbiased(ka, ka)
+            for j, lb in enumerate(grams_b):
+                self.hsic_ab[i, j] += hsic_unbiased(ka, lb)
+        for j, lb in enumerate(grams_b):
+            self.hsic_bb[j] += hsic_unbiased(lb, lb)
+        self.batches += 1
+
+    def compute(self) -> np.ndarray:
+        if self.batches == 0:
+            raise DiffprobeError("no minibatches were given to CKA")
+        if (self.hsic_aa <= 0).any() or (self.hsic_bb <= 0).any():
+            raise DiffprobeError("CKA is undefined for a source with constant features (its HSIC with itself is not positive)")
+        return (self.hsic_ab / torch.sqrt(self.hsic_aa[:, None] * self.hsic_bb[None, :])).numpy()
+
+
+def store_cka(store_a, keys_a, store_b, keys_b, batch_size: int = 1000, seed: int = 0, progress: bool = True) -> np.ndarray:
+    """Minibatch linear CKA of stored features: every key of A against every key of B.
+
+    Both stores must hold the same images in the same rows. Rows are visited in a seeded random
+    order, so each minibatch is a sample of the whole set (stores are sorted by class).
+    """
+    from tqdm.auto import tqdm
+
+    if store_a.manifest["data"]["fingerprint"] != store_b.manifest["data"]["fingerprint"] or not np.array_equal(store_a.indices, store_b.indices):
+        raise DiffprobeError(f"{store_a.root} and {store_b.root} hold different images: CKA compares features of the same images")
+    if batch_size < 4:
+        raise DiffprobeError("CKA minibatches need at least 4 images")
+    order = np.random.default_rng(seed).permutation(store_a.rows)
+    n_batches = max(1, store_a.rows // batch_size)  # equal-sized batches; the remainder joins them
+    mb = MinibatchCKA(len(keys_a), len(keys_b))
+    for rows in tqdm(np.array_split(order, n_batches), desc="CKA", unit="batch", disable=not progress):
+        rows = np.sort(rows)  # memmap reads in file order
+        mb.update([store_a.load(k, rows) for k in keys_a], [store_b.load(k, rows) for k in keys_b])
+    return mb.compute()

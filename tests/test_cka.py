@@ -1,0 +1,125 @@
+"""CKA: its defining properties, the minibatch estimator, and a direct NumPy implementation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from diffprobe import DiffprobeError
+from diffprobe.cka import MinibatchCKA, hsic_unbiased, linear_cka, rbf_cka
+
+
+def numpy_linear_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """The kernel-space formula, HSIC(K, L) = tr(K H L H), with K = XXᵀ, L = YYᵀ."""
+    n = x.shape[0]
+    h = np.eye(n) - np.ones((n, n)) / n
+    k, l = x @ x.T, y @ y.T
+    hsic = lambda a, b: np.trace(a @ h @ b @ h)  # noqa: E731
+    return hsic(k, l) / np.sqrt(hsic(k, k) * hsic(l, l))
+
+
+def numpy_unbiased_hsic(k: np.ndarray, l: np.ndarray) -> float:
+    """Song et al. (2012), eq. 5, written out term by term."""
+    n = k.shape[0]
+    kt, lt = k - np.diag(np.diag(k)), l - np.diag(np.diag(l))
+    return (np.trace(kt @ lt) + kt.sum() * lt.sum() / ((n - 1) * (n - 2)) - 2 / (n - 2) * (kt @ lt).sum()) / (n * (n - 3))
+
+
+@pytest.fixture()
+def data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 40))
+    y = np.tanh(x @ rng.normal(size=(40, 25))) + 0.5 * rng.normal(size=(300, 25))
+    return x, y
+
+
+def test_identical_features_give_one(data):
+    x, _ = data
+    assert linear_cka(x, x) == pytest.approx(1.0, abs=1e-12)
+    assert rbf_cka(x, x) == pytest.approx(1.0, abs=1e-12)
+    mb = MinibatchCKA(1, 1)
+    for rows in np.array_split(np.arange(300), 5):
+        mb.update([x[rows]], [x[rows]])
+    assert mb.compute()[0, 0] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_invariant_to_orthogonal_maps_and_isotropic_scaling(data):
+    x, y = data
+    q, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(40, 40)))
+    base = linear_cka(x, y)
+    assert linear_cka(x @ q, y) == pytest.approx(base, abs=1e-10)
+    assert linear_cka(7.5 * x, 0.01 * y) == pytest.approx(base, abs=1e-10)
+    assert rbf_cka(x @ q, 3 * y) == pytest.approx(rbf_cka(x, y), abs=1e-8)
+    assert 0 < base < 1
+    # Not invariant to arbitrary invertible maps: an anisotropic scaling changes it.
+    assert abs(linear_cka(x * np.linspace(0.1, 10, 40), y) - base) > 1e-3
+
+
+def test_agrees_with_the_numpy_formulas(data):
+    x, y = data
+    assert linear_cka(x, y) == pytest.approx(numpy_linear_cka(x, y), abs=1e-10)
+    k, l = x[:50] @ x[:50].T, y[:50] @ y[:50].T
+    assert hsic_unbiased(torch.from_numpy(k), torch.from_numpy(l)).item() == pytest.approx(numpy_unbiased_hsic(k, l), rel=1e-9)
+
+
+def test_minibatch_matches_full_batch_on_many_images():
+    rng = np.random.default_rng(2)
+    n = 6000
+    x = rng.normal(size=(n, 30))
+    y = x[:, :20] @ rng.normal(size=(20, 20)) + rng.normal(size=(n, 20))
+    z = rng.normal(size=(n, 10))
+    mb = MinibatchCKA(2, 2)
+    for rows in np.array_split(rng.permutation(n), 12):
+        mb.update([x[rows], y[rows]], [y[rows], z[rows]])
+    got = mb.compute()
+    assert got[0, 0] == pytest.approx(linear_cka(x, y), abs=0.01)
+    assert got[1, 0] == pytest.approx(1.0, abs=1e-12)
+    assert abs(got[0, 1]) < 0.02 and abs(got[1, 1]) < 0.02  # unrelated features: near 0 (the unbiased estimator is not biased up)
+    assert linear_cka(x, z) > abs(got[0, 1])  # the biased full-batch estimate sits above 0
+
+
+def test_clear_errors_instead_of_nan():
+    ones = np.ones((10, 3))
+    rand = np.random.default_rng(0).normal(size=(10, 3))
+    with pytest.raises(DiffprobeError, match="constant features"):
+        linear_cka(ones, rand)
+    with pytest.raises(DiffprobeError, match="constant features"):
+        rbf_cka(ones, rand)
+    with pytest.raises(DiffprobeError, match="at least 4"):
+        linear_cka(rand[:3], rand[:3])
+    with pytest.raises(DiffprobeError, match="same images"):
+        linear_cka(rand, rand[:5])
+    mb = MinibatchCKA(1, 1)
+    with pytest.raises(DiffprobeError, match="at least 4"):
+        mb.update([rand[:3]], [rand[:3]])
+    with pytest.raises(DiffprobeError, match="no minibatches"):
+        MinibatchCKA(1, 1).compute()
+    mb.update([ones], [rand])
+    with pytest.raises(DiffprobeError, match="constant features"):
+        mb.compute()
+
+
+def test_cka_command_on_two_stores(cifar_small, tmp_path, capsys):
+    from conftest import FIXTURE_SPEC
+    from diffprobe.cli import main
+
+    base = ["--data", str(cifar_small), "--blocks", "3,13", "--t", "10", "--limit", "100"]
+    assert main(["extract", FIXTURE_SPEC, *base, "--out", str(tmp_path / "a")]) == 0
+    assert main(["extract", "adm:random", "--model-flags=--image_size 32 --num_channels 32 --channel_mult 1,2 "
+                 "--attention_resolutions 8 --num_head_channels 8", *base, "--out", str(tmp_path / "b")]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["cka", "--a", str(tmp_path / "a"), "--b", str(tmp_path / "b"), "--out", str(tmp_path / "ab"), "--batch-size", "25"]) == 0
+    rows = (tmp_path / "ab" / "cka.csv").read_text().splitlines()
+    assert rows[0] == "a,t0010_b03_p1,t0010_b13_p1" and len(rows) == 3
+    assert (tmp_path / "ab" / "cka.png").is_file()
+    assert main(["cka", "--a", str(tmp_path / "a"), "--out", str(tmp_path / "aa"), "--batch-size", "25"]) == 0
+    self_rows = (tmp_path / "aa" / "cka.csv").read_text().splitlines()
+    assert self_rows[1].split(",")[1] == "1.0"  # a setting against itself
+    other = ["--data", str(cifar_small), "--blocks", "3", "--t", "10", "--limit", "50", "--out", str(tmp_path / "c")]
+    assert main(["extract", FIXTURE_SPEC, *other]) == 0
+    capsys.readouterr()
+    assert main(["cka", "--a", str(tmp_path / "a"), "--b", str(tmp_path / "c"), "--out", str(tmp_path / "x")]) == 2
+    assert "hold different images" in capsys.readouterr().err
+    assert main(["cka", "--a", str(tmp_path / "a"), "--a-keys", "t0090_b03_p1", "--out", str(tmp_path / "x")]) == 2
+    assert "no complete t0090_b03_p1" in capsys.readouterr().err
