@@ -134,3 +134,23 @@ def store_cka(store_a, keys_a, store_b, keys_b, batch_size: int = 1000, seed: in
         rows = np.sort(rows)  # memmap reads in file order
         mb.update([store_a.load(k, rows) for k in keys_a], [store_b.load(k, rows) for k in keys_b])
     return mb.compute()
+
+
+def source_cka(store_a, keys_a, data, source, batch_size: int = 500, seed: int = 0, progress: bool = True) -> np.ndarray:
+    """Minibatch linear CKA of stored features (A) against a model's stage features (B) computed
+    on the same images, batch by batch (nothing but one batch in memory)."""
+    from tqdm.auto import tqdm
+
+    if data.fingerprint() != store_a.manifest["data"]["fingerprint"]:
+        raise DiffprobeError(f"--data is not the dataset {store_a.root} was extracted from ({store_a.manifest['data']['name']})")
+    if batch_size < 4:
+        raise DiffprobeError("CKA minibatches need at least 4 images")
+    order = np.random.default_rng(seed).permutation(store_a.rows)
+    mb = MinibatchCKA(len(keys_a), len(source.stages))
+    indices = store_a.indices
+    for rows in tqdm(np.array_split(order, max(1, store_a.rows // batch_size)), desc="CKA", unit="batch", disable=not progress):
+        rows = np.sort(rows)
+        images = torch.stack([source.transform(data.load(int(i))) for i in indices[rows]])
+        feats = source.features(images)
+        mb.update([store_a.load(k, rows) for k in keys_a], [feats[s] for s in source.stages])
+    return mb.compute()

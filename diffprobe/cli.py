@@ -260,24 +260,45 @@ def _store_keys(store, text: str | None):
 def cmd_cka(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .cka import store_cka
+    from .cka import source_cka, store_cka
     from .report import heatmap, write_csv
     from .store import FeatureStore
 
     store_a = FeatureStore.open(args.a)
-    store_b = FeatureStore.open(args.b) if args.b else store_a
     keys_a = _store_keys(store_a, args.a_keys)
-    keys_b = _store_keys(store_b, args.b_keys if args.b else (args.b_keys or args.a_keys))
-    matrix = store_cka(store_a, keys_a, store_b, keys_b, args.batch_size, args.seed)
+    name_a = Path(store_a.manifest["backbone"]["source"].split(":", 1)[-1]).name
+    if args.b and args.b.startswith(("baseline:", "torchvision:")):
+        from .baseline import ModelSource
+
+        if not args.data:
+            raise DiffprobeError("comparing with a model needs --data: the dataset the store was extracted from")
+        source = ModelSource(args.b, weights=args.b_weights, pool=args.b_pool)
+        log.info("B: %s", source.description)
+        matrix = source_cka(store_a, keys_a, _open_data(args), source, args.batch_size, args.seed)
+        labels_b, name_b = source.stages, source.description
+    else:
+        store_b = FeatureStore.open(args.b) if args.b else store_a
+        keys_b = _store_keys(store_b, args.b_keys if args.b else (args.b_keys or args.a_keys))
+        matrix = store_cka(store_a, keys_a, store_b, keys_b, args.batch_size, args.seed)
+        labels_b = [k.stem for k in keys_b]
+        name_b = Path(store_b.manifest["backbone"]["source"].split(":", 1)[-1]).name
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "cka.csv", [{"a": ka.stem, **{kb.stem: round(float(v), 6) for kb, v in zip(keys_b, row)}} for ka, row in zip(keys_a, matrix)])
-    name_a = Path(store_a.manifest["backbone"]["source"].split(":", 1)[-1]).name
-    name_b = Path(store_b.manifest["backbone"]["source"].split(":", 1)[-1]).name
-    heatmap(out / "cka.png", matrix * 100, [k.stem for k in keys_a], [k.stem for k in keys_b],
+    write_csv(out / "cka.csv", [{"a": ka.stem, **{b: round(float(v), 6) for b, v in zip(labels_b, row)}} for ka, row in zip(keys_a, matrix)])
+    heatmap(out / "cka.png", matrix * 100, [k.stem for k in keys_a], labels_b,
             f"linear CKA ×100 (minibatch, {store_a.rows} images)", xlabel=f"B: {name_b}", ylabel=f"A: {name_a}",
             colorbar="CKA ×100")  # fmt: skip
-    print(f"CKA of {len(keys_a)} × {len(keys_b)} feature sets over {store_a.rows} images: {out}/cka.csv, {out}/cka.png")
+    print(f"CKA of {len(keys_a)} × {len(labels_b)} feature sets over {store_a.rows} images (B: {name_b}): {out}/cka.csv, {out}/cka.png")
+
+
+def cmd_baseline_train(args: argparse.Namespace) -> None:
+    from .baseline import train_baseline
+
+    info = train_baseline(_open_data(args), args.out, args.arch, args.image_size, args.epochs, args.batch_size, args.lr,
+                          limit=args.limit, val_fraction=args.val_fraction, split_seed=args.split_seed, seed=args.seed,
+                          device=args.device)  # fmt: skip
+    print(f"{info['arch']} on {info['data']}: validation top-1 {info['val_top1']:.2f}% after {info['epochs']} epochs "
+          f"({info['train_images']} training images, {info['wall_seconds']:.0f} s); {args.out}/baseline.pt, baseline.json")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -357,13 +378,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cka", help="minibatch linear CKA between the features of two stores (or a store and itself)")
     p.add_argument("--a", required=True, help="feature store A")
-    p.add_argument("--b", help="feature store B (default: A against itself)")
+    p.add_argument("--b", help="feature store B, baseline:DIR, or torchvision:ARCH (default: A against itself)")
+    p.add_argument("--b-weights", help="torchvision:ARCH weights: a local state_dict file or a torchvision weights name (else random, and said so)")
+    p.add_argument("--b-pool", type=int, default=1, help="pool size for a model's stage outputs")
+    p.add_argument("--data", help="the dataset of store A (needed with a model as B)")
+    p.add_argument("--data-root")
+    p.add_argument("--split", default="train")
+    p.add_argument("--download", action="store_true")
     p.add_argument("--a-keys", help="comma-separated settings of A, e.g. t0090_b24_p1 (default: all complete)")
     p.add_argument("--b-keys", help="settings of B (default: all complete)")
     p.add_argument("--out", required=True)
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0, help="order of rows in the minibatches")
     p.set_defaults(func=cmd_cka)
+
+    p = sub.add_parser("baseline", help="supervised baselines to compare against")
+    bsub = p.add_subparsers(dest="baseline_command", required=True)
+    p = bsub.add_parser("train", help="train a torchvision ResNet from scratch (CIFAR stem for small images)")
+    _add_data_args(p)
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--out", required=True)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--limit", type=int, help="a stratified subset of this many images")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_baseline_train)
 
     p = sub.add_parser("store", help="describe a feature store")
     p.add_argument("store")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -123,3 +125,30 @@ def test_cka_command_on_two_stores(cifar_small, tmp_path, capsys):
     assert "hold different images" in capsys.readouterr().err
     assert main(["cka", "--a", str(tmp_path / "a"), "--a-keys", "t0090_b03_p1", "--out", str(tmp_path / "x")]) == 2
     assert "no complete t0090_b03_p1" in capsys.readouterr().err
+
+
+def test_baseline_training_and_cka_against_model_stages(cifar_small, tmp_path, capsys):
+    from conftest import FIXTURE_SPEC
+    from diffprobe.cli import main
+
+    assert main(["baseline", "train", "--data", str(cifar_small), "--epochs", "1", "--batch-size", "64",
+                 "--out", str(tmp_path / "base")]) == 0  # fmt: skip
+    info = json.loads((tmp_path / "base" / "baseline.json").read_text())
+    assert info["arch"] == "resnet18" and info["train_images"] == 270 and 0 <= info["val_top1"] <= 100
+    assert "validation top-1" in capsys.readouterr().out
+
+    assert main(["extract", FIXTURE_SPEC, "--data", str(cifar_small), "--blocks", "3,13", "--t", "10", "--limit", "60",
+                 "--out", str(tmp_path / "store")]) == 0  # fmt: skip
+    capsys.readouterr()
+    code = main(["cka", "--a", str(tmp_path / "store"), "--b", f"baseline:{tmp_path / 'base'}", "--data", str(cifar_small),
+                 "--out", str(tmp_path / "vs_base"), "--batch-size", "20"])  # fmt: skip
+    assert code == 0 and "resnet18 trained by diffprobe" in capsys.readouterr().out
+    header = (tmp_path / "vs_base" / "cka.csv").read_text().splitlines()[0]
+    assert header == "a,layer1,layer2,layer3,layer4"
+    code = main(["cka", "--a", str(tmp_path / "store"), "--b", "torchvision:resnet18", "--data", str(cifar_small),
+                 "--out", str(tmp_path / "vs_tv"), "--batch-size", "30"])  # fmt: skip
+    assert code == 0 and "RANDOM weights" in capsys.readouterr().out
+    assert main(["cka", "--a", str(tmp_path / "store"), "--b", "torchvision:resnet18", "--out", str(tmp_path / "x")]) == 2
+    assert "needs --data" in capsys.readouterr().err
+    assert main(["cka", "--a", str(tmp_path / "store"), "--b", "baseline:/nonexistent", "--data", str(cifar_small), "--out", str(tmp_path / "x")]) == 2
+    assert "not a baseline run" in capsys.readouterr().err

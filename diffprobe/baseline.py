@@ -1,0 +1,175 @@
+"""Supervised baselines and torchvision models as feature sources for CKA.
+
+`train_baseline` trains a torchvision ResNet from scratch on a dataset diffprobe reads (CIFAR-10
+here, a few CPU minutes with --limit), so offline users have a real discriminative network to
+compare diffusion features against. `ModelSource` turns any torchvision classifier (a trained
+baseline, torchvision weights from a local file or the hub, or random weights) into pooled
+stage features.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .data import LabeledImages, model_transform, stratified_split, stratified_subset
+from .errors import DiffprobeError
+from .precision import choose_compute
+
+log = logging.getLogger(__name__)
+RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+def build_resnet(arch: str, num_classes: int, image_size: int) -> nn.Module:
+    import torchvision.models as tvm
+
+    if not arch.startswith("resnet") or not hasattr(tvm, arch):
+        raise DiffprobeError(f"unknown baseline architecture {arch!r}: expected a torchvision ResNet such as resnet18 or resnet50")
+    model = getattr(tvm, arch)(weights=None, num_classes=num_classes)
+    if image_size <= 64:
+        # The usual small-image stem: a 3×3 stride-1 convolution and no max-pool, so a 32×32 image
+        # still has 4×4 maps at layer4 instead of 1×1.
+        model.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    return model
+
+
+class _Images(Dataset):
+    def __init__(self, data: LabeledImages, indices: np.ndarray, transform):
+        self.data, self.indices, self.transform = data, indices, transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        index = int(self.indices[i])
+        return self.transform(self.data.load(index)), int(self.data.labels[index])
+
+
+def train_baseline(data: LabeledImages, out: str | Path, arch: str = "resnet18", image_size: int = 32, epochs: int = 4,
+                   batch_size: int = 128, lr: float = 0.1, weight_decay: float = 5e-4, limit: int | None = None,
+                   val_fraction: float = 0.1, split_seed: int = 0, seed: int = 0, device: str = "auto",
+                   progress: bool = True) -> dict:  # fmt: skip
+    """SGD (momentum 0.9, nesterov) with cosine decay, random crop (padding 4) + flip; the same
+    stratified validation split diffprobe's probes use. Writes baseline.pt and baseline.json."""
+    from torchvision.transforms import v2
+
+    torch.manual_seed(seed)
+    compute = choose_compute(device)
+    rows = stratified_subset(data.labels, limit, 0) if limit is not None else np.arange(len(data))
+    is_val = stratified_split(data.labels[rows], val_fraction, split_seed)
+    train_idx, val_idx = rows[~is_val], rows[is_val]
+    base = model_transform(image_size)
+    augment = v2.Compose([v2.RandomCrop(image_size, padding=image_size // 8), v2.RandomHorizontalFlip(), base])
+    gen = torch.Generator().manual_seed(seed)
+    train_loader = DataLoader(_Images(data, train_idx, augment), batch_size=batch_size, shuffle=True, generator=gen, drop_last=len(train_idx) > batch_size)
+    val_loader = DataLoader(_Images(data, val_idx, base), batch_size=256)
+    model = build_resnet(arch, len(data.classes), image_size).to(compute.device).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * len(train_loader)), pct_start=0.15)
+    history, started = [], time.perf_counter()
+    for epoch in range(epochs):
+        model.train()
+        bar = tqdm(train_loader, desc=f"{arch} epoch {epoch + 1}/{epochs}", unit="batch", disable=not progress, leave=False)
+        for x, y in bar:
+            x = x.to(compute.device).contiguous(memory_format=torch.channels_last)
+            y = y.to(compute.device)
+            with compute.autocast():
+                loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        history.append({"epoch": epoch + 1, "val_top1": evaluate(model, val_loader, compute)})
+        log.info("%s epoch %d: validation top-1 %.2f%%", arch, epoch + 1, history[-1]["val_top1"])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(model.float().cpu().state_dict(), out / "baseline.pt")
+    info = {"arch": arch, "image_size": image_size, "classes": data.classes, "data": data.name,
+            "data_fingerprint": data.fingerprint(), "train_images": int(len(train_idx)), "val_images": int(len(val_idx)),
+            "epochs": epochs, "val_top1": history[-1]["val_top1"], "history": history, "seed": seed,
+            "wall_seconds": round(time.perf_counter() - started, 1), "device": compute.describe()}  # fmt: skip
+    (out / "baseline.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, compute) -> float:
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        with compute.autocast():
+            pred = model(x.to(compute.device).contiguous(memory_format=torch.channels_last)).argmax(1)
+        correct += (pred.cpu() == y).sum().item()
+        total += len(y)
+    return 100.0 * correct / max(total, 1)
+
+
+class ModelSource:
+    """Pooled stage outputs of a torchvision classifier, for CKA.
+
+    spec: `baseline:DIR` (from `diffprobe baseline train`) or `torchvision:ARCH` with
+    `weights` a local state_dict file, a torchvision weights name (downloads when online), or None
+    for random weights. `description` always says which.
+    """
+
+    def __init__(self, spec: str, weights: str | None = None, stages: Sequence[str] = RESNET_STAGES, pool: int = 1,
+                 image_size: int | None = None):  # fmt: skip
+        import torchvision.models as tvm
+        from torchvision.models.feature_extraction import create_feature_extractor
+
+        kind, _, target = spec.partition(":")
+        if kind == "baseline":
+            info_path = Path(target) / "baseline.json"
+            if not info_path.is_file():
+                raise DiffprobeError(f"{target} is not a baseline run (no baseline.json): run `diffprobe baseline train` first")
+            info = json.loads(info_path.read_text())
+            model = build_resnet(info["arch"], len(info["classes"]), info["image_size"])
+            model.load_state_dict(torch.load(Path(target) / "baseline.pt", map_location="cpu", weights_only=True))
+            self.image_size = info["image_size"]
+            self.description = f"{info['arch']} trained by diffprobe on {info['data']} (val top-1 {info['val_top1']:.1f}%)"
+        elif kind == "torchvision":
+            if not hasattr(tvm, target):
+                raise DiffprobeError(f"unknown torchvision model {target!r}")
+            if weights and Path(weights).is_file():
+                model = getattr(tvm, target)(weights=None)
+                model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+                self.description = f"{target} with weights from {weights}"
+            elif weights:
+                try:
+                    model = getattr(tvm, target)(weights=weights)
+                except Exception as e:  # unknown name, or offline
+                    raise DiffprobeError(f"cannot get torchvision weights {weights!r} for {target} (offline? pass a local file): {e}") from None
+                self.description = f"{target} with torchvision weights {weights}"
+            else:
+                model = getattr(tvm, target)(weights=None)
+                self.description = f"{target} with RANDOM weights (no weights given)"
+            self.image_size = image_size or 224
+        else:
+            raise DiffprobeError(f"model source {spec!r} not understood: expected baseline:DIR or torchvision:ARCH")
+        self.stages, self.pool = list(stages), pool
+        self.extractor = create_feature_extractor(model.eval(), return_nodes={s: s for s in self.stages})
+        if kind == "baseline":
+            self.transform = model_transform(self.image_size)  # as it was trained
+        else:  # torchvision's ImageNet preprocessing
+            from torchvision.transforms import v2
+
+            self.transform = v2.Compose([v2.PILToTensor(), v2.Resize(self.image_size, antialias=True), v2.CenterCrop(self.image_size),
+                                         v2.ToDtype(torch.float32, scale=True),
+                                         v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])  # fmt: skip
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        outs = self.extractor(images)
+        return {s: F.adaptive_avg_pool2d(outs[s].float(), self.pool).flatten(1) for s in self.stages}
