@@ -202,7 +202,9 @@ def cmd_probe(args: argparse.Namespace) -> None:
         head_options.update(width=args.width, depth=args.depth, heads=args.heads)
     test_store = FeatureStore.open(args.test_store) if args.test_store else None
     augmented = FeatureStore.open(args.augmented_store) if args.augmented_store else None
-    device = "cuda" if args.device == "auto" and __import__("torch").cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    import torch
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     metrics = probe(store, keys, args.out, args.head, args.recipe, args.wd, args.epochs, args.lr, args.val_fraction,
                     args.split_seed, args.seed, head_options, test_store, device, augmented=augmented)  # fmt: skip
     line = f"{args.head} head: validation top-1 {metrics['val']['top1']:.2f}% top-5 {metrics['val']['top5']:.2f}%"

@@ -299,6 +299,6 @@ def load_run(run_dir: str | Path) -> tuple[dict, FeatureHead]:
     model = FeatureHead(head, [torch.zeros(d) for d in dims], [torch.ones(d) for d in dims], config["head"] == "fusion")
     try:
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    except (RuntimeError, Exception) as e:  # a shape mismatch or a damaged file
+    except Exception as e:  # a shape mismatch (RuntimeError) or a damaged file (UnpicklingError, OSError)
         raise DiffprobeError(f"{weights} does not fit the head described in config.json: {str(e).splitlines()[0]}") from None
     return config, model.eval()
