@@ -116,12 +116,19 @@ def evaluate(model: nn.Module, loader: DataLoader, compute) -> float:
     return 100.0 * correct / max(total, 1)
 
 
+def _imagenet_transform(size: int, mean: list[float], std: list[float]):
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.PILToTensor(), v2.Resize(size, antialias=True), v2.CenterCrop(size),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])  # fmt: skip
+
+
 class ModelSource:
     """Pooled stage outputs of a torchvision classifier, for CKA.
 
-    spec: `baseline:DIR` (from `diffprobe baseline train`) or `torchvision:ARCH` with
-    `weights` a local state_dict file, a torchvision weights name (downloads when online), or None
-    for random weights. `description` always says which.
+    spec: `baseline:DIR` (from `diffprobe baseline train`), `torchvision:ARCH` or `timm:NAME`, with
+    `weights` a local file, a torchvision weights name / "hub" for timm (downloads when online), or
+    None for random weights. `description` always says which.
     """
 
     def __init__(self, spec: str, weights: str | None = None, stages: Sequence[str] = RESNET_STAGES, pool: int = 1,
@@ -156,20 +163,47 @@ class ModelSource:
                 model = getattr(tvm, target)(weights=None)
                 self.description = f"{target} with RANDOM weights (no weights given)"
             self.image_size = image_size or 224
+        elif kind == "timm":
+            self._init_timm(target, weights, pool)
+            return
         else:
-            raise DiffprobeError(f"model source {spec!r} not understood: expected baseline:DIR or torchvision:ARCH")
+            raise DiffprobeError(f"model source {spec!r} not understood: expected baseline:DIR, torchvision:ARCH or timm:NAME")
         self.stages, self.pool = list(stages), pool
-        self.extractor = create_feature_extractor(model.eval(), return_nodes={s: s for s in self.stages})
+        extractor = create_feature_extractor(model.eval(), return_nodes={s: s for s in self.stages})
+        self._forward = lambda x: extractor(x)
         if kind == "baseline":
             self.transform = model_transform(self.image_size)  # as it was trained
         else:  # torchvision's ImageNet preprocessing
-            from torchvision.transforms import v2
+            self.transform = _imagenet_transform(self.image_size, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
-            self.transform = v2.Compose([v2.PILToTensor(), v2.Resize(self.image_size, antialias=True), v2.CenterCrop(self.image_size),
-                                         v2.ToDtype(torch.float32, scale=True),
-                                         v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])  # fmt: skip
+    def _init_timm(self, name: str, weights: str | None, pool: int) -> None:
+        """Any timm model's stages through `features_only` (CNNs: every stage; ViTs: last blocks)."""
+        try:
+            import timm
+        except ImportError:
+            raise DiffprobeError("timm sources need the timm package: pip install timm") from None
+        try:
+            if weights and Path(weights).is_file():
+                model = timm.create_model(name, pretrained=True, features_only=True, pretrained_cfg_overlay={"file": str(weights)})
+                self.description = f"{name} (timm) with weights from {weights}"
+            elif weights:
+                model = timm.create_model(name, pretrained=True, features_only=True)
+                self.description = f"{name} (timm) with its hub weights"
+            else:
+                model = timm.create_model(name, pretrained=False, features_only=True)
+                self.description = f"{name} (timm) with RANDOM weights (no weights given)"
+        except Exception as e:  # unknown model name, offline hub, bad file
+            raise DiffprobeError(f"cannot create timm model {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        cfg = model.pretrained_cfg
+        self.image_size = int(cfg.get("input_size", (3, 224, 224))[-1])
+        self.stages = list(model.feature_info.module_name())
+        self.pool = pool
+        model.eval()
+        self._forward = lambda x: dict(zip(self.stages, model(x)))
+        self.transform = _imagenet_transform(self.image_size, list(cfg.get("mean", (0.485, 0.456, 0.406))),
+                                             list(cfg.get("std", (0.229, 0.224, 0.225))))  # fmt: skip
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        outs = self.extractor(images)
+        outs = self._forward(images)
         return {s: F.adaptive_avg_pool2d(outs[s].float(), self.pool).flatten(1) for s in self.stages}

@@ -269,7 +269,7 @@ def cmd_cka(args: argparse.Namespace) -> None:
     store_a = FeatureStore.open(args.a)
     keys_a = _store_keys(store_a, args.a_keys)
     name_a = Path(store_a.manifest["backbone"]["source"].split(":", 1)[-1]).name
-    if args.b and args.b.startswith(("baseline:", "torchvision:")):
+    if args.b and args.b.startswith(("baseline:", "torchvision:", "timm:")):
         from .baseline import ModelSource
 
         if not args.data:
@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cka", help="minibatch linear CKA between the features of two stores (or a store and itself)")
     p.add_argument("--a", required=True, help="feature store A")
-    p.add_argument("--b", help="feature store B, baseline:DIR, or torchvision:ARCH (default: A against itself)")
+    p.add_argument("--b", help="feature store B, baseline:DIR, torchvision:ARCH or timm:NAME (default: A against itself)")
     p.add_argument("--b-weights", help="torchvision:ARCH weights: a local state_dict file or a torchvision weights name (else random, and said so)")
     p.add_argument("--b-pool", type=int, default=1, help="pool size for a model's stage outputs")
     p.add_argument("--data", help="the dataset of store A (needed with a model as B)")

@@ -152,3 +152,22 @@ def test_baseline_training_and_cka_against_model_stages(cifar_small, tmp_path, c
     assert "needs --data" in capsys.readouterr().err
     assert main(["cka", "--a", str(tmp_path / "store"), "--b", "baseline:/nonexistent", "--data", str(cifar_small), "--out", str(tmp_path / "x")]) == 2
     assert "not a baseline run" in capsys.readouterr().err
+
+
+def test_timm_source_random_and_from_a_local_file(tmp_path):
+    import timm
+    from PIL import Image
+
+    from diffprobe.baseline import ModelSource
+
+    random = ModelSource("timm:resnet18")
+    assert "RANDOM weights" in random.description and random.stages == ["act1", "layer1", "layer2", "layer3", "layer4"]
+    full = timm.create_model("resnet18", pretrained=False)
+    torch.save(full.state_dict(), tmp_path / "r18.pth")
+    loaded = ModelSource("timm:resnet18", weights=str(tmp_path / "r18.pth"), pool=2)
+    assert "weights from" in loaded.description
+    x = torch.stack([loaded.transform(Image.new("RGB", (40, 30), (i * 40, 0, 0))) for i in range(3)])
+    feats = loaded.features(x)
+    assert feats["layer4"].shape == (3, 512 * 4)
+    with pytest.raises(DiffprobeError, match="cannot create timm model"):
+        ModelSource("timm:no_such_net")
