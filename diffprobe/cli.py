@@ -260,8 +260,6 @@ def _store_keys(store, text: str | None):
 
 
 def cmd_cka(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from .cka import source_cka, store_cka
     from .report import heatmap, write_csv
     from .store import FeatureStore

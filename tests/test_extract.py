@@ -8,12 +8,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from conftest import CIFAR_TAR, FIXTURE_SPEC, ROOT
 from diffprobe import DiffprobeError, load_backbone
