@@ -105,11 +105,15 @@ def cmd_store(args: argparse.Namespace) -> None:
     print(json.dumps(info, indent=1))
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="ImageFolder dir, .tar/.tar.gz of one, or torchvision:NAME")
+def _add_data_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", help="where torchvision datasets live (default: the diffprobe cache)")
     p.add_argument("--split", default="train", help="dataset split (torchvision) or sub-folder (archives); default train")
     p.add_argument("--download", action="store_true", help="let torchvision download the dataset (needs internet)")
+
+
+def _add_data_args(p: argparse.ArgumentParser, required: bool = True, help: str = "") -> None:
+    p.add_argument("--data", required=required, help=help or "ImageFolder dir, .tar/.tar.gz of one, or torchvision:NAME")
+    _add_data_source_args(p)
 
 
 def _add_extract_args(p: argparse.ArgumentParser, blocks_required: bool = True) -> None:
@@ -172,7 +176,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     options = _extract_options(args)
     summary = sweep(backbone, data, args.out, args.t, args.blocks, args.pool, probe=args.probe,
                     val_fraction=args.val_fraction, split_seed=args.split_seed, controls=not args.no_controls,
-                    probe_device="cuda" if options["compute"].device.type == "cuda" else "cpu",
+                    probe_device=str(options["compute"].device),
                     train_heads=args.head, head_epochs=args.head_epochs, **options)  # fmt: skip
     print(describe_summary(summary))
     print(f"report: {args.out}/sweep.csv, {args.out}/heatmap_pool*.png, {args.out}/summary.json")
@@ -237,7 +241,7 @@ def cmd_transfer(args: argparse.Namespace) -> None:
     key = FeatureKey(args.t[0], args.blocks[0], args.pool[0])
     rows = transfer(backbone, args.datasets, args.out, key, args.probe, args.val_fraction, args.split_seed,
                     args.data_root, args.download, args.split,
-                    "cuda" if options["compute"].device.type == "cuda" else "cpu", not args.no_controls, **options)  # fmt: skip
+                    str(options["compute"].device), not args.no_controls, **options)  # fmt: skip
     for r in rows:
         ctrl = f"  (pixels {r['pixels_top1']:.2f}%, random weights {r['random_weights_top1']:.2f}%)" if "pixels_top1" in r else ""
         print(f"{r['dataset']:<24} {r['images']:>7} images {r['classes']:>4} classes  top-1 {r['top1']:6.2f}%{ctrl}")
@@ -261,12 +265,12 @@ def _store_keys(store, text: str | None):
 
 def cmd_cka(args: argparse.Namespace) -> None:
     from .cka import source_cka, store_cka
-    from .report import heatmap, write_csv
+    from .report import heatmap, short_source, write_csv
     from .store import FeatureStore
 
     store_a = FeatureStore.open(args.a)
     keys_a = _store_keys(store_a, args.a_keys)
-    name_a = Path(store_a.manifest["backbone"]["source"].split(":", 1)[-1]).name
+    name_a = short_source(store_a.manifest["backbone"]["source"])
     if args.b and args.b.startswith(("baseline:", "torchvision:", "timm:")):
         from .baseline import ModelSource
 
@@ -281,7 +285,7 @@ def cmd_cka(args: argparse.Namespace) -> None:
         keys_b = _store_keys(store_b, args.b_keys if args.b else (args.b_keys or args.a_keys))
         matrix = store_cka(store_a, keys_a, store_b, keys_b, args.batch_size, args.seed)
         labels_b = [k.stem for k in keys_b]
-        name_b = Path(store_b.manifest["backbone"]["source"].split(":", 1)[-1]).name
+        name_b = short_source(store_b.manifest["backbone"]["source"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "cka.csv", [{"a": ka.stem, **{b: round(float(v), 6) for b, v in zip(labels_b, row)}} for ka, row in zip(keys_a, matrix)])
@@ -336,9 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backbone_args(p)
     p.add_argument("--datasets", type=lambda s: [d for d in s.split(",") if d], required=True,
                    help="comma-separated: folders, archives, torchvision:NAME")
-    p.add_argument("--data-root", help="where torchvision datasets live")
-    p.add_argument("--split", default="train")
-    p.add_argument("--download", action="store_true")
+    _add_data_source_args(p)
     p.add_argument("--out", required=True)
     _add_extract_args(p)
     _add_fast_probe_args(p)
@@ -381,10 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--b", help="feature store B, baseline:DIR, torchvision:ARCH or timm:NAME (default: A against itself)")
     p.add_argument("--b-weights", help="torchvision:ARCH weights: a local state_dict file or a torchvision weights name (else random, and said so)")
     p.add_argument("--b-pool", type=int, default=1, help="pool size for a model's stage outputs")
-    p.add_argument("--data", help="the dataset of store A (needed with a model as B)")
-    p.add_argument("--data-root")
-    p.add_argument("--split", default="train")
-    p.add_argument("--download", action="store_true")
+    _add_data_args(p, required=False, help="the dataset of store A (needed with a model as B)")
     p.add_argument("--a-keys", help="comma-separated settings of A, e.g. t0090_b24_p1 (default: all complete)")
     p.add_argument("--b-keys", help="settings of B (default: all complete)")
     p.add_argument("--out", required=True)

@@ -15,6 +15,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def short_source(source: str) -> str:
+    """A backbone source for plot titles: family and file name, without the directories."""
+    family, sep, target = source.partition(":")
+    return f"{family}:{Path(target).name}" if sep else Path(source).name
+
+
 def write_csv(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
     if not rows:
         return

@@ -21,7 +21,7 @@ from .data import LabeledImages, model_transform
 from .errors import DiffprobeError
 from .fastprobe import ProbeScore, knn, logistic_regression
 from .features import extract
-from .report import heatmap, write_csv, write_json
+from .report import heatmap, short_source, write_csv, write_json
 from .store import FeatureKey, FeatureStore
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def score_store(store: FeatureStore, keys: Sequence[FeatureKey] | None = None, p
     for key in tqdm(keys, desc=f"{probe} probes", unit="cell"):
         score = fast_probe(probe, store.load(key), labels, is_val, device)
         rows.append({"t": key.t, "block": key.block, "pool": key.pool, "probe": probe, "top1": round(score.top1, 3),
-                     "top5": round(score.top5, 3), **{k: v for k, v in score.params.items()}})  # fmt: skip
+                     "top5": round(score.top5, 3), **score.params})  # fmt: skip
     return rows
 
 
@@ -123,8 +123,7 @@ def sweep(backbone: Backbone, data: LabeledImages, out: str | Path, timesteps: S
     block_set = set(backbone.resolve_blocks(blocks))
     wanted = [k for k in store.complete_keys() if k.t in set(timesteps) and k.pool in set(pools) and k.block in block_set]
     rows = score_store(store, wanted, probe, val_fraction, split_seed, probe_device)
-    short = backbone.source.split(":", 1)[0] + ":" + Path(backbone.source.split(":", 1)[-1]).name
-    best = write_sweep(out, rows, f"{short} on {data.name}: {probe} top-1 (validation)")
+    best = write_sweep(out, rows, f"{short_source(backbone.source)} on {data.name}: {probe} top-1 (validation)")
     summary = {"backbone": backbone.source, "data": data.name, "rows": store.rows, "probe": probe,
                "val_fraction": val_fraction, "split_seed": split_seed, "best": best}  # fmt: skip
     if controls:
