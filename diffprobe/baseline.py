@@ -67,7 +67,8 @@ def train_baseline(data: LabeledImages, out: str | Path, arch: str = "resnet18",
     torch.manual_seed(seed)
     compute = choose_compute(device)
     rows = stratified_subset(data.labels, limit, 0) if limit is not None else np.arange(len(data))
-    is_val = stratified_split(data.labels[rows], val_fraction, split_seed)
+    # The dataset-wide split of FeatureStore.split: the same validation images as the probes.
+    is_val = stratified_split(data.labels, val_fraction, split_seed)[rows]
     train_idx, val_idx = rows[~is_val], rows[is_val]
     base = model_transform(image_size)
     augment = v2.Compose([v2.RandomCrop(image_size, padding=image_size // 8), v2.RandomHorizontalFlip(), base])

@@ -305,6 +305,69 @@ def cmd_baseline_train(args: argparse.Namespace) -> None:
           f"({info['train_images']} training images, {info['wall_seconds']:.0f} s); {args.out}/baseline.pt, baseline.json")  # fmt: skip
 
 
+# The default training architecture: DDPM's CIFAR-10 U-Net layout (channel_mult 1,2,2,2, attention at
+# 16×16, dropout 0.1) in ADM's flags, narrower by default so it trains on a CPU.
+DEFAULT_PRETRAIN_FLAGS = {
+    "image_size": 32, "num_channels": 64, "channel_mult": "1,2,2,2", "num_res_blocks": 2,
+    "attention_resolutions": "16", "num_head_channels": 32, "dropout": 0.1, "use_scale_shift_norm": True,
+    "resblock_updown": False, "learn_sigma": False, "noise_schedule": "linear", "diffusion_steps": 1000,
+}  # fmt: skip
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from .pretrain import pretrain
+
+    flags = {**DEFAULT_PRETRAIN_FLAGS, **parse_model_options(args.model_flags, args.option, None)}
+    settings = dict(batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup, weight_decay=args.weight_decay,
+                    grad_clip=args.grad_clip, ema_decay=args.ema_decay, hflip=not args.no_flip, seed=args.seed,
+                    holdout_fraction=args.holdout_fraction, holdout_seed=args.holdout_seed)  # fmt: skip
+    device = args.device if args.device != "auto" else ("cuda" if _cuda() else "cpu")
+    switch = {"auto": None, "on": True, "off": False}
+    trainer = pretrain(_open_data(args), args.out, flags, args.steps, save_every=args.save_every, device=device,
+                       precision=args.precision, channels_last=switch[args.channels_last], **settings)  # fmt: skip
+    print(f"step {trainer.state.step}: {args.out}/ema.pt (EMA weights; load with adm:{args.out}/ema.pt), "
+          f"{args.out}/model.pt, loss.csv, loss.png")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from .precision import choose_compute
+    from .sample import sample_images, save_samples
+
+    backbone = _load_backbone(args)
+    compute = choose_compute(args.device, args.precision, "auto", False)
+    backbone.model = compute.prepare(backbone.model)
+    steps = args.steps or (backbone.schedule.num_timesteps if args.sampler == "ddpm" else 100)
+    images = sample_images(backbone, args.num, args.sampler, steps, args.seed, args.batch_size, args.eta, compute)
+    info = {"source": backbone.source, "sampler": args.sampler, "steps": steps, "eta": args.eta, "seed": args.seed,
+            "batch_size": args.batch_size, "num": args.num, "precision": compute.describe()}  # fmt: skip
+    files = save_samples(images, args.out, info)
+    print(f"{args.num} samples ({args.sampler}, {steps} steps): {files['grid']}, {files['npz']}")
+
+
+def cmd_fid(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from .data import open_dataset, stratified_subset
+    from .fid import compute_fid, dataset_batches, inception_fid, load_npz_images
+
+    fake = load_npz_images(args.samples)
+    metric = inception_fid(args.inception_weights)  # first: fail before reading images
+    real = open_dataset(args.real, root=args.data_root, split=args.split, download=args.download)
+    rows = stratified_subset(real.labels, args.real_limit, 0) if args.real_limit else np.arange(len(real))
+    value = compute_fid(metric, fake, dataset_batches(real, rows, args.batch_size), len(rows), args.batch_size)
+    result = {"fid": value, "samples": str(args.samples), "num_samples": len(fake), "real": str(args.real),
+              "num_real": int(len(rows)), "inception_weights": args.inception_weights or "torch-fidelity download"}  # fmt: skip
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"FID {value:.2f} ({len(fake)} samples vs {len(rows)} real images of {args.real})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffprobe", description="Diffusion U-Nets as image classifiers: extract and probe block features.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -407,6 +470,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_baseline_train)
+
+    p = sub.add_parser("pretrain", help="train an ADM denoiser (ε-prediction, EMA) that `adm:RUN/ema.pt` loads; resumes")
+    _add_data_args(p)
+    p.add_argument("--out", required=True, help="run folder: training-state.pt, ema.pt + ema.json, model.pt, loss.csv/png")
+    p.add_argument("--steps", type=int, required=True, help="total optimiser steps (rerun with more to continue)")
+    p.add_argument("--model-flags", help='guided-diffusion flags over the default CIFAR layout, e.g. --model-flags="--num_channels 128"')
+    p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="one guided-diffusion flag (repeatable)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--warmup", type=int, default=500, help="linear learning-rate warm-up steps")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay (warmed up as (1+n)/(10+n))")
+    p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--holdout-fraction", type=float, default=0.1, help="stratified validation split left out of training")
+    p.add_argument("--holdout-seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (also on SIGTERM / Ctrl-C)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="autocast dtype (auto: bf16 on CPU and bf16-capable GPUs)")
+    p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"], help="auto: off (slower for training on the CPUs measured)")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("sample", help="generate images (DDPM or DDIM via diffusers schedulers): PNG grid + .npz")
+    _add_backbone_args(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--num", type=int, default=64)
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
+    p.add_argument("--steps", type=int, help="DDIM steps (default 100); DDPM always uses all of the schedule's")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM η (0: deterministic)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("fid", help="FID of samples (.npz) against real images (torchmetrics / torch-fidelity Inception)")
+    p.add_argument("samples", help="samples.npz from `diffprobe sample` (or guided-diffusion's arr_0 format)")
+    p.add_argument("--real", required=True, help="real images: ImageFolder, .tar(.gz), or torchvision:NAME")
+    _add_data_source_args(p)
+    p.add_argument("--real-limit", type=int, help="a stratified subset of this many real images")
+    p.add_argument("--inception-weights", help="TF-FID Inception weights file (pt_inception-2015-12-05); default: download")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--out", help="write the result as JSON here")
+    p.set_defaults(func=cmd_fid)
 
     p = sub.add_parser("store", help="describe a feature store")
     p.add_argument("store")

@@ -191,7 +191,7 @@ def extract(
         shutil.rmtree(out)
     manifest = build_manifest(backbone, data, rows, dtype, compute, seed, draws, batch_size, cond_class, limit,
                               subset_seed, augment_views, augment_seed)  # fmt: skip
-    store = FeatureStore.create_or_open(out, manifest, data.labels[rows], rows)
+    store = FeatureStore.create_or_open(out, manifest, data.labels[rows], rows, data.labels)
     if store.chunk_rows != batch_size:
         log.info("resuming with the store's chunk size %d (batch size %d ignored)", store.chunk_rows, batch_size)
     for key in plan.keys:

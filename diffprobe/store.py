@@ -4,6 +4,7 @@ Layout of a store directory:
 
     manifest.json                    identity (model, data, rows, transform, noise, dtype, precision)
     labels.npy, indices.npy          per row: class label, index of the image in its dataset
+    dataset_labels.npy               the label of every image of the dataset (defines the split)
     features/t0090_b24_p1.npy        [rows, channels·p·p] float16 (or float32), a .npy memmap
     features/t0090_b24_p1.done       one byte per chunk of rows: 1 once that chunk is written
 
@@ -106,7 +107,8 @@ class FeatureStore:
         return cls(root, manifest)
 
     @classmethod
-    def create_or_open(cls, root: str | Path, manifest: dict[str, Any], labels: np.ndarray, indices: np.ndarray) -> "FeatureStore":
+    def create_or_open(cls, root: str | Path, manifest: dict[str, Any], labels: np.ndarray, indices: np.ndarray,
+                       dataset_labels: np.ndarray | None = None) -> "FeatureStore":  # fmt: skip
         """Open the store at root if it holds exactly these features' identity; create it if absent.
 
         A store with another identity (model, data, rows, noise, ...) is an error, never reused.
@@ -128,6 +130,8 @@ class FeatureStore:
         root.mkdir(parents=True, exist_ok=True)
         _create_exclusive(root / "labels.npy", lambda p: _save_npy(p, labels.astype(np.int64)))
         _create_exclusive(root / "indices.npy", lambda p: _save_npy(p, indices.astype(np.int64)))
+        if dataset_labels is not None:
+            _create_exclusive(root / "dataset_labels.npy", lambda p: _save_npy(p, dataset_labels.astype(np.int64)))
         # The manifest goes last: its presence says the store is usable.
         _create_exclusive(root / "manifest.json", lambda p: Path(p).write_text(json.dumps(manifest, indent=1)))
         return cls.open(root)
@@ -157,9 +161,19 @@ class FeatureStore:
         return np.load(self.root / "indices.npy")
 
     def split(self, val_fraction: float = 0.1, seed: int = 0) -> np.ndarray:
-        """Boolean mask of validation rows: stratified, fixed by the seed (data.stratified_split)."""
+        """Boolean mask of validation rows.
+
+        The split is a property of each image in its whole dataset (data.stratified_split over all
+        of the dataset's labels, fixed by the seed), not of this store's rows: every store of a
+        dataset, whatever its subset, validates on the same images, and they are exactly the
+        images `diffprobe pretrain` holds out with the same fraction and seed. (Stores written
+        before dataset_labels.npy existed split their own rows.)
+        """
         from .data import stratified_split
 
+        whole = self.root / "dataset_labels.npy"
+        if whole.is_file():
+            return stratified_split(np.load(whole), val_fraction, seed)[self.indices]
         return stratified_split(self.labels, val_fraction, seed)
 
     @property

@@ -1,0 +1,78 @@
+"""`diffprobe fid`: Fréchet Inception Distance of generated samples against real images.
+
+The statistics come from torchmetrics' FrechetInceptionDistance, which uses torch-fidelity's
+Inception-v3 port (the TF-FID network, so numbers compare with published FIDs computed the same
+way). Its weights download on first use; offline, `--inception-weights FILE` supplies them, and
+with neither the command stops with an error saying so. It never reports a number from a
+network without those weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .errors import DiffprobeError
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+
+
+def inception_fid(weights: str | Path | None = None, feature: int = 2048):
+    """A torchmetrics FID metric, with a clear error when the Inception weights cannot be had."""
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+    except ImportError as e:  # pragma: no cover - an install problem, said plainly
+        raise DiffprobeError(f"FID needs torchmetrics and torch-fidelity: pip install 'torchmetrics[image]' ({e})") from None
+    if weights is not None and not Path(weights).is_file():
+        raise DiffprobeError(f"Inception weights not found: {weights}")
+    try:
+        return FrechetInceptionDistance(feature=feature, feature_extractor_weights_path=str(weights) if weights else None)
+    except (OSError, RuntimeError, ValueError) as e:  # URLError is an OSError
+        if weights is None:
+            from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+            raise DiffprobeError(
+                "FID needs the Inception-v3 weights of TF-FID and they could not be downloaded "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:160]}). Download {URL_INCEPTION_V3} where there is "
+                "internet and pass --inception-weights FILE (or place it in torch's hub cache, "
+                f"{Path(torch.hub.get_dir()) / 'checkpoints' / INCEPTION_FILE})"
+            ) from None
+        raise DiffprobeError(f"cannot load Inception weights from {weights}: {str(e).splitlines()[0][:200]}") from None
+
+
+def load_npz_images(path: str | Path) -> torch.Tensor:
+    """uint8 [N, 3, H, W] from a samples .npz (guided-diffusion's `arr_0`, NHWC)."""
+    try:
+        with np.load(path) as f:
+            arr = f["arr_0"] if "arr_0" in f else f[list(f.keys())[0]]
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        raise DiffprobeError(f"cannot read samples from {path}: {e}") from None
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
+        raise DiffprobeError(f"{path}: expected uint8 images of shape [N, H, W, 3], got {arr.dtype} {list(arr.shape)}")
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def dataset_batches(data, rows: np.ndarray, batch_size: int) -> Iterable[torch.Tensor]:
+    """Real images as uint8 [B, 3, H, W] at their own resolution (Inception resizes to 299)."""
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    for start in range(0, len(rows), batch_size):
+        batch = [pil_to_tensor(data.load(int(i))) for i in rows[start : start + batch_size]]
+        sizes = {tuple(b.shape) for b in batch}
+        if len(sizes) > 1:
+            raise DiffprobeError(f"real images of different sizes {sorted(sizes)[:3]}: FID here needs one size (resize the folder first)")
+        yield torch.stack(batch)
+
+
+def compute_fid(metric, fake: torch.Tensor, real: Iterable[torch.Tensor], real_count: int, batch_size: int = 100) -> float:
+    """FID between uint8 image batches; progress over both sets."""
+    with torch.no_grad():
+        for start in tqdm(range(0, len(fake), batch_size), desc="FID: generated images", unit="batch", mininterval=2):
+            metric.update(fake[start : start + batch_size], real=False)
+        for batch in tqdm(real, total=-(-real_count // batch_size), desc="FID: real images", unit="batch", mininterval=2):
+            metric.update(batch, real=True)
+    return float(metric.compute())

@@ -1,0 +1,90 @@
+"""`diffprobe sample`: images from a diffusion backbone with diffusers' DDPM or DDIM scheduler.
+
+The schedulers get the backbone's own β_t (`trained_betas`), so any schedule the model was trained
+with is sampled exactly. Sample i is fully determined by (seed, batch size): each batch has its
+own generator seeded by (seed, batch number).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .backbones.base import Backbone
+from .errors import DiffprobeError
+from .precision import Compute
+
+
+def make_scheduler(backbone: Backbone, sampler: str, learned_sigma: bool):
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    abar = backbone.schedule.alphas_cumprod
+    betas = 1.0 - abar / np.append(1.0, abar[:-1])
+    common = dict(num_train_timesteps=len(betas), trained_betas=betas.tolist(), clip_sample=True, prediction_type="epsilon")
+    if sampler == "ddpm":
+        # DDPM's σ_t² = β̃_t (posterior variance) for fixed-variance models; the model's own for learned sigma.
+        return DDPMScheduler(**common, variance_type="learned_range" if learned_sigma else "fixed_small")
+    if sampler == "ddim":
+        return DDIMScheduler(**common, set_alpha_to_one=True, timestep_spacing="trailing")
+    raise DiffprobeError(f"unknown sampler {sampler!r}: expected ddpm or ddim")
+
+
+def denoiser(backbone: Backbone):
+    """(x_t, t) -> the network's raw output, for ADM and diffusers backbones alike."""
+    model = backbone.model
+    if backbone.family == "adm":
+        return lambda x, t: model(x, t)
+    return lambda x, t: model(x, t).sample
+
+
+def sample_images(backbone: Backbone, num: int, sampler: str = "ddim", steps: int = 100, seed: int = 0,
+                  batch_size: int = 64, eta: float = 0.0, compute: Compute | None = None) -> torch.Tensor:  # fmt: skip
+    """uint8 images [num, 3, S, S]."""
+    if backbone.num_classes:
+        raise DiffprobeError("sampling class-conditional models is not supported yet: use an unconditional checkpoint")
+    compute = compute or Compute(torch.device("cpu"), "fp32", False, False)
+    out_channels = getattr(getattr(backbone.model, "arch", None), "out_channels", 3)
+    learned_sigma = out_channels == 6
+    scheduler = make_scheduler(backbone, sampler, learned_sigma)
+    if sampler == "ddpm" and steps != scheduler.config.num_train_timesteps:
+        raise DiffprobeError(f"ddpm samples with all {scheduler.config.num_train_timesteps} steps; use ddim for fewer (got --steps {steps})")
+    scheduler.set_timesteps(steps)
+    net = denoiser(backbone)
+    backbone.model.eval()
+    size = backbone.image_size
+    images = []
+    batches = range(0, num, batch_size)
+    bar = tqdm(total=len(batches) * len(scheduler.timesteps), desc=f"sampling ({sampler}, {steps} steps)", unit="step", mininterval=2)
+    for number, start in enumerate(batches):
+        n = min(batch_size, num - start)
+        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, number]).generate_state(1)[0]))
+        x = torch.randn((n, 3, size, size), generator=gen)
+        for t in scheduler.timesteps:
+            with torch.no_grad(), compute.autocast():
+                out = net(compute.batch(x.to(compute.device)), torch.full((n,), int(t), device=compute.device)).float().cpu()
+            if sampler == "ddim" and learned_sigma:
+                out = out[:, :3]  # DDIM is deterministic: the variance channels are not used
+            kwargs = {"eta": eta} if sampler == "ddim" else {}
+            x = scheduler.step(out, t, x, generator=gen, **kwargs).prev_sample
+            bar.update(1)
+        images.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+    bar.close()
+    return torch.cat(images)
+
+
+def save_samples(images: torch.Tensor, out: str | Path, info: dict) -> dict[str, str]:
+    """samples.npz (uint8 NHWC under `arr_0`, guided-diffusion's format), grid.png, samples.json."""
+    from torchvision.utils import make_grid, save_image
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / "samples.npz", arr_0=images.permute(0, 2, 3, 1).numpy())
+    shown = images[:100]
+    nrow = int(np.ceil(np.sqrt(len(shown))))
+    save_image(make_grid(shown.float() / 255, nrow=nrow, padding=1, pad_value=1.0), out / "grid.png")
+    (out / "samples.json").write_text(json.dumps(info, indent=2) + "\n")
+    return {"npz": str(out / "samples.npz"), "grid": str(out / "grid.png")}
