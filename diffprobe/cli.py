@@ -368,6 +368,31 @@ def cmd_fid(args: argparse.Namespace) -> None:
     print(f"FID {value:.2f} ({len(fake)} samples vs {len(rows)} real images of {args.real})")
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import DEFAULT_CHECKPOINT, run_demo
+
+    checkpoint = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
+    if not checkpoint.is_file():
+        raise DiffprobeError(f"checkpoint not found: {checkpoint}")
+    result = run_demo(_open_data(args), args.out, checkpoint, limit=args.limit, blocks=args.blocks, timesteps=args.t,
+                      pools=args.pool, head_epochs=args.head_epochs, samples=args.samples)  # fmt: skip
+    from .sweep import describe_summary
+
+    print(describe_summary(result["sweep"]))
+    print(f"report: {args.out}/REPORT.md ({result['wall_seconds'] / 60:.1f} min)")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .card import export_run
+
+    notes = Path(args.notes).read_text() if args.notes else ""
+    card = export_run(args.run, args.out, _open_data(args), limit=args.limit, blocks=args.blocks, timesteps=args.t,
+                      pools=args.pool, hardware=args.hardware, notes=notes)  # fmt: skip
+    for key, value in card["facts"].items():
+        print(f"{key}: {value}")
+    print(f"model card: {args.out}/MODEL_CARD.md")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffprobe", description="Diffusion U-Nets as image classifiers: extract and probe block features.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -515,6 +540,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--out", help="write the result as JSON here")
     p.set_defaults(func=cmd_fid)
+
+    p = sub.add_parser("demo", help="the paper's pipeline on CIFAR-10 with the shipped checkpoint: sweep, controls, heads, samples, REPORT.md")
+    _add_data_args(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--checkpoint", help="an ADM checkpoint with its .json flags (default: the shipped CIFAR-10 one)")
+    p.add_argument("--limit", type=int, default=6000, help="images used (a stratified subset)")
+    p.add_argument("--blocks", type=_int_list, default=[8, 12, 13, 15, 18])
+    p.add_argument("--t", type=_int_list, default=[10, 50, 150, 300])
+    p.add_argument("--pool", type=_int_list, default=[1, 2])
+    p.add_argument("--head-epochs", type=int, default=20)
+    p.add_argument("--samples", type=int, default=64)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("export", help="a pretrain run -> a checkpoint folder with model card (probes, samples, loss curve)")
+    p.add_argument("run", help="the pretrain --out folder")
+    _add_data_args(p, help="the dataset it was trained on (its validation split is probed)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--limit", type=int, help="probe on a stratified subset of this many images (default: all)")
+    p.add_argument("--blocks", type=_int_list, default=[8, 12, 13, 15, 18])
+    p.add_argument("--t", type=_int_list, default=[10, 50, 150])
+    p.add_argument("--pool", type=_int_list, default=[1, 2])
+    p.add_argument("--hardware", help="what it was trained on (default: this machine's CPU)")
+    p.add_argument("--notes", help="a Markdown file appended to the card")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("store", help="describe a feature store")
     p.add_argument("store")

@@ -262,7 +262,9 @@ def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     """Sorted indices of n images with classes in proportion, fixed by the seed."""
     if n >= len(labels):
         return np.arange(len(labels))
-    rng = np.random.default_rng(seed)
+    # A stream of its own ([seed, 1]): with the bare seed it would repeat stratified_split's
+    # permutations, and a 10% subset would be exactly the validation split.
+    rng = np.random.default_rng([seed, 1])
     order = np.concatenate([rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)])
     # Interleave classes by rank-within-class so any prefix is (nearly) balanced.
     ranks = np.concatenate([np.arange((labels == c).sum()) / (labels == c).sum() for c in np.unique(labels)])
