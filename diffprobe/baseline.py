@@ -19,10 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .data import LabeledImages, model_transform, stratified_split, stratified_subset
+from .data import LabeledImages, images_uint8, model_transform, stratified_split, stratified_subset, to_model_range
 from .errors import DiffprobeError
 from .precision import choose_compute
 
@@ -44,16 +43,19 @@ def build_resnet(arch: str, num_classes: int, image_size: int) -> nn.Module:
     return model
 
 
-class _Images(Dataset):
-    def __init__(self, data: LabeledImages, indices: np.ndarray, transform):
-        self.data, self.indices, self.transform = data, indices, transform
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        index = int(self.indices[i])
-        return self.transform(self.data.load(index)), int(self.data.labels[index])
+def random_crop_flip(images: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
+    """Per-image random crop (zero padding) and horizontal flip of a uint8 batch, on tensors: the
+    in-memory images need no PIL round trip, and one generator makes every epoch reproducible."""
+    n, _, h, w = images.shape
+    padded = F.pad(images, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=gen)
+    flip = torch.rand(n, generator=gen) < 0.5
+    out = torch.empty_like(images)
+    for i in range(n):
+        crop = padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
+        out[i] = crop.flip(-1) if flip[i] else crop
+    return out
 
 
 def train_baseline(data: LabeledImages, out: str | Path, arch: str = "resnet18", image_size: int = 32, epochs: int = 4,
@@ -62,29 +64,31 @@ def train_baseline(data: LabeledImages, out: str | Path, arch: str = "resnet18",
                    progress: bool = True) -> dict:  # fmt: skip
     """SGD (momentum 0.9, nesterov) with cosine decay, random crop (padding 4) + flip; the same
     stratified validation split diffprobe's probes use. Writes baseline.pt and baseline.json."""
-    from torchvision.transforms import v2
-
     torch.manual_seed(seed)
     compute = choose_compute(device)
     rows = stratified_subset(data.labels, limit, 0) if limit is not None else np.arange(len(data))
     # The dataset-wide split of FeatureStore.split: the same validation images as the probes.
     is_val = stratified_split(data.labels, val_fraction, split_seed)[rows]
     train_idx, val_idx = rows[~is_val], rows[is_val]
-    base = model_transform(image_size)
-    augment = v2.Compose([v2.RandomCrop(image_size, padding=image_size // 8), v2.RandomHorizontalFlip(), base])
+    train_images = images_uint8(data, train_idx, image_size, "decoding training images")
+    val_images = images_uint8(data, val_idx, image_size, "decoding validation images")
+    train_labels = torch.from_numpy(data.labels[train_idx])
+    val_labels = torch.from_numpy(data.labels[val_idx])
+    steps_per_epoch = max(1, len(train_idx) // batch_size)
     gen = torch.Generator().manual_seed(seed)
-    train_loader = DataLoader(_Images(data, train_idx, augment), batch_size=batch_size, shuffle=True, generator=gen, drop_last=len(train_idx) > batch_size)
-    val_loader = DataLoader(_Images(data, val_idx, base), batch_size=256)
     model = build_resnet(arch, len(data.classes), image_size).to(compute.device).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * len(train_loader)), pct_start=0.15)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * steps_per_epoch), pct_start=0.15)
     history, started = [], time.perf_counter()
     for epoch in range(epochs):
         model.train()
-        bar = tqdm(train_loader, desc=f"{arch} epoch {epoch + 1}/{epochs}", unit="batch", disable=not progress, leave=False)
-        for x, y in bar:
+        order = torch.randperm(len(train_idx), generator=gen)
+        bar = tqdm(range(steps_per_epoch), desc=f"{arch} epoch {epoch + 1}/{epochs}", unit="batch", disable=not progress, leave=False)
+        for step in bar:
+            pick = order[step * batch_size : (step + 1) * batch_size]
+            x = to_model_range(random_crop_flip(train_images[pick], image_size // 8, gen))
             x = x.to(compute.device).contiguous(memory_format=torch.channels_last)
-            y = y.to(compute.device)
+            y = train_labels[pick].to(compute.device)
             with compute.autocast():
                 loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
@@ -92,7 +96,7 @@ def train_baseline(data: LabeledImages, out: str | Path, arch: str = "resnet18",
             opt.step()
             sched.step()
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        history.append({"epoch": epoch + 1, "val_top1": evaluate(model, val_loader, compute)})
+        history.append({"epoch": epoch + 1, "val_top1": evaluate(model, val_images, val_labels, compute)})
         log.info("%s epoch %d: validation top-1 %.2f%%", arch, epoch + 1, history[-1]["val_top1"])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -106,15 +110,15 @@ def train_baseline(data: LabeledImages, out: str | Path, arch: str = "resnet18",
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, compute) -> float:
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, compute, batch_size: int = 256) -> float:
     model.eval()
-    correct = total = 0
-    for x, y in loader:
+    correct = 0
+    for start in range(0, len(images), batch_size):
+        x = to_model_range(images[start : start + batch_size]).to(compute.device).contiguous(memory_format=torch.channels_last)
         with compute.autocast():
-            pred = model(x.to(compute.device).contiguous(memory_format=torch.channels_last)).argmax(1)
-        correct += (pred.cpu() == y).sum().item()
-        total += len(y)
-    return 100.0 * correct / max(total, 1)
+            pred = model(x).argmax(1)
+        correct += (pred.cpu() == labels[start : start + batch_size]).sum().item()
+    return 100.0 * correct / max(len(images), 1)
 
 
 def _imagenet_transform(size: int, mean: list[float], std: list[float]):

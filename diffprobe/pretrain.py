@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import signal
 import time
@@ -31,7 +30,7 @@ from torch import nn
 
 from .backbones.adm import ADMUNet, AttentionBlock, ResBlock
 from .backbones.adm_config import architecture_from_flags, normalize_flags
-from .data import LabeledImages, cache_dir, stratified_split
+from .data import LabeledImages, images_uint8, stratified_split
 from .errors import DiffprobeError
 from .noise import NoiseSchedule
 from .vlb import learned_range_vlb
@@ -69,38 +68,6 @@ class RunState:
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)  # one row per logged step
     wall_seconds: float = 0.0
-
-
-# ------------------------------------------------------------------------------ data in memory
-
-
-def load_images_uint8(data: LabeledImages, rows: np.ndarray, image_size: int) -> torch.Tensor:
-    """Decode once into a uint8 [N, 3, S, S] tensor (cached on disk): an epoch then costs no decoding.
-
-    CIFAR-10 is 150 MB this way; ImageNet at 64×64 is ~16 GB, fine on a training node.
-    """
-    from tqdm import tqdm
-    from torchvision.transforms import v2
-
-    key = f"{data.fingerprint()}-{image_size}-{len(rows)}-{hash_rows(rows)}"
-    path = cache_dir() / "pretrain-images" / f"{key}.npy"
-    if path.is_file():
-        return torch.from_numpy(np.load(path))
-    resize = v2.Compose([v2.PILToTensor(), v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)])
-    out = torch.empty((len(rows), 3, image_size, image_size), dtype=torch.uint8)
-    for i, index in enumerate(tqdm(rows, desc="decoding training images", unit="img", mininterval=2)):
-        out[i] = resize(data.load(int(index)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, out.numpy())
-    tmp.replace(path)
-    return out
-
-
-def hash_rows(rows: np.ndarray) -> str:
-    import hashlib
-
-    return hashlib.sha256(np.asarray(rows, dtype=np.int64).tobytes()).hexdigest()[:12]
 
 
 def training_rows(labels: np.ndarray, config: PretrainConfig) -> np.ndarray:
@@ -357,7 +324,7 @@ def pretrain(data: LabeledImages, out: str | Path, flags: dict[str, Any], steps:
     config.data_fingerprint, config.train_rows = data.fingerprint(), int(len(rows))
     if len(rows) < config.batch_size:
         raise DiffprobeError(f"{len(rows)} training images is fewer than one batch of {config.batch_size}")
-    images = load_images_uint8(data, rows, image_size)
+    images = images_uint8(data, rows, image_size)
     trainer = Trainer(config, images, out, device, precision, channels_last)
     checkpoint = out / CHECKPOINT_NAME
     if checkpoint.is_file():
