@@ -72,8 +72,9 @@ def export_run(run: str | Path, dest: str | Path, data: LabeledImages, limit: in
             shutil.copy(work / "sweep" / name, dest / f"probe_{name}")
     sampler = load_backbone(spec)
     sampler.model = compute.prepare(sampler.model)
-    images = sample_images(sampler, samples, "ddim", 100, seed=0, batch_size=samples, compute=compute)
-    save_samples(images, work / "samples", {"sampler": "ddim", "steps": 100, "seed": 0})
+    steps = min(100, sampler.schedule.num_timesteps)
+    images = sample_images(sampler, samples, "ddim", steps, seed=0, batch_size=samples, compute=compute)
+    save_samples(images, work / "samples", {"sampler": "ddim", "steps": steps, "seed": 0})
     shutil.copy(work / "samples" / "grid.png", dest / "samples.png")
 
     history = state["history"]
@@ -111,7 +112,7 @@ def write_model_card(dest: Path, card: dict[str, Any]) -> None:
              "| | |", "|---|---|"]  # fmt: skip
     lines += [f"| {k} | {v} |" for k, v in facts.items()]
     lines += ["", "## Loss", "", "![loss](loss.png) (`loss.csv`)", "",
-              "## Samples (DDIM, 100 steps, seed 0)", "", "![samples](samples.png)", "",
+              "## Samples (DDIM, 100 steps or the whole schedule if shorter, seed 0)", "", "![samples](samples.png)", "",
               "## Probes on the validation split (`probe_sweep.csv`, `probe_summary.json`)", "",
               "![pool 1](probe_heatmap_pool1.png) ![pool 2](probe_heatmap_pool2.png)", ""]  # fmt: skip
     if card.get("notes"):

@@ -39,6 +39,7 @@ def run_demo(data: LabeledImages, out: str | Path, checkpoint: str | Path = DEFA
     summary["bottleneck_block"] = len(backbone.model.input_blocks) + 1  # the middle block's number
     sampler_backbone = load_backbone(spec)  # a fresh copy: extraction cast the first one's weights
     sampler_backbone.model = compute.prepare(sampler_backbone.model)
+    sample_steps = min(sample_steps, sampler_backbone.schedule.num_timesteps)
     images = sample_images(sampler_backbone, samples, "ddim", sample_steps, seed=0, batch_size=samples, compute=compute)
     save_samples(images, out / "samples", {"source": spec, "sampler": "ddim", "steps": sample_steps, "seed": 0, "num": samples})
     result = {"checkpoint": str(checkpoint), "data": data.name, "sweep": summary,

@@ -52,6 +52,8 @@ def sample_images(backbone: Backbone, num: int, sampler: str = "ddim", steps: in
     scheduler = make_scheduler(backbone, sampler, learned_sigma)
     if sampler == "ddpm" and steps != scheduler.config.num_train_timesteps:
         raise DiffprobeError(f"ddpm samples with all {scheduler.config.num_train_timesteps} steps; use ddim for fewer (got --steps {steps})")
+    if not 1 <= steps <= scheduler.config.num_train_timesteps:
+        raise DiffprobeError(f"--steps {steps}: expected 1 to {scheduler.config.num_train_timesteps}, the model's schedule length")
     scheduler.set_timesteps(steps)
     net = denoiser(backbone)
     backbone.model.eval()
