@@ -36,7 +36,7 @@ def cpu_name() -> str:
 
 
 def export_run(run: str | Path, dest: str | Path, data: LabeledImages, limit: int | None = None,
-               blocks: Sequence[int] = (8, 12, 13, 15, 18), timesteps: Sequence[int] = (10, 50, 150),
+               blocks: Sequence[int] = (4, 8, 13, 16, 18, 20), timesteps: Sequence[int] = (10, 50, 150),
                pools: Sequence[int] = (1, 2), samples: int = 64, hardware: str | None = None,
                notes: str = "") -> dict[str, Any]:  # fmt: skip
     from .sample import sample_images, save_samples

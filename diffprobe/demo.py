@@ -22,7 +22,7 @@ DEFAULT_CHECKPOINT = PACKAGE_ROOT / "checkpoints" / "diffprobe-cifar10" / "ema.p
 
 
 def run_demo(data: LabeledImages, out: str | Path, checkpoint: str | Path = DEFAULT_CHECKPOINT, limit: int = 6000,
-             blocks: Sequence[int] = (8, 12, 13, 15, 18), timesteps: Sequence[int] = (10, 50, 150, 300),
+             blocks: Sequence[int] = (8, 13, 18, 20), timesteps: Sequence[int] = (10, 50, 150),
              pools: Sequence[int] = (1, 2), heads: Sequence[str] = ("linear", "attention"), head_epochs: int = 20,
              samples: int = 64, sample_steps: int = 50) -> dict[str, Any]:  # fmt: skip
     from .sample import sample_images, save_samples
