@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from .backbones import load_backbone
-from .data import LabeledImages
+from .data import LabeledImages, cache_dir
 from .errors import DiffprobeError
 from .precision import choose_compute
 from .pretrain import CHECKPOINT_NAME, atomic_torch_save
@@ -64,7 +64,8 @@ def export_run(run: str | Path, dest: str | Path, data: LabeledImages, limit: in
     spec = f"adm:{dest / 'ema.pt'}"
     compute = choose_compute()
     backbone = load_backbone(spec)
-    work = dest.parent / f".{dest.name}-work"
+    # Features and samples behind the card live in the cache, not beside the shipped files.
+    work = cache_dir() / "export" / f"{dest.resolve().name}-{state['step']}"
     summary = sweep(backbone, data, work / "sweep", list(timesteps), list(blocks), list(pools), limit=limit,
                     compute=compute, probe_device=str(compute.device))  # fmt: skip
     for name in ("sweep.csv", "heatmap_pool1.png", "heatmap_pool2.png", "summary.json"):
