@@ -39,7 +39,7 @@ def export_run(run: str | Path, dest: str | Path, data: LabeledImages, limit: in
                blocks: Sequence[int] = (4, 8, 13, 16, 18, 20), timesteps: Sequence[int] = (10, 50, 150),
                pools: Sequence[int] = (1, 2), samples: int = 64, hardware: str | None = None,
                notes: str = "") -> dict[str, Any]:  # fmt: skip
-    from .sample import sample_images, save_samples
+    from .sample import sample_grid
     from .sweep import sweep
 
     run, dest = Path(run), Path(dest)
@@ -71,12 +71,7 @@ def export_run(run: str | Path, dest: str | Path, data: LabeledImages, limit: in
     for name in ("sweep.csv", "heatmap_pool1.png", "heatmap_pool2.png", "summary.json"):
         if (work / "sweep" / name).is_file():
             shutil.copy(work / "sweep" / name, dest / f"probe_{name}")
-    sampler = load_backbone(spec)
-    sampler.model = compute.prepare(sampler.model)
-    steps = min(100, sampler.schedule.num_timesteps)
-    images = sample_images(sampler, samples, "ddim", steps, seed=0, batch_size=samples, compute=compute)
-    save_samples(images, work / "samples", {"sampler": "ddim", "steps": steps, "seed": 0})
-    shutil.copy(work / "samples" / "grid.png", dest / "samples.png")
+    shutil.copy(sample_grid(spec, work / "samples", samples, 100, compute), dest / "samples.png")
 
     history = state["history"]
     best, controls = summary["best"], summary["controls"]

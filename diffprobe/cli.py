@@ -321,18 +321,14 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     settings = dict(batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup, weight_decay=args.weight_decay,
                     grad_clip=args.grad_clip, ema_decay=args.ema_decay, hflip=not args.no_flip, seed=args.seed,
                     holdout_fraction=args.holdout_fraction, holdout_seed=args.holdout_seed)  # fmt: skip
-    device = args.device if args.device != "auto" else ("cuda" if _cuda() else "cpu")
+    from .precision import choose_compute
+
+    device = str(choose_compute(args.device).device)  # "auto" resolved; a missing GPU is a clear error
     switch = {"auto": None, "on": True, "off": False}
     trainer = pretrain(_open_data(args), args.out, flags, args.steps, save_every=args.save_every, device=device,
                        precision=args.precision, channels_last=switch[args.channels_last], **settings)  # fmt: skip
     print(f"step {trainer.state.step}: {args.out}/ema.pt (EMA weights; load with adm:{args.out}/ema.pt), "
           f"{args.out}/model.pt, loss.csv, loss.png")
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def cmd_sample(args: argparse.Namespace) -> None:

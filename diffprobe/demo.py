@@ -25,7 +25,7 @@ def run_demo(data: LabeledImages, out: str | Path, checkpoint: str | Path = DEFA
              blocks: Sequence[int] = (8, 13, 18, 20), timesteps: Sequence[int] = (10, 50, 150),
              pools: Sequence[int] = (1, 2), heads: Sequence[str] = ("linear", "attention"), head_epochs: int = 20,
              samples: int = 64, sample_steps: int = 50) -> dict[str, Any]:  # fmt: skip
-    from .sample import sample_images, save_samples
+    from .sample import sample_grid
     from .sweep import sweep
 
     out = Path(out)
@@ -37,13 +37,9 @@ def run_demo(data: LabeledImages, out: str | Path, checkpoint: str | Path = DEFA
     summary = sweep(backbone, data, out / "sweep", list(timesteps), list(blocks), list(pools), train_heads=list(heads),
                     head_epochs=head_epochs, limit=limit, compute=compute, probe_device=str(compute.device))  # fmt: skip
     summary["bottleneck_block"] = len(backbone.model.input_blocks) + 1  # the middle block's number
-    sampler_backbone = load_backbone(spec)  # a fresh copy: extraction cast the first one's weights
-    sampler_backbone.model = compute.prepare(sampler_backbone.model)
-    sample_steps = min(sample_steps, sampler_backbone.schedule.num_timesteps)
-    images = sample_images(sampler_backbone, samples, "ddim", sample_steps, seed=0, batch_size=samples, compute=compute)
-    save_samples(images, out / "samples", {"source": spec, "sampler": "ddim", "steps": sample_steps, "seed": 0, "num": samples})
+    grid = sample_grid(spec, out / "samples", samples, sample_steps, compute)
     result = {"checkpoint": str(checkpoint), "data": data.name, "sweep": summary,
-              "samples": str(out / "samples" / "grid.png"), "wall_seconds": time.time() - started}  # fmt: skip
+              "samples": str(grid), "wall_seconds": time.time() - started}  # fmt: skip
     (out / "demo.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
     write_report(out, result, card_path(checkpoint))
     return result

@@ -30,7 +30,7 @@ from torch import nn
 
 from .backbones.adm import ADMUNet, AttentionBlock, ResBlock
 from .backbones.adm_config import architecture_from_flags, normalize_flags
-from .data import LabeledImages, images_uint8, stratified_split
+from .data import LabeledImages, images_uint8, stratified_split, to_model_range
 from .errors import DiffprobeError
 from .noise import NoiseSchedule
 from .vlb import learned_range_vlb
@@ -187,7 +187,7 @@ class Trainer:
     def loss(self, step: int) -> torch.Tensor:
         cfg = self.config
         positions = batch_rows(len(self.images), cfg.batch_size, cfg.seed, step)
-        x0 = self.images[positions].to(self.device).float().div_(127.5).sub_(1.0)
+        x0 = to_model_range(self.images[positions].to(self.device))
         gen = step_generator(cfg.seed, step, 1)
         if cfg.hflip:
             flip = torch.rand(len(x0), generator=gen) < 0.5
@@ -284,16 +284,9 @@ def write_history(history: list[dict[str, float]], out: Path) -> None:
     """loss.csv and loss.png (raw points and a smoothed line)."""
     if not history:
         return
-    import csv
+    from .report import plt, write_csv  # report sets the file-only matplotlib backend
 
-    with open(out / "loss.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    write_csv(out / "loss.csv", history)
 
     steps = np.array([r["step"] for r in history])
     loss = np.array([r["loss"] for r in history])

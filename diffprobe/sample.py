@@ -90,3 +90,19 @@ def save_samples(images: torch.Tensor, out: str | Path, info: dict) -> dict[str,
     save_image(make_grid(shown.float() / 255, nrow=nrow, padding=1, pad_value=1.0), out / "grid.png")
     (out / "samples.json").write_text(json.dumps(info, indent=2) + "\n")
     return {"npz": str(out / "samples.npz"), "grid": str(out / "grid.png")}
+
+
+def sample_grid(spec: str, out: str | Path, num: int, steps: int, compute: Compute, seed: int = 0) -> Path:
+    """DDIM samples of a checkpoint into out/ (grid.png, samples.npz, samples.json); returns the grid.
+
+    Loads its own copy of the backbone: `compute.prepare` casts weights in place, and a caller's
+    copy may already have been cast for extraction.
+    """
+    from .backbones import load_backbone
+
+    backbone = load_backbone(spec)
+    backbone.model = compute.prepare(backbone.model)
+    steps = min(steps, backbone.schedule.num_timesteps)
+    images = sample_images(backbone, num, "ddim", steps, seed=seed, batch_size=num, compute=compute)
+    files = save_samples(images, out, {"source": spec, "sampler": "ddim", "steps": steps, "seed": seed, "num": num})
+    return Path(files["grid"])
