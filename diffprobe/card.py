@@ -44,7 +44,7 @@ def export_run(run: str | Path, dest: str | Path, data: LabeledImages, limit: in
 
     run, dest = Path(run), Path(dest)
     if not (run / "ema.pt").is_file() or not (run / CHECKPOINT_NAME).is_file():
-        raise DiffprobeError(f"{run} is not a pretrain run (expected ema.pt and {CHECKPOINT_NAME})")
+        raise DiffprobeError(f"{run} is not a pretrain run (expected ema.pt and {CHECKPOINT_NAME}): pass the --out folder of `diffprobe pretrain`")
     dest.mkdir(parents=True, exist_ok=True)
     blob = torch.load(run / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
     config, state = blob["config"], blob["state"]

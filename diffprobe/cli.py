@@ -369,7 +369,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     checkpoint = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
     if not checkpoint.is_file():
-        raise DiffprobeError(f"checkpoint not found: {checkpoint}")
+        raise DiffprobeError(f"checkpoint not found: {checkpoint}; pass --checkpoint PATH.pt (an ADM checkpoint with its PATH.json flags, e.g. from diffprobe export)")
     result = run_demo(_open_data(args), args.out, checkpoint, limit=args.limit, blocks=args.blocks, timesteps=args.t,
                       pools=args.pool, head_epochs=args.head_epochs, samples=args.samples)  # fmt: skip
     from .sweep import describe_summary

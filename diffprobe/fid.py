@@ -28,7 +28,7 @@ def inception_fid(weights: str | Path | None = None, feature: int = 2048):
     except ImportError as e:  # pragma: no cover - an install problem, said plainly
         raise DiffprobeError(f"FID needs torchmetrics and torch-fidelity: pip install 'torchmetrics[image]' ({e})") from None
     if weights is not None and not Path(weights).is_file():
-        raise DiffprobeError(f"Inception weights not found: {weights}")
+        raise DiffprobeError(f"Inception weights not found: {weights}; --inception-weights expects the file {INCEPTION_FILE} (TF-FID Inception-v3)")
     try:
         return FrechetInceptionDistance(feature=feature, feature_extractor_weights_path=str(weights) if weights else None)
     except (OSError, RuntimeError, ValueError) as e:  # URLError is an OSError

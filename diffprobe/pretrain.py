@@ -316,7 +316,7 @@ def pretrain(data: LabeledImages, out: str | Path, flags: dict[str, Any], steps:
     rows = training_rows(data.labels, config)
     config.data_fingerprint, config.train_rows = data.fingerprint(), int(len(rows))
     if len(rows) < config.batch_size:
-        raise DiffprobeError(f"{len(rows)} training images is fewer than one batch of {config.batch_size}")
+        raise DiffprobeError(f"{len(rows)} training images is fewer than one batch of {config.batch_size}: lower --batch-size or use more images")
     images = images_uint8(data, rows, image_size)
     trainer = Trainer(config, images, out, device, precision, channels_last)
     checkpoint = out / CHECKPOINT_NAME
