@@ -22,10 +22,10 @@ import time
 import torch
 
 from diffprobe import load_backbone
-from diffprobe.features import batch_features, pool_features
-from diffprobe.noise import image_noise
+from diffprobe.features.extract import batch_features, pool_features
+from diffprobe.features.noise import image_noise
 from diffprobe.precision import Compute, choose_compute
-from diffprobe.store import FeatureKey
+from diffprobe.features.store import FeatureKey
 
 
 def sync(device: torch.device) -> None:

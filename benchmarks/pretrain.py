@@ -19,7 +19,7 @@ import time
 import torch
 
 from diffprobe.cli import DEFAULT_PRETRAIN_FLAGS
-from diffprobe.pretrain import PretrainConfig, Trainer
+from diffprobe.generate.pretrain import PretrainConfig, Trainer
 
 
 def steps_per_second(trainer: Trainer, steps: int, device: torch.device) -> float:

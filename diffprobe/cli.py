@@ -83,7 +83,7 @@ def cmd_presets(args: argparse.Namespace) -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
-    from .features import extract
+    from .features.extract import extract
 
     backbone = _load_backbone(args)
     data = _open_data(args)
@@ -96,7 +96,7 @@ def cmd_extract(args: argparse.Namespace) -> None:
 
 
 def cmd_store(args: argparse.Namespace) -> None:
-    from .store import FeatureStore
+    from .features.store import FeatureStore
 
     store = FeatureStore.open(args.store)
     m = store.manifest
@@ -169,7 +169,7 @@ def _open_data(args: argparse.Namespace):
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from .sweep import describe_summary, sweep
+    from .studies.sweep import describe_summary, sweep
 
     backbone = _load_backbone(args)
     data = _open_data(args)
@@ -190,8 +190,8 @@ def _float_list(text: str) -> list[float]:
 
 
 def cmd_probe(args: argparse.Namespace) -> None:
-    from .probe import probe
-    from .store import FeatureKey, FeatureStore
+    from .probing.train import probe
+    from .features.store import FeatureKey, FeatureStore
 
     store = FeatureStore.open(args.store)
     keys = [FeatureKey(t, b, p) for b in args.block for t in args.t for p in args.pool]
@@ -220,7 +220,7 @@ def cmd_probe(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from .predict import Predictor
+    from .probing.predict import Predictor
 
     results = Predictor(args.run, args.device).predict(args.images, args.top_k)
     if args.json:
@@ -231,8 +231,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_transfer(args: argparse.Namespace) -> None:
-    from .store import FeatureKey
-    from .transfer import transfer
+    from .features.store import FeatureKey
+    from .studies.transfer import transfer
 
     backbone = _load_backbone(args)
     options = _extract_options(args)
@@ -249,7 +249,7 @@ def cmd_transfer(args: argparse.Namespace) -> None:
 
 
 def _store_keys(store, text: str | None):
-    from .store import FeatureKey
+    from .features.store import FeatureKey
 
     if not text:
         keys = store.complete_keys()
@@ -264,15 +264,15 @@ def _store_keys(store, text: str | None):
 
 
 def cmd_cka(args: argparse.Namespace) -> None:
-    from .cka import source_cka, store_cka
+    from .studies.cka import source_cka, store_cka
     from .report import heatmap, short_source, write_csv
-    from .store import FeatureStore
+    from .features.store import FeatureStore
 
     store_a = FeatureStore.open(args.a)
     keys_a = _store_keys(store_a, args.a_keys)
     name_a = short_source(store_a.manifest["backbone"]["source"])
     if args.b and args.b.startswith(("baseline:", "torchvision:", "timm:")):
-        from .baseline import ModelSource
+        from .studies.baseline import ModelSource
 
         if not args.data:
             raise DiffprobeError("comparing with a model needs --data: the dataset the store was extracted from")
@@ -296,7 +296,7 @@ def cmd_cka(args: argparse.Namespace) -> None:
 
 
 def cmd_baseline_train(args: argparse.Namespace) -> None:
-    from .baseline import train_baseline
+    from .studies.baseline import train_baseline
 
     info = train_baseline(_open_data(args), args.out, args.arch, args.image_size, args.epochs, args.batch_size, args.lr,
                           limit=args.limit, val_fraction=args.val_fraction, split_seed=args.split_seed, seed=args.seed,
@@ -315,7 +315,7 @@ DEFAULT_PRETRAIN_FLAGS = {
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    from .pretrain import pretrain
+    from .generate.pretrain import pretrain
 
     flags = {**DEFAULT_PRETRAIN_FLAGS, **parse_model_options(args.model_flags, args.option, None)}
     settings = dict(batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup, weight_decay=args.weight_decay,
@@ -333,7 +333,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from .precision import choose_compute
-    from .sample import sample_images, save_samples
+    from .generate.sample import sample_images, save_samples
 
     backbone = _load_backbone(args)
     compute = choose_compute(args.device, args.precision, "auto", False)
@@ -350,7 +350,7 @@ def cmd_fid(args: argparse.Namespace) -> None:
     import numpy as np
 
     from .data import open_dataset, stratified_subset
-    from .fid import compute_fid, dataset_batches, inception_fid, load_npz_images
+    from .generate.fid import compute_fid, dataset_batches, inception_fid, load_npz_images
 
     fake = load_npz_images(args.samples)
     metric = inception_fid(args.inception_weights)  # first: fail before reading images
@@ -365,21 +365,21 @@ def cmd_fid(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import DEFAULT_CHECKPOINT, run_demo
+    from .studies.demo import DEFAULT_CHECKPOINT, run_demo
 
     checkpoint = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
     if not checkpoint.is_file():
         raise DiffprobeError(f"checkpoint not found: {checkpoint}; pass --checkpoint PATH.pt (an ADM checkpoint with its PATH.json flags, e.g. from diffprobe export)")
     result = run_demo(_open_data(args), args.out, checkpoint, limit=args.limit, blocks=args.blocks, timesteps=args.t,
                       pools=args.pool, head_epochs=args.head_epochs, samples=args.samples)  # fmt: skip
-    from .sweep import describe_summary
+    from .studies.sweep import describe_summary
 
     print(describe_summary(result["sweep"]))
     print(f"report: {args.out}/REPORT.md ({result['wall_seconds'] / 60:.1f} min)")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from .card import export_run
+    from .generate.card import export_run
 
     notes = Path(args.notes).read_text() if args.notes else ""
     card = export_run(args.run, args.out, _open_data(args), limit=args.limit, blocks=args.blocks, timesteps=args.t,

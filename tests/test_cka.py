@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diffprobe import DiffprobeError
-from diffprobe.cka import MinibatchCKA, hsic_unbiased, linear_cka, rbf_cka
+from diffprobe.studies.cka import MinibatchCKA, hsic_unbiased, linear_cka, rbf_cka
 
 
 def numpy_linear_cka(x: np.ndarray, y: np.ndarray) -> float:
@@ -158,7 +158,7 @@ def test_timm_source_random_and_from_a_local_file(tmp_path):
     import timm
     from PIL import Image
 
-    from diffprobe.baseline import ModelSource
+    from diffprobe.studies.baseline import ModelSource
 
     random = ModelSource("timm:resnet18")
     assert "RANDOM weights" in random.description and random.stages == ["act1", "layer1", "layer2", "layer3", "layer4"]

@@ -8,7 +8,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from diffprobe import DiffprobeError, load_backbone
 from diffprobe.cli import main
-from diffprobe.store import FeatureStore
+from diffprobe.features.store import FeatureStore
 
 
 def save_unet(folder, pipeline: bool = True, **overrides) -> str:

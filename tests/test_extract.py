@@ -16,10 +16,10 @@ import torch
 from conftest import CIFAR_TAR, FIXTURE_SPEC, ROOT
 from diffprobe import DiffprobeError, load_backbone
 from diffprobe.data import model_transform, open_dataset
-from diffprobe.features import extract, pool_features
-from diffprobe.noise import image_noise
+from diffprobe.features.extract import extract, pool_features
+from diffprobe.features.noise import image_noise
 from diffprobe.precision import Compute
-from diffprobe.store import FeatureKey, FeatureStore
+from diffprobe.features.store import FeatureKey, FeatureStore
 
 FP32 = Compute(torch.device("cpu"), "fp32", False)
 BF16 = Compute(torch.device("cpu"), "bf16", True)

@@ -10,8 +10,8 @@ import torch
 
 from diffprobe.backbones import load_backbone
 from diffprobe.errors import DiffprobeError
-from diffprobe.fid import compute_fid, inception_fid, load_npz_images
-from diffprobe.sample import make_scheduler, sample_images, save_samples
+from diffprobe.generate.fid import compute_fid, inception_fid, load_npz_images
+from diffprobe.generate.sample import make_scheduler, sample_images, save_samples
 
 TINY = dict(image_size=16, num_channels=32, channel_mult="1,2", num_res_blocks=1, attention_resolutions="8",
             num_head_channels=32, diffusion_steps=50)  # fmt: skip

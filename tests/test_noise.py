@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diffprobe import DiffprobeError
-from diffprobe.noise import NoiseSchedule, image_noise
+from diffprobe.features.noise import NoiseSchedule, image_noise
 
 
 def test_linear_schedule_values_quoted_by_the_paper():

@@ -11,9 +11,9 @@ import torch
 from diffprobe.backbones import load_backbone
 from diffprobe.data import open_dataset, stratified_split
 from diffprobe.errors import DiffprobeError
-from diffprobe.noise import NoiseSchedule
-from diffprobe.pretrain import pretrain, training_rows, PretrainConfig
-from diffprobe.vlb import learned_range_vlb, posterior_terms
+from diffprobe.features.noise import NoiseSchedule
+from diffprobe.generate.pretrain import pretrain, training_rows, PretrainConfig
+from diffprobe.generate.vlb import learned_range_vlb, posterior_terms
 
 # A small ADM at 16×16 that still has every part: attention, dropout, two levels.
 TINY = {"image_size": 16, "num_channels": 32, "channel_mult": "1,2", "num_res_blocks": 1,
@@ -68,7 +68,7 @@ def test_held_out_images_are_the_probes_validation_split(cifar_small, tmp_path):
     val = np.flatnonzero(stratified_split(data.labels, 0.1, 0))
     assert len(rows) + len(val) == len(data) and not set(rows) & set(val)
     # A feature store of any subset of the dataset validates on exactly the held-out images.
-    from diffprobe.features import extract
+    from diffprobe.features.extract import extract
 
     backbone = load_backbone("adm:random", **{k: v for k, v in TINY.items()})
     store = extract(backbone, data, tmp_path / "store", [10], [3], [1], limit=120, batch_size=40)

@@ -15,12 +15,12 @@ from conftest import FIXTURE_SPEC
 from diffprobe import DiffprobeError, load_backbone
 from diffprobe.cli import main
 from diffprobe.data import open_dataset
-from diffprobe.fastprobe import knn, logistic_regression
-from diffprobe.features import extract
-from diffprobe.heads import HEADS, build_head
+from diffprobe.probing.fastprobe import knn, logistic_regression
+from diffprobe.features.extract import extract
+from diffprobe.probing.heads import HEADS, build_head
 from diffprobe.precision import Compute
-from diffprobe.probe import probe
-from diffprobe.store import FeatureKey, FeatureStore
+from diffprobe.probing.train import probe
+from diffprobe.features.store import FeatureKey, FeatureStore
 
 CPU = Compute(torch.device("cpu"), "bf16", True)
 

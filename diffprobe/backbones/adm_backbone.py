@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import DiffprobeError
-from ..noise import NoiseSchedule
+from ..features.noise import NoiseSchedule
 from .adm import ADMUNet
 from .adm_config import (
     PRESETS,

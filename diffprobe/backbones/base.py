@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import DiffprobeError
-from ..noise import NoiseSchedule
+from ..features.noise import NoiseSchedule
 
 
 @dataclass(frozen=True)

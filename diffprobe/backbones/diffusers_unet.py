@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import DiffprobeError
-from ..noise import NoiseSchedule
+from ..features.noise import NoiseSchedule
 from .base import Backbone, BlockInfo
 
 log = logging.getLogger(__name__)

@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .backbones import load_backbone
-from .data import LabeledImages
-from .precision import choose_compute
+from ..backbones import load_backbone
+from ..data import LabeledImages
+from ..precision import choose_compute
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CHECKPOINT = PACKAGE_ROOT / "checkpoints" / "diffprobe-cifar10" / "ema.pt"
 
 
@@ -25,7 +25,7 @@ def run_demo(data: LabeledImages, out: str | Path, checkpoint: str | Path = DEFA
              blocks: Sequence[int] = (8, 13, 18, 20), timesteps: Sequence[int] = (10, 50, 150),
              pools: Sequence[int] = (1, 2), heads: Sequence[str] = ("linear", "attention"), head_epochs: int = 20,
              samples: int = 64, sample_steps: int = 50) -> dict[str, Any]:  # fmt: skip
-    from .sample import sample_grid
+    from ..generate.sample import sample_grid
     from .sweep import sweep
 
     out = Path(out)

@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import __version__
-from .errors import DiffprobeError
+from .. import __version__
+from ..errors import DiffprobeError
 from .fastprobe import Standardizer, topk
 from .heads import build_head
-from .report import confusion_matrix_plot, training_curves, write_json
-from .store import FeatureKey, FeatureStore
+from ..report import confusion_matrix_plot, training_curves, write_json
+from ..features.store import FeatureKey, FeatureStore
 
 log = logging.getLogger(__name__)
 RUN_FORMAT = 1

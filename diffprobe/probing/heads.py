@@ -124,7 +124,7 @@ HEADS = ("linear", "mlp", "cnn", "attention", "fusion")
 
 def build_head(kind: str, shapes: Sequence[tuple[int, int]], num_classes: int, **options) -> nn.Module:
     """A head for inputs of the given (channels, pool) shapes; `fusion` takes several."""
-    from .errors import DiffprobeError
+    from ..errors import DiffprobeError
 
     if kind not in HEADS:
         raise DiffprobeError(f"unknown head {kind!r}; expected one of {', '.join(HEADS)}")

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from .noise import NoiseSchedule
+from ..features.noise import NoiseSchedule
 
 
 def posterior_terms(schedule: NoiseSchedule) -> dict[str, torch.Tensor]:

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from .backbones.base import Backbone
-from .data import open_dataset
-from .errors import DiffprobeError
-from .features import extract
-from .report import write_csv
-from .store import FeatureKey
+from ..backbones.base import Backbone
+from ..data import open_dataset
+from ..errors import DiffprobeError
+from ..features.extract import extract
+from ..report import write_csv
+from ..features.store import FeatureKey
 from .sweep import fast_probe, run_controls
 
 

@@ -27,7 +27,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .errors import DiffprobeError
+from ..errors import DiffprobeError
 
 FORMAT_VERSION = 1
 # Fields that must be equal for a store to be reused; any difference means other features.
@@ -169,7 +169,7 @@ class FeatureStore:
         images `diffprobe pretrain` holds out with the same fraction and seed. (Stores written
         before dataset_labels.npy existed split their own rows.)
         """
-        from .data import stratified_split
+        from ..data import stratified_split
 
         whole = self.root / "dataset_labels.npy"
         if whole.is_file():

@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones.adm import ADMUNet, AttentionBlock, ResBlock
-from .backbones.adm_config import architecture_from_flags, normalize_flags
-from .data import LabeledImages, images_uint8, stratified_split, to_model_range
-from .errors import DiffprobeError
-from .noise import NoiseSchedule
+from ..backbones.adm import ADMUNet, AttentionBlock, ResBlock
+from ..backbones.adm_config import architecture_from_flags, normalize_flags
+from ..data import LabeledImages, images_uint8, stratified_split, to_model_range
+from ..errors import DiffprobeError
+from ..features.noise import NoiseSchedule
 from .vlb import learned_range_vlb
 
 log = logging.getLogger(__name__)
@@ -284,7 +284,7 @@ def write_history(history: list[dict[str, float]], out: Path) -> None:
     """loss.csv and loss.png (raw points and a smoothed line)."""
     if not history:
         return
-    from .report import plt, write_csv  # report sets the file-only matplotlib backend
+    from ..report import plt, write_csv  # report sets the file-only matplotlib backend
 
     write_csv(out / "loss.csv", history)
 

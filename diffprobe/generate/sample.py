@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .backbones.base import Backbone
-from .errors import DiffprobeError
-from .precision import Compute
+from ..backbones.base import Backbone
+from ..errors import DiffprobeError
+from ..precision import Compute
 
 
 def make_scheduler(backbone: Backbone, sampler: str, learned_sigma: bool):
@@ -98,7 +98,7 @@ def sample_grid(spec: str, out: str | Path, num: int, steps: int, compute: Compu
     Loads its own copy of the backbone: `compute.prepare` casts weights in place, and a caller's
     copy may already have been cast for extraction.
     """
-    from .backbones import load_backbone
+    from ..backbones import load_backbone
 
     backbone = load_backbone(spec)
     backbone.model = compute.prepare(backbone.model)

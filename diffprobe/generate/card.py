@@ -16,10 +16,10 @@ from typing import Any, Sequence
 
 import torch
 
-from .backbones import load_backbone
-from .data import LabeledImages, cache_dir
-from .errors import DiffprobeError
-from .precision import choose_compute
+from ..backbones import load_backbone
+from ..data import LabeledImages, cache_dir
+from ..errors import DiffprobeError
+from ..precision import choose_compute
 from .pretrain import CHECKPOINT_NAME, atomic_torch_save
 
 SIZE_BUDGET_BYTES = 25 * 1024 * 1024  # what a checkpoint inside the repository may weigh
@@ -40,7 +40,7 @@ def export_run(run: str | Path, dest: str | Path, data: LabeledImages, limit: in
                pools: Sequence[int] = (1, 2), samples: int = 64, hardware: str | None = None,
                notes: str = "") -> dict[str, Any]:  # fmt: skip
     from .sample import sample_grid
-    from .sweep import sweep
+    from ..studies.sweep import sweep
 
     run, dest = Path(run), Path(dest)
     if not (run / "ema.pt").is_file() or not (run / CHECKPOINT_NAME).is_file():

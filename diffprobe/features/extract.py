@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import __version__
-from .backbones.base import Backbone
-from .data import (
+from .. import __version__
+from ..backbones.base import Backbone
+from ..data import (
     AugmentedViews,
     LabeledImages,
     TransformedImages,
@@ -33,9 +33,9 @@ from .data import (
     stratified_subset,
     transform_description,
 )
-from .errors import DiffprobeError
+from ..errors import DiffprobeError
 from .noise import image_noise
-from .precision import Compute, choose_compute
+from ..precision import Compute, choose_compute
 from .store import FeatureKey, FeatureStore, feature_keys
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import DiffprobeError
+from ..errors import DiffprobeError
 
 
 def linear_alphas_cumprod(steps: int) -> np.ndarray:

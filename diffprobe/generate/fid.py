@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .errors import DiffprobeError
+from ..errors import DiffprobeError
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 

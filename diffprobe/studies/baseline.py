@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import LabeledImages, images_uint8, model_transform, stratified_split, stratified_subset, to_model_range
-from .errors import DiffprobeError
-from .precision import choose_compute
+from ..data import LabeledImages, images_uint8, model_transform, stratified_split, stratified_subset, to_model_range
+from ..errors import DiffprobeError
+from ..precision import choose_compute
 
 log = logging.getLogger(__name__)
 RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")

@@ -16,13 +16,13 @@ import numpy as np
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .backbones.base import Backbone
-from .data import LabeledImages, model_transform
-from .errors import DiffprobeError
-from .fastprobe import ProbeScore, knn, logistic_regression
-from .features import extract
-from .report import heatmap, short_source, write_csv, write_json
-from .store import FeatureKey, FeatureStore
+from ..backbones.base import Backbone
+from ..data import LabeledImages, model_transform
+from ..errors import DiffprobeError
+from ..probing.fastprobe import ProbeScore, knn, logistic_regression
+from ..features.extract import extract
+from ..report import heatmap, short_source, write_csv, write_json
+from ..features.store import FeatureKey, FeatureStore
 
 log = logging.getLogger(__name__)
 PROBES = ("logreg", "knn")
@@ -131,7 +131,7 @@ def sweep(backbone: Backbone, data: LabeledImages, out: str | Path, timesteps: S
         summary["controls"] = run_controls(backbone, data, store, best, out, probe, val_fraction, split_seed,
                                            probe_device, ctrl_opts)  # fmt: skip
     if train_heads:
-        from .probe import probe as train_probe
+        from ..probing.train import probe as train_probe
 
         key = FeatureKey(int(best["t"]), int(best["block"]), int(best["pool"]))
         summary["heads"] = {}

@@ -8,13 +8,13 @@ from typing import Sequence
 
 import torch
 
-from .backbones import load_backbone
-from .data import model_transform, read_image
-from .errors import DiffprobeError
-from .features import pool_features
-from .noise import image_noise
-from .precision import choose_compute
-from .probe import load_run
+from ..backbones import load_backbone
+from ..data import model_transform, read_image
+from ..errors import DiffprobeError
+from ..features.extract import pool_features
+from ..features.noise import image_noise
+from ..precision import choose_compute
+from .train import load_run
 
 
 def content_index(x: torch.Tensor) -> int:

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import DiffprobeError
+from ..errors import DiffprobeError
 
 
 def _as64(x) -> torch.Tensor:
