@@ -265,7 +265,8 @@ def _store_keys(store, text: str | None):
 
 def cmd_cka(args: argparse.Namespace) -> None:
     from .studies.cka import source_cka, store_cka
-    from .report import heatmap, short_source, write_csv
+    from ._io import write_csv
+    from .report import heatmap, short_source
     from .features.store import FeatureStore
 
     store_a = FeatureStore.open(args.a)

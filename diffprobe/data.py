@@ -25,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from ._io import save_npy
 from .errors import DiffprobeError
 
 log = logging.getLogger(__name__)
@@ -349,9 +350,7 @@ def images_uint8(data: LabeledImages, rows: np.ndarray, image_size: int, desc: s
     for i, index in enumerate(tqdm(rows, desc=desc, unit="img", mininterval=2)):
         out[i] = resize(data.load(int(index)))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npy")
-    np.save(tmp, out.numpy())
-    tmp.replace(path)
+    save_npy(path, out.numpy())
     return out
 
 

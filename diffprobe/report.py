@@ -3,10 +3,8 @@ each written beside a machine-readable file by its caller."""
 
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import matplotlib
 
@@ -19,19 +17,6 @@ def short_source(source: str) -> str:
     """A backbone source for plot titles: family and file name, without the directories."""
     family, sep, target = source.partition(":")
     return f"{family}:{Path(target).name}" if sep else Path(source).name
-
-
-def write_csv(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
-    if not rows:
-        return
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def write_json(path: str | Path, data: Any) -> None:
-    Path(path).write_text(json.dumps(data, indent=1, default=float))
 
 
 def heatmap(path: str | Path, values: np.ndarray, row_labels: Sequence, col_labels: Sequence, title: str,
@@ -101,6 +86,26 @@ def confusion_matrix_plot(path: str | Path, matrix: np.ndarray, classes: Sequenc
     ax.set_ylabel("true")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="fraction of the true class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def loss_curve(path: str | Path, history: Sequence[dict[str, float]]) -> None:
+    """Pre-training loss per logged step (log scale) with a moving average."""
+    steps = np.array([r["step"] for r in history])
+    loss = np.array([r["loss"] for r in history])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, loss, lw=0.6, alpha=0.4, label="mean over 10 steps")
+    if len(loss) >= 20:
+        k = max(5, len(loss) // 50)
+        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1 :], smooth, lw=1.5, label=f"moving average ({k} points)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

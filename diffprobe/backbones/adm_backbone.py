@@ -33,6 +33,13 @@ class ADMBackbone(Backbone):
     def run(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, wanted: tuple[int, ...]) -> dict[int, torch.Tensor]:
         return self.model.run_blocks(x, self.model.embed(t, y), wanted)
 
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(x_t, t, y)
+
+    @property
+    def learned_sigma(self) -> bool:
+        return self.model.arch.out_channels == 2 * self.model.arch.in_channels
+
     def random_like(self, seed: int = 0) -> "ADMBackbone":
         # PyTorch's default initialisation everywhere (guided-diffusion's zero-initialised output
         # convolutions would make every residual branch vanish, a degenerate control).

@@ -1,10 +1,15 @@
 """The contract every backbone keeps, whatever its model family.
 
     backbone.blocks                                -> [BlockInfo(index, name, channels, resolution)]
+    backbone.encode(images)                        -> model space (latents for VAE models; pixels otherwise)
     backbone.forward_features(x_t, t, [19, 24])    -> {19: Tensor, 24: Tensor}
+    backbone.denoise(x_t, t)                       -> the network's output (ε, + variance channels)
+    backbone.decode(x0)                            -> images in [-1, 1] (for sampling)
+    backbone.forward_intermediates(x_t, t, [19])   -> timm's name for forward_features
 
 All requested blocks come out of one forward pass that stops after the deepest one.
-Nothing downstream knows which family it is reading.
+Nothing downstream knows which family it is reading: encoding, conditioning and the denoiser
+are methods here, so no caller touches `backbone.model` or tests `backbone.family`.
 """
 
 from __future__ import annotations
@@ -60,10 +65,51 @@ class Backbone(nn.Module):
         """Run `run` through torch.compile from now on (fuses norms and pointwise ops on GPUs)."""
         self._run = torch.compile(self.run, dynamic=False, **options)
 
+    # -- model space: overridden by latent families -------------------------------------------
+    in_channels: int = 3  # channels of the space the noise is added in
+    encodes_images: bool = False  # True: encode() is a network whose output is worth caching per image
+
+    @property
+    def model_shape(self) -> tuple[int, int, int]:
+        """Shape of one noised input (C, H, W): pixels here, latents for VAE models."""
+        return (self.in_channels, self.image_size, self.image_size)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Clean images in [-1, 1], [B, 3, S, S] -> the space the noise is added in (pixels: themselves)."""
+        return images
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Model space -> images in [-1, 1] (pixels: themselves)."""
+        return x0
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The full network's output for sampling: ε prediction (and variance channels if learned)."""
+        raise NotImplementedError
+
+    @property
+    def learned_sigma(self) -> bool:
+        """Whether denoise() also returns variance channels (improved DDPM's learned range)."""
+        return False
+
+    @property
+    def bottleneck_block(self) -> int | None:
+        """Number of the block at the bottom of the U (the middle block); None for non-U-Nets."""
+        names = [b.name for b in self.blocks]
+        for candidate in ("middle_block", "mid_block"):
+            if candidate in names:
+                return names.index(candidate) + 1
+        return None
+
     # -- shared -----------------------------------------------------------------------------
     @property
     def num_blocks(self) -> int:
         return len(self.blocks)
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """timm-style description of every block: num_chs, reduction (input side / map side), module, index."""
+        return [{"num_chs": b.channels, "reduction": self.image_size // b.resolution, "module": b.name, "index": b.index}
+                for b in self.blocks]  # fmt: skip
 
     def resolve_blocks(self, blocks: Iterable[int] | str) -> list[int]:
         """Sorted unique block numbers; 'all' means every block. Out-of-range is an error."""
@@ -86,13 +132,18 @@ class Backbone(nn.Module):
                          y: torch.Tensor | None = None) -> dict[int, torch.Tensor]:  # fmt: skip
         """Outputs of `blocks` for the noisy batch x_t at timestep(s) t, in one pass."""
         wanted = self.resolve_blocks(blocks)
-        if x_t.ndim != 4 or x_t.shape[1] != 3:
-            raise DiffprobeError(f"expected a batch of RGB images [B, 3, H, W], got shape {list(x_t.shape)}")
+        if x_t.ndim != 4 or tuple(x_t.shape[1:]) != self.model_shape:
+            raise DiffprobeError(f"expected a noised batch [B, {', '.join(map(str, self.model_shape))}], got shape {list(x_t.shape)}")
         t_tensor = torch.as_tensor(t, device=x_t.device).reshape(-1)
         if t_tensor.numel() == 1:
             t_tensor = t_tensor.expand(x_t.shape[0])
         self.schedule.check_timesteps(sorted(set(t_tensor.tolist())))
         return (self._run or self.run)(x_t, t_tensor, y, tuple(wanted))
+
+    def forward_intermediates(self, x_t: torch.Tensor, t: int | torch.Tensor, indices: Iterable[int] | str,
+                              stop_early: bool = True, y: torch.Tensor | None = None) -> dict[int, torch.Tensor]:  # fmt: skip
+        """timm's name for forward_features: block outputs, stopping after the deepest (always early here)."""
+        return self.forward_features(x_t, t, indices, y=y)
 
     def fingerprint(self) -> str:
         """Hash of the architecture config and every weight: two stores agree only if this does."""

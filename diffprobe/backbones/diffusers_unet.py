@@ -77,6 +77,13 @@ class DiffusersBackbone(Backbone):
     def run(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, wanted: tuple[int, ...]) -> dict[int, torch.Tensor]:
         return run_units(self.model, self._units, x, t, y, wanted)
 
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(x_t, t, class_labels=y).sample
+
+    @property
+    def learned_sigma(self) -> bool:
+        return self.model.config.out_channels == 2 * self.model.config.in_channels
+
     def random_like(self, seed: int = 0) -> "DiffusersBackbone":
         from diffusers import UNet2DModel
 

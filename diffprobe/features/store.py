@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
+from .._io import atomic_write, save_npy, write_json
 from ..errors import DiffprobeError
 
 FORMAT_VERSION = 1
@@ -48,26 +48,6 @@ class FeatureKey:
     def parse(cls, stem: str) -> "FeatureKey":
         t, b, p = stem.split("_")
         return cls(int(t[1:]), int(b[1:]), int(p[1:]))
-
-
-def _create_exclusive(final: Path, write) -> None:
-    """Write a file under a temporary name, then link it into place unless it already exists."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        try:
-            os.link(tmp, final)
-        except FileExistsError:
-            pass  # another process created it first; theirs is identical by construction
-    finally:
-        os.unlink(tmp)
-
-
-def _save_npy(path: str, array: np.ndarray) -> None:
-    with open(path, "wb") as f:  # a file object, so numpy does not append ".npy" to the temp name
-        np.save(f, array)
 
 
 def _describe_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -128,12 +108,12 @@ class FeatureStore:
         if root.exists() and any(root.iterdir()):
             raise DiffprobeError(f"{root} exists and is not a feature store: choose an empty or new --out")
         root.mkdir(parents=True, exist_ok=True)
-        _create_exclusive(root / "labels.npy", lambda p: _save_npy(p, labels.astype(np.int64)))
-        _create_exclusive(root / "indices.npy", lambda p: _save_npy(p, indices.astype(np.int64)))
+        save_npy(root / "labels.npy", labels.astype(np.int64), exclusive=True)
+        save_npy(root / "indices.npy", indices.astype(np.int64), exclusive=True)
         if dataset_labels is not None:
-            _create_exclusive(root / "dataset_labels.npy", lambda p: _save_npy(p, dataset_labels.astype(np.int64)))
+            save_npy(root / "dataset_labels.npy", dataset_labels.astype(np.int64), exclusive=True)
         # The manifest goes last: its presence says the store is usable.
-        _create_exclusive(root / "manifest.json", lambda p: Path(p).write_text(json.dumps(manifest, indent=1)))
+        write_json(root / "manifest.json", manifest, exclusive=True)
         return cls.open(root)
 
     # ---------------------------------------------------------------- shape of the store
@@ -195,9 +175,9 @@ class FeatureStore:
         array_path, done_path = self._paths(key)
         dtype = np.dtype(self.manifest["dtype"])
         if not array_path.exists():
-            _create_exclusive(array_path, lambda p: np.lib.format.open_memmap(p, mode="w+", dtype=dtype, shape=(self.rows, dim)).flush())
+            atomic_write(array_path, lambda p: np.lib.format.open_memmap(p, mode="w+", dtype=dtype, shape=(self.rows, dim)).flush(), exclusive=True)
         if not done_path.exists():
-            _create_exclusive(done_path, lambda p: Path(p).write_bytes(bytes(self.num_chunks)))
+            atomic_write(done_path, lambda p: Path(p).write_bytes(bytes(self.num_chunks)), exclusive=True)
         shape = np.load(array_path, mmap_mode="r").shape
         if shape != (self.rows, dim):
             raise DiffprobeError(f"{array_path} has shape {shape}, expected {(self.rows, dim)}: the store is damaged")

@@ -20,7 +20,8 @@ from ..backbones import load_backbone
 from ..data import LabeledImages, cache_dir
 from ..errors import DiffprobeError
 from ..precision import choose_compute
-from .pretrain import CHECKPOINT_NAME, atomic_torch_save
+from .._io import torch_save
+from .pretrain import CHECKPOINT_NAME
 
 SIZE_BUDGET_BYTES = 25 * 1024 * 1024  # what a checkpoint inside the repository may weigh
 
@@ -54,7 +55,7 @@ def export_run(run: str | Path, dest: str | Path, data: LabeledImages, limit: in
     half = params * 4 > SIZE_BUDGET_BYTES
     if half:
         weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
-    atomic_torch_save(weights, dest / "ema.pt")
+    torch_save(weights, dest / "ema.pt")
     side = json.loads((run / "ema.json").read_text())
     side["stored_dtype"] = "float16" if half else "float32"
     (dest / "ema.json").write_text(json.dumps(side, indent=2) + "\n")

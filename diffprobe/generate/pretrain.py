@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from torch import nn
 from ..backbones.adm import ADMUNet, AttentionBlock, ResBlock
 from ..backbones.adm_config import architecture_from_flags, normalize_flags
 from ..data import LabeledImages, images_uint8, stratified_split, to_model_range
+from .._io import torch_save, write_json
 from ..errors import DiffprobeError
 from ..features.noise import NoiseSchedule
 from .vlb import learned_range_vlb
@@ -165,7 +165,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "state": dataclasses.asdict(self.state),
         }
-        atomic_torch_save(blob, self.out / CHECKPOINT_NAME)
+        torch_save(blob, self.out / CHECKPOINT_NAME)
         export_weights(self.ema.module, self.flags, self.out / "ema.pt", self.state.step)
         export_weights(self.model, self.flags, self.out / "model.pt", self.state.step)
         write_history(self.state.history, self.out)
@@ -263,47 +263,24 @@ class Trainer:
         return self.state
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
 def export_weights(model: nn.Module, flags: dict[str, Any], path: Path, step: int, half: bool = False) -> None:
     """A plain guided-diffusion state_dict and its flags sidecar: `load_backbone("adm:PATH")` needs nothing else."""
     state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_torch_save(state, path)
+    torch_save(state, path)
     sidecar = {"flags": {k: v for k, v in flags.items() if k not in ("use_fp16", "use_checkpoint")}, "step": step,
                "trained_with": "diffprobe pretrain"}  # fmt: skip
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
-    tmp.replace(path.with_suffix(".json"))
+    write_json(path.with_suffix(".json"), sidecar)
 
 
 def write_history(history: list[dict[str, float]], out: Path) -> None:
     """loss.csv and loss.png (raw points and a smoothed line)."""
     if not history:
         return
-    from ..report import plt, write_csv  # report sets the file-only matplotlib backend
+    from .._io import write_csv
+    from ..report import loss_curve
 
     write_csv(out / "loss.csv", history)
-
-    steps = np.array([r["step"] for r in history])
-    loss = np.array([r["loss"] for r in history])
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, loss, lw=0.6, alpha=0.4, label="mean over 10 steps")
-    if len(loss) >= 20:
-        k = max(5, len(loss) // 50)
-        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-        ax.plot(steps[k - 1 :], smooth, lw=1.5, label=f"moving average ({k} points)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=120)
-    plt.close(fig)
+    loss_curve(out / "loss.png", history)
 
 
 def pretrain(data: LabeledImages, out: str | Path, flags: dict[str, Any], steps: int, save_every: int = 500,

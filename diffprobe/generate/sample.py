@@ -33,47 +33,37 @@ def make_scheduler(backbone: Backbone, sampler: str, learned_sigma: bool):
     raise DiffprobeError(f"unknown sampler {sampler!r}: expected ddpm or ddim")
 
 
-def denoiser(backbone: Backbone):
-    """(x_t, t) -> the network's raw output, for ADM and diffusers backbones alike."""
-    model = backbone.model
-    if backbone.family == "adm":
-        return lambda x, t: model(x, t)
-    return lambda x, t: model(x, t).sample
-
-
 def sample_images(backbone: Backbone, num: int, sampler: str = "ddim", steps: int = 100, seed: int = 0,
                   batch_size: int = 64, eta: float = 0.0, compute: Compute | None = None) -> torch.Tensor:  # fmt: skip
     """uint8 images [num, 3, S, S]."""
     if backbone.num_classes:
         raise DiffprobeError("sampling class-conditional models is not supported yet: use an unconditional checkpoint")
     compute = compute or Compute(torch.device("cpu"), "fp32", False, False)
-    out_channels = getattr(getattr(backbone.model, "arch", None), "out_channels", 3)
-    learned_sigma = out_channels == 6
+    learned_sigma = backbone.learned_sigma
     scheduler = make_scheduler(backbone, sampler, learned_sigma)
     if sampler == "ddpm" and steps != scheduler.config.num_train_timesteps:
         raise DiffprobeError(f"ddpm samples with all {scheduler.config.num_train_timesteps} steps; use ddim for fewer (got --steps {steps})")
     if not 1 <= steps <= scheduler.config.num_train_timesteps:
         raise DiffprobeError(f"--steps {steps}: expected 1 to {scheduler.config.num_train_timesteps}, the model's schedule length")
     scheduler.set_timesteps(steps)
-    net = denoiser(backbone)
-    backbone.model.eval()
-    size = backbone.image_size
     images = []
     batches = range(0, num, batch_size)
     bar = tqdm(total=len(batches) * len(scheduler.timesteps), desc=f"sampling ({sampler}, {steps} steps)", unit="step", mininterval=2)
     for number, start in enumerate(batches):
         n = min(batch_size, num - start)
         gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, number]).generate_state(1)[0]))
-        x = torch.randn((n, 3, size, size), generator=gen)
+        x = torch.randn((n, *backbone.model_shape), generator=gen)
         for t in scheduler.timesteps:
             with torch.no_grad(), compute.autocast():
-                out = net(compute.batch(x.to(compute.device)), torch.full((n,), int(t), device=compute.device)).float().cpu()
+                out = backbone.denoise(compute.batch(x.to(compute.device)), torch.full((n,), int(t), device=compute.device)).float().cpu()
             if sampler == "ddim" and learned_sigma:
-                out = out[:, :3]  # DDIM is deterministic: the variance channels are not used
+                out = out[:, :backbone.in_channels]  # DDIM is deterministic: the variance channels are not used
             kwargs = {"eta": eta} if sampler == "ddim" else {}
             x = scheduler.step(out, t, x, generator=gen, **kwargs).prev_sample
             bar.update(1)
-        images.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+        with torch.no_grad(), compute.autocast():
+            decoded = backbone.decode(x.to(compute.device)).float().cpu()
+        images.append(((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
     bar.close()
     return torch.cat(images)
 

@@ -25,7 +25,8 @@ from .. import __version__
 from ..errors import DiffprobeError
 from .fastprobe import Standardizer, topk
 from .heads import build_head
-from ..report import confusion_matrix_plot, training_curves, write_json
+from .._io import write_json
+from ..report import confusion_matrix_plot, training_curves
 from ..features.store import FeatureKey, FeatureStore
 
 log = logging.getLogger(__name__)

@@ -36,7 +36,7 @@ def run_demo(data: LabeledImages, out: str | Path, checkpoint: str | Path = DEFA
     compute = choose_compute()
     summary = sweep(backbone, data, out / "sweep", list(timesteps), list(blocks), list(pools), train_heads=list(heads),
                     head_epochs=head_epochs, limit=limit, compute=compute, probe_device=str(compute.device))  # fmt: skip
-    summary["bottleneck_block"] = len(backbone.model.input_blocks) + 1  # the middle block's number
+    summary["bottleneck_block"] = backbone.bottleneck_block
     grid = sample_grid(spec, out / "samples", samples, sample_steps, compute)
     result = {"checkpoint": str(checkpoint), "data": data.name, "sweep": summary,
               "samples": str(grid), "wall_seconds": time.time() - started}  # fmt: skip

@@ -21,7 +21,8 @@ from ..data import LabeledImages, model_transform
 from ..errors import DiffprobeError
 from ..probing.fastprobe import ProbeScore, knn, logistic_regression
 from ..features.extract import extract
-from ..report import heatmap, short_source, write_csv, write_json
+from .._io import write_csv, write_json
+from ..report import heatmap, short_source
 from ..features.store import FeatureKey, FeatureStore
 
 log = logging.getLogger(__name__)

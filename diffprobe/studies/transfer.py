@@ -9,7 +9,7 @@ from ..backbones.base import Backbone
 from ..data import open_dataset
 from ..errors import DiffprobeError
 from ..features.extract import extract
-from ..report import write_csv
+from .._io import write_csv
 from ..features.store import FeatureKey
 from .sweep import fast_probe, run_controls
 

@@ -1,0 +1,109 @@
+"""Writing output files: atomically, and with one clear error when the output place is unusable.
+
+Every file diffprobe writes goes through `atomic_write`: the bytes land under a temporary name
+in the same folder and are renamed into place, so a reader (or a rerun after kill -9) sees the
+old file or the new one, never half of one. `output_dir` is the one place that turns an
+OSError on an output path (read-only, not a folder, disk full) into a DiffprobeError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from .errors import DiffprobeError
+
+
+def describe_os_error(path: str | Path, error: OSError, what: str = "write") -> str:
+    reason = error.strerror or type(error).__name__
+    return f"cannot {what} {path}: {reason}"
+
+
+@contextlib.contextmanager
+def output_errors(path: str | Path, what: str = "output") -> Iterator[None]:
+    """Turn an OSError raised while writing under `path` into one clear DiffprobeError."""
+    try:
+        yield
+    except OSError as e:
+        where = e.filename or path
+        raise DiffprobeError(f"{describe_os_error(where, e)}: choose another {what} location (a writable folder)") from None
+
+
+def output_dir(path: str | Path, what: str = "--out") -> Path:
+    """Create (if needed) and return an output folder; unwritable or not-a-folder is a clear error."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DiffprobeError(f"{what} {path} is a file, not a folder: choose a folder path")
+    with output_errors(path, what):
+        path.mkdir(parents=True, exist_ok=True)
+        probe = Path(tempfile.mkstemp(prefix=".write-check-", dir=path)[1])
+        probe.unlink()
+    return path
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None], *, exclusive: bool = False) -> bool:
+    """Write a file through `write(temporary_path)`, then move it into place.
+
+    exclusive=True links it into place only if no file is there yet (concurrent creators, such
+    as several ranks creating one store, then all see the first one's file); returns whether
+    this call's file was the one kept.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        if not exclusive:
+            os.replace(tmp, final)
+            return True
+        try:
+            os.link(tmp, final)
+            return True
+        except FileExistsError:
+            return False
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: str | Path, text: str, **kw: Any) -> bool:
+    return atomic_write(path, lambda p: Path(p).write_text(text), **kw)
+
+
+def write_json(path: str | Path, data: Any, **kw: Any) -> bool:
+    return write_text(path, json.dumps(data, indent=1, default=float) + "\n", **kw)
+
+
+def save_npy(path: str | Path, array: np.ndarray, **kw: Any) -> bool:
+    def write(p: str) -> None:
+        with open(p, "wb") as f:  # a file object, so numpy does not append ".npy" to the temp name
+            np.save(f, array)
+
+    return atomic_write(path, write, **kw)
+
+
+def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+
+    def write(p: str) -> None:
+        with open(p, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
+
+
+def torch_save(obj: Any, path: str | Path) -> None:
+    import torch
+
+    atomic_write(path, lambda p: torch.save(obj, p))
