@@ -33,8 +33,8 @@ def cmd_transfer(args: argparse.Namespace) -> None:
     from ..studies.transfer import transfer
 
     rows = transfer(load_backbone_from(args), args.datasets, args.out, plan_from(args), extract_options_from(args),
-                    args.probe, args.val_fraction, args.split_seed, args.data_root, args.download, args.split,
-                    not args.no_controls)  # fmt: skip
+                    probe=args.probe, val_fraction=args.val_fraction, split_seed=args.split_seed, data_root=args.data_root,
+                    download=args.download, split=args.split, controls=not args.no_controls)  # fmt: skip
     for r in rows:
         ctrl = f"  (pixels {r['pixels_top1']:.2f}%, random weights {r['random_weights_top1']:.2f}%)" if "pixels_top1" in r else ""
         print(f"{r['dataset']:<24} {r['images']:>7} images {r['classes']:>4} classes  top-1 {r['top1']:6.2f}%{ctrl}")

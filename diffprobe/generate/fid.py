@@ -14,7 +14,7 @@ from typing import Iterable
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from ..errors import DiffprobeError
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..backbones.adm import ADMUNet, AttentionBlock, ResBlock
 from ..backbones.adm_config import architecture_from_flags, normalize_flags
@@ -223,8 +224,6 @@ class Trainer:
         return mse + cfg.vlb_weight * vlb * self.schedule.num_timesteps / 1000.0
 
     def train(self, total_steps: int, save_every: int, log_every: int = 10) -> RunState:
-        from tqdm import tqdm
-
         self.model.train()
         start = self.state.step
         if start >= total_steps:

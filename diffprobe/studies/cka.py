@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import DiffprobeError
 
@@ -121,7 +122,6 @@ def store_cka(store_a, keys_a, store_b, keys_b, batch_size: int = 1000, seed: in
     Both stores must hold the same images in the same rows. Rows are visited in a seeded random
     order, so each minibatch is a sample of the whole set (stores are sorted by class).
     """
-    from tqdm.auto import tqdm
 
     if store_a.manifest["data"]["fingerprint"] != store_b.manifest["data"]["fingerprint"] or not np.array_equal(store_a.indices, store_b.indices):
         raise DiffprobeError(f"{store_a.root} and {store_b.root} hold different images: CKA compares features of the same images")
@@ -139,7 +139,6 @@ def store_cka(store_a, keys_a, store_b, keys_b, batch_size: int = 1000, seed: in
 def source_cka(store_a, keys_a, data, source, batch_size: int = 500, seed: int = 0, progress: bool = True) -> np.ndarray:
     """Minibatch linear CKA of stored features (A) against a model's stage features (B) computed
     on the same images, batch by batch (nothing but one batch in memory)."""
-    from tqdm.auto import tqdm
 
     if data.fingerprint() != store_a.manifest["data"]["fingerprint"]:
         raise DiffprobeError(f"--data is not the dataset {store_a.root} was extracted from ({store_a.manifest['data']['name']})")
