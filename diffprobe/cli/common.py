@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shlex
 from typing import Any, Sequence
 
@@ -141,9 +140,9 @@ def add_extract_args(p: argparse.ArgumentParser, blocks_required: bool = True) -
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored feature dtype")
     add_compute_args(p)
     p.add_argument("--workers", type=int, help="DataLoader worker processes (default: 0 on CPU, where the network needs every core; 8 on GPUs)")
-    p.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)),
-                   help="this process's share of the chunks (default: $RANK, as torchrun sets it)")
-    p.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)), help="default: $WORLD_SIZE")
+    p.add_argument("--rank", type=int, help="this process's share of the chunks (default: torchrun's, else $RANK, else 0)")
+    p.add_argument("--world-size", type=int, help="how many processes share the store (default: torchrun's, else $WORLD_SIZE, else 1)")
+    p.add_argument("--dist-backend", default="auto", choices=["auto", "nccl", "gloo"], help="under torchrun (auto: nccl on GPUs, gloo on CPUs)")
     p.add_argument("--overwrite", action="store_true", help="discard an existing store at --out")
     p.add_argument("--augment-views", type=int, default=0,
                    help="store K random-resized-crop + flip views per image instead of the centre crop (for probe --augmented-store)")
@@ -156,6 +155,7 @@ def extract_options_from(args: argparse.Namespace):
     return ExtractOptions(
         batch_size=args.batch_size, dtype=args.dtype, compute=compute_from(args), limit=args.limit,
         subset_seed=args.subset_seed, class_label=args.class_label, rank=args.rank, world_size=args.world_size,
+        dist_backend=args.dist_backend,
         workers=args.workers, overwrite=args.overwrite, augment_views=args.augment_views, augment_seed=args.augment_seed,
     )  # fmt: skip
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..features.distributed import ranks
 from .common import (
     add_backbone_args,
     add_data_args,
@@ -25,8 +26,9 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     summary = sweep(load_backbone_from(args), open_data(args), args.out, plan_from(args), extract_options_from(args),
                     probe=args.probe, val_fraction=args.val_fraction, split_seed=args.split_seed,
                     controls=not args.no_controls, train_heads=args.head, head_epochs=args.head_epochs)  # fmt: skip
-    print(describe_summary(summary))
-    print(f"report: {args.out}/sweep.csv, {args.out}/heatmap_pool*.png, {args.out}/summary.json")
+    if ranks().is_main:  # under torchrun, one report
+        print(describe_summary(summary))
+        print(f"report: {args.out}/sweep.csv, {args.out}/heatmap_pool*.png, {args.out}/summary.json")
 
 
 def cmd_transfer(args: argparse.Namespace) -> None:

@@ -34,6 +34,7 @@ from ..data import (
 )
 from ..errors import DiffprobeError
 from ..precision import Compute, choose_compute
+from .distributed import Ranks, join, ranks
 from .featurize import featurize
 from .plan import FeaturePlan
 from .store import FeatureStore
@@ -53,8 +54,9 @@ class ExtractOptions:
     limit: int | None = None  # a stratified subset of this many images
     subset_seed: int = 0
     class_label: int | None = None  # class-conditional models: the class to condition on
-    rank: int = 0  # this process writes chunks rank, rank + world_size, ...
-    world_size: int = 1
+    rank: int | None = None  # this process writes chunks rank, rank + world_size, ... (default: torchrun's, or 0)
+    world_size: int | None = None  # default: torchrun's, or $WORLD_SIZE, or 1
+    dist_backend: str = "auto"  # under torchrun: nccl on GPUs, gloo on CPUs
     workers: int | None = None  # DataLoader workers (default: 0 on CPU, 8 on GPUs)
     overwrite: bool = False
     progress: bool = True
@@ -124,8 +126,6 @@ def extract(backbone: Backbone, data: LabeledImages | str | Path, plan: FeatureP
         data = open_dataset(data)
     if o.dtype not in DTYPES:
         raise DiffprobeError(f"dtype {o.dtype!r}: expected float16 or float32")
-    if not 0 <= o.rank < o.world_size:
-        raise DiffprobeError(f"rank {o.rank} is not in [0, {o.world_size})")
     if backbone.num_classes is not None and o.class_label is None:
         raise DiffprobeError(f"{backbone.source} is class-conditional: choose the class label to condition on (--class-label)")
     if backbone.num_classes is None and o.class_label is not None:
@@ -135,6 +135,8 @@ def extract(backbone: Backbone, data: LabeledImages | str | Path, plan: FeatureP
     if o.augment_views < 0:
         raise DiffprobeError("augment_views must be ≥ 0")
     compute = o.compute or choose_compute()
+    join(o.dist_backend, compute.device)
+    share = ranks(o.rank, o.world_size)
     plan = plan.resolve(backbone)
     rows = stratified_subset(data.labels, o.limit, o.subset_seed) if o.limit is not None else np.arange(len(data))
     views = np.tile(np.arange(max(o.augment_views, 1)), len(rows))
@@ -142,21 +144,43 @@ def extract(backbone: Backbone, data: LabeledImages | str | Path, plan: FeatureP
         rows = np.repeat(rows, o.augment_views)
 
     out = Path(out)
-    if o.overwrite and (out / "manifest.json").is_file():
-        shutil.rmtree(out)
     manifest = build_manifest(backbone, data, rows, plan, o, compute)
-    store = FeatureStore.create_or_open(out, manifest, data.labels[rows], rows, data.labels)
+
+    def open_store() -> FeatureStore:
+        if o.overwrite and share.is_main and (out / "manifest.json").is_file():
+            shutil.rmtree(out)  # only rank 0 discards: the others would delete each other's work
+        store = FeatureStore.create_or_open(out, manifest, data.labels[rows], rows, data.labels)
+        for key in plan.keys:
+            store.ensure_array(key, backbone.blocks[key.block - 1].channels * key.pool**2)
+        return store
+
+    # Rank 0 creates (or checks) the store and its arrays while the others wait, then they open it.
+    store = open_store() if share.is_main else None
+    share.barrier()
+    store = store or open_store()
     if store.chunk_rows != o.batch_size:
         log.info("resuming with the store's chunk size %d (batch size %d ignored)", store.chunk_rows, o.batch_size)
-    for key in plan.keys:
-        store.ensure_array(key, backbone.blocks[key.block - 1].channels * key.pool**2)
+    fill(store, backbone, data, plan, rows, views, o, compute, share)
+    share.barrier()
+    missing = {k.stem: int((~store.done_chunks(k)).sum()) for k in plan.keys if not store.is_complete(k)}
+    if missing and share.group:
+        raise DiffprobeError(f"all {share.world_size} ranks finished but {out} still misses chunks ({missing}): rerun the same command to fill them")
+    if missing:
+        log.info("rank %d of %d: its chunks are done; %s completes when every rank has run", share.rank, share.world_size, out)
+    return store
+
+
+def fill(store: FeatureStore, backbone: Backbone, data: LabeledImages, plan: FeaturePlan, rows: np.ndarray,
+         views: np.ndarray, o: ExtractOptions, compute: Compute, share: Ranks) -> None:  # fmt: skip
+    """Compute and write this rank's chunks that are not done yet."""
+    out = store.root
 
     done = {key: store.done_chunks(key) for key in plan.keys}
-    todo = [(chunk, [k for k in plan.keys if not done[k][chunk]]) for chunk in range(o.rank, store.num_chunks, o.world_size)]
+    todo = [(chunk, [k for k in plan.keys if not done[k][chunk]]) for chunk in range(share.rank, store.num_chunks, share.world_size)]
     todo = [(chunk, keys) for chunk, keys in todo if keys]  # (chunk, settings still missing in it)
     if not todo:
         log.info("all %d arrays in %s are complete: nothing to do", len(plan.keys), out)
-        return store
+        return
 
     if o.augment_views:  # the loader addresses store rows; the view picks crop, flip and noise
         dataset = AugmentedViews(data, rows, views, backbone.image_size, o.augment_seed)
@@ -183,4 +207,3 @@ def extract(backbone: Backbone, data: LabeledImages | str | Path, plan: FeatureP
             bar.update(len({k.t for k in keys}))
             images_done += len(index)
             bar.set_postfix(img_per_s=f"{images_done / (time.perf_counter() - started):.1f}")
-    return store

@@ -22,6 +22,7 @@ from ..errors import DiffprobeError
 from ..precision import choose_compute
 from ..probing.fastprobe import ProbeScore, knn, logistic_regression
 from ..features.extract import ExtractOptions, extract
+from ..features.distributed import ranks
 from ..features.plan import FeaturePlan
 from .._io import write_csv, write_json
 from ..report import heatmap, short_source
@@ -89,8 +90,17 @@ def pixel_features(data: LabeledImages, rows: np.ndarray, image_size: int, side:
 def run_controls(backbone: Backbone, data: LabeledImages, store: FeatureStore, best: dict, out: str | Path,
                  probe: str = "logreg", val_fraction: float = 0.1, split_seed: int = 0, device: str = "cpu",
                  options: ExtractOptions | None = None) -> dict:  # fmt: skip
-    """Pixels and random-weight controls on the same rows, noise and split as the store."""
+    """Pixels and random-weight controls on the same rows, noise and split as the store.
+
+    Under torchrun every rank extracts its share of the random-weights store; rank 0 scores."""
     out = Path(out)
+    key = FeatureKey(int(best["t"]), int(best["block"]), int(best["pool"]))
+    noise = store.manifest["noise"]
+    plan = FeaturePlan(t=key.t, blocks=key.block, pools=key.pool, noise_seed=noise["seed"], draws=noise["draws"])
+    random_store = extract(backbone.random_like(seed=0), data, plan, out / "control_random_weights",
+                           (options or ExtractOptions()).same_rows_as(store))  # fmt: skip
+    if not ranks().is_main:
+        return {}
     is_val = store.split(val_fraction, split_seed)
     labels = store.labels
     cache = out / "control_pixels.npy"
@@ -100,11 +110,6 @@ def run_controls(backbone: Backbone, data: LabeledImages, store: FeatureStore, b
         pixels = pixel_features(data, store.indices, backbone.image_size)
         np.save(cache, pixels)
     pixel_score = fast_probe(probe, pixels, labels, is_val, device)
-    key = FeatureKey(int(best["t"]), int(best["block"]), int(best["pool"]))
-    random_bb = backbone.random_like(seed=0)
-    noise = store.manifest["noise"]
-    plan = FeaturePlan(t=key.t, blocks=key.block, pools=key.pool, noise_seed=noise["seed"], draws=noise["draws"])
-    random_store = extract(random_bb, data, plan, out / "control_random_weights", (options or ExtractOptions()).same_rows_as(store))
     random_score = fast_probe(probe, random_store.load(key), labels, is_val, device)
     return {
         "pixels": {"top1": pixel_score.top1, "top5": pixel_score.top5, "features": int(pixels.shape[1]), **pixel_score.params},
@@ -125,13 +130,19 @@ def sweep(backbone: Backbone, data: LabeledImages, out: str | Path, plan: Featur
     plan = plan.resolve(backbone)
     store = extract(backbone, data, plan, out / "features", options)
     probe_device = str((options.compute or choose_compute()).device)
-    rows = score_store(store, plan.keys, probe, val_fraction, split_seed, probe_device)
-    best = write_sweep(out, rows, f"{short_source(backbone.source)} on {data.name}: {probe} top-1 (validation)")
+    share = ranks()  # under torchrun: every rank extracts, rank 0 scores, writes and trains heads
+    if share.is_main:
+        rows = score_store(store, plan.keys, probe, val_fraction, split_seed, probe_device)
+        best = write_sweep(out, rows, f"{short_source(backbone.source)} on {data.name}: {probe} top-1 (validation)")
+    best = share.broadcast(best if share.is_main else None)
     summary = {"backbone": backbone.source, "data": data.name, "rows": store.rows, "probe": probe,
                "val_fraction": val_fraction, "split_seed": split_seed, "best": best}  # fmt: skip
     if controls:
-        summary["controls"] = run_controls(backbone, data, store, best, out, probe, val_fraction, split_seed,
-                                           probe_device, options)  # fmt: skip
+        control = run_controls(backbone, data, store, best, out, probe, val_fraction, split_seed, probe_device, options)
+        if control:  # rank 0's scores (other ranks only helped extract)
+            summary["controls"] = control
+    if not share.is_main:
+        return summary
     if train_heads:
         from ..probing.config import ProbeConfig
         from ..probing.train import probe as train_probe
