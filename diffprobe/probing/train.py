@@ -69,7 +69,8 @@ class FeatureHead(torch.nn.Module):
             self.register_buffer(f"std{i}", s.reshape(1, -1).clone())
         self.n_inputs = len(means)
 
-    def forward(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, xs: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        xs = [xs] if isinstance(xs, torch.Tensor) else xs
         xs = [(x - getattr(self, f"mean{i}")) / getattr(self, f"std{i}") for i, x in enumerate(xs)]
         return self.head(xs) if self.fusion else self.head(xs[0])
 
