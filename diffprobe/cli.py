@@ -334,12 +334,14 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from .precision import choose_compute
-    from .generate.sample import sample_images, save_samples
+    from ._io import output_dir
+    from .generate.sample import sample_images, sampling_steps, save_samples
 
+    output_dir(args.out)  # an unusable --out fails now, not after sampling
     backbone = _load_backbone(args)
     compute = choose_compute(args.device, args.precision, "auto", False)
     backbone.model = compute.prepare(backbone.model)
-    steps = args.steps or (backbone.schedule.num_timesteps if args.sampler == "ddpm" else 100)
+    steps = sampling_steps(backbone, args.sampler, args.steps)  # 0 is an error, not the default
     images = sample_images(backbone, args.num, args.sampler, steps, args.seed, args.batch_size, args.eta, compute)
     info = {"source": backbone.source, "sampler": args.sampler, "steps": steps, "eta": args.eta, "seed": args.seed,
             "batch_size": args.batch_size, "num": args.num, "precision": compute.describe()}  # fmt: skip

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import platform
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from ..data import (
     transform_description,
 )
 from ..errors import DiffprobeError
+from .guard import check_finite
 from .noise import image_noise
 from ..precision import Compute, choose_compute
 from .store import FeatureKey, FeatureStore, feature_keys
@@ -102,7 +102,8 @@ def build_manifest(backbone: Backbone, data: LabeledImages, rows: np.ndarray, pl
             "config": backbone.config,
             "class_label": cond_class,
         },
-        "data": {"name": data.name, "fingerprint": data.fingerprint(), "size": len(data), "classes": data.classes},
+        "data": {"name": data.name, "fingerprint": data.fingerprint(), "layout": data.layout_fingerprint(),
+                 "size": len(data), "classes": data.classes},
         "rows": {
             "count": len(rows),
             "selection": hashlib.sha256(rows.astype(np.int64).tobytes()).hexdigest()[:20],
@@ -188,10 +189,10 @@ def extract(
 
     out = Path(out)
     if overwrite and (out / "manifest.json").is_file():
-        shutil.rmtree(out)
+        FeatureStore.discard(out)
     manifest = build_manifest(backbone, data, rows, dtype, compute, seed, draws, batch_size, cond_class, limit,
                               subset_seed, augment_views, augment_seed)  # fmt: skip
-    store = FeatureStore.create_or_open(out, manifest, data.labels[rows], rows, data.labels)
+    store = FeatureStore.create_or_open(out, manifest, data.labels[rows], rows, data.labels, data.row_prints(rows))
     if store.chunk_rows != batch_size:
         log.info("resuming with the store's chunk size %d (batch size %d ignored)", store.chunk_rows, batch_size)
     for key in plan.keys:
@@ -225,7 +226,8 @@ def extract(
             bad = [e for e in errors if e]
             if bad:
                 more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
-                raise DiffprobeError("; ".join(bad[:3]) + more + ". Fix or remove the file(s), then rerun: finished chunks are kept")
+                raise DiffprobeError("; ".join(bad[:3]) + more + ". Fix or replace the file(s) under the same name, then rerun "
+                                     "the same command: finished chunks are kept (removing a file changes the dataset: use a new --out)")
             x0 = x0.to(compute.device)
             chunk_views = views[store.chunk_slice(chunk)] if augment_views else np.zeros(len(index), dtype=int)
             noises = [torch.stack([image_noise([i], seed, shape, int(v) * draws + draw)[0]
@@ -236,7 +238,9 @@ def extract(
                 keys_t = [k for k in plan.keys if k.t == t and not done[k][chunk]]
                 pooled = batch_features(model, compute, x0, t, noises, keys_t, y)
                 for k in keys_t:
-                    store.write_chunk(k, chunk, pooled[k].cpu().numpy().astype(dtype))
+                    values = pooled[k].cpu().numpy().astype(dtype)
+                    check_finite(values, k.t, k.block, k.pool)  # after the cast: float16 overflow counts too
+                    store.write_chunk(k, chunk, values)
                 bar.update(1)
             images_done += len(index)
             bar.set_postfix(img_per_s=f"{images_done / (time.perf_counter() - started):.1f}")

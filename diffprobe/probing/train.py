@@ -25,7 +25,7 @@ from .. import __version__
 from ..errors import DiffprobeError
 from .fastprobe import Standardizer, topk
 from .heads import build_head
-from .._io import write_json
+from .._io import output_dir, output_errors, torch_save, write_json
 from ..report import confusion_matrix_plot, training_curves
 from ..features.store import FeatureKey, FeatureStore
 
@@ -211,6 +211,33 @@ def check_same_backbone(a: FeatureStore, b: FeatureStore, role: str = "test") ->
         raise DiffprobeError(f"{role} store {b.root} has other classes than {a.root}")
 
 
+def _same_images(a: FeatureStore, b: FeatureStore) -> bool:
+    da, db = a.manifest["data"], b.manifest["data"]
+    if "layout" in da and "layout" in db:
+        return da["layout"] == db["layout"]
+    return da.get("fingerprint") == db.get("fingerprint")
+
+
+def check_held_out(store: FeatureStore, test_store: FeatureStore, train_rows: np.ndarray, val_rows: np.ndarray) -> None:
+    """A test store of the same dataset must not score the head on images it was trained on
+    (an inflated number with no warning); overlap with the validation rows, which chose the
+    epoch and weight decay, is only warned about."""
+    if not _same_images(store, test_store):
+        return
+    test = set(test_store.indices.tolist())
+    trained = test & set(store.indices[train_rows].tolist())
+    if trained:
+        raise DiffprobeError(
+            f"test store {test_store.root} shares {len(trained)} of its {test_store.rows} images with the training rows of "
+            f"{store.root} (same dataset): a test score on them would be inflated; extract the test store from held-out "
+            "images (another split, e.g. --split test, or only the validation rows)"
+        )
+    validated = test & set(store.indices[val_rows].tolist())
+    if validated:
+        log.warning("test store %s: %d of its %d images are validation rows, which chose the epoch and weight decay",
+                    test_store.root, len(validated), test_store.rows)  # fmt: skip
+
+
 def probe(store: FeatureStore, keys: Sequence[FeatureKey], out: str | Path, head_kind: str = "linear",
           recipe_name: str = "modern", weight_decays: Sequence[float] = (1e-4,), epochs: int | None = None,
           lr: float | None = None, val_fraction: float = 0.1, split_seed: int = 0, seed: int = 0,
@@ -230,6 +257,10 @@ def probe(store: FeatureStore, keys: Sequence[FeatureKey], out: str | Path, head
     train_rows, val_rows = np.flatnonzero(~is_val), np.flatnonzero(is_val)
     if len(val_rows) == 0 or len(train_rows) == 0:
         raise DiffprobeError(f"the split leaves no validation or no training rows ({store.rows} rows, val fraction {val_fraction})")
+    if test_store is not None:  # checked before any training, so a bad test store costs nothing
+        check_same_backbone(store, test_store)
+        check_held_out(store, test_store, train_rows, val_rows)
+    out = output_dir(out)
     trials = []
     for wd in weight_decays:
         model, history, best_epoch = train_once(store, keys, head_kind, recipe, wd, train_rows, val_rows, seed,
@@ -248,13 +279,10 @@ def probe(store: FeatureStore, keys: Sequence[FeatureKey], out: str | Path, head
         "history": history,
     }
     if test_store is not None:
-        check_same_backbone(store, test_store)
         tlabels = torch.from_numpy(test_store.labels)
         _, t1, t5, _ = _evaluate(model, load_inputs(test_store, keys), tlabels)
         metrics["test"] = {"top1": t1, "top5": t5, "rows": test_store.rows}
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     config = {
         "format": RUN_FORMAT,
         "diffprobe": __version__,
@@ -276,12 +304,13 @@ def probe(store: FeatureStore, keys: Sequence[FeatureKey], out: str | Path, head
         "transform": store.manifest["transform"],
         "precision": store.manifest["precision"],
     }
-    (out / "config.json").write_text(json.dumps(config, indent=1))
-    torch.save(model.state_dict(), out / "head.pt")
-    write_json(out / "metrics.json", metrics)
-    setting = ", ".join(k.stem for k in keys)
-    training_curves(out / "curves.png", history, f"{head_kind} head, {recipe.name} recipe, {setting}")
-    confusion_matrix_plot(out / "confusion.png", matrix, store.classes, f"{head_kind} head, validation top-1 {val_top1:.1f}%")
+    with output_errors(out, "--out"):  # a disk that fills up during the run
+        write_json(out / "config.json", config)
+        torch_save(model.state_dict(), out / "head.pt")
+        write_json(out / "metrics.json", metrics)
+        setting = ", ".join(k.stem for k in keys)
+        training_curves(out / "curves.png", history, f"{head_kind} head, {recipe.name} recipe, {setting}")
+        confusion_matrix_plot(out / "confusion.png", matrix, store.classes, f"{head_kind} head, validation top-1 {val_top1:.1f}%")
     return metrics
 
 

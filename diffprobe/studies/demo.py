@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..backbones import load_backbone
+from .._io import output_dir
 from ..data import LabeledImages
 from ..precision import choose_compute
 
@@ -28,8 +29,7 @@ def run_demo(data: LabeledImages, out: str | Path, checkpoint: str | Path = DEFA
     from ..generate.sample import sample_grid
     from .sweep import sweep
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(out)
     started = time.time()
     spec = f"adm:{checkpoint}"
     backbone = load_backbone(spec)

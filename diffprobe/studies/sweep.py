@@ -21,7 +21,7 @@ from ..data import LabeledImages, model_transform
 from ..errors import DiffprobeError
 from ..probing.fastprobe import ProbeScore, knn, logistic_regression
 from ..features.extract import extract
-from .._io import write_csv, write_json
+from .._io import output_dir, write_csv, write_json
 from ..report import heatmap, short_source
 from ..features.store import FeatureKey, FeatureStore
 
@@ -120,6 +120,7 @@ def sweep(backbone: Backbone, data: LabeledImages, out: str | Path, timesteps: S
     out = Path(out)
     if extract_options.get("augment_views"):
         raise DiffprobeError("a sweep scores centre-crop features; extract augmented views separately (extract --augment-views)")
+    output_dir(out)
     store = extract(backbone, data, out / "features", timesteps, blocks, pools, **extract_options)
     block_set = set(backbone.resolve_blocks(blocks))
     wanted = [k for k in store.complete_keys() if k.t in set(timesteps) and k.pool in set(pools) and k.block in block_set]

@@ -9,7 +9,7 @@ from ..backbones.base import Backbone
 from ..data import open_dataset
 from ..errors import DiffprobeError
 from ..features.extract import extract
-from .._io import write_csv
+from .._io import output_dir, write_csv
 from ..features.store import FeatureKey
 from .sweep import fast_probe, run_controls
 
@@ -23,6 +23,7 @@ def transfer(backbone: Backbone, datasets: Sequence[str], out: str | Path, key: 
     out = Path(out)
     if extract_options.get("augment_views"):
         raise DiffprobeError("transfer scores centre-crop features: drop --augment-views")
+    output_dir(out)
     rows = []
     for spec in datasets:
         data = open_dataset(spec, root=data_root, split=split, download=download)
