@@ -84,7 +84,7 @@ def test_probe_and_sweep_on_a_nan_store_are_one_line(cifar_small, tmp_path, caps
     _poison(store, KEY)
     code, _, err = run(capsys, "probe", store.root, "--t", "90", "--block", "13", "--out", tmp_path / "run", "--epochs", "1")
     assert_one_line_error(code, err, "block 13 at t=90", "non-finite features", "--overwrite")
-    assert not (tmp_path / "run").exists()
+    assert not list((tmp_path / "run").iterdir())  # checked writable up front, nothing written
     sweep = ["sweep", *extract_args(cifar_small, sweep_out, "--limit", "60")[1:], "--no-controls"]
     assert_one_line_error(*run(capsys, *sweep)[::2], "non-finite features")
     assert store.is_complete(KEY)  # the store itself is left as it was
@@ -233,7 +233,7 @@ def test_test_store_overlapping_training_rows_is_refused(cifar_small, tmp_path, 
     code, _, err = run(capsys, "probe", train, "--t", "90", "--block", "13", "--out", tmp_path / "run",
                        "--epochs", "1", "--test-store", test)  # fmt: skip
     assert_one_line_error(code, err, "shares", "with the training rows", "would be inflated")
-    assert not (tmp_path / "run").exists()  # refused before any training
+    assert not (tmp_path / "run").exists()  # refused before any training or writing
 
 
 def test_option_mismatch_blames_the_option_not_the_sidecar(capsys):

@@ -211,10 +211,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 # What torch.save itself pickles for a dict of tensors; any other global is code or a Python class.
 _TENSOR_GLOBALS = ("torch._utils.", "torch._tensor.", "collections.OrderedDict", "_codecs.encode")
+_PLAIN_CONTAINERS = {f"{m}.{t}" for m in ("builtins", "__builtin__") for t in ("set", "frozenset", "bytearray", "slice", "complex")}
 
 
 def _is_tensor_machinery(name: str) -> bool:
-    return name.startswith(_TENSOR_GLOBALS) or (name.startswith("torch.") and name.count(".") == 1)  # torch.FloatStorage
+    if name in _PLAIN_CONTAINERS or name.startswith(_TENSOR_GLOBALS):
+        return True
+    return name.startswith("torch.") and name.count(".") == 1  # torch.FloatStorage, torch.Size
 
 
 def pickled_code(path: str | Path) -> list[str]:

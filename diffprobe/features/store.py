@@ -103,8 +103,11 @@ def _chunk_prints(row_prints: Sequence[str], chunk_rows: int) -> list[str]:
 def _abandoned_creation(root: Path) -> bool:
     """A folder holding only what an older diffprobe wrote before manifest.json (killed in between):
     no features in it, so nothing computed is lost by creating the store again."""
-    names = {p.name for p in root.iterdir() if not p.name.startswith(".")}
-    return names <= _CREATION_FILES and not (root / "features").exists()
+    if not root.is_dir():
+        return False
+    names = [p.name for p in root.iterdir()]
+    leftover = [n for n in names if n in _CREATION_FILES or (n.startswith(".") and n.endswith(".tmp"))]
+    return bool(names) and len(leftover) == len(names)
 
 
 class FeatureStore:
@@ -148,13 +151,14 @@ class FeatureStore:
             raise DiffprobeError(f"--out {root} is a file, not a folder: choose a folder path")
         with output_errors(root, "--out"):
             if not (root / "manifest.json").is_file():
-                if root.is_dir() and any(root.iterdir()):
-                    if not _abandoned_creation(root):
-                        raise DiffprobeError(f"{root} exists and is not a feature store: choose an empty or new --out")
+                if _abandoned_creation(root):
                     log.warning("%s holds only the start of a store whose creation was interrupted: creating it again", root)
-                    shutil.rmtree(root)
-                if cls._create(root, manifest, labels, indices, dataset_labels, prints):
-                    return cls.open(root)
+                    shutil.rmtree(root, ignore_errors=True)
+                if not root.is_dir() or not any(root.iterdir()):
+                    if cls._create(root, manifest, labels, indices, dataset_labels, prints):
+                        return cls.open(root)
+                elif not (root / "manifest.json").is_file():  # (another rank may have created it meanwhile)
+                    raise DiffprobeError(f"{root} exists and is not a feature store: choose an empty or new --out")
             store = cls.open(root)  # existing, or created by another process (rank) just now
             store._check_identity(manifest, prints)
         return store
