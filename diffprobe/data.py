@@ -199,9 +199,11 @@ def unpack_archive(archive: str | Path) -> Path:
     with output_errors(target.parent, "cache ($DIFFPROBE_CACHE)"):
         tmp = temp_sibling_dir(target, "unpack")
     try:
-        with tarfile.open(archive) as tar:
-            for member in tqdm(tar, desc=f"unpacking {archive.name}", unit="file", leave=False):
+        # The bar closes (clearing its line) before any error propagates, so the message starts clean.
+        with tarfile.open(archive) as tar, tqdm(desc=f"unpacking {archive.name}", unit="file", leave=False) as bar:
+            for member in tar:
                 tar.extract(member, tmp, filter="data")
+                bar.update(1)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, (tarfile.TarError, EOFError, zlib.error)):
