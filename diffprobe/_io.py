@@ -33,7 +33,17 @@ def output_errors(path: str | Path, what: str = "output") -> Iterator[None]:
         yield
     except OSError as e:
         where = e.filename or path
-        raise DiffprobeError(f"{describe_os_error(where, e)}: choose another {what} location (a writable folder)") from None
+        blocker = _file_in_the_way(Path(path))
+        reason = f"cannot write {path}: {blocker} is a file, not a folder" if blocker else describe_os_error(where, e)
+        raise DiffprobeError(f"{reason}: choose another {what} location (a writable folder)") from None
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The nearest existing ancestor of path (or path itself) when it is a file, not a folder."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
 
 
 def output_dir(path: str | Path, what: str = "--out") -> Path:
