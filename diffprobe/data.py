@@ -204,6 +204,10 @@ def unpack_archive(archive: str | Path) -> Path:
             for member in tar:
                 tar.extract(member, tmp, filter="data")
                 bar.update(1)
+            # tarfile stops at the first empty header; damage after it (garbled bytes that happen to
+            # decode as zeros) would pass unseen. Reading to the end checks the rest and gzip's CRC.
+            while tar.fileobj.read(1 << 20):
+                pass
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, (tarfile.TarError, EOFError, zlib.error)):
