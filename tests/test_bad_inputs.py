@@ -82,7 +82,7 @@ def test_probe_and_sweep_on_a_nan_store_are_one_line(cifar_small, tmp_path, caps
     assert run(capsys, *extract_args(cifar_small, sweep_out / "features", "--limit", "60"))[0] == 0
     store = FeatureStore.open(sweep_out / "features")
     _poison(store, KEY)
-    code, _, err = run(capsys, "probe", store.root, "--t", "90", "--block", "13", "--out", tmp_path / "run", "--epochs", "1")
+    code, _, err = run(capsys, "probe", store.root, "--t", "90", "--blocks", "13", "--out", tmp_path / "run", "--epochs", "1")
     assert_one_line_error(code, err, "block 13 at t=90", "non-finite features", "--overwrite")
     assert not list((tmp_path / "run").iterdir())  # checked writable up front, nothing written
     sweep = ["sweep", *extract_args(cifar_small, sweep_out, "--limit", "60")[1:], "--no-controls"]
@@ -193,7 +193,7 @@ def test_unusable_out_for_extract_and_probe(cifar_small, tmp_path, capsys):
     out = tmp_path / "store"
     assert run(capsys, *extract_args(cifar_small, out, "--limit", "60"))[0] == 0
     before = _array_bytes(FeatureStore.open(out), KEY)
-    code, _, err = run(capsys, "probe", out, "--t", "90", "--block", "13", "--out", blocker / "run", "--epochs", "1")
+    code, _, err = run(capsys, "probe", out, "--t", "90", "--blocks", "13", "--out", blocker / "run", "--epochs", "1")
     assert_one_line_error(code, err, str(blocker), "choose another --out location")
     assert _array_bytes(FeatureStore.open(out), KEY) == before
 
@@ -230,7 +230,7 @@ def test_test_store_overlapping_training_rows_is_refused(cifar_small, tmp_path, 
     train, test = tmp_path / "train", tmp_path / "test"
     assert run(capsys, *extract_args(cifar_small, train, "--limit", "100"))[0] == 0
     assert run(capsys, *extract_args(cifar_small, test, "--limit", "60", "--subset-seed", "1"))[0] == 0
-    code, _, err = run(capsys, "probe", train, "--t", "90", "--block", "13", "--out", tmp_path / "run",
+    code, _, err = run(capsys, "probe", train, "--t", "90", "--blocks", "13", "--out", tmp_path / "run",
                        "--epochs", "1", "--test-store", test)  # fmt: skip
     assert_one_line_error(code, err, "shares", "with the training rows", "would be inflated")
     assert not (tmp_path / "run").exists()  # refused before any training or writing

@@ -350,12 +350,12 @@ def probe(store: FeatureStore, keys: Sequence[FeatureKey], out: str | Path, conf
           augmented: FeatureStore | None = None) -> dict:  # fmt: skip
     """`diffprobe probe`: fit a head, score the test store if given, save the run; its metrics."""
     config = config or ProbeConfig()
-    if ranks().is_main:
-        output_dir(out)  # before any work: an unusable --out costs nothing
     if test_store is not None:  # checked before any training, so a bad test store costs nothing
         check_same_backbone(store, test_store)
         is_val = store.split(config.val_fraction, config.split_seed)
         check_held_out(store, test_store, np.flatnonzero(~is_val), np.flatnonzero(is_val))
+    if ranks().is_main:
+        output_dir(out)  # before any training: an unusable --out costs nothing
     fitted = fit_head(store, keys, config, str(resolve_device(device)), progress, augmented)
     if test_store is not None:
         fitted.metrics["test"] = evaluate_store(fitted, test_store)
