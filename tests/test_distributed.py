@@ -76,3 +76,33 @@ def test_ddp_linear_head_matches_one_process(cifar_small, tmp_path, isolated_cac
     b = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert abs(a["val"]["top1"] - b["val"]["top1"]) <= 0.5, (a["val"]["top1"], b["val"]["top1"])
     assert [h["train_loss"] for h in a["history"]] == pytest.approx([h["train_loss"] for h in b["history"]], rel=1e-3)
+
+
+def test_a_rerun_with_another_world_size_fills_what_a_dead_rank_left(cifar_small, tmp_path):
+    """A store does not remember how many ranks wrote it: after rank 1 of 2 died (never ran), a
+    rerun with any world size computes exactly the missing chunks, and the arrays equal one process's."""
+    from diffprobe.cli import main
+    from diffprobe.features.store import FeatureStore
+
+    base = ["extract", FIXTURE_SPEC, "--data", str(cifar_small), *ARGS]
+    assert main([*base, "--out", str(tmp_path / "one")]) == 0
+    out = str(tmp_path / "ranked")
+    assert main([*base, "--out", out, "--rank", "0", "--world-size", "2"]) == 0
+    store = FeatureStore.open(out)
+    assert not store.complete_keys() and all(store.done_chunks(k)[::2].all() for k in store.keys())
+    for rank in range(3):  # the rerun: three ranks this time
+        assert main([*base, "--out", out, "--rank", str(rank), "--world-size", "3"]) == 0
+    assert len(store.complete_keys()) == 8
+    for key in store.keys():
+        assert np.array_equal(store.load(key), FeatureStore.open(tmp_path / "one").load(key))
+
+
+def test_online_attention_head_under_two_torchrun_ranks(cifar_small, tmp_path, isolated_cache):
+    import json
+
+    r = run(torchrun(2, "probe-online", FIXTURE_SPEC, "--data", str(cifar_small), "--limit", "40", "--t", "10", "--blocks", "3",
+                     "--pool", "4", "--head", "attention", "--width", "16", "--heads", "2", "--depth", "1", "--epochs", "1",
+                     "--out", str(tmp_path / "run")), isolated_cache)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["online"] and len(metrics["history"]) == 1
