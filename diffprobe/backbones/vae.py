@@ -1,0 +1,61 @@
+"""The VAE of a latent diffusion pipeline: images in [-1, 1] <-> the latents the noise is added to.
+
+Encoding is deterministic: the posterior mean of AutoencoderKL (no sample is drawn), shifted
+by `shift_factor` when the VAE has one (SD3/FLUX-style) and times `scaling_factor`, exactly
+as the pipelines scale latents before training. So an image has one latent, whatever the
+batch, seed or device, and it can be cached once per image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+
+import torch
+from torch import nn
+
+from .base import hash_tensors
+
+
+class VaeCodec(nn.Module):
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)
+        cfg = vae.config
+        self.scaling_factor = float(getattr(cfg, "scaling_factor", 1.0) or 1.0)
+        self.shift_factor = float(getattr(cfg, "shift_factor", None) or 0.0)
+        self.latent_channels = int(cfg.latent_channels)
+        self.factor = 2 ** (len(cfg.block_out_channels) - 1)  # pixels per latent pixel (SD: 8)
+
+    def _weights(self) -> torch.Tensor:
+        return next(p for p in self.vae.parameters() if p.ndim > 1)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        # Weights cast to bf16/fp16 for extraction (Compute.prepare) need autocast around them.
+        w = self._weights()
+        if w.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(w.device.type, dtype=w.dtype)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] in [-1, 1] -> [B, C, S/f, S/f] float32 latents (posterior mean, scaled)."""
+        w = self._weights()
+        with self._autocast():
+            mean = self.vae.encode(images.to(w.device, torch.float32)).latent_dist.mean
+        return ((mean.float() - self.shift_factor) * self.scaling_factor).to(images.device)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [-1, 1] (for sampling)."""
+        w = self._weights()
+        z = latents.to(w.device, torch.float32) / self.scaling_factor + self.shift_factor
+        with self._autocast():
+            images = self.vae.decode(z).sample
+        return images.float().clamp(-1, 1).to(latents.device)
+
+    def identity(self, image_size: int) -> str:
+        """Hash of everything encode() depends on."""
+        h = hashlib.sha256(f"{type(self.vae).__name__}|{self.scaling_factor}|{self.shift_factor}|{image_size}".encode())
+        hash_tensors(h, self.vae.state_dict())
+        return h.hexdigest()[:20]
