@@ -11,6 +11,7 @@ a bare model folder names it in its own `config.json`. That class picks the load
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -81,16 +82,25 @@ def load(target: str, device: str | torch.device = "cpu", **options: Any) -> Bac
     if name in (None, "UNet2DModel"):
         from .diffusers_unet import load_diffusers
 
-        return load_diffusers(target, device=device, **options)
+        return _call(load_diffusers, "UNet2DModel", target, device=device, **options)
     if name == "UNet2DConditionModel":
         from .diffusers_sd import load_stable_diffusion
 
-        return load_stable_diffusion(target, local, device=device, **options)
+        return _call(load_stable_diffusion, name, target, local, device=device, **options)
     if name == "DiTTransformer2DModel":
         from .diffusers_dit import load_dit
 
-        return load_dit(target, local, device=device, **options)
+        return _call(load_dit, name, target, local, device=device, **options)
     raise _unsupported(name, f"{target}/{sub}" if sub else target)
+
+
+def _call(loader: Callable, name: str, *args: Any, **options: Any) -> Backbone:
+    """loader(*args, **options), with an option the loader does not take as a clear error."""
+    accepted = [p for p in inspect.signature(loader).parameters if p not in ("target", "local", "device")]
+    unknown = sorted(set(options) - set(accepted) - {"device"})
+    if unknown:
+        raise DiffprobeError(f"option {unknown[0]!r} does not apply to a {name}: its options are {', '.join(accepted)}")
+    return loader(*args, **options)
 
 
 # -- helpers shared by the latent loaders ------------------------------------------------------

@@ -43,7 +43,9 @@ class VaeCodec(nn.Module):
         w = self._weights()
         with self._autocast():
             mean = self.vae.encode(images.to(w.device, torch.float32)).latent_dist.mean
-        return ((mean.float() - self.shift_factor) * self.scaling_factor).to(images.device)
+        # Contiguous: the VAE's output can be channels-last strided, and a cached copy (always
+        # contiguous) must give the U-Net bit-identical input to a fresh encode.
+        return ((mean.float() - self.shift_factor) * self.scaling_factor).contiguous().to(images.device)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

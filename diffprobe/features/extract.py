@@ -34,6 +34,7 @@ from ..data import (
     transform_description,
 )
 from ..errors import DiffprobeError
+from .latents import LatentCache
 from .noise import image_noise
 from ..precision import Compute, choose_compute
 from .store import FeatureKey, FeatureStore, feature_keys
@@ -171,7 +172,7 @@ def extract(
         raise DiffprobeError("draws (noise samples averaged per image) must be ≥ 1")
     if not 0 <= rank < world_size:
         raise DiffprobeError(f"rank {rank} is not in [0, {world_size})")
-    if backbone.num_classes is not None and cond_class is None:
+    if backbone.num_classes is not None and cond_class is None and backbone.default_class_label is None:
         raise DiffprobeError(f"{backbone.source} is class-conditional: choose the class label to condition on (--class-label)")
     if backbone.num_classes is None and cond_class is not None:
         raise DiffprobeError(f"{backbone.source} is unconditional: drop --class-label")
@@ -216,7 +217,8 @@ def extract(
         dataset = TransformedImages(data, model_transform(backbone.image_size), backbone.image_size)
         batches = [rows[store.chunk_slice(chunk)].tolist() for chunk, _ in todo]
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=compute.device.type == "cuda")
-    shape = (3, backbone.image_size, backbone.image_size)
+    shape = backbone.model_shape  # the noise lives where the model adds it (latents for VAE models)
+    latents = LatentCache.open(model, store)  # latent models encode each image once, cached in the store
     total = sum(len(ts) for _, ts in todo)
     images_done, started = 0, time.perf_counter()
     # The bar closes (ending its line) before any error propagates, so messages start clean.
@@ -226,7 +228,7 @@ def extract(
             if bad:
                 more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
                 raise DiffprobeError("; ".join(bad[:3]) + more + ". Fix or remove the file(s), then rerun: finished chunks are kept")
-            x0 = x0.to(compute.device)
+            x0 = latents.encode_chunk(model, chunk, x0.to(compute.device))
             chunk_views = views[store.chunk_slice(chunk)] if augment_views else np.zeros(len(index), dtype=int)
             noises = [torch.stack([image_noise([i], seed, shape, int(v) * draws + draw)[0]
                                    for i, v in zip(index.tolist(), chunk_views)]).to(compute.device)

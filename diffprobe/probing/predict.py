@@ -50,8 +50,8 @@ class Predictor:
     def probabilities(self, images: Sequence[str | Path]) -> torch.Tensor:
         x0 = torch.stack([self.transform(read_image(p)) for p in images])
         indices = [content_index(x) for x in x0]
-        shape = tuple(x0.shape[1:])
-        x0 = x0.to(self.compute.device)
+        shape = self.backbone.model_shape
+        x0 = self.backbone.encode(x0.to(self.compute.device))  # latents for VAE models, pixels otherwise
         y = None if self.y is None else torch.full((len(images),), self.y, device=self.compute.device)
         by_t: dict[int, list[tuple[int, int]]] = {}
         for t, block, pool in self.keys:
