@@ -178,6 +178,10 @@ def _family_pipeline(spec: str, cifar_small, tmp_path, capsys) -> None:
     assert main(["transfer", spec, "--datasets", str(cifar_small), "--out", str(tmp_path / "transfer"), "--t", "10",
                  "--blocks", "4", "--limit", "40", "--batch-size", "20", "--precision", "fp32", "--no-controls"]) == 0  # fmt: skip
     assert (tmp_path / "transfer" / "transfer.csv").is_file()
+    # Sampling: the denoiser in latent space, then the VAE's decoder.
+    assert main(["sample", spec, "--out", str(tmp_path / "samples"), "--num", "2", "--steps", "2", "--batch-size", "2",
+                 "--precision", "fp32"]) == 0  # fmt: skip
+    assert np.load(tmp_path / "samples" / "samples.npz")["arr_0"].shape == (2, 16, 16, 3)
 
 
 def test_sd_shaped_model_through_the_cli(sd_folder, cifar_small, tmp_path, capsys):

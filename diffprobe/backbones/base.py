@@ -71,6 +71,7 @@ class Backbone(nn.Module):
     # The class label used when a class-conditional model is given none (DiT: the null class);
     # None: a class-conditional model needs one.
     default_class_label: int | None = None
+    prediction_type: str = "epsilon"  # what denoise() predicts: "epsilon" or "v_prediction" (SD 2.x 768)
 
     def encoder_identity(self) -> str | None:
         """Hash of what encode() computes (VAE weights, scaling, image size); None when encode is the identity."""

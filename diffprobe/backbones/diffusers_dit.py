@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import DiffprobeError
 from .base import Backbone, BlockInfo
-from .diffusers_pipeline import as_int, check_image_size, load_part
+from .diffusers_pipeline import as_int, check_image_size, load_part, prediction_type
 from .diffusers_unet import _schedule
 from .vae import VaeCodec
 
@@ -146,4 +146,5 @@ def load_dit(target: str, local: bool, device: str | torch.device = "cpu", class
                   vae={"class": type(codec.vae).__name__, "scaling_factor": codec.scaling_factor,
                        "shift_factor": codec.shift_factor, "encoding": "posterior mean"})  # fmt: skip
     backbone = DiTBackbone(model, codec, label, blocks, size, sched, config, source=f"diffusers:{target}")
+    backbone.prediction_type = config["prediction_type"] = prediction_type(target, local)
     return backbone.to(device)

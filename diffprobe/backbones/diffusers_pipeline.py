@@ -120,6 +120,24 @@ def load_part(cls: Callable, target: str, local: bool, sub: str, what: str, **kw
         raise DiffprobeError(f"cannot load {sub}/ of {target} as {cls.__name__}: {first}") from None
 
 
+def prediction_type(target: str, local: bool) -> str:
+    """What the denoiser predicts, from the pipeline's scheduler config ("epsilon" when it says nothing)."""
+    try:
+        if local:
+            path = Path(target) / "scheduler" / "scheduler_config.json"
+            config = json.loads(path.read_text()) if path.is_file() else {}
+        else:
+            from diffusers import DDPMScheduler
+
+            config = DDPMScheduler.load_config(target, subfolder="scheduler")
+    except Exception:  # no scheduler config: the schedule loader has already said what it assumes
+        config = {}
+    kind = config.get("prediction_type", "epsilon")
+    if kind not in ("epsilon", "v_prediction"):
+        raise DiffprobeError(f"{target}: scheduler prediction_type {kind!r} is not supported (epsilon or v_prediction)")
+    return kind
+
+
 def check_image_size(requested: Any, native: int, factor: int, what: str) -> int:
     """The pixel image size: the pipeline's own, or `requested`, which `factor` must divide."""
     if requested is None:

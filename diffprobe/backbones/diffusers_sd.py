@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import DiffprobeError
 from .base import Backbone, BlockInfo
-from .diffusers_pipeline import as_int, check_image_size, load_part
+from .diffusers_pipeline import as_int, check_image_size, load_part, prediction_type
 from .diffusers_unet import _schedule, _units, walk_units
 from .vae import VaeCodec
 
@@ -176,6 +176,7 @@ def load_stable_diffusion(target: str, local: bool, device: str | torch.device =
                   vae={"class": type(codec.vae).__name__, "scaling_factor": codec.scaling_factor,
                        "shift_factor": codec.shift_factor, "encoding": "posterior mean"})  # fmt: skip
     backbone = StableDiffusionBackbone(unet, codec, context, blocks, size, sched, config, source=f"diffusers:{target}")
+    backbone.prediction_type = config["prediction_type"] = prediction_type(target, local)
     return backbone.to(device)
 
 
