@@ -228,6 +228,19 @@ def test_image_size_override_and_vae_encoding(sd_folder):
     assert bb.config["vae"]["encoding"] == "posterior mean"
 
 
+def test_a_dit_saved_as_the_generic_transformer2dmodel_is_read_as_dit(dit_folder, tmp_path):
+    """facebook/DiT-XL-2-256's config still names Transformer2DModel (diffusers remaps it by norm_type)."""
+    import shutil
+
+    folder = tmp_path / "old"
+    shutil.copytree(dit_folder, folder)
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    (folder / "transformer" / "config.json").write_text(json.dumps({**config, "_class_name": "Transformer2DModel"}))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "DiTPipeline", "transformer": ["diffusers", "Transformer2DModel"]}))
+    old, new = load_backbone(f"diffusers:{folder}"), load_backbone(f"diffusers:{dit_folder}")
+    assert old.family == "dit" and old.fingerprint() != "" and old.block_table() == new.block_table()
+
+
 def _error(argv, capsys) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

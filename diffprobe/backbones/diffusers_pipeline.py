@@ -60,25 +60,43 @@ def _local_class(root: Path) -> tuple[str | None, str | None]:
     return None, None
 
 
-def _hub_class(target: str) -> tuple[str | None, str | None]:
-    """Class of a hub id's denoiser from its model_index.json; (None, None) if it has none."""
+def _hub_json(target: str, filename: str) -> dict | None:
+    """A JSON file of a hub repo; None if the repo has no such file; offline is a clear error."""
     from huggingface_hub import hf_hub_download
 
     try:
-        index = json.loads(Path(hf_hub_download(target, "model_index.json")).read_text())
+        return json.loads(Path(hf_hub_download(target, filename)).read_text())
     except Exception as e:  # network, offline mode, missing repo: one clear line
         if type(e).__name__ in ("EntryNotFoundError", "RemoteEntryNotFoundError"):
-            return None, None  # a bare model repo: the pixel loader reads its config.json
+            return None
         raise offline_error(target, e) from None
+
+
+def _hub_class(target: str) -> tuple[str | None, str | None]:
+    """Class of a hub id's denoiser from its model_index.json; (None, None) if it has none."""
+    index = _hub_json(target, "model_index.json")
+    if index is None:
+        return None, None  # a bare model repo: the pixel loader reads its config.json
     for sub in ("unet", "transformer"):
         if isinstance(index.get(sub), list):
             return index[sub][-1], sub
     return None, None
 
 
+def _remap(name: str | None, sub: str | None, target: str, local: bool) -> str | None:
+    """Pipelines saved before diffusers split its transformers (facebook/DiT-XL-2-256 among them)
+    name the generic Transformer2DModel; its norm_type tells DiT from PixArt, as diffusers decides."""
+    if name != "Transformer2DModel" or sub is None:
+        return name
+    path = Path(target) / sub / "config.json"
+    config = (json.loads(path.read_text()) if path.is_file() else {}) if local else (_hub_json(target, f"{sub}/config.json") or {})
+    return {"ada_norm_zero": "DiTTransformer2DModel", "ada_norm_single": "PixArtTransformer2DModel"}.get(config.get("norm_type"), name)
+
+
 def load(target: str, device: str | torch.device = "cpu", **options: Any) -> Backbone:
     local = Path(target).exists()
     name, sub = _local_class(Path(target)) if local else _hub_class(target)
+    name = _remap(name, sub, target, local)
     if name in (None, "UNet2DModel"):
         from .diffusers_unet import load_diffusers
 
