@@ -347,7 +347,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     backbone = _load_backbone(args)
     compute = choose_compute(args.device, args.precision, "auto", False)
-    backbone.model = compute.prepare(backbone.model)
+    compute.prepare(backbone)  # the whole backbone: a latent model's VAE moves and casts with its denoiser
     steps = args.steps or (backbone.schedule.num_timesteps if args.sampler == "ddpm" else 100)
     images = sample_images(backbone, args.num, args.sampler, steps, args.seed, args.batch_size, args.eta, compute)
     info = {"source": backbone.source, "sampler": args.sampler, "steps": steps, "eta": args.eta, "seed": args.seed,

@@ -93,7 +93,7 @@ def sample_grid(spec: str, out: str | Path, num: int, steps: int, compute: Compu
     from ..backbones import load_backbone
 
     backbone = load_backbone(spec)
-    backbone.model = compute.prepare(backbone.model)
+    compute.prepare(backbone)  # the whole backbone: a latent model's VAE moves and casts with its denoiser
     steps = min(steps, backbone.schedule.num_timesteps)
     images = sample_images(backbone, num, "ddim", steps, seed=seed, batch_size=num, compute=compute)
     files = save_samples(images, out, {"source": spec, "sampler": "ddim", "steps": steps, "seed": seed, "num": num})
