@@ -277,3 +277,18 @@ def test_bad_inputs_are_one_clear_line(sd_folder, dit_folder, tmp_path, capsys):
     err = _error(["blocks", f"diffusers:{sd_folder}", "-o", "preset=x"], capsys)
     assert "does not apply" in err
     assert "SDXL" in _error(["blocks", f"diffusers:{sdxl}"], capsys)
+
+
+def test_v_prediction_comes_from_the_scheduler_config(sd_folder, tmp_path):
+    import shutil
+
+    from diffprobe.generate.sample import make_scheduler
+
+    folder = tmp_path / "v"
+    shutil.copytree(sd_folder, folder)
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "prediction_type": "v_prediction"}))
+    bb = load_backbone(f"diffusers:{folder}")
+    assert bb.prediction_type == "v_prediction" and load_backbone(f"diffusers:{sd_folder}").prediction_type == "epsilon"
+    scheduler = make_scheduler(bb, "ddim", bb.learned_sigma)
+    assert scheduler.config.prediction_type == "v_prediction" and not scheduler.config.clip_sample

@@ -95,6 +95,11 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     @property
+    def conditioning(self) -> str:
+        """What the network is conditioned on, in words (for tables and messages)."""
+        return "class-conditional" if self.num_classes else "unconditional"
+
+    @property
     def learned_sigma(self) -> bool:
         """Whether denoise() also returns variance channels (improved DDPM's learned range)."""
         return False

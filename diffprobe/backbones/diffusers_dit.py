@@ -99,6 +99,12 @@ class DiTBackbone(Backbone):
         return self.model(x_t, timestep=t, class_labels=self.labels(y, x_t.shape[0], x_t.device)).sample
 
     @property
+    def conditioning(self) -> str:
+        label = self.default_class_label
+        chosen = "the null class" if label == self.num_classes else f"class {label}"
+        return f"class-conditional ({self.num_classes} classes), reading {chosen} unless --class-label is given"
+
+    @property
     def learned_sigma(self) -> bool:
         return self.model.out_channels == 2 * self.model.config.in_channels
 

@@ -117,6 +117,10 @@ class StableDiffusionBackbone(Backbone):
         return self.model(x_t, t, encoder_hidden_states=context).sample
 
     @property
+    def conditioning(self) -> str:
+        return f"prompt {self.config['prompt']!r}"
+
+    @property
     def learned_sigma(self) -> bool:
         return self.model.config.out_channels == 2 * self.model.config.in_channels
 
