@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from ..errors import DiffprobeError
-from .base import Backbone, BlockInfo
+from .base import BlockInfo
 from .diffusers_pipeline import as_int, check_image_size, load_part, prediction_type
 from .diffusers_unet import _schedule
-from .vae import VaeCodec
+from .vae import LatentBackbone, VaeCodec
 
 WHAT = "DiTTransformer2DModel"
 
@@ -46,41 +46,14 @@ def _run(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, wa
     return out
 
 
-class DiTBackbone(Backbone):
+class DiTBackbone(LatentBackbone):
     family = "dit"
-    encodes_images = True
 
     def __init__(self, model: nn.Module, codec: VaeCodec, class_label: int, blocks: list[BlockInfo], image_size: int,
                  schedule, config: dict[str, Any], source: str):  # fmt: skip
         num_classes = int(model.config.num_embeds_ada_norm)
-        super().__init__(model, blocks, image_size, schedule, num_classes, config, source)
-        self.codec = codec
-        self.in_channels = codec.latent_channels
+        super().__init__(model, codec, blocks, image_size, schedule, num_classes, config, source)
         self.default_class_label = class_label  # the null class (num_classes) unless class_label=K was given
-        self._encoder_identity: str | None = None
-
-    @property
-    def model_shape(self) -> tuple[int, int, int]:
-        side = self.image_size // self.codec.factor
-        return (self.in_channels, side, side)
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self.codec.encode(images)
-
-    def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        return self.codec.decode(x0)
-
-    def encoder_identity(self) -> str:
-        if self._encoder_identity is None:
-            self._encoder_identity = self.codec.identity(self.image_size)
-        return self._encoder_identity
-
-    def extra_identity(self) -> dict[str, torch.Tensor]:
-        return {f"vae.{k}": v for k, v in self.codec.vae.state_dict().items()}
-
-    def fingerprint(self) -> str:
-        self.encoder_identity()  # taken with the fingerprint, before any cast of the weights
-        return super().fingerprint()
 
     def labels(self, y: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
         """Class labels for a batch: y, or the default (null) class; null = num_classes is allowed."""

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from ..errors import DiffprobeError
-from .base import Backbone, BlockInfo
+from .base import BlockInfo
 from .diffusers_pipeline import as_int, check_image_size, load_part, prediction_type
 from .diffusers_unet import _schedule, _units, walk_units
-from .vae import VaeCodec
+from .vae import LatentBackbone, VaeCodec
 
 SUPPORTED_DOWN = ("DownBlock2D", "CrossAttnDownBlock2D")
 SUPPORTED_UP = ("UpBlock2D", "CrossAttnUpBlock2D")
@@ -71,41 +71,17 @@ def _run(unet: nn.Module, units, x: torch.Tensor, t: torch.Tensor, context: torc
     return walk_units(units, x, _embedding(unet, x, t), wanted, context=context)
 
 
-class StableDiffusionBackbone(Backbone):
+class StableDiffusionBackbone(LatentBackbone):
     family = "stable-diffusion"
-    encodes_images = True
 
     def __init__(self, unet: nn.Module, codec: VaeCodec, context: torch.Tensor, blocks: list[BlockInfo],
                  image_size: int, schedule, config: dict[str, Any], source: str):  # fmt: skip
-        super().__init__(unet, blocks, image_size, schedule, None, config, source)
-        self.codec = codec
+        super().__init__(unet, codec, blocks, image_size, schedule, None, config, source)
         self.register_buffer("context", context)  # the encoded prompt, [1, tokens, dim]
-        self.in_channels = codec.latent_channels
         self._units = _units(self.model)
-        self._encoder_identity: str | None = None
-
-    @property
-    def model_shape(self) -> tuple[int, int, int]:
-        side = self.image_size // self.codec.factor
-        return (self.in_channels, side, side)
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self.codec.encode(images)
-
-    def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        return self.codec.decode(x0)
-
-    def encoder_identity(self) -> str:
-        if self._encoder_identity is None:
-            self._encoder_identity = self.codec.identity(self.image_size)
-        return self._encoder_identity
 
     def extra_identity(self) -> dict[str, torch.Tensor]:
-        return {**{f"vae.{k}": v for k, v in self.codec.vae.state_dict().items()}, "context": self.context}
-
-    def fingerprint(self) -> str:
-        self.encoder_identity()  # taken with the fingerprint, before any cast of the weights
-        return super().fingerprint()
+        return {**super().extra_identity(), "context": self.context}
 
     def run(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, wanted: tuple[int, ...]) -> dict[int, torch.Tensor]:
         if y is not None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from typing import Any
 
 import torch
 from torch import nn
 
-from .base import hash_tensors
+from .base import Backbone, BlockInfo, hash_tensors
 
 
 class VaeCodec(nn.Module):
@@ -61,3 +62,39 @@ class VaeCodec(nn.Module):
         h = hashlib.sha256(f"{type(self.vae).__name__}|{self.scaling_factor}|{self.shift_factor}|{image_size}".encode())
         hash_tensors(h, self.vae.state_dict())
         return h.hexdigest()[:20]
+
+
+class LatentBackbone(Backbone):
+    """A backbone whose noise lives in the latent space of `self.codec` (SD, DiT)."""
+
+    encodes_images = True
+
+    def __init__(self, model: nn.Module, codec: VaeCodec, blocks: list[BlockInfo], image_size: int, schedule,
+                 num_classes: int | None, config: dict[str, Any], source: str):  # fmt: skip
+        super().__init__(model, blocks, image_size, schedule, num_classes, config, source)
+        self.codec = codec
+        self.in_channels = codec.latent_channels
+        self._encoder_identity: str | None = None
+
+    @property
+    def model_shape(self) -> tuple[int, int, int]:
+        side = self.image_size // self.codec.factor
+        return (self.in_channels, side, side)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.codec.encode(images)
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        return self.codec.decode(x0)
+
+    def encoder_identity(self) -> str:
+        if self._encoder_identity is None:
+            self._encoder_identity = self.codec.identity(self.image_size)
+        return self._encoder_identity
+
+    def extra_identity(self) -> dict[str, torch.Tensor]:
+        return {f"vae.{k}": v for k, v in self.codec.vae.state_dict().items()}
+
+    def fingerprint(self) -> str:
+        self.encoder_identity()  # taken with the fingerprint, before Compute.prepare casts any weight
+        return super().fingerprint()
