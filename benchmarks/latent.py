@@ -108,7 +108,7 @@ def main() -> None:
         sd = load_backbone(f"diffusers:{save_sd(Path(tmp) / 'sd', **SD)}")
         up1 = max(b.index for b in sd.blocks if b.name.startswith("up_blocks.1."))
         last_unit = sd.blocks[up1 - 1].name  # up_blocks.1.resnets.2: its output is the upsampler's
-        hooked = f"up_blocks.1.upsamplers.0" if sd.model.up_blocks[1].upsamplers is not None else last_unit
+        hooked = "up_blocks.1.upsamplers.0" if sd.model.up_blocks[1].upsamplers is not None else last_unit
         measure("SD-shaped U-Net", f"diffusers:{Path(tmp) / 'sd'}", up1, hooked, lambda h: h, images, ts, args.repeats)
         dit_spec = f"diffusers:{save_dit(Path(tmp) / 'dit', **DIT)}"
         middle = DIT["num_layers"] // 2  # transformer_blocks.5 is block 7 (block 1 is the patch embedding)

@@ -4,6 +4,9 @@ Encoding is deterministic: the posterior mean of AutoencoderKL (no sample is dra
 by `shift_factor` when the VAE has one (SD3/FLUX-style) and times `scaling_factor`, exactly
 as the pipelines scale latents before training. So an image has one latent, whatever the
 batch, seed or device, and it can be cached once per image.
+
+`LatentBackbone` is the part of the contract every VAE model shares (encode, decode, the
+latent model_shape, the encoder's identity); SD and DiT backbones build on it.
 """
 
 from __future__ import annotations
