@@ -2,10 +2,11 @@
 
 Reference: the full U-Net forward through every block, fp32, contiguous memory, block outputs
 caught by forward hooks, then pooled (what the paper's public code does). diffprobe: the
-extraction loop's own per-batch function (`features.batch_features`): early exit after the
-deepest block, autocast, channels_last. Also printed: each speed-up step alone, the model's
-FLOPs up to the block (torch.utils.flop_counter), and the share of the machine's bf16 matmul
-FLOP/s reached, measured in this run.
+public `diffprobe.featurize` that extraction, prediction and `Classifier` all call: early exit
+after the deepest block, the machine's precision and layout (`choose_compute`). Also printed:
+each speed-up step alone, the model's FLOPs up to the block (torch.utils.flop_counter), and
+the share of the machine's matmul FLOP/s reached, measured in this run in the precision
+diffprobe runs here (bf16 only on CPUs with native bf16; `--precision` to force one).
 
     python benchmarks/extract.py                       # CPU: 64×64, 64 channels, paper shape
     python benchmarks/extract.py --device cuda --image-size 256 --channels 256 --batch 64
@@ -14,7 +15,6 @@ FLOP/s reached, measured in this run.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import time
@@ -22,7 +22,8 @@ import time
 import torch
 
 from diffprobe import load_backbone
-from diffprobe.features.extract import batch_features, pool_features
+from diffprobe.features.featurize import featurize, pool_features
+from diffprobe.features.plan import FeaturePlan
 from diffprobe.features.noise import image_noise
 from diffprobe.precision import Compute, choose_compute
 from diffprobe.features.store import FeatureKey
@@ -114,7 +115,9 @@ def main() -> None:
     ).to(device)  # fmt: skip
     x0 = torch.rand(args.batch, 3, size, size, device=device) * 2 - 1
     noise = image_noise(range(args.batch), 0, (3, size, size)).to(device)
-    precision = args.precision or "bf16"
+    # What this machine runs (choose_compute): bf16 only where the CPU has native bf16 (AVX512-BF16/AMX);
+    # on AVX2-only CPUs bf16 is emulated and far slower, so it is measured only when asked for.
+    precision = args.precision or choose_compute(str(device)).precision
     peak = matmul_peak(device, torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32)
     full_flops = model_flops(backbone, x0, args.t, None)
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
@@ -145,13 +148,12 @@ def main() -> None:
             with torch.inference_mode():
                 return reference_features(backbone, x0, args.t, noise, keys)
 
-        # Each variant gets its own copy: preparing casts weights in place.
-        prepared = {name: compute.prepare(copy.deepcopy(backbone)) for name, compute in variants}
+        plan = FeaturePlan(t=args.t, blocks=blocks, pools=1)
 
         def run_variant(name, compute):
-            def go():
+            def go():  # the public featurize: it sets up (and caches) a copy of the backbone per compute
                 with torch.inference_mode():
-                    return batch_features(prepared[name], compute, x0, args.t, [noise], keys)
+                    return featurize(backbone, x0, plan, range(args.batch), keys=keys, compute=compute)
 
             return go
 

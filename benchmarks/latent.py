@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the pi
 from latent_models import save_dit, save_sd  # noqa: E402
 
 from diffprobe import load_backbone  # noqa: E402
-from diffprobe.features.extract import pool_features  # noqa: E402
+from diffprobe.features.featurize import pool_features  # noqa: E402
 from diffprobe.features.noise import image_noise  # noqa: E402
 from diffprobe.precision import choose_compute  # noqa: E402
 

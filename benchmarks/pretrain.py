@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from diffprobe.cli import DEFAULT_PRETRAIN_FLAGS
+from diffprobe.generate.pretrain import DEFAULT_PRETRAIN_FLAGS
 from diffprobe.generate.pretrain import PretrainConfig, Trainer
 
 

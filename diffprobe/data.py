@@ -337,7 +337,6 @@ class TransformedImages(Dataset):
 def images_uint8(data: LabeledImages, rows: np.ndarray, image_size: int, desc: str = "decoding images") -> torch.Tensor:
     """Decode once into a uint8 [N, 3, S, S] tensor (resize + centre crop), cached on disk, so that
     training epochs cost no decoding. CIFAR-10 is 150 MB this way; ImageNet at 64×64 ~16 GB."""
-    from tqdm import tqdm
     from torchvision.transforms import v2
 
     rows = np.asarray(rows, dtype=np.int64)

@@ -8,11 +8,16 @@ cosine ≥ 0.999 to the fp32 ones; on CUDA, bf16 autocast (fp16 where bf16 is mi
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import DiffprobeError
+
+if TYPE_CHECKING:
+    from .backbones.base import Backbone
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -33,33 +38,37 @@ class Compute:
     def dtype(self) -> torch.dtype:
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
 
-    def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
-        """Move a frozen model for inference, in place.
+    @property
+    def changes_model(self) -> bool:
+        return self.precision != "fp32" or self.channels_last or self.compile
 
-        With bf16/fp16, conv and linear weights are cast once here: autocast would otherwise
-        cast every weight again at every call (frozen weights are not in its cast cache). The
-        values are the same ones autocast would use. Norm parameters stay float32. A
-        backbone's fingerprint is taken before the cast, so it still names the fp32 weights.
+    def prepare(self, backbone: "Backbone") -> "Backbone":
+        """The backbone set up to run here: on this device, weights cast, layout and compile applied.
+
+        The caller's backbone is never changed: the set-up copy is made once and cached on it
+        (so demo, export and sampling share one copy per compute). With bf16/fp16, conv and
+        linear weights are cast once in the copy: autocast would otherwise cast every frozen
+        weight again at every call. The values are the ones autocast would use; norm parameters
+        stay float32. The copy keeps the original's fingerprint (the fp32 weights').
         """
-        fingerprint = getattr(module, "fingerprint", None)
-        if callable(fingerprint):
-            fingerprint()
-        cast_to = getattr(module, "_diffprobe_weights_cast_to", None)
-        if cast_to is not None and cast_to != self.precision:
-            raise DiffprobeError(
-                f"this model's weights were already cast to {cast_to} for extraction; load it again to run it in {self.precision}"
-            )
-        module = module.to(self.device)
+        if not self.changes_model and _device_of(backbone) == self.device:
+            return backbone
+        cache = backbone.__dict__.setdefault("_prepared", {})
+        if self in cache:
+            return cache[self]
+        backbone.fingerprint()  # taken on the fp32 weights, carried into the copy
+        cache[self] = prepared = copy.deepcopy(backbone)
+        prepared.__dict__["_prepared"] = {}
+        prepared.to(self.device)
         if self.precision != "fp32":
-            module._diffprobe_weights_cast_to = self.precision
-            for m in module.modules():
+            for m in prepared.modules():
                 if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)):
                     m.to(self.dtype)
         if self.channels_last:
-            module = module.to(memory_format=torch.channels_last)
-        if self.compile and hasattr(module, "compile"):
-            module.compile()
-        return module
+            prepared.to(memory_format=torch.channels_last)
+        if self.compile:
+            prepared.compile()
+        return prepared
 
     def batch(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
@@ -67,6 +76,29 @@ class Compute:
 
     def describe(self) -> str:
         return f"{self.device.type} {self.precision}" + " channels_last" * self.channels_last + " compiled" * self.compile
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    first = next(iter(module.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' -> the GPU of this process (cuda:LOCAL_RANK under torchrun) if any, else the CPU.
+    The one place a device name is resolved; a GPU asked for but absent is a clear error."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            import os
+
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise DiffprobeError(f"device {device!r} not understood: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DiffprobeError(f"--device {device} asked for, but no CUDA GPU is visible: use --device cpu (or auto)")
+    return dev
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -79,11 +111,7 @@ def cpu_has_fast_bf16() -> bool:
 def choose_compute(device: str = "auto", precision: str = "auto", channels_last: str | bool = "auto",
                    compile: str | bool = "auto") -> Compute:  # fmt: skip
     """Resolve 'auto' settings for this machine; explicit ones are checked and kept."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DiffprobeError("--device cuda asked for, but no CUDA GPU is visible: use --device cpu")
+    dev = resolve_device(device) if isinstance(device, str) else device
     if precision == "auto":
         if dev.type == "cuda":
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"

@@ -16,7 +16,9 @@ import torch
 from conftest import CIFAR_TAR, FIXTURE_SPEC, ROOT
 from diffprobe import DiffprobeError, load_backbone
 from diffprobe.data import model_transform, open_dataset
-from diffprobe.features.extract import extract, pool_features
+from diffprobe.features.plan import FeaturePlan
+from diffprobe.features.extract import extract
+from diffprobe.features.featurize import pool_features
 from diffprobe.features.noise import image_noise
 from diffprobe.precision import Compute
 from diffprobe.features.store import FeatureKey, FeatureStore
@@ -28,7 +30,9 @@ BF16 = Compute(torch.device("cpu"), "bf16", True)
 def run_extract(out, data, **kw):
     args = dict(timesteps=[90, 300], blocks=[13, 18], pools=[1, 2], batch_size=40, compute=FP32, progress=False)
     args.update(kw)
-    return extract(load_backbone(FIXTURE_SPEC), data, out, args.pop("timesteps"), args.pop("blocks"), args.pop("pools"), **args)
+    plan = FeaturePlan(t=args.pop("timesteps"), blocks=args.pop("blocks"), pools=args.pop("pools"),
+                       noise_seed=args.pop("seed", 0), draws=args.pop("draws", 1))
+    return extract(load_backbone(FIXTURE_SPEC), data, plan, out, **args)
 
 
 def test_store_holds_exactly_the_pooled_block_features(cifar_small, tmp_path):
@@ -79,7 +83,7 @@ def test_new_blocks_extend_a_store_and_only_missing_work_runs(cifar_small, tmp_p
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "diffprobe.cli", *args]
+    return [sys.executable, "-m", "diffprobe", *args]
 
 
 def test_killed_extraction_resumes_to_identical_arrays(cifar_small, tmp_path):
@@ -133,8 +137,8 @@ def test_a_store_of_other_features_is_never_reused(cifar_small, tmp_path):
     other = load_backbone("adm:random", image_size=32, num_channels=32, channel_mult="1,1,2,2",
                           attention_resolutions="16,8,4", num_head_channels=8, learn_sigma=True, resblock_updown=True)  # fmt: skip
     with pytest.raises(DiffprobeError, match=r"holds other features \(backbone.*fingerprint"):
-        extract(other, data, out, [90], [13], [1], compute=FP32, progress=False)
-    fresh = extract(other, data, out, [90], [13], [1], compute=FP32, progress=False, overwrite=True)
+        extract(other, data, FeaturePlan(t=[90], blocks=[13], pools=[1]), out, compute=FP32, progress=False)
+    fresh = extract(other, data, FeaturePlan(t=[90], blocks=[13], pools=[1]), out, compute=FP32, progress=False, overwrite=True)
     assert fresh.manifest["backbone"]["fingerprint"] == other.fingerprint()
 
 
@@ -174,11 +178,17 @@ def test_cli_extracts_from_the_shared_cifar_archive(tmp_path, capsys):
     assert "200 rows, 2 complete arrays" in capsys.readouterr().out
 
 
-def test_a_model_cast_for_bf16_is_not_silently_reused_in_fp32():
-    bb = BF16.prepare(load_backbone(FIXTURE_SPEC))
-    with pytest.raises(DiffprobeError, match="already cast to bf16"):
-        FP32.prepare(bb)
-    assert BF16.prepare(bb) is bb
+def test_prepare_never_changes_the_callers_backbone():
+    bb = load_backbone(FIXTURE_SPEC)
+    before = {k: v.clone() for k, v in bb.state_dict().items()}
+    fingerprint = bb.fingerprint()
+    fast = BF16.prepare(bb)
+    assert fast is not bb and BF16.prepare(bb) is fast  # one set-up copy per compute, cached
+    conv = next(m for m in fast.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.dtype == torch.bfloat16 and conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(torch.equal(before[k], v) and v.dtype == before[k].dtype for k, v in bb.state_dict().items())
+    assert fast.fingerprint() == fingerprint  # the copy is named by the fp32 weights it came from
+    assert FP32.prepare(bb) is bb  # fp32, NCHW, this device: nothing to set up
 
 
 def test_noise_draws_are_averaged(cifar_small, tmp_path):

@@ -19,6 +19,7 @@ from diffprobe.cli import main
 from diffprobe.data import open_dataset
 from diffprobe.features.extract import extract
 from diffprobe.features.latents import LatentCache
+from diffprobe.features.plan import FeaturePlan
 from diffprobe.features.store import FeatureKey
 from diffprobe.precision import choose_compute
 from latent_models import save_dit, save_sd
@@ -132,13 +133,14 @@ def test_features_do_not_depend_on_batch_or_rerun_and_latents_are_cached(family,
     encoded = []
     encode = bb.encode
     bb.encode = lambda images: (encoded.append(len(images)), encode(images))[1]
-    common = dict(blocks=[2, 4], pools=[1, 2], limit=12, dtype="float32", compute=FP32, progress=False)
-    a = extract(bb, data, tmp_path / "a", [10], batch_size=4, **common)
+    common = dict(limit=12, dtype="float32", compute=FP32, progress=False)
+    one, two = FeaturePlan(t=(10,), blocks=(2, 4), pools=(1, 2)), FeaturePlan(t=(10, 300), blocks=(2, 4), pools=(1, 2))
+    a = extract(bb, data, one, tmp_path / "a", batch_size=4, **common)
     assert sum(encoded) == 12 and (tmp_path / "a" / "latents" / "latents.json").is_file()
-    extract(bb, data, tmp_path / "a", [10, 300], batch_size=4, **common)  # a new timestep: latents from the cache
+    extract(bb, data, two, tmp_path / "a", batch_size=4, **common)  # a new timestep: latents from the cache
     assert sum(encoded) == 12
-    b = extract(load_backbone(spec), data, tmp_path / "b", [10, 300], batch_size=5, **common)
-    rerun = extract(load_backbone(spec), data, tmp_path / "c", [10, 300], batch_size=4, **common)
+    b = extract(load_backbone(spec), data, two, tmp_path / "b", batch_size=5, **common)
+    rerun = extract(load_backbone(spec), data, two, tmp_path / "c", batch_size=4, **common)
     assert a.complete_keys() == b.complete_keys() == rerun.complete_keys() and len(a.complete_keys()) == 8
     for key in a.complete_keys():
         np.testing.assert_allclose(a.load(key), b.load(key), rtol=1e-5, atol=1e-5)

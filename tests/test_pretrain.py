@@ -69,9 +69,10 @@ def test_held_out_images_are_the_probes_validation_split(cifar_small, tmp_path):
     assert len(rows) + len(val) == len(data) and not set(rows) & set(val)
     # A feature store of any subset of the dataset validates on exactly the held-out images.
     from diffprobe.features.extract import extract
+    from diffprobe.features.plan import FeaturePlan
 
     backbone = load_backbone("adm:random", **{k: v for k, v in TINY.items()})
-    store = extract(backbone, data, tmp_path / "store", [10], [3], [1], limit=120, batch_size=40)
+    store = extract(backbone, data, FeaturePlan(t=[10], blocks=[3], pools=[1]), tmp_path / "store", limit=120, batch_size=40)
     is_val = store.split(0.1, 0)
     assert set(store.indices[is_val]) == set(store.indices) & set(val)
     assert set(store.indices[~is_val]) <= set(rows)

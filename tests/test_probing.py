@@ -16,9 +16,11 @@ from diffprobe import DiffprobeError, load_backbone
 from diffprobe.cli import main
 from diffprobe.data import open_dataset
 from diffprobe.probing.fastprobe import knn, logistic_regression
+from diffprobe.features.plan import FeaturePlan
 from diffprobe.features.extract import extract
 from diffprobe.probing.heads import HEADS, build_head
 from diffprobe.precision import Compute
+from diffprobe.probing.config import ProbeConfig
 from diffprobe.probing.train import probe
 from diffprobe.features.store import FeatureKey, FeatureStore
 
@@ -28,7 +30,7 @@ CPU = Compute(torch.device("cpu"), "bf16", True)
 @pytest.fixture(scope="module")
 def store(cifar_small, tmp_path_factory) -> FeatureStore:
     out = tmp_path_factory.mktemp("probing") / "store"
-    return extract(load_backbone(FIXTURE_SPEC), open_dataset(cifar_small), out, [10, 90], [3, 13], [1, 2],
+    return extract(load_backbone(FIXTURE_SPEC), open_dataset(cifar_small), FeaturePlan(t=[10, 90], blocks=[3, 13], pools=[1, 2]), out,
                    compute=CPU, progress=False)  # fmt: skip
 
 
@@ -77,8 +79,8 @@ def test_fast_probe_inputs_are_checked():
 
 def test_probe_run_is_reproducible_and_complete(store, tmp_path):
     key = [FeatureKey(10, 3, 2)]
-    a = probe(store, key, tmp_path / "a", "mlp", epochs=4, seed=3, progress=False)
-    b = probe(store, key, tmp_path / "b", "mlp", epochs=4, seed=3, progress=False)
+    a = probe(store, key, tmp_path / "a", ProbeConfig("mlp", epochs=4, seed=3), progress=False)
+    b = probe(store, key, tmp_path / "b", ProbeConfig("mlp", epochs=4, seed=3), progress=False)
     assert a["val"] == b["val"] and a["history"] == b["history"]
     for name in ("config.json", "head.pt", "metrics.json", "curves.png", "confusion.png"):
         assert (tmp_path / "a" / name).is_file()
@@ -86,7 +88,7 @@ def test_probe_run_is_reproducible_and_complete(store, tmp_path):
 
 
 def test_weight_decay_is_chosen_on_validation(store, tmp_path):
-    m = probe(store, [FeatureKey(90, 13, 1)], tmp_path / "r", "linear", weight_decays=[0.0, 10.0], epochs=3, progress=False)
+    m = probe(store, [FeatureKey(90, 13, 1)], tmp_path / "r", ProbeConfig("linear", weight_decays=(0.0, 10.0), epochs=3), progress=False)
     assert set(m["weight_decay_trials"]) == {"0.0", "10.0"}
     best = max(m["weight_decay_trials"], key=lambda k: m["weight_decay_trials"][k])
     assert m["chosen"]["weight_decay"] == float(best)
@@ -97,7 +99,7 @@ def test_probe_errors(store, tmp_path):
     with pytest.raises(DiffprobeError, match="no complete features for t=10 block=25"):
         probe(store, [FeatureKey(10, 25, 1)], tmp_path / "r", progress=False)
     with pytest.raises(DiffprobeError, match="use --head fusion"):
-        probe(store, [FeatureKey(10, 3, 1), FeatureKey(90, 3, 1)], tmp_path / "r", "linear", progress=False)
+        probe(store, [FeatureKey(10, 3, 1), FeatureKey(90, 3, 1)], tmp_path / "r", ProbeConfig("linear"), progress=False)
 
 
 def test_cli_probe_predict_round_trip(store, tmp_path, capsys, cifar_small):
@@ -121,7 +123,7 @@ def test_cli_probe_predict_round_trip(store, tmp_path, capsys, cifar_small):
 
 def test_predict_errors(store, tmp_path, capsys):
     run = tmp_path / "run"
-    probe(store, [FeatureKey(10, 3, 1)], run, "linear", epochs=1, progress=False)
+    probe(store, [FeatureKey(10, 3, 1)], run, ProbeConfig("linear", epochs=1), progress=False)
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"nope")
     assert main(["predict", str(run), str(bad)]) == 2
@@ -149,7 +151,7 @@ def test_predict_refuses_a_changed_backbone(store, tmp_path, capsys):
     shutil.copy(FIXTURE_CKPT, ckpt)
     shutil.copy(FIXTURE_CKPT.with_suffix(".json"), tmp_path / "model.json")
     run = tmp_path / "run"
-    probe(store, [FeatureKey(10, 3, 1)], run, "linear", epochs=1, progress=False)
+    probe(store, [FeatureKey(10, 3, 1)], run, ProbeConfig("linear", epochs=1), progress=False)
     config = json.loads((run / "config.json").read_text())
     config["loaded_with"]["spec"] = f"adm:{ckpt}"
     (run / "config.json").write_text(json.dumps(config))
@@ -210,8 +212,8 @@ def test_augmented_views_are_cached_deterministically_and_train_a_head(cifar_sma
     data = open_dataset(cifar_small)
     bb = load_backbone(FIXTURE_SPEC)
     kw = dict(compute=CPU, progress=False, limit=60, augment_views=3, batch_size=32)
-    a = extract(bb, data, tmp_path / "aug_a", [10], [3], [2], **kw)
-    b = extract(load_backbone(FIXTURE_SPEC), data, tmp_path / "aug_b", [10], [3], [2], **kw)
+    a = extract(bb, data, FeaturePlan(t=[10], blocks=[3], pools=[2]), tmp_path / "aug_a", **kw)
+    b = extract(load_backbone(FIXTURE_SPEC), data, FeaturePlan(t=[10], blocks=[3], pools=[2]), tmp_path / "aug_b", **kw)
     key = FeatureKey(10, 3, 2)
     assert a.rows == 180 and np.array_equal(a.indices[::3], a.indices[1::3])
     assert np.array_equal(a.load(key), b.load(key))  # same view, same features, every run
@@ -221,14 +223,14 @@ def test_augmented_views_are_cached_deterministically_and_train_a_head(cifar_sma
 
     # The store of 300 clean images: train on the augmented views of the 60 images it has.
     with pytest.raises(DiffprobeError, match="lacks views of"):
-        probe(store, [key], tmp_path / "r", "linear", epochs=2, progress=False, augmented=a)
-    clean = extract(load_backbone(FIXTURE_SPEC), data, tmp_path / "clean", [10], [3], [2], compute=CPU, progress=False, limit=60)
-    m = probe(clean, [key], tmp_path / "r", "linear", epochs=3, val_fraction=0.5, progress=False, augmented=a)
+        probe(store, [key], tmp_path / "r", ProbeConfig("linear", epochs=2), progress=False, augmented=a)
+    clean = extract(load_backbone(FIXTURE_SPEC), data, FeaturePlan(t=[10], blocks=[3], pools=[2]), tmp_path / "clean", compute=CPU, progress=False, limit=60)
+    m = probe(clean, [key], tmp_path / "r", ProbeConfig("linear", epochs=3, val_fraction=0.5), progress=False, augmented=a)
     # The split is the dataset's (FeatureStore.split): about half of this subset, exactly the store's mask.
     assert m["val"]["rows"] == int(clean.split(0.5, 0).sum()) and 20 <= m["val"]["rows"] <= 40
     assert m["history"][0]["train_top1"] >= 0
     with pytest.raises(DiffprobeError, match="holds no augmented views"):
-        probe(clean, [key], tmp_path / "r2", "linear", epochs=1, progress=False, augmented=clean)
+        probe(clean, [key], tmp_path / "r2", ProbeConfig("linear", epochs=1), progress=False, augmented=clean)
     code = main(["sweep", FIXTURE_SPEC, "--data", str(cifar_small), "--blocks", "3", "--t", "10", "--augment-views", "2",
                  "--out", str(tmp_path / "sw")])  # fmt: skip
     assert code == 2 and "a sweep scores centre-crop features" in capsys.readouterr().err
@@ -240,13 +242,13 @@ def test_probe_bad_inputs(store, tmp_path, capsys, cifar_small):
     assert main(["probe", str(empty), "--t", "10", "--block", "3", "--out", str(tmp_path / "r")]) == 2
     assert "is not a feature store" in capsys.readouterr().err
     # A store whose extraction never finished: no complete array to train on.
-    partial = extract(load_backbone(FIXTURE_SPEC), open_dataset(cifar_small), tmp_path / "partial", [10], [3], [1],
+    partial = extract(load_backbone(FIXTURE_SPEC), open_dataset(cifar_small), FeaturePlan(t=[10], blocks=[3], pools=[1]), tmp_path / "partial",
                       compute=CPU, progress=False, rank=0, world_size=50, batch_size=4)  # fmt: skip
     assert not partial.complete_keys()
     assert main(["probe", str(partial.root), "--t", "10", "--block", "3", "--out", str(tmp_path / "r")]) == 2
     assert "no complete features for t=10 block=3" in capsys.readouterr().err
     # A test store from another backbone.
-    other = extract(load_backbone(FIXTURE_SPEC).random_like(1), open_dataset(cifar_small), tmp_path / "other", [10], [3], [1],
+    other = extract(load_backbone(FIXTURE_SPEC).random_like(1), open_dataset(cifar_small), FeaturePlan(t=[10], blocks=[3], pools=[1]), tmp_path / "other",
                     compute=CPU, progress=False, limit=20)  # fmt: skip
     code = main(["probe", str(store.root), "--t", "10", "--block", "3", "--epochs", "1", "--test-store", str(other.root),
                  "--out", str(tmp_path / "r")])  # fmt: skip
@@ -255,7 +257,7 @@ def test_probe_bad_inputs(store, tmp_path, capsys, cifar_small):
 
 def test_predict_with_an_unknown_block_in_the_run(store, tmp_path, capsys):
     run = tmp_path / "run"
-    probe(store, [FeatureKey(10, 3, 1)], run, "linear", epochs=1, progress=False)
+    probe(store, [FeatureKey(10, 3, 1)], run, ProbeConfig("linear", epochs=1), progress=False)
     config = json.loads((run / "config.json").read_text())
     config["keys"][0]["block"] = 99
     (run / "config.json").write_text(json.dumps(config))

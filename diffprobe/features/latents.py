@@ -25,16 +25,23 @@ import torch
 
 from .._io import atomic_write, write_json
 from ..backbones.base import Backbone
+from ..precision import Compute
 from .store import FeatureStore
 
 
+def encode(backbone: Backbone, images: torch.Tensor, compute: Compute) -> torch.Tensor:
+    """Images -> model space on the compute's prepared copy, exactly as `featurize` encodes."""
+    with compute.autocast():
+        return compute.prepare(backbone).encode(images.to(compute.device)).float()
+
+
 class PixelInputs:
-    """Pixel models: the model input is the image itself."""
+    """Pixel models: the model input is the image itself (encode is the identity)."""
 
     encoded_chunks = 0
 
-    def encode_chunk(self, backbone: Backbone, chunk: int, images: torch.Tensor) -> torch.Tensor:
-        return backbone.encode(images)
+    def encode_chunk(self, backbone: Backbone, chunk: int, images: torch.Tensor, compute: Compute) -> torch.Tensor:
+        return encode(backbone, images, compute)
 
 
 class LatentCache:
@@ -89,12 +96,12 @@ class LatentCache:
             self._map = np.load(self.array_path, mmap_mode="r+")
         return self._map
 
-    def encode_chunk(self, backbone: Backbone, chunk: int, images: torch.Tensor) -> torch.Tensor:
-        """The latents of one chunk of store rows: read from the cache, or encoded and cached now."""
+    def encode_chunk(self, backbone: Backbone, chunk: int, images: torch.Tensor, compute: Compute) -> torch.Tensor:
+        """The latents of one chunk of store rows (on the compute's device): from the cache, or encoded and cached now."""
         rows = self.store.chunk_slice(chunk)
         if self.done()[chunk]:
-            return torch.from_numpy(np.array(self._array()[rows])).to(images.device)
-        latents = backbone.encode(images).float()
+            return torch.from_numpy(np.array(self._array()[rows])).to(compute.device)
+        latents = encode(backbone, images, compute)
         target = self._array()
         target[rows] = latents.cpu().numpy()
         target.flush()

@@ -220,6 +220,23 @@ class FeatureStore:
         data = np.load(array_path, mmap_mode="r")
         return np.asarray(data if rows is None else data[rows], dtype=np.float32)
 
+    def select_keys(self, stems: str | None = None) -> list[FeatureKey]:
+        """Settings named like "t0090_b24_p1,t0150_b24_p1" (all complete ones when None), each complete."""
+        if not stems:
+            keys = self.complete_keys()
+            if not keys:
+                raise DiffprobeError(f"{self.root} holds no complete features")
+            return keys
+        try:
+            keys = [FeatureKey.parse(stem) for stem in stems.split(",") if stem]
+        except ValueError:
+            raise DiffprobeError(f"settings {stems!r}: expected names like t0090_b24_p1, comma-separated") from None
+        missing = [k.stem for k in keys if not self.is_complete(k)]
+        if missing:
+            have = ", ".join(k.stem for k in self.complete_keys()) or "none"
+            raise DiffprobeError(f"{self.root} has no complete {', '.join(missing)} (complete: {have})")
+        return keys
+
     def summary(self) -> dict[str, Any]:
         return {
             "root": str(self.root),

@@ -19,6 +19,8 @@ import torch
 from ..backbones import load_backbone
 from ..data import LabeledImages, cache_dir
 from ..errors import DiffprobeError
+from ..features.extract import ExtractOptions
+from ..features.plan import FeaturePlan
 from ..precision import choose_compute
 from .._io import torch_save
 from .pretrain import CHECKPOINT_NAME
@@ -67,12 +69,12 @@ def export_run(run: str | Path, dest: str | Path, data: LabeledImages, limit: in
     backbone = load_backbone(spec)
     # Features and samples behind the card live in the cache, not beside the shipped files.
     work = cache_dir() / "export" / f"{dest.resolve().name}-{state['step']}"
-    summary = sweep(backbone, data, work / "sweep", list(timesteps), list(blocks), list(pools), limit=limit,
-                    compute=compute, probe_device=str(compute.device))  # fmt: skip
+    summary = sweep(backbone, data, work / "sweep", FeaturePlan(t=timesteps, blocks=blocks, pools=pools),
+                    ExtractOptions(limit=limit, compute=compute))  # fmt: skip
     for name in ("sweep.csv", "heatmap_pool1.png", "heatmap_pool2.png", "summary.json"):
         if (work / "sweep" / name).is_file():
             shutil.copy(work / "sweep" / name, dest / f"probe_{name}")
-    shutil.copy(sample_grid(spec, work / "samples", samples, 100, compute), dest / "samples.png")
+    shutil.copy(sample_grid(backbone, work / "samples", samples, 100, compute), dest / "samples.png")
 
     history = state["history"]
     best, controls = summary["best"], summary["controls"]
@@ -80,7 +82,7 @@ def export_run(run: str | Path, dest: str | Path, data: LabeledImages, limit: in
         "architecture": "ADM U-Net (guided-diffusion layout), " + ", ".join(f"{k}={v}" for k, v in side["flags"].items()),
         "parameters": f"{params / 1e6:.2f}M, stored as {side['stored_dtype']} ({(dest / 'ema.pt').stat().st_size / 2**20:.1f} MiB)",
         "training data": f"{data.name}: {config['train_rows']} images (all but the stratified validation split, "
-                         f"fraction {config['holdout_fraction']}, seed {config['holdout_seed']})",
+                         f"fraction {config.get('val_fraction', config.get('holdout_fraction'))}, seed {config.get('split_seed', config.get('holdout_seed'))})",
         "objective": "ε-prediction, simple MSE" + (" + λ·L_vlb (learned sigma)" if side["flags"].get("learn_sigma") else ""),
         "optimiser": f"AdamW lr {config['lr']}, warm-up {config['warmup_steps']} steps, weight decay {config['weight_decay']}, "
                      f"grad clip {config['grad_clip']}, batch {config['batch_size']}, EMA {config['ema_decay']} (warmed up), "

@@ -14,7 +14,7 @@ from typing import Iterable
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from ..errors import DiffprobeError
 
@@ -76,3 +76,21 @@ def compute_fid(metric, fake: torch.Tensor, real: Iterable[torch.Tensor], real_c
         for batch in tqdm(real, total=-(-real_count // batch_size), desc="FID: real images", unit="batch", mininterval=2):
             metric.update(batch, real=True)
     return float(metric.compute())
+
+
+def fid_of_samples(samples: str | Path, real, real_limit: int | None = None, inception_weights: str | Path | None = None,
+                   batch_size: int = 100, out: str | Path | None = None) -> dict:  # fmt: skip
+    """FID of a samples .npz against a dataset (a stratified subset of `real_limit` images if given);
+    the result dict is also written as JSON to `out` when given."""
+    from .._io import write_json
+    from ..data import stratified_subset
+
+    fake = load_npz_images(samples)
+    metric = inception_fid(inception_weights)  # first: fail before reading images
+    rows = stratified_subset(real.labels, real_limit, 0) if real_limit else np.arange(len(real))
+    value = compute_fid(metric, fake, dataset_batches(real, rows, batch_size), len(rows), batch_size)
+    result = {"fid": value, "samples": str(samples), "num_samples": len(fake), "real": real.name,
+              "num_real": int(len(rows)), "inception_weights": str(inception_weights or "torch-fidelity download")}  # fmt: skip
+    if out:
+        write_json(out, result)
+    return result

@@ -26,18 +26,29 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..backbones.adm import ADMUNet, AttentionBlock, ResBlock
 from ..backbones.adm_config import architecture_from_flags, normalize_flags
 from ..data import LabeledImages, images_uint8, stratified_split, to_model_range
 from .._io import torch_save, write_json
 from ..errors import DiffprobeError
+from ..precision import cpu_has_fast_bf16, resolve_device
 from ..features.noise import NoiseSchedule
 from .vlb import learned_range_vlb
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "training-state.pt"
+RENAMED = {"holdout_fraction": "val_fraction", "holdout_seed": "split_seed"}  # names in runs of diffprobe 0.1
+
+# The default training architecture: DDPM's CIFAR-10 U-Net layout (channel_mult 1,2,2,2, attention at
+# 16×16, dropout 0.1) in ADM's flags, narrower by default so it trains on a CPU.
+DEFAULT_PRETRAIN_FLAGS = {
+    "image_size": 32, "num_channels": 64, "channel_mult": "1,2,2,2", "num_res_blocks": 2,
+    "attention_resolutions": "16", "num_head_channels": 32, "dropout": 0.1, "use_scale_shift_norm": True,
+    "resblock_updown": False, "learn_sigma": False, "noise_schedule": "linear", "diffusion_steps": 1000,
+}  # fmt: skip
 
 
 @dataclass
@@ -53,8 +64,8 @@ class PretrainConfig:
     ema_decay: float = 0.9999
     hflip: bool = True
     seed: int = 0
-    holdout_fraction: float = 0.1  # the validation split probes score on, never trained on
-    holdout_seed: int = 0
+    val_fraction: float = 0.1  # the validation split probes score on, never trained on
+    split_seed: int = 0
     vlb_weight: float = 0.001  # improved DDPM's λ for L_vlb (used only with learn_sigma)
     data_fingerprint: str = ""
     train_rows: int = 0
@@ -72,7 +83,7 @@ class RunState:
 
 def training_rows(labels: np.ndarray, config: PretrainConfig) -> np.ndarray:
     """Dataset indices trained on: all but the stratified validation split of the whole dataset."""
-    is_val = stratified_split(labels, config.holdout_fraction, config.holdout_seed)
+    is_val = stratified_split(labels, config.val_fraction, config.split_seed)
     return np.flatnonzero(~is_val)
 
 
@@ -126,15 +137,16 @@ class Trainer:
     def __init__(self, config: PretrainConfig, images: torch.Tensor, out: Path, device: str = "cpu",
                  precision: str = "auto", channels_last: bool | None = None):  # fmt: skip
         self.config, self.images, self.out = config, images, Path(out)
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         flags = normalize_flags(config.flags)
         self.flags = flags
         self.schedule = NoiseSchedule.named(flags["noise_schedule"], flags["diffusion_steps"])
         self.learn_sigma = flags["learn_sigma"]
         if flags["class_cond"]:
             raise DiffprobeError("pretrain trains unconditional models (class_cond=False); class-conditional training is not supported yet")
-        if precision == "auto":
-            precision = "bf16" if self.device.type == "cpu" or torch.cuda.is_bf16_supported() else "fp32"
+        if precision == "auto":  # bf16 only where it is fast: on AVX2-only CPUs it is ~40× slower than fp32
+            fast_bf16 = cpu_has_fast_bf16() if self.device.type == "cpu" else torch.cuda.is_bf16_supported()
+            precision = "bf16" if fast_bf16 else "fp32"
         if precision not in ("bf16", "fp32"):
             raise DiffprobeError(f"pretrain precision {precision!r}: expected bf16 or fp32 (fp16 needs loss scaling)")
         self.precision = precision
@@ -172,9 +184,10 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         blob = torch.load(path, map_location=self.device, weights_only=True)
-        differ = [k for k, v in self.config.trajectory().items() if blob["config"].get(k) != v]
+        saved = {RENAMED.get(k, k): v for k, v in blob["config"].items()}
+        differ = [k for k, v in self.config.trajectory().items() if saved.get(k) != v]
         if differ:
-            details = "; ".join(f"{k}: checkpoint {blob['config'].get(k)!r} vs now {getattr(self.config, k)!r}" for k in differ)
+            details = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(self.config, k)!r}" for k in differ)
             raise DiffprobeError(f"{path} was trained with other settings ({details}); use another --out or the same settings")
         self.model.load_state_dict(blob["model"])
         self.ema.load_state_dict(blob["ema"])
@@ -211,8 +224,6 @@ class Trainer:
         return mse + cfg.vlb_weight * vlb * self.schedule.num_timesteps / 1000.0
 
     def train(self, total_steps: int, save_every: int, log_every: int = 10) -> RunState:
-        from tqdm import tqdm
-
         self.model.train()
         start = self.state.step
         if start >= total_steps:

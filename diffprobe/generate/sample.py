@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from ..backbones.base import Backbone
 from ..errors import DiffprobeError
@@ -35,14 +35,23 @@ def make_scheduler(backbone: Backbone, sampler: str, learned_sigma: bool):
     raise DiffprobeError(f"unknown sampler {sampler!r}: expected ddpm or ddim")
 
 
-def sample_images(backbone: Backbone, num: int, sampler: str = "ddim", steps: int = 100, seed: int = 0,
+DDIM_STEPS = 100  # the default for DDIM; DDPM always runs the schedule's every step
+
+
+def default_steps(backbone: Backbone, sampler: str) -> int:
+    return backbone.schedule.num_timesteps if sampler == "ddpm" else min(DDIM_STEPS, backbone.schedule.num_timesteps)
+
+
+def sample_images(backbone: Backbone, num: int, sampler: str = "ddim", steps: int | None = None, seed: int = 0,
                   batch_size: int = 64, eta: float = 0.0, compute: Compute | None = None) -> torch.Tensor:  # fmt: skip
     """uint8 images [num, 3, S, S]."""
     if backbone.num_classes and backbone.default_class_label is None:  # DiT samples its null class
         raise DiffprobeError("sampling class-conditional models is not supported yet: use an unconditional checkpoint")
     compute = compute or Compute(torch.device("cpu"), "fp32", False, False)
+    backbone = compute.prepare(backbone)  # a set-up copy; the caller's backbone is unchanged
     learned_sigma = backbone.learned_sigma
     scheduler = make_scheduler(backbone, sampler, learned_sigma)
+    steps = default_steps(backbone, sampler) if steps is None else steps
     if sampler == "ddpm" and steps != scheduler.config.num_train_timesteps:
         raise DiffprobeError(f"ddpm samples with all {scheduler.config.num_train_timesteps} steps; use ddim for fewer (got --steps {steps})")
     if not 1 <= steps <= scheduler.config.num_train_timesteps:
@@ -84,17 +93,9 @@ def save_samples(images: torch.Tensor, out: str | Path, info: dict) -> dict[str,
     return {"npz": str(out / "samples.npz"), "grid": str(out / "grid.png")}
 
 
-def sample_grid(spec: str, out: str | Path, num: int, steps: int, compute: Compute, seed: int = 0) -> Path:
-    """DDIM samples of a checkpoint into out/ (grid.png, samples.npz, samples.json); returns the grid.
-
-    Loads its own copy of the backbone: `compute.prepare` casts weights in place, and a caller's
-    copy may already have been cast for extraction.
-    """
-    from ..backbones import load_backbone
-
-    backbone = load_backbone(spec)
-    compute.prepare(backbone)  # the whole backbone: a latent model's VAE moves and casts with its denoiser
+def sample_grid(backbone: Backbone, out: str | Path, num: int, steps: int, compute: Compute, seed: int = 0) -> Path:
+    """DDIM samples into out/ (grid.png, samples.npz, samples.json); returns the grid."""
     steps = min(steps, backbone.schedule.num_timesteps)
     images = sample_images(backbone, num, "ddim", steps, seed=seed, batch_size=num, compute=compute)
-    files = save_samples(images, out, {"source": spec, "sampler": "ddim", "steps": steps, "seed": seed, "num": num})
+    files = save_samples(images, out, {"source": backbone.source, "sampler": "ddim", "steps": steps, "seed": seed, "num": num})
     return Path(files["grid"])

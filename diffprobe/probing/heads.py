@@ -120,6 +120,24 @@ class FusionHead(nn.Module):
 
 
 HEADS = ("linear", "mlp", "cnn", "attention", "fusion")
+# The options each head takes, with their defaults (the CLI offers them all; each head keeps its own).
+HEAD_OPTIONS: dict[str, dict[str, object]] = {
+    "linear": {"batchnorm": False},
+    "mlp": {"hidden": (1024,)},
+    "cnn": {"width": 256},
+    "attention": {"width": 256, "depth": 2, "heads": 8},
+    "fusion": {"width": 256, "depth": 2, "heads": 8},
+}
+
+
+def head_options(kind: str, **given: object) -> dict[str, object]:
+    """Every option of head `kind`: from `given` where set (not None), else its default; other heads' options are dropped."""
+    if kind not in HEADS:
+        from ..errors import DiffprobeError
+
+        raise DiffprobeError(f"unknown head {kind!r}; expected one of {', '.join(HEADS)}")
+    chosen = {name: default if given.get(name) is None else given[name] for name, default in HEAD_OPTIONS[kind].items()}
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in chosen.items()}
 
 
 def build_head(kind: str, shapes: Sequence[tuple[int, int]], num_classes: int, **options) -> nn.Module:

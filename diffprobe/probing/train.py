@@ -25,41 +25,15 @@ from .. import __version__
 from ..errors import DiffprobeError
 from .fastprobe import Standardizer, topk
 from .heads import build_head
-from .._io import write_json
+from .._io import output_dir, torch_save, write_json
+from ..features.plan import FeaturePlan
+from ..precision import resolve_device
+from .config import ProbeConfig, Recipe
 from ..report import confusion_matrix_plot, training_curves
 from ..features.store import FeatureKey, FeatureStore
 
 log = logging.getLogger(__name__)
 RUN_FORMAT = 1
-
-
-@dataclass(frozen=True)
-class Recipe:
-    name: str
-    optimizer: str  # sgd | adamw
-    lr: float
-    epochs: int
-    batch_size: int = 128
-    schedule: str = "step"  # step (×gamma every step_every epochs) | cosine (after linear warmup)
-    step_every: int = 7
-    gamma: float = 0.1
-    warmup_epochs: int = 0
-    momentum: float = 0.9
-
-
-def recipe_for(name: str, head: str, epochs: int | None = None, lr: float | None = None) -> Recipe:
-    """`paper`: the public code's SGD recipe (lr 1e-2 linear, 5e-2 attention; ×0.1 every 7 epochs;
-    28 epochs; batch 128). `modern`: AdamW, linear warmup then cosine."""
-    if name == "paper":
-        base = Recipe("paper", "sgd", 5e-2 if head in ("attention", "fusion") else 1e-2, 28)
-    elif name == "modern":
-        # lr per head measured on CIFAR-10 features (linear: 1e-2 beat 1e-3 by 4 points on 3,000 images)
-        lr = {"linear": 1e-2, "mlp": 1e-3}.get(head, 3e-4)
-        base = Recipe("modern", "adamw", lr, 30, schedule="cosine", warmup_epochs=2)
-    else:
-        raise DiffprobeError(f"unknown recipe {name!r}: expected paper or modern")
-    changes = {k: v for k, v in {"epochs": epochs, "lr": lr}.items() if v is not None}
-    return Recipe(**{**asdict(base), **changes})
 
 
 def _lr_at(recipe: Recipe, epoch: float) -> float:
@@ -203,37 +177,57 @@ def per_class_report(logits: torch.Tensor, y: torch.Tensor, classes: Sequence[st
     return per_class, matrix
 
 
+def check_same_backbone_manifest(manifest: dict, root: str | Path, b: FeatureStore, role: str = "test") -> None:
+    if manifest["backbone"]["fingerprint"] != b.manifest["backbone"]["fingerprint"] or manifest["noise"] != b.manifest["noise"]:
+        raise DiffprobeError(f"{role} store {b.root} was made with another backbone or noise setting than {root}")
+
+
 def check_same_backbone(a: FeatureStore, b: FeatureStore, role: str = "test") -> None:
-    fa, fb = a.manifest["backbone"]["fingerprint"], b.manifest["backbone"]["fingerprint"]
-    if fa != fb or a.manifest["noise"] != b.manifest["noise"]:
-        raise DiffprobeError(f"{role} store {b.root} was made with another backbone or noise setting than {a.root}")
+    check_same_backbone_manifest(a.manifest, a.root, b, role)
     if a.classes != b.classes:
         raise DiffprobeError(f"{role} store {b.root} has other classes than {a.root}")
 
 
-def probe(store: FeatureStore, keys: Sequence[FeatureKey], out: str | Path, head_kind: str = "linear",
-          recipe_name: str = "modern", weight_decays: Sequence[float] = (1e-4,), epochs: int | None = None,
-          lr: float | None = None, val_fraction: float = 0.1, split_seed: int = 0, seed: int = 0,
-          head_options: dict | None = None, test_store: FeatureStore | None = None, device: str = "cpu",
-          progress: bool = True, augmented: FeatureStore | None = None) -> dict:  # fmt: skip
-    """Train a head on the train split, choose epoch and weight decay on validation, save the run."""
-    head_options = dict(head_options or {})
+@dataclass
+class FittedHead:
+    """What training a head on a store gives back, in memory: nothing is written until `save_run`."""
+
+    model: FeatureHead
+    keys: list[FeatureKey]
+    config: ProbeConfig
+    metrics: dict[str, Any]
+    confusion: np.ndarray
+    input_shapes: list[tuple[int, int]]
+    classes: list[str]
+    store_manifest: dict[str, Any]
+    store_root: str
+    augmented_root: str | None = None
+
+
+def check_keys(store: FeatureStore, keys: Sequence[FeatureKey], head: str) -> None:
     available = set(store.complete_keys())
     for k in keys:
         if k not in available:
             have = ", ".join(x.stem for x in sorted(available)) or "none"
             raise DiffprobeError(f"{store.root} has no complete features for t={k.t} block={k.block} pool={k.pool} (complete: {have})")
-    if head_kind != "fusion" and len(keys) != 1:
-        raise DiffprobeError(f"the {head_kind} head takes one --t/--block/--pool setting; use --head fusion for several")
-    recipe = recipe_for(recipe_name, head_kind, epochs, lr)
-    is_val = store.split(val_fraction, split_seed)
+    if head != "fusion" and len(keys) != 1:
+        raise DiffprobeError(f"the {head} head takes one --t/--blocks/--pool setting; use --head fusion for several")
+
+
+def fit_head(store: FeatureStore, keys: Sequence[FeatureKey], config: ProbeConfig, device: str = "cpu",
+             progress: bool = True, augmented: FeatureStore | None = None) -> FittedHead:  # fmt: skip
+    """Train on the train split, choose epoch and weight decay on validation; validation metrics."""
+    keys = list(keys)
+    check_keys(store, keys, config.head)
+    recipe = config.training_recipe()
+    is_val = store.split(config.val_fraction, config.split_seed)
     train_rows, val_rows = np.flatnonzero(~is_val), np.flatnonzero(is_val)
     if len(val_rows) == 0 or len(train_rows) == 0:
-        raise DiffprobeError(f"the split leaves no validation or no training rows ({store.rows} rows, val fraction {val_fraction})")
+        raise DiffprobeError(f"the split leaves no validation or no training rows ({store.rows} rows, val fraction {config.val_fraction})")
     trials = []
-    for wd in weight_decays:
-        model, history, best_epoch = train_once(store, keys, head_kind, recipe, wd, train_rows, val_rows, seed,
-                                                head_options, device, progress, augmented)  # fmt: skip
+    for wd in config.weight_decays:
+        model, history, best_epoch = train_once(store, keys, config.head, recipe, wd, train_rows, val_rows, config.seed,
+                                                config.options, device, progress, augmented)  # fmt: skip
         trials.append((max(h["val_top1"] for h in history), wd, model, history, best_epoch))
     best_top1, best_wd, model, history, best_epoch = max(trials, key=lambda tr: tr[0])
 
@@ -247,42 +241,67 @@ def probe(store: FeatureStore, keys: Sequence[FeatureKey], out: str | Path, head
         "train_rows": int(len(train_rows)),
         "history": history,
     }
-    if test_store is not None:
-        check_same_backbone(store, test_store)
-        tlabels = torch.from_numpy(test_store.labels)
-        _, t1, t5, _ = _evaluate(model, load_inputs(test_store, keys), tlabels)
-        metrics["test"] = {"top1": t1, "top5": t5, "rows": test_store.rows}
+    return FittedHead(model, keys, config, metrics, matrix, input_shapes(store, keys), store.classes, store.manifest,
+                      str(store.root), str(augmented.root) if augmented is not None else None)  # fmt: skip
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+
+def evaluate_store(fitted: FittedHead, store: FeatureStore) -> dict[str, Any]:
+    """Top-1/top-5 of a fitted head on every row of another store of the same backbone and noise."""
+    check_same_backbone_manifest(fitted.store_manifest, fitted.store_root, store)
+    if store.classes != fitted.classes:
+        raise DiffprobeError(f"store {store.root} has other classes than the one the head was trained on")
+    labels = torch.from_numpy(store.labels)
+    _, top1, top5, _ = _evaluate(fitted.model, load_inputs(store, fitted.keys), labels)
+    return {"top1": top1, "top5": top5, "rows": store.rows}
+
+
+def save_run(fitted: FittedHead, out: str | Path) -> Path:
+    """The run directory `diffprobe predict` and `Probe.load` read (see the module docstring)."""
+    out = output_dir(out)
+    m, cfg = fitted.store_manifest, fitted.config
+    recipe = cfg.training_recipe()
     config = {
         "format": RUN_FORMAT,
         "diffprobe": __version__,
-        "head": head_kind,
-        "head_options": head_options,
-        "input_shapes": input_shapes(store, keys),
-        "keys": [asdict(k) for k in keys],
+        "head": cfg.head,
+        "head_options": cfg.options,
+        "input_shapes": fitted.input_shapes,
+        "keys": [asdict(k) for k in fitted.keys],
+        "plan": FeaturePlan.from_keys(fitted.keys, m["noise"]["seed"], m["noise"]["draws"]).to_dict(),
+        "probe_config": cfg.to_dict(),
         "recipe": asdict(recipe),
-        "weight_decays": list(weight_decays),
-        "val_fraction": val_fraction,
-        "split_seed": split_seed,
-        "seed": seed,
-        "classes": store.classes,
-        "store": str(store.root),
-        "augmented_store": str(augmented.root) if augmented is not None else None,
-        "backbone": store.manifest["backbone"],
-        "loaded_with": store.manifest.get("loaded_with", {}),
-        "noise": store.manifest["noise"],
-        "transform": store.manifest["transform"],
-        "precision": store.manifest["precision"],
+        "weight_decays": list(cfg.weight_decays),
+        "val_fraction": cfg.val_fraction,
+        "split_seed": cfg.split_seed,
+        "seed": cfg.seed,
+        "classes": fitted.classes,
+        "store": fitted.store_root,
+        "augmented_store": fitted.augmented_root,
+        "backbone": m["backbone"],
+        "loaded_with": m.get("loaded_with", {}),
+        "noise": m["noise"],
+        "transform": m["transform"],
+        "precision": m["precision"],
     }
-    (out / "config.json").write_text(json.dumps(config, indent=1))
-    torch.save(model.state_dict(), out / "head.pt")
-    write_json(out / "metrics.json", metrics)
-    setting = ", ".join(k.stem for k in keys)
-    training_curves(out / "curves.png", history, f"{head_kind} head, {recipe.name} recipe, {setting}")
-    confusion_matrix_plot(out / "confusion.png", matrix, store.classes, f"{head_kind} head, validation top-1 {val_top1:.1f}%")
-    return metrics
+    write_json(out / "config.json", config)
+    torch_save(fitted.model.state_dict(), out / "head.pt")
+    write_json(out / "metrics.json", fitted.metrics)
+    setting = ", ".join(k.stem for k in fitted.keys)
+    training_curves(out / "curves.png", fitted.metrics["history"], f"{cfg.head} head, {recipe.name} recipe, {setting}")
+    confusion_matrix_plot(out / "confusion.png", fitted.confusion, fitted.classes,
+                          f"{cfg.head} head, validation top-1 {fitted.metrics['val']['top1']:.1f}%")  # fmt: skip
+    return out
+
+
+def probe(store: FeatureStore, keys: Sequence[FeatureKey], out: str | Path, config: ProbeConfig | None = None,
+          test_store: FeatureStore | None = None, device: str = "auto", progress: bool = True,
+          augmented: FeatureStore | None = None) -> dict:  # fmt: skip
+    """`diffprobe probe`: fit a head, score the test store if given, save the run; its metrics."""
+    fitted = fit_head(store, keys, config or ProbeConfig(), str(resolve_device(device)), progress, augmented)
+    if test_store is not None:
+        fitted.metrics["test"] = evaluate_store(fitted, test_store)
+    save_run(fitted, out)
+    return fitted.metrics
 
 
 def load_run(run_dir: str | Path) -> tuple[dict, FeatureHead]:

@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import DiffprobeError
 
@@ -121,7 +122,6 @@ def store_cka(store_a, keys_a, store_b, keys_b, batch_size: int = 1000, seed: in
     Both stores must hold the same images in the same rows. Rows are visited in a seeded random
     order, so each minibatch is a sample of the whole set (stores are sorted by class).
     """
-    from tqdm.auto import tqdm
 
     if store_a.manifest["data"]["fingerprint"] != store_b.manifest["data"]["fingerprint"] or not np.array_equal(store_a.indices, store_b.indices):
         raise DiffprobeError(f"{store_a.root} and {store_b.root} hold different images: CKA compares features of the same images")
@@ -139,7 +139,6 @@ def store_cka(store_a, keys_a, store_b, keys_b, batch_size: int = 1000, seed: in
 def source_cka(store_a, keys_a, data, source, batch_size: int = 500, seed: int = 0, progress: bool = True) -> np.ndarray:
     """Minibatch linear CKA of stored features (A) against a model's stage features (B) computed
     on the same images, batch by batch (nothing but one batch in memory)."""
-    from tqdm.auto import tqdm
 
     if data.fingerprint() != store_a.manifest["data"]["fingerprint"]:
         raise DiffprobeError(f"--data is not the dataset {store_a.root} was extracted from ({store_a.manifest['data']['name']})")
@@ -154,3 +153,36 @@ def source_cka(store_a, keys_a, data, source, batch_size: int = 500, seed: int =
         feats = source.features(images)
         mb.update([store_a.load(k, rows) for k in keys_a], [feats[s] for s in source.stages])
     return mb.compute()
+
+
+def cka_study(store_a, out, a_keys: str | None = None, b: str | None = None, b_keys: str | None = None, data=None,
+              b_weights: str | None = None, b_pool: int = 1, batch_size: int = 1000, seed: int = 0) -> dict:  # fmt: skip
+    """Minibatch linear CKA between settings of store A and those of B (another store, A itself,
+    or a model's stages: baseline:DIR, torchvision:ARCH, timm:NAME computed on `data`);
+    writes cka.csv and an annotated heatmap cka.png into `out`."""
+    from .._io import output_dir, write_csv
+    from ..features.store import FeatureStore
+    from ..report import heatmap, short_source
+
+    keys_a = store_a.select_keys(a_keys)
+    name_a = short_source(store_a.manifest["backbone"]["source"])
+    if b and b.startswith(("baseline:", "torchvision:", "timm:")):
+        from .baseline import ModelSource
+
+        if data is None:
+            raise DiffprobeError("comparing with a model needs --data: the dataset the store was extracted from")
+        source = ModelSource(b, weights=b_weights, pool=b_pool)
+        matrix = source_cka(store_a, keys_a, data, source, batch_size, seed)
+        labels_b, name_b = source.stages, source.description
+    else:
+        store_b = FeatureStore.open(b) if b else store_a
+        keys_b = store_b.select_keys(b_keys if b else (b_keys or a_keys))
+        matrix = store_cka(store_a, keys_a, store_b, keys_b, batch_size, seed)
+        labels_b, name_b = [k.stem for k in keys_b], short_source(store_b.manifest["backbone"]["source"])
+    out = output_dir(out)
+    write_csv(out / "cka.csv", [{"a": ka.stem, **{lb: round(float(v), 6) for lb, v in zip(labels_b, row)}}
+                                for ka, row in zip(keys_a, matrix)])  # fmt: skip
+    heatmap(out / "cka.png", matrix * 100, [k.stem for k in keys_a], labels_b,
+            f"linear CKA ×100 (minibatch, {store_a.rows} images)", xlabel=f"B: {name_b}", ylabel=f"A: {name_a}",
+            colorbar="CKA ×100")  # fmt: skip
+    return {"matrix": matrix, "a": [k.stem for k in keys_a], "b": labels_b, "b_name": name_b, "rows": store_a.rows}

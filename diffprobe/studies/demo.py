@@ -15,6 +15,10 @@ from typing import Any, Sequence
 
 from ..backbones import load_backbone
 from ..data import LabeledImages
+from .._io import output_dir
+from ..errors import DiffprobeError
+from ..features.extract import ExtractOptions
+from ..features.plan import FeaturePlan
 from ..precision import choose_compute
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
@@ -28,16 +32,19 @@ def run_demo(data: LabeledImages, out: str | Path, checkpoint: str | Path = DEFA
     from ..generate.sample import sample_grid
     from .sweep import sweep
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if not Path(checkpoint).is_file():
+        raise DiffprobeError(f"checkpoint not found: {checkpoint}; pass --checkpoint PATH.pt (an ADM checkpoint with its "
+                             "PATH.json flags, e.g. from diffprobe export)")  # fmt: skip
+    out = output_dir(out)
     started = time.time()
     spec = f"adm:{checkpoint}"
     backbone = load_backbone(spec)
     compute = choose_compute()
-    summary = sweep(backbone, data, out / "sweep", list(timesteps), list(blocks), list(pools), train_heads=list(heads),
-                    head_epochs=head_epochs, limit=limit, compute=compute, probe_device=str(compute.device))  # fmt: skip
+    plan = FeaturePlan(t=timesteps, blocks=blocks, pools=pools)
+    summary = sweep(backbone, data, out / "sweep", plan, ExtractOptions(limit=limit, compute=compute), train_heads=list(heads),
+                    head_epochs=head_epochs)  # fmt: skip
     summary["bottleneck_block"] = backbone.bottleneck_block
-    grid = sample_grid(spec, out / "samples", samples, sample_steps, compute)
+    grid = sample_grid(backbone, out / "samples", samples, sample_steps, compute)
     result = {"checkpoint": str(checkpoint), "data": data.name, "sweep": summary,
               "samples": str(grid), "wall_seconds": time.time() - started}  # fmt: skip
     (out / "demo.json").write_text(json.dumps(result, indent=1, default=float) + "\n")

@@ -19,8 +19,11 @@ from tqdm.auto import tqdm
 from ..backbones.base import Backbone
 from ..data import LabeledImages, model_transform
 from ..errors import DiffprobeError
+from ..precision import choose_compute
 from ..probing.fastprobe import ProbeScore, knn, logistic_regression
-from ..features.extract import extract
+from ..features.extract import ExtractOptions, extract
+from ..features.distributed import ranks
+from ..features.plan import FeaturePlan
 from .._io import write_csv, write_json
 from ..report import heatmap, short_source
 from ..features.store import FeatureKey, FeatureStore
@@ -86,9 +89,18 @@ def pixel_features(data: LabeledImages, rows: np.ndarray, image_size: int, side:
 
 def run_controls(backbone: Backbone, data: LabeledImages, store: FeatureStore, best: dict, out: str | Path,
                  probe: str = "logreg", val_fraction: float = 0.1, split_seed: int = 0, device: str = "cpu",
-                 extract_options: dict | None = None) -> dict:  # fmt: skip
-    """Pixels and random-weight controls on the same rows and split as the store."""
+                 options: ExtractOptions | None = None) -> dict:  # fmt: skip
+    """Pixels and random-weight controls on the same rows, noise and split as the store.
+
+    Under torchrun every rank extracts its share of the random-weights store; rank 0 scores."""
     out = Path(out)
+    key = FeatureKey(int(best["t"]), int(best["block"]), int(best["pool"]))
+    noise = store.manifest["noise"]
+    plan = FeaturePlan(t=key.t, blocks=key.block, pools=key.pool, noise_seed=noise["seed"], draws=noise["draws"])
+    random_store = extract(backbone.random_like(seed=0), data, plan, out / "control_random_weights",
+                           (options or ExtractOptions()).same_rows_as(store))  # fmt: skip
+    if not ranks().is_main:
+        return {}
     is_val = store.split(val_fraction, split_seed)
     labels = store.labels
     cache = out / "control_pixels.npy"
@@ -98,12 +110,6 @@ def run_controls(backbone: Backbone, data: LabeledImages, store: FeatureStore, b
         pixels = pixel_features(data, store.indices, backbone.image_size)
         np.save(cache, pixels)
     pixel_score = fast_probe(probe, pixels, labels, is_val, device)
-    key = FeatureKey(int(best["t"]), int(best["block"]), int(best["pool"]))
-    random_bb = backbone.random_like(seed=0)
-    options = dict(extract_options or {})
-    limit = store.manifest["rows"]["limit"]
-    random_store = extract(random_bb, data, out / "control_random_weights", [key.t], [key.block], [key.pool],
-                           limit=limit, subset_seed=store.manifest["rows"]["subset_seed"] or 0, **options)  # fmt: skip
     random_score = fast_probe(probe, random_store.load(key), labels, is_val, device)
     return {
         "pixels": {"top1": pixel_score.top1, "top5": pixel_score.top5, "features": int(pixels.shape[1]), **pixel_score.params},
@@ -111,34 +117,41 @@ def run_controls(backbone: Backbone, data: LabeledImages, store: FeatureStore, b
     }
 
 
-def sweep(backbone: Backbone, data: LabeledImages, out: str | Path, timesteps: Sequence[int], blocks, pools: Sequence[int],
+def sweep(backbone: Backbone, data: LabeledImages, out: str | Path, plan: FeaturePlan, options: ExtractOptions | None = None,
           probe: str = "logreg", val_fraction: float = 0.1, split_seed: int = 0, controls: bool = True,
-          probe_device: str = "cpu", train_heads: Sequence[str] = (), head_epochs: int | None = None,
-          **extract_options) -> dict:  # fmt: skip
+          train_heads: Sequence[str] = (), head_epochs: int | None = None) -> dict:  # fmt: skip
     """Extract (resuming), score every cell, write the report files, run the controls, and
-    train each head in `train_heads` on the best setting (run directories head-<kind>/)."""
+    train each head in `train_heads` on the best setting (run directories head-<kind>/).
+    Fast probes and heads run on the extraction's device."""
     out = Path(out)
-    if extract_options.get("augment_views"):
+    options = options or ExtractOptions()
+    if options.augment_views:
         raise DiffprobeError("a sweep scores centre-crop features; extract augmented views separately (extract --augment-views)")
-    store = extract(backbone, data, out / "features", timesteps, blocks, pools, **extract_options)
-    block_set = set(backbone.resolve_blocks(blocks))
-    wanted = [k for k in store.complete_keys() if k.t in set(timesteps) and k.pool in set(pools) and k.block in block_set]
-    rows = score_store(store, wanted, probe, val_fraction, split_seed, probe_device)
-    best = write_sweep(out, rows, f"{short_source(backbone.source)} on {data.name}: {probe} top-1 (validation)")
+    plan = plan.resolve(backbone)
+    store = extract(backbone, data, plan, out / "features", options)
+    probe_device = str((options.compute or choose_compute()).device)
+    share = ranks()  # under torchrun: every rank extracts, rank 0 scores, writes and trains heads
+    if share.is_main:
+        rows = score_store(store, plan.keys, probe, val_fraction, split_seed, probe_device)
+        best = write_sweep(out, rows, f"{short_source(backbone.source)} on {data.name}: {probe} top-1 (validation)")
+    best = share.broadcast(best if share.is_main else None)
     summary = {"backbone": backbone.source, "data": data.name, "rows": store.rows, "probe": probe,
                "val_fraction": val_fraction, "split_seed": split_seed, "best": best}  # fmt: skip
     if controls:
-        ctrl_opts = {k: v for k, v in extract_options.items() if k not in ("limit", "subset_seed", "overwrite")}
-        summary["controls"] = run_controls(backbone, data, store, best, out, probe, val_fraction, split_seed,
-                                           probe_device, ctrl_opts)  # fmt: skip
+        control = run_controls(backbone, data, store, best, out, probe, val_fraction, split_seed, probe_device, options)
+        if control:  # rank 0's scores (other ranks only helped extract)
+            summary["controls"] = control
+    if not share.is_main:
+        return summary
     if train_heads:
+        from ..probing.config import ProbeConfig
         from ..probing.train import probe as train_probe
 
         key = FeatureKey(int(best["t"]), int(best["block"]), int(best["pool"]))
         summary["heads"] = {}
         for kind in train_heads:
-            metrics = train_probe(store, [key], out / f"head-{kind}", kind, epochs=head_epochs, val_fraction=val_fraction,
-                                  split_seed=split_seed, device=probe_device)  # fmt: skip
+            config = ProbeConfig(kind, epochs=head_epochs, val_fraction=val_fraction, split_seed=split_seed)
+            metrics = train_probe(store, [key], out / f"head-{kind}", config, device=probe_device)
             summary["heads"][kind] = {"top1": metrics["val"]["top1"], "top5": metrics["val"]["top5"], "run": str(out / f"head-{kind}")}
     write_json(out / "summary.json", summary)
     return summary

@@ -8,30 +8,37 @@ from typing import Sequence
 from ..backbones.base import Backbone
 from ..data import open_dataset
 from ..errors import DiffprobeError
-from ..features.extract import extract
+from ..features.extract import ExtractOptions, extract
+from ..features.plan import FeaturePlan
 from .._io import write_csv
-from ..features.store import FeatureKey
+from ..precision import choose_compute
 from .sweep import fast_probe, run_controls
 
 
-def transfer(backbone: Backbone, datasets: Sequence[str], out: str | Path, key: FeatureKey, probe: str = "logreg",
-             val_fraction: float = 0.1, split_seed: int = 0, data_root: str | None = None, download: bool = False,
-             split: str = "train", probe_device: str = "cpu", controls: bool = True, **extract_options) -> list[dict]:  # fmt: skip
-    """Extract the setting on each dataset (stores under out/<name>/), score it with the fast probe
-    on a stratified validation split (with the pixels and random-weight controls), and write
-    transfer.csv and transfer.md."""
+def transfer(backbone: Backbone, datasets: Sequence[str], out: str | Path, plan: FeaturePlan,
+             options: ExtractOptions | None = None, probe: str = "logreg", val_fraction: float = 0.1, split_seed: int = 0,
+             data_root: str | None = None, download: bool = False, split: str = "train",
+             controls: bool = True) -> list[dict]:  # fmt: skip
+    """Extract the plan's one setting on each dataset (stores under out/<name>/), score it with the
+    fast probe on a stratified validation split (with the pixels and random-weight controls), and
+    write transfer.csv and transfer.md."""
     out = Path(out)
-    if extract_options.get("augment_views"):
+    options = options or ExtractOptions()
+    plan = plan.resolve(backbone)
+    if len(plan.keys) != 1:
+        raise DiffprobeError("transfer takes one setting: a single --t, --blocks and --pool")
+    key = plan.keys[0]
+    probe_device = str((options.compute or choose_compute()).device)
+    if options.augment_views:
         raise DiffprobeError("transfer scores centre-crop features: drop --augment-views")
     rows = []
     for spec in datasets:
         data = open_dataset(spec, root=data_root, split=split, download=download)
-        store = extract(backbone, data, out / data.name, [key.t], [key.block], [key.pool], **extract_options)
+        store = extract(backbone, data, plan, out / data.name, options)
         score = fast_probe(probe, store.load(key), store.labels, store.split(val_fraction, split_seed), probe_device)
         row = {"dataset": data.name, "images": store.rows, "classes": len(data.classes), "setting": key.stem,
                "probe": probe, "top1": round(score.top1, 2), "top5": round(score.top5, 2)}  # fmt: skip
         if controls:
-            options = {k: v for k, v in extract_options.items() if k not in ("limit", "subset_seed", "overwrite")}
             best = {"t": key.t, "block": key.block, "pool": key.pool}
             ctrl = run_controls(backbone, data, store, best, out / data.name, probe, val_fraction, split_seed, probe_device, options)
             row.update(pixels_top1=round(ctrl["pixels"]["top1"], 2), random_weights_top1=round(ctrl["random_weights"]["top1"], 2))

@@ -1,0 +1,39 @@
+"""The `diffprobe` command: parses arguments into the library's objects and calls it; no logic of its own.
+
+One module per stage registers its subcommands: features (blocks, presets, extract, store),
+probing (probe, predict), studies (sweep, transfer, cka, baseline, demo), generate (pretrain,
+sample, fid, export).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from ..errors import DiffprobeError
+from . import features, generate, probing, studies
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffprobe", description="Diffusion models as image classifiers: extract and probe block features.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for stage in (features, probing, studies, generate):
+        stage.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="diffprobe: %(message)s")
+    try:
+        args.func(args)
+    except DiffprobeError as e:
+        print(f"diffprobe: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("diffprobe: interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,177 @@
+"""Argument groups several commands share, each turned into the library's own value objects.
+
+One name per concept across commands: --blocks, --t, --pool, --noise-seed (ε), --seed (initialisation
+and shuffling), --class-label, --val-fraction/--split-seed, --device. Old spellings stay for one
+release as deprecated aliases that say what to write instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+from typing import Any, Sequence
+
+from ..errors import DiffprobeError
+
+log = logging.getLogger("diffprobe")
+SWITCH = {"auto": "auto", "on": True, "off": False}
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def blocks_arg(text: str) -> list[int] | str:
+    return "all" if text.strip().lower() == "all" else int_list(text)
+
+
+def deprecated(p: argparse.ArgumentParser, old: str, new: str, **kwargs: Any) -> None:
+    """`old` still works for one release, with a warning naming `new`."""
+
+    class Alias(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            log.warning("%s is deprecated and will be removed: use %s", old, new)
+            setattr(namespace, self.dest, values)
+
+    p.add_argument(old, action=Alias, help=argparse.SUPPRESS, default=argparse.SUPPRESS, **kwargs)
+
+
+# ------------------------------------------------------------------ backbones
+def parse_model_options(model_flags: str | None, options: Sequence[str], preset: str | None) -> dict[str, Any]:
+    """`--model-flags="--image_size 64 --num_channels 192"` (guided-diffusion's own spelling)
+    and `-o key=value` pairs become keyword options of load_backbone."""
+    out: dict[str, Any] = {}
+    if model_flags:
+        words = shlex.split(model_flags)
+        if len(words) % 2:
+            raise DiffprobeError(f"--model-flags must be '--name value' pairs, got {model_flags!r}")
+        for name, value in zip(words[::2], words[1::2]):
+            if not name.startswith("--"):
+                raise DiffprobeError(f"--model-flags: expected --name before {value!r}, got {name!r}")
+            out[name[2:]] = value
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise DiffprobeError(f"-o {item!r}: expected key=value")
+        out[key] = value
+    if preset:
+        out["preset"] = preset
+    return out
+
+
+def add_backbone_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="adm:PATH.pt | adm:random | diffusers:FOLDER_OR_HUB_ID")
+    p.add_argument("--preset", help="ADM preset (e.g. 256x256_diffusion_uncond); see `diffprobe presets`")
+    p.add_argument("--model-flags", help='guided-diffusion flags as on its command line: --model-flags="--image_size 64 --num_channels 192"')
+    p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="one backbone option (repeatable)")
+    p.add_argument("--prompt", help="Stable Diffusion models: the prompt the U-Net reads (default: the empty prompt)")
+    p.add_argument("--image-size", type=int, help="latent models: pixel size to read at (default: the pipeline's; a multiple of the VAE factor)")
+
+
+def load_backbone_from(args: argparse.Namespace):
+    from ..backbones import load_backbone
+
+    options = parse_model_options(args.model_flags, args.option, args.preset)
+    for name in ("prompt", "image_size"):  # shorthands for -o prompt=... / -o image_size=...
+        if getattr(args, name, None) is not None:
+            options[name] = getattr(args, name)
+    return load_backbone(args.spec, **options)
+
+
+# ------------------------------------------------------------------ data
+def add_data_source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-root", help="where torchvision datasets live (default: the diffprobe cache)")
+    p.add_argument("--split", default="train", help="dataset split (torchvision) or sub-folder (archives); default train")
+    p.add_argument("--download", action="store_true", help="let torchvision download the dataset (needs internet)")
+
+
+def add_data_args(p: argparse.ArgumentParser, required: bool = True, help: str = "") -> None:
+    p.add_argument("--data", required=required, help=help or "ImageFolder dir, .tar/.tar.gz of one, or torchvision:NAME")
+    add_data_source_args(p)
+
+
+def open_data(args: argparse.Namespace, spec: str | None = None):
+    from ..data import open_dataset
+
+    return open_dataset(spec or args.data, root=args.data_root, split=args.split, download=args.download)
+
+
+# ------------------------------------------------------------------ compute
+def add_compute_args(p: argparse.ArgumentParser, precisions: Sequence[str] = ("auto", "fp32", "bf16", "fp16")) -> None:
+    p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if a GPU is visible, else cpu), cpu, cuda, cuda:1 ...")
+    p.add_argument("--precision", default="auto", choices=list(precisions))
+    p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile the network (auto: on for CUDA)")
+
+
+def compute_from(args: argparse.Namespace):
+    from ..precision import choose_compute
+
+    return choose_compute(args.device, args.precision, SWITCH[args.channels_last], SWITCH[args.compile])
+
+
+# ------------------------------------------------------------------ feature plan and extraction options
+def add_plan_args(p: argparse.ArgumentParser, blocks_required: bool = True) -> None:
+    p.add_argument("--blocks", type=blocks_arg, required=blocks_required, help="comma-separated block numbers, or all")
+    p.add_argument("--t", type=int_list, required=True, help="comma-separated timesteps, e.g. 90,150")
+    p.add_argument("--pool", type=int_list, default=[1], help="pooled grid sizes p (p×p), e.g. 1,2; default 1")
+    p.add_argument("--noise-seed", type=int, default=0, help="ε depends on (noise seed, image index, draw) only")
+    deprecated(p, "--seed", "--noise-seed", dest="noise_seed", type=int)
+    p.add_argument("--draws", type=int, default=1, help="average features over this many noise draws")
+
+
+def plan_from(args: argparse.Namespace):
+    from ..features.plan import FeaturePlan
+
+    return FeaturePlan(t=args.t, blocks=args.blocks, pools=args.pool, noise_seed=args.noise_seed, draws=args.draws)
+
+
+def add_extract_args(p: argparse.ArgumentParser, blocks_required: bool = True) -> None:
+    add_plan_args(p, blocks_required)
+    p.add_argument("--limit", type=int, help="a stratified subset of this many images")
+    p.add_argument("--subset-seed", type=int, default=0)
+    p.add_argument("--class-label", type=int, help="class to condition on (class-conditional models only)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per pass; also the store's chunk size")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored feature dtype")
+    add_compute_args(p)
+    p.add_argument("--workers", type=int, help="DataLoader worker processes (default: 0 on CPU, where the network needs every core; 8 on GPUs)")
+    p.add_argument("--rank", type=int, help="this process's share of the chunks (default: torchrun's, else $RANK, else 0)")
+    p.add_argument("--world-size", type=int, help="how many processes share the store (default: torchrun's, else $WORLD_SIZE, else 1)")
+    p.add_argument("--dist-backend", default="auto", choices=["auto", "nccl", "gloo"], help="under torchrun (auto: nccl on GPUs, gloo on CPUs)")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing store at --out")
+    p.add_argument("--augment-views", type=int, default=0,
+                   help="store K random-resized-crop + flip views per image instead of the centre crop (for probe --augmented-store)")
+    p.add_argument("--augment-seed", type=int, default=0)
+
+
+def extract_options_from(args: argparse.Namespace):
+    from ..features.extract import ExtractOptions
+
+    return ExtractOptions(
+        batch_size=args.batch_size, dtype=args.dtype, compute=compute_from(args), limit=args.limit,
+        subset_seed=args.subset_seed, class_label=args.class_label, rank=args.rank, world_size=args.world_size,
+        dist_backend=args.dist_backend,
+        workers=args.workers, overwrite=args.overwrite, augment_views=args.augment_views, augment_seed=args.augment_seed,
+    )  # fmt: skip
+
+
+def add_split_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--val-fraction", type=float, default=0.1, help="stratified validation share (the dataset-wide split)")
+    p.add_argument("--split-seed", type=int, default=0)
+
+
+def add_fast_probe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--probe", default="logreg", choices=["logreg", "knn"], help="fast probe scoring each setting")
+    add_split_args(p)
+    p.add_argument("--no-controls", action="store_true", help="skip the pixels and random-weights controls")

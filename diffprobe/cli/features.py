@@ -1,0 +1,72 @@
+"""Commands of the feature stage: blocks, presets, extract, store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .common import add_backbone_args, add_data_args, add_extract_args, extract_options_from, load_backbone_from, log, open_data, plan_from
+
+
+def cmd_blocks(args: argparse.Namespace) -> None:
+    backbone = load_backbone_from(args)
+    rows = backbone.block_table()
+    if args.json:
+        print(json.dumps({"source": backbone.source, "image_size": backbone.image_size, "model_shape": list(backbone.model_shape),
+                          "blocks": rows}, indent=1))  # fmt: skip
+        return
+    c, h, w = backbone.model_shape
+    space = f", noised as {c}×{h}×{w} latents (channels and resolution below are latent-space)" if backbone.encodes_images else ""
+    print(f"{backbone.source}: {backbone.family}, {backbone.image_size}×{backbone.image_size} input{space}, "
+          f"schedule {backbone.schedule.name}, {backbone.conditioning}")  # fmt: skip
+    print(f"{'block':>5}  {'module':<28} {'channels':>8}  {'resolution':>10}")
+    for r in rows:
+        print(f"{r['index']:>5}  {r['name']:<28} {r['channels']:>8}  {r['resolution']:>7}×{r['resolution']}")
+
+
+def cmd_presets(args: argparse.Namespace) -> None:
+    from ..backbones.adm_config import PRESETS
+
+    for name, flags in PRESETS.items():
+        print(f"{name}: " + " ".join(f"--{k} {v}" for k, v in flags.items()))
+
+
+def cmd_extract(args: argparse.Namespace) -> None:
+    from ..features.extract import extract
+
+    backbone, data, options = load_backbone_from(args), open_data(args), extract_options_from(args)
+    log.info("%s on %s (%d images, %d classes), %s", backbone.source, data.name, len(data), len(data.classes), options.compute.describe())
+    summary = extract(backbone, data, plan_from(args), args.out, options).summary()
+    print(f"store {summary['root']}: {summary['rows']} rows, {len(summary['complete'])} complete arrays"
+          + (f", {len(summary['incomplete'])} incomplete" if summary["incomplete"] else ""))  # fmt: skip
+
+
+def cmd_store(args: argparse.Namespace) -> None:
+    from ..features.store import FeatureStore
+
+    store = FeatureStore.open(args.store)
+    m = store.manifest
+    info = {"backbone": m["backbone"]["source"], "fingerprint": m["backbone"]["fingerprint"], "data": m["data"]["name"],
+            "noise": m["noise"], "dtype": m["dtype"], "precision": m["precision"], **store.summary()}  # fmt: skip
+    print(json.dumps(info, indent=1))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("blocks", help="print a backbone's block table (paper numbering for ADM)")
+    add_backbone_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_blocks)
+
+    p = sub.add_parser("presets", help="list the ADM presets (released guided-diffusion checkpoints)")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("extract", help="extract pooled block features into a resumable store")
+    add_backbone_args(p)
+    add_data_args(p)
+    p.add_argument("--out", required=True, help="feature store directory")
+    add_extract_args(p)
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("store", help="describe a feature store")
+    p.add_argument("store")
+    p.set_defaults(func=cmd_store)

@@ -1,0 +1,79 @@
+"""Commands of the probing stage: probe (train a head on a store), predict (a saved run on images)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..errors import DiffprobeError
+from .common import add_split_args, deprecated, float_list, int_list
+
+
+def cmd_probe(args: argparse.Namespace) -> None:
+    from ..features.store import FeatureKey, FeatureStore
+    from ..probing.config import ProbeConfig
+    from ..probing.heads import head_options
+    from ..probing.train import probe
+
+    if not args.blocks:
+        raise DiffprobeError("probe needs --blocks: the block(s) of the stored features to train on")
+    store = FeatureStore.open(args.store)
+    keys = [FeatureKey(t, b, p) for b in args.blocks for t in args.t for p in args.pool]
+    options = head_options(args.head, batchnorm=args.batchnorm or None, hidden=args.hidden, width=args.width,
+                           depth=args.depth, heads=args.heads)  # fmt: skip
+    config = ProbeConfig(args.head, args.recipe, options, tuple(args.wd), args.epochs, args.lr, args.val_fraction,
+                         args.split_seed, args.seed)  # fmt: skip
+    test_store = FeatureStore.open(args.test_store) if args.test_store else None
+    augmented = FeatureStore.open(args.augmented_store) if args.augmented_store else None
+    metrics = probe(store, keys, args.out, config, test_store, args.device, augmented=augmented)
+    line = f"{args.head} head: validation top-1 {metrics['val']['top1']:.2f}% top-5 {metrics['val']['top5']:.2f}%"
+    line += f" (epoch {metrics['chosen']['epoch']}, weight decay {metrics['chosen']['weight_decay']:g})"
+    if "test" in metrics:
+        line += f"; test top-1 {metrics['test']['top1']:.2f}%"
+    print(line)
+    print(f"run: {args.out}/config.json, head.pt, metrics.json, curves.png, confusion.png")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from ..probing.predict import predict_files
+
+    results = predict_files(args.run, args.images, args.top_k, args.device)
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return
+    for r in results:
+        print(r["image"] + ": " + ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"]))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("probe", help="train a head on stored features; choose epoch and weight decay on validation")
+    p.add_argument("store", help="feature store directory (from extract or sweep/features)")
+    p.add_argument("--t", type=int_list, required=True, help="timestep(s); several only with --head fusion")
+    p.add_argument("--blocks", type=int_list, help="block(s); several only with --head fusion (required)")
+    deprecated(p, "--block", "--blocks", dest="blocks", type=int_list)
+    p.add_argument("--pool", type=int_list, default=[1], help="pool size(s)")
+    p.add_argument("--head", default="linear", choices=["linear", "mlp", "cnn", "attention", "fusion"])
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--recipe", default="modern", choices=["modern", "paper"], help="modern: AdamW + cosine; paper: SGD, ×0.1 every 7 of 28 epochs")
+    p.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    p.add_argument("--lr", type=float, help="override the recipe's learning rate")
+    p.add_argument("--wd", type=float_list, default=[1e-4], help="weight decay(s); several are tried, the best on validation kept")
+    p.add_argument("--batchnorm", action="store_true", help="linear head: BatchNorm without affine first (MAE's probe)")
+    p.add_argument("--hidden", type=int_list, help="MLP hidden sizes (default 1024)")
+    p.add_argument("--width", type=int, help="CNN/attention width (default 256)")
+    p.add_argument("--depth", type=int, help="attention: transformer blocks (default 2)")
+    p.add_argument("--heads", type=int, help="attention: heads (default 8)")
+    add_split_args(p)
+    p.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed: same seed, same numbers")
+    p.add_argument("--test-store", help="a store of held-out test images made with the same backbone")
+    p.add_argument("--augmented-store", help="a store of cached augmented views (extract --augment-views K) to train on")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("predict", help="classify images with a saved probe run")
+    p.add_argument("run", help="run directory written by `diffprobe probe`")
+    p.add_argument("images", nargs="+", help="image files (any size or mode)")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_predict)

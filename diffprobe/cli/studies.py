@@ -1,0 +1,139 @@
+"""Commands that study representations: sweep, transfer, cka, baseline, demo."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..features.distributed import ranks
+from .common import (
+    add_backbone_args,
+    add_data_args,
+    add_data_source_args,
+    add_extract_args,
+    add_fast_probe_args,
+    add_split_args,
+    int_list,
+    extract_options_from,
+    load_backbone_from,
+    open_data,
+    plan_from,
+)
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from ..studies.sweep import describe_summary, sweep
+
+    summary = sweep(load_backbone_from(args), open_data(args), args.out, plan_from(args), extract_options_from(args),
+                    probe=args.probe, val_fraction=args.val_fraction, split_seed=args.split_seed,
+                    controls=not args.no_controls, train_heads=args.head, head_epochs=args.head_epochs)  # fmt: skip
+    if ranks().is_main:  # under torchrun, one report
+        print(describe_summary(summary))
+        print(f"report: {args.out}/sweep.csv, {args.out}/heatmap_pool*.png, {args.out}/summary.json")
+
+
+def cmd_transfer(args: argparse.Namespace) -> None:
+    from ..studies.transfer import transfer
+
+    rows = transfer(load_backbone_from(args), args.datasets, args.out, plan_from(args), extract_options_from(args),
+                    probe=args.probe, val_fraction=args.val_fraction, split_seed=args.split_seed, data_root=args.data_root,
+                    download=args.download, split=args.split, controls=not args.no_controls)  # fmt: skip
+    for r in rows:
+        ctrl = f"  (pixels {r['pixels_top1']:.2f}%, random weights {r['random_weights_top1']:.2f}%)" if "pixels_top1" in r else ""
+        print(f"{r['dataset']:<24} {r['images']:>7} images {r['classes']:>4} classes  top-1 {r['top1']:6.2f}%{ctrl}")
+    print(f"table: {args.out}/transfer.csv, {args.out}/transfer.md")
+
+
+def cmd_cka(args: argparse.Namespace) -> None:
+    from ..features.store import FeatureStore
+    from ..studies.cka import cka_study
+
+    data = open_data(args) if args.data else None
+    result = cka_study(FeatureStore.open(args.a), args.out, args.a_keys, args.b, args.b_keys, data, args.b_weights,
+                       args.b_pool, args.batch_size, args.seed)  # fmt: skip
+    print(f"CKA of {len(result['a'])} × {len(result['b'])} feature sets over {result['rows']} images (B: {result['b_name']}): "
+          f"{args.out}/cka.csv, {args.out}/cka.png")  # fmt: skip
+
+
+def cmd_baseline_train(args: argparse.Namespace) -> None:
+    from ..studies.baseline import train_baseline
+
+    info = train_baseline(open_data(args), args.out, args.arch, args.image_size, args.epochs, args.batch_size, args.lr,
+                          limit=args.limit, val_fraction=args.val_fraction, split_seed=args.split_seed, seed=args.seed,
+                          device=args.device)  # fmt: skip
+    print(f"{info['arch']} on {info['data']}: validation top-1 {info['val_top1']:.2f}% after {info['epochs']} epochs "
+          f"({info['train_images']} training images, {info['wall_seconds']:.0f} s); {args.out}/baseline.pt, baseline.json")  # fmt: skip
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from ..studies.demo import DEFAULT_CHECKPOINT, run_demo
+    from ..studies.sweep import describe_summary
+
+    result = run_demo(open_data(args), args.out, args.checkpoint or DEFAULT_CHECKPOINT, limit=args.limit, blocks=args.blocks,
+                      timesteps=args.t, pools=args.pool, head_epochs=args.head_epochs, samples=args.samples)  # fmt: skip
+    print(describe_summary(result["sweep"]))
+    print(f"report: {args.out}/REPORT.md ({result['wall_seconds'] / 60:.1f} min)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="blocks × timesteps × pools: extract, score each cell with a fast probe, heatmaps, controls")
+    add_backbone_args(p)
+    add_data_args(p)
+    p.add_argument("--out", required=True, help="sweep directory (features/ store, sweep.csv, heatmaps, summary.json)")
+    add_extract_args(p)
+    add_fast_probe_args(p)
+    p.add_argument("--head", action="append", default=[], choices=["linear", "mlp", "cnn", "attention"],
+                   help="also train this head on the best setting (repeatable)")
+    p.add_argument("--head-epochs", type=int, help="epochs for those heads (default: the modern recipe's 30)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("transfer", help="one backbone setting on several datasets: one table")
+    add_backbone_args(p)
+    p.add_argument("--datasets", type=lambda s: [d for d in s.split(",") if d], required=True,
+                   help="comma-separated: folders, archives, torchvision:NAME")
+    add_data_source_args(p)
+    p.add_argument("--out", required=True)
+    add_extract_args(p)
+    add_fast_probe_args(p)
+    p.set_defaults(func=cmd_transfer)
+
+    p = sub.add_parser("cka", help="minibatch linear CKA between the features of two stores (or a store and itself)")
+    p.add_argument("--a", required=True, help="feature store A")
+    p.add_argument("--b", help="feature store B, baseline:DIR, torchvision:ARCH or timm:NAME (default: A against itself)")
+    p.add_argument("--b-weights", help="torchvision:ARCH weights: a local state_dict file or a torchvision weights name (else random, and said so)")
+    p.add_argument("--b-pool", type=int, default=1, help="pool size for a model's stage outputs")
+    add_data_args(p, required=False, help="the dataset of store A (needed with a model as B)")
+    p.add_argument("--a-keys", help="comma-separated settings of A, e.g. t0090_b24_p1 (default: all complete)")
+    p.add_argument("--b-keys", help="settings of B (default: all complete)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0, help="order of rows in the minibatches")
+    p.set_defaults(func=cmd_cka)
+
+    p = sub.add_parser("baseline", help="supervised baselines to compare against")
+    bsub = p.add_subparsers(dest="baseline_command", required=True)
+    p = bsub.add_parser("train", help="train a torchvision ResNet from scratch (CIFAR stem for small images)")
+    add_data_args(p)
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--out", required=True)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--limit", type=int, help="a stratified subset of this many images")
+    add_split_args(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_baseline_train)
+
+    p = sub.add_parser("demo", help="the paper's pipeline on CIFAR-10 with the shipped checkpoint: sweep, controls, heads, samples, REPORT.md")
+    add_data_args(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--checkpoint", help="an ADM checkpoint with its .json flags (default: the shipped CIFAR-10 one)")
+    p.add_argument("--limit", type=int, default=6000, help="images used (a stratified subset)")
+    p.add_argument("--blocks", type=int_list, default=[8, 13, 18, 20], help="default: encoder 8×8, bottleneck, decoder 8×8 and 16×16")
+    p.add_argument("--t", type=int_list, default=[10, 50, 150])
+    p.add_argument("--pool", type=int_list, default=[1, 2])
+    p.add_argument("--head-epochs", type=int, default=20)
+    p.add_argument("--samples", type=int, default=64)
+    p.set_defaults(func=cmd_demo)
+

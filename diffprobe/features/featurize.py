@@ -1,0 +1,67 @@
+"""One function from clean images to pooled block features: extraction, prediction and online
+training all call `featurize`, so the features a head was trained on are the ones it is served.
+
+    x0 ──backbone.encode──▶ model space ──q_sample(t, ε(seed, image, view·draws + draw))──▶ x_t
+       ──one pass per t, stopping after the deepest block──▶ {block: map} ──pool p×p──▶ {FeatureKey: [B, C·p·p]}
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..backbones.base import Backbone
+from ..precision import Compute, choose_compute
+from .noise import image_noise
+from .plan import FeaturePlan
+from .store import FeatureKey
+
+
+def pool_features(h: torch.Tensor, pool: int) -> torch.Tensor:
+    """Adaptive average pooling to pool×pool, flattened channel-major ([B, C·p·p]), in float32."""
+    return F.adaptive_avg_pool2d(h.float(), pool).flatten(1)
+
+
+def noise_draws(indices: Sequence[int], seed: int, shape: Sequence[int], draws: int,
+                views: Sequence[int] | None = None) -> list[torch.Tensor]:  # fmt: skip
+    """ε for each image and draw: draw d of view v of image i uses stream (seed, i, v·draws + d)."""
+    views = np.zeros(len(indices), dtype=int) if views is None else views
+    return [torch.cat([image_noise([int(i)], seed, shape, int(v) * draws + d) for i, v in zip(indices, views)])
+            for d in range(draws)]  # fmt: skip
+
+
+def featurize(backbone: Backbone, x0: torch.Tensor, plan: FeaturePlan, indices: Sequence[int], *,
+              keys: Sequence[FeatureKey] | None = None, views: Sequence[int] | None = None,
+              y: torch.Tensor | None = None, compute: Compute | None = None,
+              encoded: bool = False) -> dict[FeatureKey, torch.Tensor]:  # fmt: skip
+    """Pooled features of one batch of clean images, averaged over the plan's noise draws.
+
+    x0: [B, 3, S, S] in [-1, 1] (the model transform's output), or already in model space
+    (`encoded=True`, e.g. cached latents). indices: each image's identity for its noise (its
+    dataset index, or a content hash for new images). keys: a subset of the plan's (t, block,
+    pool) settings (default: all). compute: where and how the frozen network runs (default:
+    this machine's fastest, `choose_compute()`); the caller's backbone is not changed.
+    """
+    compute = compute or choose_compute()
+    runner = compute.prepare(backbone)
+    keys = list(keys) if keys is not None else plan.resolve(backbone).keys
+    x0 = x0.to(compute.device)
+    if not encoded:
+        with compute.autocast():
+            x0 = runner.encode(x0).float()
+    noises = [e.to(compute.device) for e in noise_draws(indices, plan.noise_seed, tuple(x0.shape[1:]), plan.draws, views)]
+    sums: dict[FeatureKey, torch.Tensor] = {}
+    for t in sorted({k.t for k in keys}):
+        keys_t = [k for k in keys if k.t == t]
+        blocks = sorted({k.block for k in keys_t})
+        for eps in noises:
+            x_t = compute.batch(backbone.schedule.q_sample(x0, t, eps))
+            with compute.autocast():
+                feats = runner.forward_features(x_t, t, blocks, y=y)
+            for k in keys_t:
+                pooled = pool_features(feats[k.block], k.pool)
+                sums[k] = pooled if k not in sums else sums[k] + pooled
+    return {k: v / plan.draws for k, v in sums.items()}

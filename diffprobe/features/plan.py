@@ -1,0 +1,107 @@
+"""What to extract, as one value: timesteps × blocks × pools, and the noise that makes it reproducible.
+
+A `FeaturePlan` travels unchanged from the edge (CLI flags, a notebook) to the store and back
+into saved runs: it is checked once against a backbone (`resolve`), and it serialises itself
+once (`to_dict` / `from_dict`) for manifests and run configs alike.
+
+    plan = FeaturePlan(t=90, blocks=24, pools=2)            # ints or sequences; blocks may be "all"
+    plan = plan.resolve(backbone)                            # sorted, unique, range-checked
+    plan.keys                                                # [FeatureKey(90, 24, 2)]
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Iterable, Union
+
+from ..errors import DiffprobeError
+from .store import FeatureKey, feature_keys
+
+if TYPE_CHECKING:
+    from ..backbones.base import Backbone
+
+IntsLike = Union[int, str, Iterable[int]]
+
+
+def parse_ints(value: IntsLike, what: str) -> tuple[int, ...]:
+    """7, "7,9", [7, 9] -> (7, 9); sorted and unique."""
+    if isinstance(value, str):
+        parts = [p for p in value.split(",") if p.strip()]
+    elif isinstance(value, int):
+        parts = [value]
+    else:
+        parts = list(value)
+    try:
+        return tuple(sorted({int(p) for p in parts}))
+    except (TypeError, ValueError):
+        raise DiffprobeError(f"{what}: expected integers (e.g. 90 or 90,150), got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class FeaturePlan:
+    """Timesteps × blocks × pool sizes, plus the noise: ε is a function of (noise_seed, image, draw)."""
+
+    t: tuple[int, ...]
+    blocks: tuple[int, ...] | str  # "all" until resolved against a backbone
+    pools: tuple[int, ...] = (1,)
+    noise_seed: int = 0
+    draws: int = 1  # noise draws averaged per image
+    resolved: bool = field(default=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "t", parse_ints(self.t, "timesteps"))
+        blocks = self.blocks
+        if isinstance(blocks, str) and blocks.strip().lower() == "all":
+            object.__setattr__(self, "blocks", "all")
+        else:
+            object.__setattr__(self, "blocks", parse_ints(blocks, "blocks"))
+        object.__setattr__(self, "pools", parse_ints(self.pools, "pools"))
+        if not self.t:
+            raise DiffprobeError("no timesteps requested")
+        if not self.blocks:
+            raise DiffprobeError("no blocks requested")
+        if not self.pools or min(self.pools) < 1:
+            raise DiffprobeError(f"pool sizes must be integers ≥ 1, got {list(self.pools)}")
+        if int(self.draws) < 1:
+            raise DiffprobeError("draws (noise samples averaged per image) must be ≥ 1")
+        object.__setattr__(self, "noise_seed", int(self.noise_seed))
+        object.__setattr__(self, "draws", int(self.draws))
+
+    def resolve(self, backbone: "Backbone") -> "FeaturePlan":
+        """The plan checked against this backbone: timesteps in its schedule, blocks in range
+        ('all' expanded), pools no larger than each block's map. The one place these are checked."""
+        if self.resolved:
+            return self
+        backbone.schedule.check_timesteps(self.t)
+        blocks = tuple(backbone.resolve_blocks(self.blocks))
+        for b in blocks:
+            res = backbone.blocks[b - 1].resolution
+            if max(self.pools) > res:
+                raise DiffprobeError(f"pool {max(self.pools)} is larger than block {b}'s {res}×{res} feature map")
+        return replace(self, blocks=blocks, resolved=True)
+
+    @property
+    def keys(self) -> list[FeatureKey]:
+        if self.blocks == "all":
+            raise DiffprobeError("resolve the plan against a backbone first: blocks='all' has no keys yet")
+        return feature_keys(self.t, self.blocks, self.pools)
+
+    @classmethod
+    def from_keys(cls, keys: Iterable[FeatureKey], noise_seed: int = 0, draws: int = 1) -> "FeaturePlan":
+        """The smallest plan covering these (t, block, pool) settings."""
+        keys = list(keys)
+        return cls(t=[k.t for k in keys], blocks=[k.block for k in keys], pools=[k.pool for k in keys],
+                   noise_seed=noise_seed, draws=draws)  # fmt: skip
+
+    def noise(self) -> dict[str, int]:
+        return {"seed": self.noise_seed, "draws": self.draws}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("resolved")
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FeaturePlan":
+        return cls(t=d["t"], blocks=d["blocks"], pools=d.get("pools", (1,)), noise_seed=d.get("noise_seed", 0),
+                   draws=d.get("draws", 1))  # fmt: skip

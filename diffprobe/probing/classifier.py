@@ -1,0 +1,102 @@
+"""`Classifier`: a frozen backbone, a feature plan and a fitted probe as one `nn.Module` from
+images to logits. `diffprobe predict` is this module on image files, so the two agree exactly.
+
+    model = Classifier(backbone, plan, probe)        # or Classifier.from_run("runs/lin")
+    model(x)                                         # x: [B, 3, S, S] in [-1, 1] -> logits
+    model.predict(["cat.png", pil_image, tensor])    # class names
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Sequence, Union
+
+import torch
+from PIL import Image
+from torch import nn
+
+from ..backbones import load_backbone
+from ..backbones.base import Backbone
+from ..data import model_transform, read_image, to_rgb
+from ..errors import DiffprobeError
+from ..features.featurize import featurize
+from ..features.plan import FeaturePlan
+from ..precision import Compute, choose_compute
+from .estimator import Probe
+
+ImageLike = Union[str, Path, Image.Image, torch.Tensor]
+
+
+def content_index(x: torch.Tensor) -> int:
+    """A stand-in for the dataset index in ε(seed, index, draw): a hash of the pixels, so an
+    image gets the same noise, and the same prediction, whatever the order of the inputs."""
+    return int.from_bytes(hashlib.sha256(x.detach().cpu().float().contiguous().numpy().tobytes()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+class Classifier(nn.Module):
+    def __init__(self, backbone: Backbone, plan: FeaturePlan | None, probe: Probe, compute: Compute | None = None):
+        super().__init__()
+        manifest = probe.fitted.store_manifest
+        if backbone.fingerprint() != manifest["backbone"]["fingerprint"]:
+            raise DiffprobeError(
+                f"the backbone at {backbone.source} is not the one this run was trained on (fingerprint {backbone.fingerprint()} vs "
+                f"{manifest['backbone']['fingerprint']}): its weights or flags differ"
+            )
+        noise = manifest["noise"]
+        plan = plan or FeaturePlan.from_keys(probe.keys_, noise["seed"], noise["draws"])
+        if (plan.noise_seed, plan.draws) != (noise["seed"], noise["draws"]):
+            raise DiffprobeError(f"the plan's noise (seed {plan.noise_seed}, {plan.draws} draws) differs from the features the "
+                                 f"probe was trained on (seed {noise['seed']}, {noise['draws']} draws)")  # fmt: skip
+        self.plan = plan.resolve(backbone)
+        missing = [k.stem for k in probe.keys_ if k not in set(self.plan.keys)]
+        if missing:
+            raise DiffprobeError(f"the plan does not cover the probe's setting(s) {', '.join(missing)}")
+        self.backbone, self.probe, self.head = backbone, probe, probe.head_.eval()
+        self.keys, self.classes = probe.keys_, list(probe.classes_)
+        self.compute = compute or choose_compute()
+        label = manifest["backbone"].get("class_label")
+        self.class_label = None if label is None else int(label)
+        self.transform = model_transform(backbone.image_size)
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, device: str = "auto") -> "Classifier":
+        """The backbone, plan and head of a saved probe run (`diffprobe probe --out RUN`)."""
+        probe = Probe.load(run_dir)
+        m = probe.fitted.store_manifest
+        spec = m.get("loaded_with", {}).get("spec") or m["backbone"]["source"]
+        try:
+            backbone = load_backbone(spec, **m.get("loaded_with", {}).get("options", {}))
+        except DiffprobeError as e:
+            raise DiffprobeError(f"cannot load the backbone this run was trained on ({spec}): {e}") from None
+        return cls(backbone, None, probe, choose_compute(device))
+
+    def to_batch(self, images: Sequence[ImageLike] | torch.Tensor) -> torch.Tensor:
+        """Paths and PIL images go through the model transform; tensors are taken as transformed
+        ([3, S, S] or [B, 3, S, S] in [-1, 1])."""
+        if isinstance(images, torch.Tensor):
+            return images if images.ndim == 4 else images[None]
+        out = []
+        for im in images:
+            if isinstance(im, torch.Tensor):
+                out.append(im)
+            elif isinstance(im, Image.Image):
+                out.append(self.transform(to_rgb(im)))
+            else:
+                out.append(self.transform(read_image(im)))
+        return torch.stack(out)
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [B, classes] for transformed images x [B, 3, S, S] in [-1, 1]."""
+        indices = [content_index(xi) for xi in x]
+        y = None if self.class_label is None else torch.full((len(x),), self.class_label, device=self.compute.device)
+        feats = featurize(self.backbone, x, self.plan, indices, keys=self.keys, y=y, compute=self.compute)
+        return self.head([feats[k].cpu() for k in self.keys])
+
+    def predict_proba(self, images: Sequence[ImageLike] | torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+        x = self.to_batch(images)
+        return torch.cat([torch.softmax(self(x[i:i + batch_size]), dim=1) for i in range(0, len(x), batch_size)])
+
+    def predict(self, images: Sequence[ImageLike] | torch.Tensor, batch_size: int = 32) -> list[str]:
+        return [self.classes[i] for i in self.predict_proba(images, batch_size).argmax(1).tolist()]

@@ -1,0 +1,60 @@
+"""torchrun-native extraction on CPU (gloo, two processes): the store equals one process's, byte for byte."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import FIXTURE_SPEC, ROOT
+
+ARGS = ["--blocks", "3,13", "--t", "10,90", "--pool", "1,2", "--limit", "48", "--batch-size", "8", "--precision", "fp32"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd: list[str], cache) -> subprocess.CompletedProcess:
+    # One thread per process: the same kernels in both runs, and two ranks fit on two cores.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFPROBE_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def torchrun(nproc: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+            "--master-port", str(free_port()), "-m", "diffprobe", *args]  # fmt: skip
+
+
+def test_two_torchrun_ranks_fill_a_store_identical_to_one_process(cifar_small, tmp_path, isolated_cache):
+    single, double = tmp_path / "single", tmp_path / "double"
+    one = run([sys.executable, "-m", "diffprobe", "extract", FIXTURE_SPEC, "--data", str(cifar_small), "--out", str(single), *ARGS], isolated_cache)
+    assert one.returncode == 0, one.stderr
+    two = run(torchrun(2, "extract", FIXTURE_SPEC, "--data", str(cifar_small), "--out", str(double), *ARGS), isolated_cache)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "joined the gloo process group" in two.stderr
+    names = sorted(p.name for p in (single / "features").iterdir())
+    assert names == sorted(p.name for p in (double / "features").iterdir()) and len(names) == 16
+    for name in names:
+        assert (single / "features" / name).read_bytes() == (double / "features" / name).read_bytes(), name
+    for name in ("labels.npy", "indices.npy"):
+        assert np.array_equal(np.load(single / name), np.load(double / name))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--world-size", "3"], "--world-size 3 (torchrun says 2)"),
+    (["--dist-backend", "nccl"], "NCCL backend needs CUDA GPUs"),
+])  # fmt: skip
+def test_torchrun_bad_settings_are_one_clear_line(cifar_small, tmp_path, isolated_cache, extra, message):
+    out = tmp_path / "s"
+    r = run(torchrun(2, "extract", FIXTURE_SPEC, "--data", str(cifar_small), "--out", str(out), *ARGS, *extra), isolated_cache)
+    assert r.returncode != 0 and message in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("diffprobe: error:")]
+    assert errors and "Traceback" not in "\n".join(line for line in r.stderr.splitlines() if "diffprobe" in line)
