@@ -58,3 +58,21 @@ def test_torchrun_bad_settings_are_one_clear_line(cifar_small, tmp_path, isolate
     assert r.returncode != 0 and message in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("diffprobe: error:")]
     assert errors and "Traceback" not in "\n".join(line for line in r.stderr.splitlines() if "diffprobe" in line)
+
+
+def test_ddp_linear_head_matches_one_process(cifar_small, tmp_path, isolated_cache):
+    import json
+
+    store = tmp_path / "store"
+    made = run([sys.executable, "-m", "diffprobe", "extract", FIXTURE_SPEC, "--data", str(cifar_small), "--out", str(store),
+                "--blocks", "3", "--t", "10", "--pool", "2", "--batch-size", "50"], isolated_cache)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    head = ["probe", str(store), "--t", "10", "--blocks", "3", "--pool", "2", "--epochs", "6", "--seed", "2"]
+    one = run([sys.executable, "-m", "diffprobe", *head, "--out", str(tmp_path / "one")], isolated_cache)
+    assert one.returncode == 0, one.stderr
+    two = run(torchrun(2, *head, "--out", str(tmp_path / "two")), isolated_cache)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert abs(a["val"]["top1"] - b["val"]["top1"]) <= 0.5, (a["val"]["top1"], b["val"]["top1"])
+    assert [h["train_loss"] for h in a["history"]] == pytest.approx([h["train_loss"] for h in b["history"]], rel=1e-3)

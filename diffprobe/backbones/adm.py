@@ -281,10 +281,13 @@ class ADMUNet(nn.Module):
             raise DiffprobeError("this ADM model is unconditional: do not pass class labels y")
         return emb
 
-    def run_blocks(self, x: torch.Tensor, emb: torch.Tensor, wanted: tuple[int, ...]) -> dict[int, torch.Tensor]:
+    def run_blocks(self, x: torch.Tensor, emb: torch.Tensor, wanted: tuple[int, ...],
+                   inject: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:  # fmt: skip
         """Outputs of the blocks in `wanted` (paper numbers), in one pass stopping at the deepest.
 
-        A plain loop returning a dict (not a generator), so torch.compile can trace it whole.
+        inject: tensors added to encoder blocks' outputs (before the skip connection takes them),
+        DifFeed's feedback. A plain loop returning a dict (not a generator), so torch.compile can
+        trace it whole.
         """
         last = max(wanted)
         out: dict[int, torch.Tensor] = {}
@@ -293,8 +296,10 @@ class ADMUNet(nn.Module):
         number = 0
         for module in self.input_blocks:
             h = module(h, emb)
-            skips.append(h)
             number += 1
+            if inject is not None and number in inject:
+                h = h + inject[number]
+            skips.append(h)
             if number in wanted:
                 out[number] = h
             if number >= last:

@@ -30,8 +30,11 @@ log = logging.getLogger(__name__)
 class ADMBackbone(Backbone):
     family = "adm"
 
-    def run(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, wanted: tuple[int, ...]) -> dict[int, torch.Tensor]:
-        return self.model.run_blocks(x, self.model.embed(t, y), wanted)
+    supports_feedback = True
+
+    def run(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, wanted: tuple[int, ...],
+            inject: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:  # fmt: skip
+        return self.model.run_blocks(x, self.model.embed(t, y), wanted, inject)
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(x_t, t, y)

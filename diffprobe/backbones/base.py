@@ -141,9 +141,13 @@ class Backbone(nn.Module):
             )
         return chosen
 
+    supports_feedback: bool = False  # run() takes `inject` (tensors added to encoder block outputs)
+
     def forward_features(self, x_t: torch.Tensor, t: int | torch.Tensor, blocks: Iterable[int] | str,
-                         y: torch.Tensor | None = None) -> dict[int, torch.Tensor]:  # fmt: skip
-        """Outputs of `blocks` for the noisy batch x_t at timestep(s) t, in one pass."""
+                         y: torch.Tensor | None = None, inject: dict[int, torch.Tensor] | None = None
+                         ) -> dict[int, torch.Tensor]:  # fmt: skip
+        """Outputs of `blocks` for the noisy batch x_t at timestep(s) t, in one pass.
+        inject: {encoder block: tensor added to its output} (DifFeed's second pass)."""
         wanted = self.resolve_blocks(blocks)
         if x_t.ndim != 4 or tuple(x_t.shape[1:]) != self.model_shape:
             raise DiffprobeError(f"expected a noised batch [B, {', '.join(map(str, self.model_shape))}], got shape {list(x_t.shape)}")
@@ -151,6 +155,10 @@ class Backbone(nn.Module):
         if t_tensor.numel() == 1:
             t_tensor = t_tensor.expand(x_t.shape[0])
         self.schedule.check_timesteps(sorted(set(t_tensor.tolist())))
+        if inject:
+            if not self.supports_feedback:
+                raise DiffprobeError(f"feeding features back (DifFeed) is implemented for ADM U-Nets; {self.family} backbones do not support it")
+            return self.run(x_t, t_tensor, y, tuple(wanted), inject)
         return (self._run or self.run)(x_t, t_tensor, y, tuple(wanted))
 
     def forward_intermediates(self, x_t: torch.Tensor, t: int | torch.Tensor, indices: Iterable[int] | str,

@@ -122,12 +122,13 @@ def compute_from(args: argparse.Namespace):
 
 
 # ------------------------------------------------------------------ feature plan and extraction options
-def add_plan_args(p: argparse.ArgumentParser, blocks_required: bool = True) -> None:
+def add_plan_args(p: argparse.ArgumentParser, blocks_required: bool = True, seed_alias: bool = True) -> None:
     p.add_argument("--blocks", type=blocks_arg, required=blocks_required, help="comma-separated block numbers, or all")
     p.add_argument("--t", type=int_list, required=True, help="comma-separated timesteps, e.g. 90,150")
     p.add_argument("--pool", type=int_list, default=[1], help="pooled grid sizes p (p×p), e.g. 1,2; default 1")
     p.add_argument("--noise-seed", type=int, default=0, help="ε depends on (noise seed, image index, draw) only")
-    deprecated(p, "--seed", "--noise-seed", dest="noise_seed", type=int)
+    if seed_alias:  # commands whose --seed meant the noise seed in 0.1
+        deprecated(p, "--seed", "--noise-seed", dest="noise_seed", type=int)
     p.add_argument("--draws", type=int, default=1, help="average features over this many noise draws")
 
 

@@ -6,7 +6,21 @@ import argparse
 import json
 
 from ..errors import DiffprobeError
-from .common import add_split_args, deprecated, float_list, int_list
+from ..features.distributed import ranks
+from .common import (
+    add_backbone_args,
+    add_compute_args,
+    add_data_args,
+    add_plan_args,
+    add_split_args,
+    compute_from,
+    deprecated,
+    float_list,
+    int_list,
+    load_backbone_from,
+    open_data,
+    plan_from,
+)
 
 
 def cmd_probe(args: argparse.Namespace) -> None:
@@ -45,7 +59,49 @@ def cmd_predict(args: argparse.Namespace) -> None:
         print(r["image"] + ": " + ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"]))
 
 
+def cmd_probe_online(args: argparse.Namespace) -> None:
+    from ..probing.config import ProbeConfig
+    from ..probing.heads import head_options
+    from ..probing.online import OnlineOptions, train_online
+
+    options = head_options(args.head, hidden=args.hidden, width=args.width, depth=args.depth, heads=args.heads)
+    config = ProbeConfig(args.head, args.recipe, options, tuple(args.wd), args.epochs, args.lr, args.val_fraction,
+                         args.split_seed, args.seed)  # fmt: skip
+    online = OnlineOptions(compute=compute_from(args), limit=args.limit, subset_seed=args.subset_seed, augment=not args.no_augment,
+                           feedback_blocks=tuple(args.feedback_blocks or ()), workers=args.workers)  # fmt: skip
+    fitted = train_online(load_backbone_from(args), open_data(args), plan_from(args), config, args.out, online)
+    if ranks().is_main:
+        m = fitted.metrics
+        print(f"{args.head} head (online features): validation top-1 {m['val']['top1']:.2f}% top-5 {m['val']['top5']:.2f}% "
+              f"(epoch {m['chosen']['epoch']}); run: {args.out}")  # fmt: skip
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("probe-online", help="train a head on features computed per batch by the frozen backbone "
+                       "(full maps, augmentation, DifFeed; DDP under torchrun)")  # fmt: skip
+    add_backbone_args(p)
+    add_data_args(p)
+    p.add_argument("--out", required=True, help="run directory")
+    add_plan_args(p, seed_alias=False)
+    p.add_argument("--head", default="attention", choices=["linear", "mlp", "cnn", "attention", "fusion", "diffeed"])
+    p.add_argument("--feedback-blocks", type=int_list, help="diffeed: decoder blocks fed back (e.g. 21,...,36 for the paper's ADM)")
+    p.add_argument("--recipe", default="modern", choices=["modern", "paper"])
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--wd", type=float_list, default=[1e-4], help="weight decay (the first is used online)")
+    p.add_argument("--hidden", type=int_list)
+    p.add_argument("--width", type=int)
+    p.add_argument("--depth", type=int)
+    p.add_argument("--heads", type=int)
+    p.add_argument("--limit", type=int, help="a stratified subset of this many images")
+    p.add_argument("--subset-seed", type=int, default=0)
+    p.add_argument("--no-augment", action="store_true", help="centre crops instead of a random-resized crop + flip per epoch")
+    add_split_args(p)
+    p.add_argument("--seed", type=int, default=0)
+    add_compute_args(p)
+    p.add_argument("--workers", type=int)
+    p.set_defaults(func=cmd_probe_online)
+
     p = sub.add_parser("probe", help="train a head on stored features; choose epoch and weight decay on validation")
     p.add_argument("store", help="feature store directory (from extract or sweep/features)")
     p.add_argument("--t", type=int_list, required=True, help="timestep(s); several only with --head fusion")

@@ -62,6 +62,8 @@ class Classifier(nn.Module):
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "auto") -> "Classifier":
         """The backbone, plan and head of a saved probe run (`diffprobe probe --out RUN`)."""
+        if (Path(run_dir) / "feedback.pt").is_file():
+            raise DiffprobeError(f"{run_dir} is a DifFeed run (feedback.pt): serving it needs the second pass, which predict does not run yet")
         probe = Probe.load(run_dir)
         m = probe.fitted.store_manifest
         spec = m.get("loaded_with", {}).get("spec") or m["backbone"]["source"]

@@ -127,15 +127,16 @@ HEAD_OPTIONS: dict[str, dict[str, object]] = {
     "cnn": {"width": 256},
     "attention": {"width": 256, "depth": 2, "heads": 8},
     "fusion": {"width": 256, "depth": 2, "heads": 8},
+    "diffeed": {"width": 256, "depth": 2, "heads": 8},  # online only: an attention head on the fed-back block's map
 }
 
 
 def head_options(kind: str, **given: object) -> dict[str, object]:
     """Every option of head `kind`: from `given` where set (not None), else its default; other heads' options are dropped."""
-    if kind not in HEADS:
+    if kind not in HEAD_OPTIONS:
         from ..errors import DiffprobeError
 
-        raise DiffprobeError(f"unknown head {kind!r}; expected one of {', '.join(HEADS)}")
+        raise DiffprobeError(f"unknown head {kind!r}; expected one of {', '.join(HEAD_OPTIONS)}")
     chosen = {name: default if given.get(name) is None else given[name] for name, default in HEAD_OPTIONS[kind].items()}
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in chosen.items()}
 

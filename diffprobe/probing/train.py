@@ -26,6 +26,7 @@ from ..errors import DiffprobeError
 from .fastprobe import Standardizer, topk
 from .heads import build_head
 from .._io import output_dir, torch_save, write_json
+from ..features.distributed import join, ranks
 from ..features.plan import FeaturePlan
 from ..precision import resolve_device
 from .config import ProbeConfig, Recipe
@@ -68,7 +69,8 @@ class FeatureHead(torch.nn.Module):
             self.register_buffer(f"std{i}", s.reshape(1, -1).clone())
         self.n_inputs = len(means)
 
-    def forward(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, xs: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        xs = [xs] if isinstance(xs, torch.Tensor) else xs
         xs = [(x - getattr(self, f"mean{i}")) / getattr(self, f"std{i}") for i, x in enumerate(xs)]
         return self.head(xs) if self.fusion else self.head(xs[0])
 
@@ -105,7 +107,15 @@ def train_once(store: FeatureStore, keys: Sequence[FeatureKey], head_kind: str, 
     """Train for the recipe's epochs; return the head at its best validation epoch and the history.
 
     With an augmented store, each epoch shows every training image as one of its cached views,
-    drawn at random per image and epoch (from the seed)."""
+    drawn at random per image and epoch (from the seed).
+
+    Under torchrun the head trains with DistributedDataParallel: every rank draws the same
+    epoch order from the seed, takes its share of each batch (rank r: items r, r + N, ...), and
+    scales its summed loss so that DDP's gradient average is the one-process batch's mean
+    gradient. So N ranks take the same optimiser steps as one process (up to float rounding),
+    with the same global batch. (torch's DistributedSampler would shard whole epochs instead,
+    giving other batches than the one-process run.)"""
+    share = ranks()
     torch.manual_seed(seed)
     labels = torch.from_numpy(store.labels)
     xs_train = load_inputs(store, keys, train_rows)
@@ -123,6 +133,13 @@ def train_once(store: FeatureStore, keys: Sequence[FeatureKey], head_kind: str, 
     xs_train = [x.to(device) for x in xs_train]
     xs_val = [x.to(device) for x in xs_val]
     y_train, y_val = y_train.to(device), y_val.to(device)
+    net = model
+    if share.group:
+        from torch.nn.parallel import DistributedDataParallel
+
+        if device.startswith("cuda"):
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over the global batch
+        net = DistributedDataParallel(net, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -148,15 +165,20 @@ def train_once(store: FeatureStore, keys: Sequence[FeatureKey], head_kind: str, 
             for group in opt.param_groups:
                 group["lr"] = _lr_at(recipe, epoch + step / steps_per_epoch)
             idx = order[step * recipe.batch_size:(step + 1) * recipe.batch_size]
-            if len(idx) < 2 and n >= 2:
-                continue  # BatchNorm cannot train on a batch of one
-            logits = model([x[idx] for x in epoch_inputs])
-            loss = F.cross_entropy(logits, y_train[idx])
+            if len(idx) < 2 * share.world_size and n >= 2 * share.world_size:
+                continue  # BatchNorm cannot train on a batch of one (per rank)
+            mine = idx[share.rank::share.world_size]
+            logits = net([x[mine] for x in epoch_inputs])
+            loss = F.cross_entropy(logits, y_train[mine], reduction="sum") * (share.world_size / len(idx))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total_loss += loss.item() * len(idx)
-            correct += (logits.argmax(1) == y_train[idx]).sum().item()
+            total_loss += loss.item() * len(idx) / share.world_size
+            correct += (logits.argmax(1) == y_train[mine]).sum().item()
+        if share.group:  # the epoch's training loss and accuracy over every rank's share
+            sums = torch.tensor([total_loss, float(correct)], dtype=torch.float64, device=y_train.device)
+            torch.distributed.all_reduce(sums)
+            total_loss, correct = sums[0].item(), int(sums[1].item())
         val_loss, val_top1, val_top5, _ = _evaluate(model, xs_val, y_val)
         history.append({"epoch": epoch + 1, "train_loss": total_loss / n, "train_top1": 100.0 * correct / n,
                         "val_loss": val_loss, "val_top1": val_top1, "val_top5": val_top5})  # fmt: skip
@@ -216,7 +238,9 @@ def check_keys(store: FeatureStore, keys: Sequence[FeatureKey], head: str) -> No
 
 def fit_head(store: FeatureStore, keys: Sequence[FeatureKey], config: ProbeConfig, device: str = "cpu",
              progress: bool = True, augmented: FeatureStore | None = None) -> FittedHead:  # fmt: skip
-    """Train on the train split, choose epoch and weight decay on validation; validation metrics."""
+    """Train on the train split, choose epoch and weight decay on validation; validation metrics.
+    Under torchrun every rank trains its share of each batch (DDP) and all reach the same head."""
+    join("auto", torch.device(device))
     keys = list(keys)
     check_keys(store, keys, config.head)
     recipe = config.training_recipe()
@@ -300,7 +324,8 @@ def probe(store: FeatureStore, keys: Sequence[FeatureKey], out: str | Path, conf
     fitted = fit_head(store, keys, config or ProbeConfig(), str(resolve_device(device)), progress, augmented)
     if test_store is not None:
         fitted.metrics["test"] = evaluate_store(fitted, test_store)
-    save_run(fitted, out)
+    if ranks().is_main:  # under torchrun every rank holds the same head; one writes the run
+        save_run(fitted, out)
     return fitted.metrics
 
 

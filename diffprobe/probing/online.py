@@ -1,0 +1,205 @@
+"""Online features: the frozen backbone computes each batch's features inside the training loop.
+
+For what no disk holds: the attention head and DifFormer on full maps (block 24's 16×16×1024
+map is ~670 GB per setting for ImageNet in fp16), and DifFeed, which needs a second pass. Each
+training image is seen as a fresh random-resized crop + flip per epoch (view = epoch), with its
+noise still a function of (seed, image, view); validation uses centre crops, computed once.
+Under torchrun each rank computes the features of its share of every global batch (the
+backbone's cost is split) and the head trains with DDP. The backbone runs in the machine's
+fast precision on a set-up copy, never receives gradients, and is checked unchanged at the end.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..backbones.base import Backbone
+from ..data import AugmentedViews, LabeledImages, TransformedImages, model_transform, stratified_split, stratified_subset
+from ..errors import DiffprobeError
+from ..features.distributed import join, ranks
+from ..features.extract import ExtractOptions, build_manifest
+from ..features.featurize import featurize, noise_draws
+from ..features.plan import FeaturePlan
+from ..precision import Compute, choose_compute
+from .config import ProbeConfig
+from .diffeed import DifFeed
+from .heads import build_head
+from .train import FeatureHead, FittedHead, _evaluate, _lr_at, per_class_report, save_run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OnlineOptions:
+    compute: Compute | None = None  # default: this machine's fastest (compiled on GPUs)
+    limit: int | None = None  # a stratified subset of this many images
+    subset_seed: int = 0
+    augment: bool = True  # random-resized crop + flip per (image, epoch); False: centre crops
+    augment_seed: int = 0
+    feedback_blocks: tuple[int, ...] = ()  # DifFeed: decoder blocks fed back (head "diffeed")
+    standardize_images: int = 512  # training images (centre crop) whose features fix the standardisation
+    workers: int | None = None
+    progress: bool = True
+
+
+def _batches(loader_data, rows: list[list[int]], workers: int) -> DataLoader:
+    return DataLoader(loader_data, batch_sampler=rows, num_workers=workers)
+
+
+def _features(backbone: Backbone, x0: torch.Tensor, plan: FeaturePlan, index, views, compute: Compute) -> list[torch.Tensor]:
+    with torch.no_grad():  # plain tensors (not inference-mode ones): the head trains on them
+        feats = featurize(backbone, x0, plan, index, views=views, compute=compute)
+    return [feats[k].float() for k in plan.keys]
+
+
+def train_online(backbone: Backbone, data: LabeledImages, plan: FeaturePlan, config: ProbeConfig, out: str | Path | None,
+                 options: OnlineOptions | None = None) -> FittedHead:  # fmt: skip
+    o = options or OnlineOptions()
+    compute = o.compute or choose_compute()
+    join("auto", compute.device)
+    share = ranks()
+    plan = plan.resolve(backbone)
+    keys, recipe = plan.keys, config.training_recipe()
+    if plan.draws != 1:
+        raise DiffprobeError("online features use one noise draw per (image, view): set draws=1")
+    diffeed = config.head == "diffeed"
+    if (config.head != "fusion" or diffeed) and len(keys) != 1:
+        raise DiffprobeError(f"the {config.head} head reads one (t, block, pool) setting; use --head fusion for several")
+    rows = stratified_subset(data.labels, o.limit, o.subset_seed) if o.limit is not None else np.arange(len(data))
+    is_val = stratified_split(data.labels, config.val_fraction, config.split_seed)[rows]
+    train_idx, val_idx = rows[~is_val], rows[is_val]
+    if len(train_idx) < 2 or len(val_idx) == 0:
+        raise DiffprobeError(f"{len(rows)} images leave too few for training and validation (val fraction {config.val_fraction})")
+    workers = o.workers if o.workers is not None else (0 if compute.device.type == "cpu" else 8)
+    fingerprint = backbone.fingerprint()
+    runner = compute.prepare(backbone)
+    centre = TransformedImages(data, model_transform(backbone.image_size), backbone.image_size)
+
+    def centre_features(indices: np.ndarray, desc: str) -> tuple[list[torch.Tensor], torch.Tensor]:
+        parts: list[list[torch.Tensor]] = []
+        labels = []
+        batches = [indices[i:i + recipe.batch_size].tolist() for i in range(0, len(indices), recipe.batch_size)]
+        for x0, y, index, errors in tqdm(_batches(centre, batches, workers), desc=desc, total=len(batches), disable=not o.progress, leave=False):
+            if any(errors):
+                raise DiffprobeError(next(e for e in errors if e))
+            parts.append(_features(backbone, x0, plan, index.tolist(), None, compute) if not diffeed else [x0])
+            labels.append(y)
+        return [torch.cat(p) for p in zip(*parts)], torch.cat(labels)
+
+    key = keys[0]
+    shapes = [(backbone.blocks[k.block - 1].channels, k.pool) for k in keys]
+    standard, _ = centre_features(train_idx[: o.standardize_images], "online: standardisation")
+    if diffeed:  # the read block's features change as the adapters learn: standardise its first-pass values
+        standard = _features(backbone, standard[0], plan, train_idx[: o.standardize_images].tolist(), None, compute)
+    means = [x.mean(0) for x in standard]
+    stds = [x.std(0).clamp_min(1e-6) for x in standard]
+    torch.manual_seed(config.seed)
+    head_kind = ("attention" if key.pool > 1 else "linear") if diffeed else config.head
+    options = config.options if head_kind in ("attention", "fusion") or not diffeed else {}
+    head = FeatureHead(build_head(head_kind, shapes, len(data.classes), **options),
+                       means, stds, config.head == "fusion")  # fmt: skip
+    model: torch.nn.Module = head
+    if diffeed:
+        if not o.feedback_blocks:
+            raise DiffprobeError("the diffeed head needs feedback blocks (--feedback-blocks, e.g. the decoder blocks 21-36)")
+        model = DifFeed(runner, o.feedback_blocks, key.block, key.pool, head)
+    model = model.to(compute.device)
+    net = model
+    if share.group:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[compute.device.index] if compute.device.type == "cuda" else None)
+    opt = (torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=config.weight_decays[0])
+           if recipe.optimizer == "sgd" else torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=config.weight_decays[0]))  # fmt: skip
+
+    val_inputs, val_labels = centre_features(val_idx, "online: validation features") if not diffeed else (None, None)
+    gen = torch.Generator().manual_seed(config.seed)
+    n, bs = len(train_idx), recipe.batch_size
+    steps = max(1, -(-n // bs))
+    history: list[dict[str, Any]] = []
+    best_state, best_epoch, best_top1 = None, 0, -1.0
+
+    def evaluate() -> tuple[float, float, float, torch.Tensor, torch.Tensor]:
+        if not diffeed:
+            return (*_evaluate(head, [v.to(compute.device) for v in val_inputs], val_labels.to(compute.device)), val_labels)
+        model.eval()
+        logits, labels = [], []
+        with torch.no_grad():
+            for x0, y, index, _ in _batches(centre, [val_idx[i:i + bs].tolist() for i in range(0, len(val_idx), bs)], workers):
+                logits.append(diffeed_logits(model, runner, x0, index, None, plan, key, compute))
+                labels.append(y)
+        out, y = torch.cat(logits).cpu(), torch.cat(labels)
+        from .fastprobe import topk
+
+        return F.cross_entropy(out, y).item(), topk(out, y, 1), topk(out, y, 5), out, y
+
+    for epoch in tqdm(range(recipe.epochs), desc=f"online {config.head}", unit="epoch", disable=not o.progress):
+        model.train()
+        order = train_idx[torch.randperm(n, generator=gen).numpy()]
+        view = epoch if o.augment else 0
+        mine = [order[s * bs:(s + 1) * bs][share.rank::share.world_size].tolist() for s in range(steps)]
+        images = (AugmentedViews(data, np.arange(len(data)), np.full(len(data), view), backbone.image_size, o.augment_seed)
+                  if o.augment else centre)  # fmt: skip
+        total, correct = 0.0, 0
+        for step, (x0, y, index, errors) in enumerate(_batches(images, mine, workers)):
+            if any(errors):
+                raise DiffprobeError(next(e for e in errors if e))
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(recipe, epoch + step / steps)
+            y = y.to(compute.device)
+            views = [view] * len(index)
+            if diffeed:
+                logits = diffeed_logits(net, runner, x0, index, views, plan, key, compute)
+            else:
+                logits = net([f.to(compute.device) for f in _features(backbone, x0, plan, index.tolist(), views, compute)])
+            global_batch = len(order[step * bs:(step + 1) * bs])
+            loss = F.cross_entropy(logits.float(), y, reduction="sum") * (share.world_size / global_batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * global_batch / share.world_size
+            correct += int((logits.argmax(1) == y).sum())
+        val_loss, val_top1, val_top5, _, _ = evaluate()
+        history.append({"epoch": epoch + 1, "train_loss": total / n, "train_top1": 100.0 * correct * share.world_size / n,
+                        "val_loss": val_loss, "val_top1": val_top1, "val_top5": val_top5})  # fmt: skip
+        if val_top1 > best_top1:
+            best_top1, best_epoch, best_state = val_top1, epoch + 1, copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
+    _, val_top1, val_top5, val_logits, val_y = evaluate()
+    backbone._fingerprint = None  # recomputed from the weights as they are now
+    if backbone.fingerprint() != fingerprint:
+        raise RuntimeError("the frozen backbone's weights changed during online training: a diffprobe bug")
+    per_class, matrix = per_class_report(val_logits, val_y, data.classes)
+    metrics = {"val": {"top1": val_top1, "top5": val_top5, "rows": int(len(val_idx)), "per_class_top1": per_class},
+               "chosen": {"epoch": best_epoch, "weight_decay": config.weight_decays[0]}, "train_rows": int(n),
+               "history": history, "online": True, "world_size": share.world_size}  # fmt: skip
+    manifest = build_manifest(backbone, data, rows, plan, ExtractOptions(compute=compute, limit=o.limit, subset_seed=o.subset_seed), compute)
+    saved_config = replace(config, head=head_kind, options=options) if diffeed else config  # the head itself, as predict rebuilds it
+    fitted = FittedHead(head.cpu(), keys, saved_config, metrics, matrix, shapes,
+                        data.classes, manifest, f"online:{data.name}")  # fmt: skip
+    if out is not None and share.is_main:
+        save_run(fitted, out)
+        if diffeed:
+            torch.save({k: v.cpu() for k, v in model.adapters.state_dict().items()}, Path(out) / "feedback.pt")
+    return fitted
+
+
+def diffeed_logits(model, runner: Backbone, x0: torch.Tensor, index, views, plan: FeaturePlan, key, compute: Compute) -> torch.Tensor:
+    """DifFeed's logits for clean images: encode, noise (as featurize does), two passes."""
+    x0 = x0.to(compute.device)
+    with torch.no_grad(), compute.autocast():
+        x0 = runner.encode(x0).float()
+    eps = noise_draws(index.tolist(), plan.noise_seed, tuple(x0.shape[1:]), 1, views)[0].to(compute.device)
+    x_t = compute.batch(runner.schedule.q_sample(x0, key.t, eps))
+    with compute.autocast():
+        return model(x_t, key.t).float()
