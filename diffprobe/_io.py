@@ -33,7 +33,17 @@ def output_errors(path: str | Path, what: str = "output") -> Iterator[None]:
         yield
     except OSError as e:
         where = e.filename or path
-        raise DiffprobeError(f"{describe_os_error(where, e)}: choose another {what} location (a writable folder)") from None
+        blocker = _file_in_the_way(Path(path))
+        reason = f"cannot write {path}: {blocker} is a file, not a folder" if blocker else describe_os_error(where, e)
+        raise DiffprobeError(f"{reason}: choose another {what} location (a writable folder)") from None
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The nearest existing ancestor of path (or path itself) when it is a file, not a folder."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
 
 
 def output_dir(path: str | Path, what: str = "--out") -> Path:
@@ -107,3 +117,52 @@ def torch_save(obj: Any, path: str | Path) -> None:
     import torch
 
     atomic_write(path, lambda p: torch.save(obj, p))
+
+
+# ---------------------------------------------------------------- folders built aside, then renamed
+
+def temp_sibling_dir(final: str | Path, tag: str) -> Path:
+    """An empty folder beside `final` to build it in: `.NAME.TAG-PID-XXXX` (the pid lets a later
+    run tell a folder abandoned by a killed process from one another process is still filling).
+    Abandoned `TAG` folders beside it are removed first."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned(final.parent, tag)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.{tag}-{os.getpid()}-", dir=final.parent))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def remove_abandoned(parent: Path, tag: str) -> None:
+    """Delete `.*.TAG-PID-*` folders whose process is gone (left by kill -9); others are in use."""
+    import re
+    import shutil
+
+    pattern = re.compile(rf"^\..+\.{re.escape(tag)}-(\d+)-")
+    for path in parent.glob(f".*.{tag}-*"):
+        match = pattern.match(path.name)
+        if match and path.is_dir() and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def publish_dir(tmp: Path, final: str | Path) -> bool:
+    """Rename a finished folder into place. False (and `tmp` removed) if another process got there
+    first: `final` then holds their folder, which the caller opens instead."""
+    import shutil
+
+    try:
+        os.rename(tmp, final)  # replaces an empty folder; fails on a non-empty one
+        return True
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if Path(final).is_dir() and any(Path(final).iterdir()):
+            return False
+        raise DiffprobeError(f"{describe_os_error(final, e)}: choose another output location (a writable folder)") from None

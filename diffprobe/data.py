@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import tarfile
-import tempfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ._io import save_npy
+from ._io import output_errors, publish_dir, save_npy, temp_sibling_dir
 from .errors import DiffprobeError
 
 log = logging.getLogger(__name__)
@@ -39,13 +39,43 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DIFFPROBE_CACHE", Path.home() / ".cache" / "diffprobe"))
 
 
+def _high_bit_depth_to_l(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float grayscale to 8-bit "L", scaled by the range the values
+    are stored in (PIL's own convert clips them, so a 16-bit image would come out white).
+
+    I;16*: 0..65535 -> 0..255. I: the same when its values fit 16 bits (Pillow decodes some
+    16-bit files as I). F: [0, 1] -> 0..255, or kept when already in [0, 255]. Any other range
+    cannot be mapped without guessing a window, so it is an error that says so.
+    """
+    values = np.asarray(image).astype(np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode.startswith("I;16") or (image.mode == "I" and low >= 0 and high <= 65535):
+        scaled = values / 257.0
+    elif image.mode == "F" and low >= 0 and high <= 1:
+        scaled = values * 255.0
+    elif image.mode == "F" and low >= 0 and high <= 255:
+        scaled = values
+    else:
+        raise ValueError(
+            f"{image.mode} image with values in [{low:g}, {high:g}], which cannot be mapped to 8 bits without "
+            "guessing a window: convert it to 8- or 16-bit first"
+        )
+    return Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8), mode="L")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode to RGB; transparent pixels are composited on white (not left black)."""
+    """Any PIL mode to 8-bit RGB; the one decoding path every dataset uses.
+
+    Transparent pixels are composited on white (not left black); high-bit-depth grayscale is
+    scaled to 8 bits, not clipped. A mode PIL cannot convert raises ValueError.
+    """
     if image.mode == "RGB":
         return image
+    if image.mode.startswith("I") or image.mode == "F":
+        return _high_bit_depth_to_l(image).convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
+    if image.mode in ("RGBA", "LA", "PA", "RGBa"):
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, image).convert("RGB")
@@ -57,7 +87,7 @@ def read_image(path: str | Path) -> Image.Image:
         with Image.open(path) as im:
             im.load()
             return to_rgb(im)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
         raise DiffprobeError(f"cannot read image {path}: {e}") from None
 
 
@@ -71,6 +101,10 @@ class LabeledImages:
     load: Callable[[int], Image.Image]  # index -> RGB image; raises DiffprobeError naming the file
     describe: Callable[[int], str]  # index -> a path or name for messages
     identity: dict[str, Any] = field(default_factory=dict)  # what the fingerprint is made of
+    # For sources whose files can change: what the rows are (names, classes) without the bytes,
+    # and one short content print per image. None where the content is fixed (torchvision).
+    layout: str | None = None
+    item_prints: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -79,6 +113,21 @@ class LabeledImages:
         h = hashlib.sha256(repr(sorted(self.identity.items())).encode())
         h.update(self.labels.astype(np.int64).tobytes())
         return h.hexdigest()[:20]
+
+    def layout_fingerprint(self) -> str:
+        """Which images, in which order, with which labels; not their bytes. A store compares it
+        to tell "the same dataset with a file fixed" (chunks re-checked) from another dataset."""
+        if self.layout is None:
+            return self.fingerprint()
+        h = hashlib.sha256(self.layout.encode())
+        h.update(self.labels.astype(np.int64).tobytes())
+        return h.hexdigest()[:20]
+
+    def row_prints(self, rows: np.ndarray) -> list[str]:
+        """The content print of each row's image ("" where the content cannot change)."""
+        if self.item_prints is None:
+            return [""] * len(rows)
+        return [self.item_prints[int(i)] for i in rows]
 
 
 # ------------------------------------------------------------------ ImageFolder and archives
@@ -100,9 +149,13 @@ def image_folder(root: str | Path) -> LabeledImages:
     paths = [p for p, _ in samples]
     labels = np.array([c for _, c in samples], dtype=np.int64)
     # Content identity without reading every byte: relative paths and file sizes.
-    h = hashlib.sha256()
+    h, names = hashlib.sha256(), hashlib.sha256()
+    prints = []
     for p in paths:
-        h.update(os.path.relpath(p, root).encode() + b"\0" + str(os.path.getsize(p)).encode() + b"\n")
+        rel, size = os.path.relpath(p, root), str(os.path.getsize(p))
+        h.update(rel.encode() + b"\0" + size.encode() + b"\n")
+        names.update(rel.encode() + b"\n")
+        prints.append(f"{rel}\0{size}")
     return LabeledImages(
         name=root.name,
         classes=list(classes),
@@ -110,6 +163,8 @@ def image_folder(root: str | Path) -> LabeledImages:
         load=lambda i: read_image(paths[i]),
         describe=lambda i: paths[i],
         identity={"kind": "imagefolder", "files": h.hexdigest(), "classes": list(classes)},
+        layout=f"imagefolder|{names.hexdigest()}|{classes!r}",
+        item_prints=prints,
     )
 
 
@@ -128,28 +183,41 @@ def _imagefolder_root(top: Path, split: str | None) -> Path:
 
 
 def unpack_archive(archive: str | Path) -> Path:
-    """Unpack a .tar(.gz) once into the cache (atomically) and return the folder."""
+    """Unpack a .tar(.gz) once into the cache and return the folder.
+
+    It is unpacked into a temporary sibling and renamed into place, so the cache holds whole
+    folders only. Any failure (a truncated gzip raises EOFError, a damaged one zlib.error, a full
+    disk OSError, Ctrl-C) removes the temporary folder; one left by kill -9 is removed by the next
+    run once its process is gone.
+    """
     archive = Path(archive).resolve()
     st = archive.stat()
     key = hashlib.sha256(f"{archive}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
     target = cache_dir() / "archives" / f"{archive.name.split('.')[0]}-{key}"
     if target.is_dir():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=target.parent))
+    with output_errors(target.parent, "cache ($DIFFPROBE_CACHE)"):
+        tmp = temp_sibling_dir(target, "unpack")
     try:
-        with tarfile.open(archive) as tar:
-            for member in tqdm(tar, desc=f"unpacking {archive.name}", unit="file", leave=False):
+        # The bar closes (clearing its line) before any error propagates, so the message starts clean.
+        with tarfile.open(archive) as tar, tqdm(desc=f"unpacking {archive.name}", unit="file", leave=False) as bar:
+            for member in tar:
                 tar.extract(member, tmp, filter="data")
-        os.rename(tmp, target)  # another process may have won the race: keep theirs
-    except OSError as e:
+                bar.update(1)
+            # tarfile stops at the first empty header; damage after it (garbled bytes that happen to
+            # decode as zeros) would pass unseen. Reading to the end checks the rest and gzip's CRC.
+            while tar.fileobj.read(1 << 20):
+                pass
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if target.is_dir():
-            return target
-        raise DiffprobeError(f"cannot unpack {archive}: {e}") from None
-    except tarfile.TarError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise DiffprobeError(f"cannot unpack {archive}: not a readable tar archive ({e})") from None
+        if isinstance(e, (tarfile.TarError, EOFError, zlib.error)):
+            raise DiffprobeError(f"cannot unpack {archive}: truncated or not a readable tar archive ({type(e).__name__}: {e}); "
+                                 "download or copy it again") from None  # fmt: skip
+        if isinstance(e, OSError):
+            raise DiffprobeError(f"cannot unpack {archive} into {target.parent}: {e.strerror or e}; free space or "
+                                 "set $DIFFPROBE_CACHE to a writable folder") from None  # fmt: skip
+        raise
+    publish_dir(tmp, target)  # False: another process won the race, and its folder is as good
     return target
 
 

@@ -167,8 +167,8 @@ def test_mismatched_flags_name_keys_and_shapes():
         load_backbone(FIXTURE_SPEC, image_size=32, num_channels=64, channel_mult="1,1,2,2", attention_resolutions="16,8,4",
                       num_head_channels=8, learn_sigma=True, resblock_updown=True)  # fmt: skip
     msg = str(err.value)
-    assert "input_blocks.0.0.weight checkpoint [32, 3, 3, 3] vs model [64, 3, 3, 3]" in msg
-    with pytest.raises(DiffprobeError, match="missing from checkpoint: .*label_emb.weight"):
+    assert "input_blocks.0.0.weight: checkpoint [32, 3, 3, 3], model [64, 3, 3, 3]" in msg and len(msg) < 600
+    with pytest.raises(DiffprobeError, match=r"keys missing from the checkpoint \(e.g. label_emb.weight"):
         load_backbone(FIXTURE_SPEC, class_cond=True)
 
 
@@ -195,7 +195,7 @@ def test_bad_checkpoint_files(tmp_path):
         load_backbone(f"adm:{corrupt}")
     pickled = tmp_path / "pickled.pt"
     torch.save({"model": torch.nn.Linear(2, 2)}, pickled)
-    with pytest.raises(DiffprobeError, match="not a plain state_dict"):
+    with pytest.raises(DiffprobeError, match=r"Python objects or code \(torch.nn.modules.linear.Linear\).*refused for safety"):
         load_backbone(f"adm:{pickled}")
     other = tmp_path / "other.pt"
     torch.save({"weight": torch.zeros(2)}, other)

@@ -70,7 +70,7 @@ def test_corrupt_checkpoint(capsys, store_args, tmp_path):
 def test_pickle_that_is_not_a_state_dict(capsys, store_args, tmp_path):
     bad = tmp_path / "model.pt"
     torch.save(torch.nn.Conv2d(3, 3, 1), bad)
-    assert_one_line_error(*run(capsys, "blocks", f"adm:{bad}")[::2], "not a plain state_dict")
+    assert_one_line_error(*run(capsys, "blocks", f"adm:{bad}")[::2], "refused for safety", "torch.save(")
 
 
 def test_unknown_preset(capsys):
@@ -79,7 +79,8 @@ def test_unknown_preset(capsys):
 
 def test_preset_checkpoint_mismatch(capsys):
     code, _, err = run(capsys, "blocks", FIXTURE_SPEC, "--preset", "256x256_diffusion_uncond")
-    assert_one_line_error(code, err, "does not match preset 256x256_diffusion_uncond", "shape mismatch: ", "checkpoint [32, 3, 3, 3] vs model [256, 3, 3, 3]")
+    assert_one_line_error(code, err, "does not match preset 256x256_diffusion_uncond", "shapes differ", "checkpoint [32, 3, 3, 3], model [256, 3, 3, 3]")
+    assert len(err) < 700
 
 
 def test_block_out_of_range(capsys, store_args):

@@ -104,3 +104,51 @@ def test_vlb_is_zero_for_the_true_posterior():
     assert torch.isfinite(nll).all() and (nll > 0).all()
     terms = posterior_terms(schedule)
     assert np.isfinite(terms["log_var_clipped"].numpy()).all()
+
+
+def _loss_rows(run_dir):
+    """loss.csv as text, without img_per_s (wall-clock throughput, never reproducible)."""
+    import csv
+
+    with open(run_dir / "loss.csv") as f:
+        return [{k: v for k, v in row.items() if k != "img_per_s"} for row in csv.DictReader(f)]
+
+
+def test_kill_off_the_log_interval_resumes_to_the_same_loss_csv(cifar_small, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    data = open_dataset(cifar_small)
+    settings = dict(save_every=4, log_every=5, **SETTINGS)
+    pretrain(data, tmp_path / "straight", TINY, 12, **settings)
+    # kill -9 right after the checkpoint of step 8: two steps past a logged row, in a process of its own.
+    script = (
+        "import json, os, signal, sys\n"
+        "from diffprobe.data import open_dataset\n"
+        "from diffprobe.generate import pretrain as P\n"
+        "save = P.Trainer.save\n"
+        "def save_then_die(self):\n"
+        "    save(self)\n"
+        "    if self.state.step == 8:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "P.Trainer.save = save_then_die\n"
+        "P.pretrain(open_dataset(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3]), 12, **json.loads(sys.argv[4]))\n"
+    )
+    killed = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", script, str(cifar_small), str(killed), json.dumps(TINY), json.dumps(settings)],
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL
+    assert torch.load(killed / "training-state.pt", weights_only=True)["state"]["step"] == 8
+    pretrain(data, killed, TINY, 12, **settings)
+    # A run stopped by its own --steps off the interval (it writes a short row at step 7), then continued.
+    pretrain(data, tmp_path / "continued", TINY, 7, **settings)
+    assert [r["step"] for r in _loss_rows(tmp_path / "continued")] == ["5", "7"]
+    pretrain(data, tmp_path / "continued", TINY, 12, **settings)
+    straight = _loss_rows(tmp_path / "straight")
+    assert [r["step"] for r in straight] == ["5", "10", "12"]
+    assert _loss_rows(killed) == straight
+    assert _loss_rows(tmp_path / "continued") == straight

@@ -74,13 +74,19 @@ def resolve_flags(path: str | Path | None, state: dict[str, torch.Tensor] | None
     if preset is not None:
         if preset not in PRESETS:
             raise DiffprobeError(f"unknown ADM preset {preset!r}; known presets: {', '.join(sorted(PRESETS))}")
-        return {**PRESETS[preset], **flags}, f"preset {preset}"
+        extra = f" with option(s) {', '.join(f'{k}={v}' for k, v in flags.items())}" if flags else ""
+        return {**PRESETS[preset], **flags}, f"preset {preset}{extra}"
     side = sidecar_flags(path) if path is not None else None
     if side is not None:
-        return {**side, **flags}, f"flags in {Path(path).with_suffix('.json').name}"
+        origin = f"flags in {Path(path).with_suffix('.json').name}"
+        overrides = {k: v for k, v in flags.items() if side.get(k) != v}
+        if overrides:  # the user's options changed the sidecar's flags: say so, they are the likely cause
+            origin += " overridden by the given option(s) " + ", ".join(f"{k}={v}" for k, v in overrides.items())
+        return {**side, **flags}, origin
     named = preset_for_filename(path) if path is not None else None
     if named is not None:
-        return {**PRESETS[named], **flags}, f"preset {named} (from the file name)"
+        extra = f" with option(s) {', '.join(f'{k}={v}' for k, v in flags.items())}" if flags else ""
+        return {**PRESETS[named], **flags}, f"preset {named} (from the file name){extra}"
     if state is None:
         return dict(flags), "the given flags"
     # Nothing names the architecture: read what the shapes tell, ask for what they cannot.

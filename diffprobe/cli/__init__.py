@@ -12,6 +12,7 @@ import logging
 import sys
 from typing import Sequence
 
+from .._io import describe_os_error
 from ..errors import DiffprobeError
 from . import features, generate, probing, studies
 
@@ -32,6 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.func(args)
     except DiffprobeError as e:
         print(f"diffprobe: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file system error no library check foresaw: still one line, never a traceback
+        print(f"diffprobe: error: {describe_os_error(e.filename or '?', e, 'read or write')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("diffprobe: interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr)

@@ -22,12 +22,14 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from ..generate.sample import default_steps, sample_images, save_samples
+    from .._io import output_dir
+    from ..generate.sample import sample_images, sampling_steps, save_samples
     from ..precision import choose_compute
 
+    output_dir(args.out)  # before any work: an unusable --out is one clear line
     backbone = load_backbone_from(args)
     compute = choose_compute(args.device, args.precision, "auto", False)
-    steps = args.steps or default_steps(backbone, args.sampler)
+    steps = sampling_steps(backbone, args.sampler, args.steps)
     images = sample_images(backbone, args.num, args.sampler, steps, args.seed, args.batch_size, args.eta, compute)
     info = {"source": backbone.source, "sampler": args.sampler, "steps": steps, "eta": args.eta, "seed": args.seed,
             "batch_size": args.batch_size, "num": args.num, "precision": compute.describe()}  # fmt: skip

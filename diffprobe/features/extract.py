@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import platform
-import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,6 +35,7 @@ from ..errors import DiffprobeError
 from ..precision import Compute, choose_compute
 from .distributed import Ranks, join, ranks
 from .featurize import featurize
+from .guard import check_finite
 from .latents import LatentCache
 from .plan import FeaturePlan
 from .store import FeatureStore
@@ -80,7 +80,8 @@ def build_manifest(backbone: Backbone, data: LabeledImages, rows: np.ndarray, pl
             "config": backbone.config,
             "class_label": options.class_label,
         },
-        "data": {"name": data.name, "fingerprint": data.fingerprint(), "size": len(data), "classes": data.classes},
+        "data": {"name": data.name, "fingerprint": data.fingerprint(), "layout": data.layout_fingerprint(),
+                 "size": len(data), "classes": data.classes},
         "rows": {
             "count": len(rows),
             "selection": hashlib.sha256(rows.astype(np.int64).tobytes()).hexdigest()[:20],
@@ -149,8 +150,8 @@ def extract(backbone: Backbone, data: LabeledImages | str | Path, plan: FeatureP
 
     def open_store() -> FeatureStore:
         if o.overwrite and share.is_main and (out / "manifest.json").is_file():
-            shutil.rmtree(out)  # only rank 0 discards: the others would delete each other's work
-        store = FeatureStore.create_or_open(out, manifest, data.labels[rows], rows, data.labels)
+            FeatureStore.discard(out)  # only rank 0 discards: the others would delete each other's work
+        store = FeatureStore.create_or_open(out, manifest, data.labels[rows], rows, data.labels, data.row_prints(rows))
         for key in plan.keys:
             store.ensure_array(key, backbone.blocks[key.block - 1].channels * key.pool**2)
         return store
@@ -200,13 +201,16 @@ def fill(store: FeatureStore, backbone: Backbone, data: LabeledImages, plan: Fea
             bad = [e for e in errors if e]
             if bad:
                 more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
-                raise DiffprobeError("; ".join(bad[:3]) + more + ". Fix or remove the file(s), then rerun: finished chunks are kept")
+                raise DiffprobeError("; ".join(bad[:3]) + more + ". Fix or replace the file(s) under the same name, then rerun "
+                                     "the same command: finished chunks are kept (removing a file changes the dataset: use a new --out)")
             chunk_views = views[store.chunk_slice(chunk)] if o.augment_views else None
             y = None if o.class_label is None else torch.full((len(index),), o.class_label, device=compute.device)
             x0 = latents.encode_chunk(backbone, chunk, x0, compute)  # model space: cached latents, or the pixels
             pooled = featurize(backbone, x0, plan, index.tolist(), keys=keys, views=chunk_views, y=y, compute=compute, encoded=True)
             for k in keys:
-                store.write_chunk(k, chunk, pooled[k].cpu().numpy().astype(o.dtype))
+                values = pooled[k].cpu().numpy().astype(o.dtype)
+                check_finite(values, k.t, k.block, k.pool)  # after the cast: float16 overflow counts too
+                store.write_chunk(k, chunk, values)
             bar.update(len({k.t for k in keys}))
             images_done += len(index)
             bar.set_postfix(img_per_s=f"{images_done / (time.perf_counter() - started):.1f}")

@@ -11,23 +11,33 @@ Layout of a store directory:
 Rows are written a chunk at a time into the memmap, and a chunk's byte in the `.done` file is
 set only after its rows are flushed. So a process killed at any point (kill -9) leaves only
 whole chunks marked, and rerunning recomputes the rest. Chunks are the unit of work, and
-different processes (ranks) may write disjoint chunks of the same arrays at once. Every file
-is created under a temporary name and hard-linked into place, so concurrent creators never
-clobber each other.
+different processes (ranks) may write disjoint chunks of the same arrays at once. A new store
+is written whole in a temporary sibling folder and renamed into place (a kill leaves no half
+store); arrays are created under a temporary name and hard-linked into place, so concurrent
+creators never clobber each other.
+
+    chunk_prints.json                per chunk: a hash of its images' names and sizes, so a rerun
+                                     after fixing a corrupt image keeps every finished chunk
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .._io import atomic_write, save_npy, write_json
+from .._io import atomic_write, output_errors, publish_dir, save_npy, temp_sibling_dir, write_json
 from ..errors import DiffprobeError
+from .guard import check_finite
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 # Fields that must be equal for a store to be reused; any difference means other features.
@@ -63,6 +73,43 @@ def _describe_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     return "; ".join(diffs)
 
 
+CHUNK_PRINTS = "chunk_prints.json"  # per chunk of rows: a hash of its images' names and sizes
+_CREATION_FILES = {"labels.npy", "indices.npy", "dataset_labels.npy"}
+
+
+def _identity(manifest: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """The fields that must match. Where both sides know the data's layout (names and labels),
+    the content fingerprint is left to the per-chunk check; older stores compare it whole."""
+    ident = {k: manifest.get(k) for k in IDENTITY_FIELDS}
+    data, other_data = ident.get("data"), other.get("data") or {}
+    if isinstance(data, dict):
+        data = dict(data)
+        if "layout" in data and "layout" in other_data:
+            data.pop("fingerprint", None)
+        else:
+            data.pop("layout", None)
+        ident["data"] = data
+    return ident
+
+
+def _chunk_prints(row_prints: Sequence[str], chunk_rows: int) -> list[str]:
+    out = []
+    for start in range(0, len(row_prints), chunk_rows):
+        h = hashlib.sha256("\n".join(row_prints[start:start + chunk_rows]).encode())
+        out.append(h.hexdigest()[:16])
+    return out
+
+
+def _abandoned_creation(root: Path) -> bool:
+    """A folder holding only what an older diffprobe wrote before manifest.json (killed in between):
+    no features in it, so nothing computed is lost by creating the store again."""
+    if not root.is_dir():
+        return False
+    names = [p.name for p in root.iterdir()]
+    leftover = [n for n in names if n in _CREATION_FILES or (n.startswith(".") and n.endswith(".tmp"))]
+    return bool(names) and len(leftover) == len(names)
+
+
 class FeatureStore:
     """A directory of cached features. Open with `create_or_open` (writers) or `open` (readers)."""
 
@@ -88,33 +135,97 @@ class FeatureStore:
 
     @classmethod
     def create_or_open(cls, root: str | Path, manifest: dict[str, Any], labels: np.ndarray, indices: np.ndarray,
-                       dataset_labels: np.ndarray | None = None) -> "FeatureStore":  # fmt: skip
+                       dataset_labels: np.ndarray | None = None,
+                       row_prints: Sequence[str] | None = None) -> "FeatureStore":  # fmt: skip
         """Open the store at root if it holds exactly these features' identity; create it if absent.
 
         A store with another identity (model, data, rows, noise, ...) is an error, never reused.
+        row_prints (one content print per row, data.row_prints) let a rerun accept a dataset
+        whose only changed files lie in chunks not yet finished, such as a corrupt image fixed
+        after it stopped the extraction.
         """
         root = Path(root)
         manifest = {"format": FORMAT_VERSION, **manifest}
-        if (root / "manifest.json").is_file():
-            store = cls.open(root)
-            old = {k: store.manifest.get(k) for k in IDENTITY_FIELDS}
-            new = {k: manifest.get(k) for k in IDENTITY_FIELDS}
-            if old != new:
-                raise DiffprobeError(
-                    f"{root} holds other features ({_describe_difference(old, new)}): "
-                    "choose another --out, or pass --overwrite to discard them"
-                )
-            return store
-        if root.exists() and any(root.iterdir()):
-            raise DiffprobeError(f"{root} exists and is not a feature store: choose an empty or new --out")
-        root.mkdir(parents=True, exist_ok=True)
-        save_npy(root / "labels.npy", labels.astype(np.int64), exclusive=True)
-        save_npy(root / "indices.npy", indices.astype(np.int64), exclusive=True)
+        prints = _chunk_prints(row_prints, int(manifest["chunk_rows"])) if row_prints is not None else None
+        if root.exists() and not root.is_dir():
+            raise DiffprobeError(f"--out {root} is a file, not a folder: choose a folder path")
+        with output_errors(root, "--out"):
+            if not (root / "manifest.json").is_file():
+                if _abandoned_creation(root):
+                    log.warning("%s holds only the start of a store whose creation was interrupted: creating it again", root)
+                    shutil.rmtree(root, ignore_errors=True)
+                if not root.is_dir() or not any(root.iterdir()):
+                    if cls._create(root, manifest, labels, indices, dataset_labels, prints):
+                        return cls.open(root)
+                elif not (root / "manifest.json").is_file():  # (another rank may have created it meanwhile)
+                    raise DiffprobeError(f"{root} exists and is not a feature store: choose an empty or new --out")
+            store = cls.open(root)  # existing, or created by another process (rank) just now
+            store._check_identity(manifest, prints)
+        return store
+
+    @staticmethod
+    def _create(root: Path, manifest: dict[str, Any], labels: np.ndarray, indices: np.ndarray,
+                dataset_labels: np.ndarray | None, prints: list[str] | None) -> bool:  # fmt: skip
+        """Write every file of a new store in a temporary sibling, then rename it into place, so a
+        kill at any moment leaves either no store or a whole one. False if another process's
+        store took the place first."""
+        tmp = temp_sibling_dir(root, "creating")
+        save_npy(tmp / "labels.npy", labels.astype(np.int64))
+        save_npy(tmp / "indices.npy", indices.astype(np.int64))
         if dataset_labels is not None:
-            save_npy(root / "dataset_labels.npy", dataset_labels.astype(np.int64), exclusive=True)
-        # The manifest goes last: its presence says the store is usable.
-        write_json(root / "manifest.json", manifest, exclusive=True)
-        return cls.open(root)
+            save_npy(tmp / "dataset_labels.npy", dataset_labels.astype(np.int64))
+        if prints is not None:
+            write_json(tmp / CHUNK_PRINTS, prints)
+        write_json(tmp / "manifest.json", manifest)
+        return publish_dir(tmp, root)
+
+    def _check_identity(self, manifest: dict[str, Any], prints: list[str] | None) -> None:
+        old, new = _identity(self.manifest, manifest), _identity(manifest, self.manifest)
+        if old != new:
+            raise DiffprobeError(
+                f"{self.root} holds other features ({_describe_difference(old, new)}): "
+                "choose another --out, or pass --overwrite to discard them"
+            )
+        old_print, new_print = self.manifest["data"].get("fingerprint"), manifest["data"].get("fingerprint")
+        if old_print != new_print:  # same images and labels by name, some files' bytes differ
+            self._accept_changed_files(manifest, prints)
+
+    def _accept_changed_files(self, manifest: dict[str, Any], prints: list[str] | None) -> None:
+        """Changed files are fine in chunks no array has finished (they are computed from the new
+        files); in a finished chunk they would mix two versions of the data, so that is refused."""
+        stored = self._stored_prints()
+        if stored is None or prints is None or len(stored) != len(prints):
+            raise DiffprobeError(
+                f"{self.root} holds features of other images (data fingerprint {self.manifest['data'].get('fingerprint')} vs "
+                f"{manifest['data'].get('fingerprint')}): choose another --out, or pass --overwrite to discard them"
+            )
+        changed = [c for c, (a, b) in enumerate(zip(stored, prints)) if a != b]
+        finished = [c for c in changed if any(self.done_chunks(k)[c] for k in self.keys())]
+        if finished:
+            rows = self.chunk_slice(finished[0])
+            raise DiffprobeError(
+                f"{self.root}: images of {len(finished)} finished chunk(s) changed since they were extracted (first: rows "
+                f"{rows.start}-{rows.stop - 1}, dataset index {int(self.indices[rows.start])} onwards), so their features no "
+                "longer match the files: put the old files back, choose another --out, or pass --overwrite to discard the store"
+            )
+        log.warning("%s: files of %d unfinished chunk(s) changed (a fixed image?): they are extracted from the new files",
+                    self.root, len(changed))  # fmt: skip
+        write_json(self.root / CHUNK_PRINTS, prints)
+        self.manifest["data"]["fingerprint"] = manifest["data"]["fingerprint"]
+        write_json(self.root / "manifest.json", self.manifest)
+
+    def _stored_prints(self) -> list[str] | None:
+        path = self.root / CHUNK_PRINTS
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    @staticmethod
+    def discard(root: str | Path) -> None:
+        """Remove a store for --overwrite: renamed aside first, so a kill mid-way never leaves half a store at root."""
+        root = Path(root)
+        with output_errors(root, "--out"):
+            aside = temp_sibling_dir(root, "discarding")
+            os.rename(root, aside / "old")
+            shutil.rmtree(aside)
 
     # ---------------------------------------------------------------- shape of the store
     @property
@@ -218,7 +329,9 @@ class FeatureStore:
             missing = int((~self.done_chunks(key)).sum())
             raise DiffprobeError(f"{array_path.name} in {self.root} is incomplete ({missing} chunks missing): rerun the extraction to resume it")
         data = np.load(array_path, mmap_mode="r")
-        return np.asarray(data if rows is None else data[rows], dtype=np.float32)
+        values = np.asarray(data if rows is None else data[rows], dtype=np.float32)
+        check_finite(values, key.t, key.block, key.pool, where=str(self.root))  # stores from before the guard
+        return values
 
     def select_keys(self, stems: str | None = None) -> list[FeatureKey]:
         """Settings named like "t0090_b24_p1,t0150_b24_p1" (all complete ones when None), each complete."""

@@ -22,7 +22,7 @@ from ..errors import DiffprobeError
 from ..features.extract import ExtractOptions
 from ..features.plan import FeaturePlan
 from ..precision import choose_compute
-from .._io import torch_save
+from .._io import output_dir, torch_save
 from .pretrain import CHECKPOINT_NAME
 
 SIZE_BUDGET_BYTES = 25 * 1024 * 1024  # what a checkpoint inside the repository may weigh
@@ -48,7 +48,7 @@ def export_run(run: str | Path, dest: str | Path, data: LabeledImages, limit: in
     run, dest = Path(run), Path(dest)
     if not (run / "ema.pt").is_file() or not (run / CHECKPOINT_NAME).is_file():
         raise DiffprobeError(f"{run} is not a pretrain run (expected ema.pt and {CHECKPOINT_NAME}): pass the --out folder of `diffprobe pretrain`")
-    dest.mkdir(parents=True, exist_ok=True)
+    output_dir(dest)
     blob = torch.load(run / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
     config, state = blob["config"], blob["state"]
     weights = torch.load(run / "ema.pt", map_location="cpu", weights_only=True)
@@ -88,7 +88,7 @@ def export_run(run: str | Path, dest: str | Path, data: LabeledImages, limit: in
                      f"grad clip {config['grad_clip']}, batch {config['batch_size']}, EMA {config['ema_decay']} (warmed up), "
                      f"random flips {config['hflip']}",
         "steps": f"{state['step']} ({state['step'] * config['batch_size'] / config['train_rows']:.2f} epochs)",
-        "wall time": f"{state['wall_seconds'] / 3600:.2f} h of training",
+        "wall time": f"{(state['wall_seconds'] + state.get('window_seconds', 0.0)) / 3600:.2f} h of training",
         "hardware": hardware or f"{cpu_name()}, {torch.get_num_threads()} threads, bf16 autocast",
         "final training loss": f"{history[-1]['loss']:.4f} (mean of the last 10 steps; curve: loss.png)",
         "probe (validation split)": f"logistic regression on {summary['rows']} images: best t={best['t']} block {best['block']} "

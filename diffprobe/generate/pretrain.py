@@ -14,7 +14,6 @@ stopped (tests/test_pretrain.py checks it bit for bit).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import signal
 import time
@@ -31,7 +30,7 @@ from tqdm.auto import tqdm
 from ..backbones.adm import ADMUNet, AttentionBlock, ResBlock
 from ..backbones.adm_config import architecture_from_flags, normalize_flags
 from ..data import LabeledImages, images_uint8, stratified_split, to_model_range
-from .._io import torch_save, write_json
+from .._io import output_dir, output_errors, torch_save, write_json
 from ..errors import DiffprobeError
 from ..precision import cpu_has_fast_bf16, resolve_device
 from ..features.noise import NoiseSchedule
@@ -79,6 +78,10 @@ class RunState:
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)  # one row per logged step
     wall_seconds: float = 0.0
+    # The losses (and seconds) since the last logged row: a run stopped between two rows resumes
+    # the same average, so loss.csv is the same whatever step it stopped at.
+    window: list[float] = field(default_factory=list)
+    window_seconds: float = 0.0
 
 
 def training_rows(labels: np.ndarray, config: PretrainConfig) -> np.ndarray:
@@ -168,7 +171,6 @@ class Trainer:
 
     def save(self) -> None:
         """Training state (atomically), plus the EMA and raw weights as guided-diffusion state_dicts."""
-        self.out.mkdir(parents=True, exist_ok=True)
         blob = {
             "config": self.config.trajectory(),
             "model": self.model.state_dict(),
@@ -177,10 +179,12 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "state": dataclasses.asdict(self.state),
         }
-        torch_save(blob, self.out / CHECKPOINT_NAME)
-        export_weights(self.ema.module, self.flags, self.out / "ema.pt", self.state.step)
-        export_weights(self.model, self.flags, self.out / "model.pt", self.state.step)
-        write_history(self.state.history, self.out)
+        with output_errors(self.out, "--out"):  # e.g. the disk filled up: one line, the last checkpoint kept
+            self.out.mkdir(parents=True, exist_ok=True)
+            torch_save(blob, self.out / CHECKPOINT_NAME)
+            export_weights(self.ema.module, self.flags, self.out / "ema.pt", self.state.step)
+            export_weights(self.model, self.flags, self.out / "model.pt", self.state.step)
+            write_history(self.state.history, self.out)
 
     def load(self, path: Path) -> None:
         blob = torch.load(path, map_location=self.device, weights_only=True)
@@ -194,6 +198,14 @@ class Trainer:
         self.optimizer.load_state_dict(blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
         self.state = RunState(**blob["state"])
+
+    def reopen_last_row(self, log_every: int) -> None:
+        """A run that ended between two log points wrote a short row at its last step; continuing
+        it, that row's steps go back into the window so the next row averages the full interval,
+        as in a run that never stopped."""
+        history = self.state.history
+        if history and history[-1]["step"] == self.state.step and self.state.step % log_every and self.state.window:
+            history.pop()
 
     # -- one step
 
@@ -228,15 +240,27 @@ class Trainer:
         start = self.state.step
         if start >= total_steps:
             return self.state
-        stop = {"now": False}
+        stop: dict[str, str] = {"now": ""}
 
-        def request_stop(signum, frame):  # finish the step, save, exit: nothing computed is lost
-            stop["now"] = True
+        def request_stop(signum, frame):
+            # Finish the step, save, exit: a Ctrl-C between optimizer.step() and the step counter
+            # would save weights one step ahead of the state that claims them.
+            stop["now"] = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
 
-        previous = signal.signal(signal.SIGTERM, request_stop)
+        previous_term = signal.signal(signal.SIGTERM, request_stop)
+        previous_int = signal.signal(signal.SIGINT, request_stop)
         bar = tqdm(total=total_steps, initial=start, desc="pretrain", unit="step", mininterval=2)
-        window: list[float] = []
+        state = self.state
+        self.reopen_last_row(log_every)
         tick = time.perf_counter()
+
+        def save() -> None:
+            nonlocal tick
+            now = time.perf_counter()
+            state.window_seconds += now - tick
+            tick = now
+            self.save()
+
         try:
             for step in range(start, total_steps):
                 loss = self.loss(step)
@@ -246,32 +270,32 @@ class Trainer:
                 self.optimizer.step()
                 self.scheduler.step()
                 self.ema.update_parameters(self.model)
-                self.state.step = step + 1
-                window.append(loss.item())
-                if self.state.step % log_every == 0 or self.state.step == total_steps:
+                state.step = step + 1
+                state.window.append(loss.item())
+                if state.step % log_every == 0 or state.step == total_steps:
                     now = time.perf_counter()
-                    self.state.wall_seconds += now - tick
-                    rate = len(window) * self.config.batch_size / (now - tick)
-                    tick = now
-                    row = {"step": self.state.step, "loss": float(np.mean(window)), "grad_norm": float(grad_norm),
-                           "lr": self.scheduler.get_last_lr()[0], "img_per_s": rate}  # fmt: skip
-                    self.state.history.append(row)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{rate:.1f}")
-                    window = []
+                    seconds = state.window_seconds + now - tick
+                    row = {"step": state.step, "loss": float(np.mean(state.window)), "grad_norm": float(grad_norm),
+                           "lr": self.scheduler.get_last_lr()[0],
+                           "img_per_s": len(state.window) * self.config.batch_size / seconds}  # fmt: skip
+                    state.history.append(row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.1f}")
+                    if state.step % log_every == 0:  # a short last row keeps its window for a continuation
+                        state.wall_seconds += seconds
+                        state.window, state.window_seconds, tick = [], 0.0, now
                 bar.update(1)
-                if self.state.step % save_every == 0 or self.state.step == total_steps or stop["now"]:
-                    self.save()
+                if state.step % save_every == 0 or state.step == total_steps or stop["now"]:
+                    save()
                     if stop["now"]:
-                        log.warning("stopped by SIGTERM at step %d; checkpoint saved, rerun to resume", self.state.step)
+                        log.warning("stopped by %s at step %d; checkpoint saved, rerun to resume", stop["now"], state.step)
                         break
-        except KeyboardInterrupt:
-            self.save()
-            log.warning("interrupted at step %d; checkpoint saved, rerun to resume", self.state.step)
-            raise
         finally:
             bar.close()
-            signal.signal(signal.SIGTERM, previous)
-        return self.state
+            signal.signal(signal.SIGTERM, previous_term)
+            signal.signal(signal.SIGINT, previous_int)
+        if stop["now"] == "Ctrl-C":
+            raise KeyboardInterrupt
+        return state
 
 
 def export_weights(model: nn.Module, flags: dict[str, Any], path: Path, step: int, half: bool = False) -> None:
@@ -312,8 +336,8 @@ def pretrain(data: LabeledImages, out: str | Path, flags: dict[str, Any], steps:
         trainer.load(checkpoint)
         log.warning("resuming %s from step %d", out, trainer.state.step)
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config.trajectory(), indent=2) + "\n")
+        output_dir(out)
+        write_json(out / "config.json", config.trajectory())
     params = sum(p.numel() for p in trainer.model.parameters())
     log.warning("training %.2fM parameters on %d images (%s, %s)", params / 1e6, len(rows), trainer.device, trainer.precision)
     trainer.train(steps, save_every, log_every)

@@ -7,7 +7,6 @@ own generator seeded by (seed, batch number).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..backbones.base import Backbone
+from .._io import atomic_write, output_dir, output_errors, write_json
 from ..errors import DiffprobeError
 from ..precision import Compute
 
@@ -35,11 +35,20 @@ def make_scheduler(backbone: Backbone, sampler: str, learned_sigma: bool):
     raise DiffprobeError(f"unknown sampler {sampler!r}: expected ddpm or ddim")
 
 
-DDIM_STEPS = 100  # the default for DDIM; DDPM always runs the schedule's every step
+DEFAULT_DDIM_STEPS = 100
 
 
-def default_steps(backbone: Backbone, sampler: str) -> int:
-    return backbone.schedule.num_timesteps if sampler == "ddpm" else min(DDIM_STEPS, backbone.schedule.num_timesteps)
+def sampling_steps(backbone: Backbone, sampler: str, steps: int | None) -> int:
+    """The step count to sample with: None means the sampler's default; anything else is checked
+    (0 is an error, never quietly the default)."""
+    total = backbone.schedule.num_timesteps
+    if steps is None:
+        return total if sampler == "ddpm" else min(DEFAULT_DDIM_STEPS, total)
+    if sampler == "ddpm" and steps != total:
+        raise DiffprobeError(f"ddpm samples with all {total} steps; use ddim for fewer (got --steps {steps})")
+    if not 1 <= steps <= total:
+        raise DiffprobeError(f"--steps {steps}: expected 1 to {total}, the model's schedule length (or leave it out for the default)")
+    return steps
 
 
 def sample_images(backbone: Backbone, num: int, sampler: str = "ddim", steps: int | None = None, seed: int = 0,
@@ -47,15 +56,15 @@ def sample_images(backbone: Backbone, num: int, sampler: str = "ddim", steps: in
     """uint8 images [num, 3, S, S]."""
     if backbone.num_classes and backbone.default_class_label is None:  # DiT samples its null class
         raise DiffprobeError("sampling class-conditional models is not supported yet: use an unconditional checkpoint")
+    if num < 1:
+        raise DiffprobeError(f"--num {num}: expected the number of images to generate, at least 1")
+    if batch_size < 1:
+        raise DiffprobeError(f"--batch-size {batch_size}: expected at least 1")
+    steps = sampling_steps(backbone, sampler, steps)
     compute = compute or Compute(torch.device("cpu"), "fp32", False, False)
     backbone = compute.prepare(backbone)  # a set-up copy; the caller's backbone is unchanged
     learned_sigma = backbone.learned_sigma
     scheduler = make_scheduler(backbone, sampler, learned_sigma)
-    steps = default_steps(backbone, sampler) if steps is None else steps
-    if sampler == "ddpm" and steps != scheduler.config.num_train_timesteps:
-        raise DiffprobeError(f"ddpm samples with all {scheduler.config.num_train_timesteps} steps; use ddim for fewer (got --steps {steps})")
-    if not 1 <= steps <= scheduler.config.num_train_timesteps:
-        raise DiffprobeError(f"--steps {steps}: expected 1 to {scheduler.config.num_train_timesteps}, the model's schedule length")
     scheduler.set_timesteps(steps)
     images = []
     batches = range(0, num, batch_size)
@@ -83,13 +92,18 @@ def save_samples(images: torch.Tensor, out: str | Path, info: dict) -> dict[str,
     """samples.npz (uint8 NHWC under `arr_0`, guided-diffusion's format), grid.png, samples.json."""
     from torchvision.utils import make_grid, save_image
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    np.savez(out / "samples.npz", arr_0=images.permute(0, 2, 3, 1).numpy())
-    shown = images[:100]
-    nrow = int(np.ceil(np.sqrt(len(shown))))
-    save_image(make_grid(shown.float() / 255, nrow=nrow, padding=1, pad_value=1.0), out / "grid.png")
-    (out / "samples.json").write_text(json.dumps(info, indent=2) + "\n")
+    out = output_dir(out)
+    with output_errors(out):
+        def write_npz(path: str) -> None:
+            with open(path, "wb") as f:  # a file object, so numpy keeps the temporary name as is
+                np.savez(f, arr_0=images.permute(0, 2, 3, 1).numpy())
+
+        atomic_write(out / "samples.npz", write_npz)
+        shown = images[:100]
+        nrow = int(np.ceil(np.sqrt(len(shown))))
+        grid = make_grid(shown.float() / 255, nrow=nrow, padding=1, pad_value=1.0)
+        atomic_write(out / "grid.png", lambda p: save_image(grid, p, format="png"))
+        write_json(out / "samples.json", info)
     return {"npz": str(out / "samples.npz"), "grid": str(out / "grid.png")}
 
 

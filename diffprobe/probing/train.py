@@ -25,7 +25,7 @@ from .. import __version__
 from ..errors import DiffprobeError
 from .fastprobe import Standardizer, topk
 from .heads import build_head
-from .._io import output_dir, torch_save, write_json
+from .._io import output_dir, output_errors, torch_save, write_json
 from ..features.distributed import join, ranks
 from ..features.plan import FeaturePlan
 from ..precision import resolve_device
@@ -210,6 +210,33 @@ def check_same_backbone(a: FeatureStore, b: FeatureStore, role: str = "test") ->
         raise DiffprobeError(f"{role} store {b.root} has other classes than {a.root}")
 
 
+def _same_images(a: FeatureStore, b: FeatureStore) -> bool:
+    da, db = a.manifest["data"], b.manifest["data"]
+    if "layout" in da and "layout" in db:
+        return da["layout"] == db["layout"]
+    return da.get("fingerprint") == db.get("fingerprint")
+
+
+def check_held_out(store: FeatureStore, test_store: FeatureStore, train_rows: np.ndarray, val_rows: np.ndarray) -> None:
+    """A test store of the same dataset must not score the head on images it was trained on
+    (an inflated number with no warning); overlap with the validation rows, which chose the
+    epoch and weight decay, is only warned about."""
+    if not _same_images(store, test_store):
+        return
+    test = set(test_store.indices.tolist())
+    trained = test & set(store.indices[train_rows].tolist())
+    if trained:
+        raise DiffprobeError(
+            f"test store {test_store.root} shares {len(trained)} of its {test_store.rows} images with the training rows of "
+            f"{store.root} (same dataset): a test score on them would be inflated; extract the test store from held-out "
+            "images (another split, e.g. --split test, or only the validation rows)"
+        )
+    validated = test & set(store.indices[val_rows].tolist())
+    if validated:
+        log.warning("test store %s: %d of its %d images are validation rows, which chose the epoch and weight decay",
+                    test_store.root, len(validated), test_store.rows)  # fmt: skip
+
+
 @dataclass
 class FittedHead:
     """What training a head on a store gives back, in memory: nothing is written until `save_run`."""
@@ -307,13 +334,14 @@ def save_run(fitted: FittedHead, out: str | Path) -> Path:
         "transform": m["transform"],
         "precision": m["precision"],
     }
-    write_json(out / "config.json", config)
-    torch_save(fitted.model.state_dict(), out / "head.pt")
-    write_json(out / "metrics.json", fitted.metrics)
-    setting = ", ".join(k.stem for k in fitted.keys)
-    training_curves(out / "curves.png", fitted.metrics["history"], f"{cfg.head} head, {recipe.name} recipe, {setting}")
-    confusion_matrix_plot(out / "confusion.png", fitted.confusion, fitted.classes,
-                          f"{cfg.head} head, validation top-1 {fitted.metrics['val']['top1']:.1f}%")  # fmt: skip
+    with output_errors(out, "--out"):  # a disk that fills up during the run
+        write_json(out / "config.json", config)
+        torch_save(fitted.model.state_dict(), out / "head.pt")
+        write_json(out / "metrics.json", fitted.metrics)
+        setting = ", ".join(k.stem for k in fitted.keys)
+        training_curves(out / "curves.png", fitted.metrics["history"], f"{cfg.head} head, {recipe.name} recipe, {setting}")
+        confusion_matrix_plot(out / "confusion.png", fitted.confusion, fitted.classes,
+                              f"{cfg.head} head, validation top-1 {fitted.metrics['val']['top1']:.1f}%")  # fmt: skip
     return out
 
 
@@ -321,7 +349,14 @@ def probe(store: FeatureStore, keys: Sequence[FeatureKey], out: str | Path, conf
           test_store: FeatureStore | None = None, device: str = "auto", progress: bool = True,
           augmented: FeatureStore | None = None) -> dict:  # fmt: skip
     """`diffprobe probe`: fit a head, score the test store if given, save the run; its metrics."""
-    fitted = fit_head(store, keys, config or ProbeConfig(), str(resolve_device(device)), progress, augmented)
+    config = config or ProbeConfig()
+    if test_store is not None:  # checked before any training, so a bad test store costs nothing
+        check_same_backbone(store, test_store)
+        is_val = store.split(config.val_fraction, config.split_seed)
+        check_held_out(store, test_store, np.flatnonzero(~is_val), np.flatnonzero(is_val))
+    if ranks().is_main:
+        output_dir(out)  # before any training: an unusable --out costs nothing
+    fitted = fit_head(store, keys, config, str(resolve_device(device)), progress, augmented)
     if test_store is not None:
         fitted.metrics["test"] = evaluate_store(fitted, test_store)
     if ranks().is_main:  # under torchrun every rank holds the same head; one writes the run

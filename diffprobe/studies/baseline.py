@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import LabeledImages, images_uint8, model_transform, stratified_split, stratified_subset, to_model_range
+from .._io import output_dir
 from ..errors import DiffprobeError
 from ..precision import choose_compute
 
@@ -64,6 +65,7 @@ def train_baseline(data: LabeledImages, out: str | Path, arch: str = "resnet18",
                    progress: bool = True) -> dict:  # fmt: skip
     """SGD (momentum 0.9, nesterov) with cosine decay, random crop (padding 4) + flip; the same
     stratified validation split diffprobe's probes use. Writes baseline.pt and baseline.json."""
+    output_dir(out)  # an unusable --out fails before training, not after
     torch.manual_seed(seed)
     compute = choose_compute(device)
     rows = stratified_subset(data.labels, limit, 0) if limit is not None else np.arange(len(data))

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from .._io import output_dir
 from ..backbones import load_backbone
 from ..data import LabeledImages
-from .._io import output_dir
 from ..errors import DiffprobeError
 from ..features.extract import ExtractOptions
 from ..features.plan import FeaturePlan

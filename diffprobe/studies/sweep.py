@@ -24,7 +24,7 @@ from ..probing.fastprobe import ProbeScore, knn, logistic_regression
 from ..features.extract import ExtractOptions, extract
 from ..features.distributed import ranks
 from ..features.plan import FeaturePlan
-from .._io import write_csv, write_json
+from .._io import output_dir, write_csv, write_json
 from ..report import heatmap, short_source
 from ..features.store import FeatureKey, FeatureStore
 
@@ -128,6 +128,7 @@ def sweep(backbone: Backbone, data: LabeledImages, out: str | Path, plan: Featur
     if options.augment_views:
         raise DiffprobeError("a sweep scores centre-crop features; extract augmented views separately (extract --augment-views)")
     plan = plan.resolve(backbone)
+    output_dir(out)  # before any work: an unusable --out costs nothing
     store = extract(backbone, data, plan, out / "features", options)
     probe_device = str((options.compute or choose_compute()).device)
     share = ranks()  # under torchrun: every rank extracts, rank 0 scores, writes and trains heads

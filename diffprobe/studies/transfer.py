@@ -10,7 +10,7 @@ from ..data import open_dataset
 from ..errors import DiffprobeError
 from ..features.extract import ExtractOptions, extract
 from ..features.plan import FeaturePlan
-from .._io import write_csv
+from .._io import output_dir, write_csv
 from ..precision import choose_compute
 from .sweep import fast_probe, run_controls
 
@@ -31,6 +31,7 @@ def transfer(backbone: Backbone, datasets: Sequence[str], out: str | Path, plan:
     probe_device = str((options.compute or choose_compute()).device)
     if options.augment_views:
         raise DiffprobeError("transfer scores centre-crop features: drop --augment-views")
+    output_dir(out)
     rows = []
     for spec in datasets:
         data = open_dataset(spec, root=data_root, split=split, download=download)

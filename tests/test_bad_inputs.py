@@ -1,0 +1,311 @@
+"""Issue 10, case by case: every bad input or kill gets a non-zero exit, one line with no
+traceback, no silent wrong number, and nothing already computed is lost."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import CIFAR_TAR, FIXTURE_CKPT, FIXTURE_SPEC, ROOT
+from diffprobe import DiffprobeError
+from diffprobe.cli import main
+from diffprobe.data import open_dataset, read_image
+from diffprobe.features.store import FeatureKey, FeatureStore
+
+KEY = FeatureKey(90, 13, 1)
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> str:
+    """Non-zero exit, exactly one error line, no traceback; returns the line."""
+    assert code != 0, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("diffprobe: error:")]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def extract_args(data, out, *extra):
+    return ["extract", FIXTURE_SPEC, "--data", data, "--blocks", "13", "--t", "90", "--out", out,
+            "--batch-size", "40", "--device", "cpu", "--precision", "fp32", *extra]  # fmt: skip
+
+
+def nan_checkpoint(tmp_path, key="middle_block.0.in_layers.2.weight"):
+    """The fixture with one NaN in a conv weight (the middle block, block 13), beside its flags."""
+    state = torch.load(FIXTURE_CKPT, weights_only=True)
+    state[key].view(-1)[0] = float("nan")
+    path = tmp_path / "nan.pt"
+    torch.save(state, path)
+    shutil.copy(FIXTURE_CKPT.with_suffix(".json"), path.with_suffix(".json"))
+    return path
+
+
+# ---------------------------------------------------------------- 1. NaN features
+
+
+def test_nan_weights_stop_extraction_naming_block_and_timestep(cifar_small, tmp_path, capsys):
+    ckpt, out = nan_checkpoint(tmp_path), tmp_path / "store"
+    args = extract_args(cifar_small, out, "--limit", "40")
+    args[1], args[5] = f"adm:{ckpt}", "8,13,18"
+    code, _, err = run(capsys, *args)
+    assert_one_line_error(code, err, "block 13 at t=90", "non-finite features", "NaN")
+    store = FeatureStore.open(out)
+    assert not store.done_chunks(FeatureKey(90, 13, 1)).any()  # nothing NaN was marked done
+    done = FeatureKey(90, 8, 1)  # block 8 comes before the NaN and was written: kept, finite
+    assert store.is_complete(done) and np.isfinite(store.load(done)).all()
+
+
+def _poison(store: FeatureStore, key: FeatureKey) -> None:
+    """What an older diffprobe left: a complete array of NaN."""
+    array = np.load(store.root / "features" / f"{key.stem}.npy", mmap_mode="r+")
+    array[:] = np.nan
+    array.flush()
+
+
+def test_probe_and_sweep_on_a_nan_store_are_one_line(cifar_small, tmp_path, capsys):
+    sweep_out = tmp_path / "sweep"
+    assert run(capsys, *extract_args(cifar_small, sweep_out / "features", "--limit", "60"))[0] == 0
+    store = FeatureStore.open(sweep_out / "features")
+    _poison(store, KEY)
+    code, _, err = run(capsys, "probe", store.root, "--t", "90", "--blocks", "13", "--out", tmp_path / "run", "--epochs", "1")
+    assert_one_line_error(code, err, "block 13 at t=90", "non-finite features", "--overwrite")
+    assert not list((tmp_path / "run").iterdir())  # checked writable up front, nothing written
+    sweep = ["sweep", *extract_args(cifar_small, sweep_out, "--limit", "60")[1:], "--no-controls"]
+    assert_one_line_error(*run(capsys, *sweep)[::2], "non-finite features")
+    assert store.is_complete(KEY)  # the store itself is left as it was
+
+
+# ---------------------------------------------------------------- 2. every PIL mode, 16-bit scaled
+
+
+def test_16_bit_png_is_scaled_not_clipped(tmp_path):
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(ramp).save(path)
+    assert Image.open(path).mode.startswith("I")
+    got = np.asarray(read_image(path))
+    assert got.shape == (64, 64, 3) and got.min() == 0 and got.max() == 255
+    np.testing.assert_array_equal(got[..., 0], np.round(ramp / 257).astype(np.uint8))
+    assert len(np.unique(got)) > 200  # a ramp, not a white page
+
+
+def test_float_image_out_of_range_is_one_line(tmp_path):
+    path = tmp_path / "depth.tiff"
+    Image.fromarray(np.full((8, 8), -40.0, dtype=np.float32)).save(path)
+    with pytest.raises(DiffprobeError, match="cannot read image .*depth.tiff: F image with values in \\[-40, -40\\]"):
+        read_image(path)
+
+
+# ---------------------------------------------------------------- 3. truncated or damaged archives
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbled"])
+def test_broken_archive_is_one_line_and_leaves_no_folder(damage, tmp_path, capsys, isolated_cache):
+    data = CIFAR_TAR.read_bytes()[:600_000]
+    if damage == "garbled":  # a readable start, then bytes that are not deflate data
+        data = data[:300_000] + bytes(range(256)) * 2000
+    broken = tmp_path / f"{damage}.tar.gz"
+    broken.write_bytes(data)
+    archives = isolated_cache / "archives"
+    archives.mkdir(exist_ok=True)
+    stale = archives / f".{damage}-0000.unpack-4194303-old"  # left by a killed run (pid not alive)
+    stale.mkdir()
+    for _ in range(2):  # a retry must not pile up folders either
+        code, _, err = run(capsys, *extract_args(broken, tmp_path / "store"))
+        assert_one_line_error(code, err, "cannot unpack", "download or copy it again")
+    assert not [p for p in archives.iterdir() if damage in p.name]
+    assert not (tmp_path / "store").exists()
+
+
+# ---------------------------------------------------------------- 4. a fixed image resumes, keeping chunks
+
+
+def _array_bytes(store: FeatureStore, key: FeatureKey) -> bytes:
+    return (store.root / "features" / f"{key.stem}.npy").read_bytes()
+
+
+def test_fixing_a_corrupt_image_resumes_and_keeps_finished_chunks(cifar_small, tmp_path, capsys):
+    folder = tmp_path / "data"
+    shutil.copytree(cifar_small, folder)
+    victim = sorted((folder / "truck").iterdir())[-1]  # in the last chunk
+    original = victim.read_bytes()
+    victim.write_bytes(b"\x89PNG broken")
+    out = tmp_path / "store"
+    code, _, err = run(capsys, *extract_args(folder, out))
+    assert_one_line_error(code, err, victim.name, "Fix or replace the file(s) under the same name", "finished chunks are kept")
+    store = FeatureStore.open(out)
+    done_before = store.done_chunks(KEY).copy()
+    assert done_before.sum() == store.num_chunks - 1
+    rows = np.concatenate([np.arange(store.num_chunks * 40)[store.chunk_slice(c)] for c in np.flatnonzero(done_before)])
+    kept = np.load(out / "features" / f"{KEY.stem}.npy")[rows].copy()
+
+    victim.write_bytes(original)  # the fix
+    code, out_text, err = run(capsys, *extract_args(folder, out))
+    assert code == 0, err
+    store = FeatureStore.open(out)
+    assert store.is_complete(KEY)
+    np.testing.assert_array_equal(np.load(out / "features" / f"{KEY.stem}.npy")[rows], kept)  # not recomputed
+    straight = tmp_path / "straight"
+    assert run(capsys, *extract_args(cifar_small, straight))[0] == 0
+    assert _array_bytes(store, KEY) == _array_bytes(FeatureStore.open(straight), KEY)
+
+
+def test_changed_image_in_a_finished_chunk_is_refused(cifar_small, tmp_path, capsys):
+    folder = tmp_path / "data"
+    shutil.copytree(cifar_small, folder)
+    out = tmp_path / "store"
+    assert run(capsys, *extract_args(folder, out, "--limit", "80"))[0] == 0
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    store = FeatureStore.open(out)
+    victim = open_dataset(folder).describe(int(store.indices[0]))
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(victim, format="PNG")  # another image under the same name
+    code, _, err = run(capsys, *extract_args(folder, out, "--limit", "80"))
+    assert_one_line_error(code, err, "images of 1 finished chunk(s) changed", "put the old files back", "--overwrite")
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+# ---------------------------------------------------------------- 5. output paths: one line, no traceback
+
+
+def test_unusable_out_for_extract_and_probe(cifar_small, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, _, err = run(capsys, *extract_args(cifar_small, blocker / "store", "--limit", "40"))
+    assert_one_line_error(code, err, str(blocker), "choose another --out location")
+    code, _, err = run(capsys, *extract_args(cifar_small, blocker, "--limit", "40"))
+    assert_one_line_error(code, err, "is a file, not a folder")
+
+    out = tmp_path / "store"
+    assert run(capsys, *extract_args(cifar_small, out, "--limit", "60"))[0] == 0
+    before = _array_bytes(FeatureStore.open(out), KEY)
+    code, _, err = run(capsys, "probe", out, "--t", "90", "--blocks", "13", "--out", blocker / "run", "--epochs", "1")
+    assert_one_line_error(code, err, str(blocker), "choose another --out location")
+    assert _array_bytes(FeatureStore.open(out), KEY) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_out(cifar_small, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        code, _, err = run(capsys, *extract_args(cifar_small, locked / "store", "--limit", "40"))
+        assert_one_line_error(code, err, "Permission denied", "choose another --out location")
+    finally:
+        locked.chmod(0o700)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num", "0"], "--num 0: expected the number of images to generate, at least 1"),
+    (["--num", "-3"], "--num -3: expected"),
+    (["--steps", "0"], "--steps 0: expected 1 to 1000"),  # was quietly 100
+    (["--steps", "-5"], "--steps -5: expected 1 to 1000"),
+    (["--batch-size", "0"], "--batch-size 0: expected at least 1"),
+])  # fmt: skip
+def test_sample_refuses_bad_counts(flags, message, tmp_path, capsys):
+    code, _, err = run(capsys, "sample", FIXTURE_SPEC, "--out", tmp_path / "s", "--device", "cpu", "--num", "2", *flags)
+    assert_one_line_error(code, err, message)
+    assert not (tmp_path / "s" / "samples.npz").exists()
+
+
+# ---------------------------------------------------------------- 6. silent surprises
+
+
+def test_test_store_overlapping_training_rows_is_refused(cifar_small, tmp_path, capsys):
+    train, test = tmp_path / "train", tmp_path / "test"
+    assert run(capsys, *extract_args(cifar_small, train, "--limit", "100"))[0] == 0
+    assert run(capsys, *extract_args(cifar_small, test, "--limit", "60", "--subset-seed", "1"))[0] == 0
+    code, _, err = run(capsys, "probe", train, "--t", "90", "--blocks", "13", "--out", tmp_path / "run",
+                       "--epochs", "1", "--test-store", test)  # fmt: skip
+    assert_one_line_error(code, err, "shares", "with the training rows", "would be inflated")
+    assert not (tmp_path / "run").exists()  # refused before any training or writing
+
+
+def test_option_mismatch_blames_the_option_not_the_sidecar(capsys):
+    code, _, err = run(capsys, "blocks", FIXTURE_SPEC, "-o", "num_channels=64")
+    line = assert_one_line_error(code, err, "overridden by the given option(s) num_channels=64", "shapes differ")
+    assert len(line) < 600
+
+
+def test_checkpoint_carrying_code_is_refused_for_safety_and_never_run(tmp_path, capsys):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"weight": torch.zeros(1), "payload": Payload()}, path)
+    code, _, err = run(capsys, "blocks", f"adm:{path}")
+    assert_one_line_error(code, err, "contains Python objects or code (posix.mkdir)", "refused for safety",
+                          "torch.load(PATH, weights_only=False)")  # fmt: skip
+    assert not marker.exists()
+
+
+def test_preset_mismatch_is_summarised(capsys):
+    code, _, err = run(capsys, "blocks", FIXTURE_SPEC, "--preset", "256x256_diffusion_uncond")
+    line = assert_one_line_error(code, err, "does not match preset 256x256_diffusion_uncond", "shapes differ (e.g.",
+                                 "keys missing from the checkpoint")  # fmt: skip
+    assert len(line) < 700
+
+
+# ---------------------------------------------------------------- 8. store creation is atomic
+
+
+def test_a_kill_while_creating_a_store_leaves_nothing_that_blocks_the_rerun(cifar_small, tmp_path, capsys):
+    out = tmp_path / "store"
+    # A real kill -9 between labels.npy and manifest.json, in a process of its own.
+    script = (
+        "import os, signal, sys, numpy as np\n"
+        "import diffprobe.features.store as s\n"
+        "s.write_json = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "s.FeatureStore.create_or_open(sys.argv[1], {'chunk_rows': 40, 'rows': {'count': 2}}, np.zeros(2), np.arange(2))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(out)], env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if ".creating-" in p.name]
+    assert run(capsys, *extract_args(cifar_small, out, "--limit", "40"))[0] == 0
+    assert FeatureStore.open(out).is_complete(KEY)
+    assert not [p for p in tmp_path.iterdir() if ".creating-" in p.name]  # the leftover is cleaned up
+
+
+def test_a_half_store_left_by_an_older_version_is_recreated(cifar_small, tmp_path, capsys):
+    out = tmp_path / "store"
+    out.mkdir()
+    np.save(out / "labels.npy", np.zeros(3, dtype=np.int64))  # killed before manifest.json
+    assert run(capsys, *extract_args(cifar_small, out, "--limit", "40"))[0] == 0
+    assert FeatureStore.open(out).rows == 40
+
+
+def _create(root, barrier):
+    barrier.wait()
+    store = FeatureStore.create_or_open(root, {"chunk_rows": 4, "rows": {"count": 8}, "data": {"fingerprint": "x"}},
+                                        np.arange(8), np.arange(8))  # fmt: skip
+    return store.manifest
+
+
+def test_concurrent_ranks_create_one_identical_store(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    barrier = ctx.Manager().Barrier(4)
+    with ctx.Pool(4) as pool:
+        manifests = pool.starmap(_create, [(tmp_path / "store", barrier)] * 4)
+    assert all(m == manifests[0] for m in manifests)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["indices.npy", "labels.npy", "manifest.json"]
