@@ -265,3 +265,11 @@ def test_predict_with_an_unknown_block_in_the_run(store, tmp_path, capsys):
     Image.new("RGB", (40, 30)).save(image)
     assert main(["predict", str(run), str(image)]) == 2
     assert "block 99 is out of range" in capsys.readouterr().err
+
+
+def test_a_one_token_attention_head_is_warned_about(store, tmp_path, caplog):
+    probe(store, [FeatureKey(10, 3, 1)], tmp_path / "r", ProbeConfig("attention", options={"width": 16, "heads": 2}, epochs=1), progress=False)
+    assert any("sees a single token" in r.message for r in caplog.records)
+    caplog.clear()
+    probe(store, [FeatureKey(10, 3, 2)], tmp_path / "r2", ProbeConfig("attention", options={"width": 16, "heads": 2}, epochs=1), progress=False)
+    assert not any("sees a single token" in r.message for r in caplog.records)

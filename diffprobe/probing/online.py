@@ -34,7 +34,7 @@ from ..precision import Compute, choose_compute
 from .config import ProbeConfig
 from .diffeed import DifFeed
 from .heads import build_head
-from .train import FeatureHead, FittedHead, _evaluate, _lr_at, per_class_report, save_run
+from .train import FeatureHead, FittedHead, _evaluate, _lr_at, per_class_report, save_run, warn_if_one_token
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ def train_online(backbone: Backbone, data: LabeledImages, plan: FeaturePlan, con
     diffeed = config.head == "diffeed"
     if (config.head != "fusion" or diffeed) and len(keys) != 1:
         raise DiffprobeError(f"the {config.head} head reads one (t, block, pool) setting; use --head fusion for several")
+    warn_if_one_token(config.head, [k.pool for k in keys])
     rows = stratified_subset(data.labels, o.limit, o.subset_seed) if o.limit is not None else np.arange(len(data))
     is_val = stratified_split(data.labels, config.val_fraction, config.split_seed)[rows]
     train_idx, val_idx = rows[~is_val], rows[is_val]

@@ -261,6 +261,14 @@ def check_keys(store: FeatureStore, keys: Sequence[FeatureKey], head: str) -> No
             raise DiffprobeError(f"{store.root} has no complete features for t={k.t} block={k.block} pool={k.pool} (complete: {have})")
     if head != "fusion" and len(keys) != 1:
         raise DiffprobeError(f"the {head} head takes one --t/--blocks/--pool setting; use --head fusion for several")
+    warn_if_one_token(head, [k.pool for k in keys])
+
+
+def warn_if_one_token(head: str, pools: Sequence[int]) -> None:
+    """Spatial heads on a 1×1 pooled map see one token: nothing to attend to or convolve over."""
+    if head in ("attention", "cnn", "fusion", "diffeed") and all(p == 1 for p in pools):
+        log.warning("the %s head on pool 1 sees a single token, so it is an MLP in disguise: give it the block's map "
+                    "(--pool ≥ 2, or the full resolution; the paper's attention head reads 16×16)", head)  # fmt: skip
 
 
 def fit_head(store: FeatureStore, keys: Sequence[FeatureKey], config: ProbeConfig, device: str = "cpu",
