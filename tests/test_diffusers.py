@@ -75,7 +75,7 @@ def test_model_folder_without_scheduler_assumes_linear(tmp_path, caplog):
 
 
 def test_bad_diffusers_inputs(tmp_path):
-    with pytest.raises(DiffprobeError, match="cannot load diffusers UNet2DModel from 'someone/missing-model'"):
+    with pytest.raises(DiffprobeError, match="cannot load diffusers model 'someone/missing-model'"):
         load_backbone("diffusers:someone/missing-model")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DiffprobeError, match="has no config.json"):

@@ -5,6 +5,8 @@
     load_backbone("adm:/path/model.pt", image_size=64, num_channels=64, num_head_channels=32, ...)
     load_backbone("adm:random", preset="256x256_diffusion_uncond")      # random weights
     load_backbone("diffusers:/path/to/unet_or_pipeline")                 # or a hub id
+    load_backbone("diffusers:/path/to/sd-pipeline", prompt="a photo")    # Stable Diffusion-style (latent U-Net)
+    load_backbone("diffusers:/path/to/dit-pipeline", class_label=207)    # DiT (null class by default)
 """
 
 from __future__ import annotations
@@ -32,17 +34,19 @@ def load_backbone(spec: str, device: str = "cpu", **options: Any) -> Backbone:
     """Load a frozen diffusion U-Net. ADM options: preset=..., or guided-diffusion flags.
 
     diffusers options: subfolder=..., schedule="linear"|"cosine" (when the model folder has no
-    scheduler config), num_train_timesteps=...
+    scheduler config), num_train_timesteps=...; latent pipelines also image_size=... (a multiple
+    of the VAE factor), Stable Diffusion prompt="..." (default empty), DiT class_label=K
+    (default: the null class).
     """
     family, target = parse_spec(spec)
     if family == "adm":
         from .adm_backbone import load_adm
 
         backbone: Backbone = load_adm(None if target == "random" else target, device=device, **options)
-    else:
-        from .diffusers_unet import load_diffusers
+    else:  # the folder's (or hub id's) model class picks pixel U-Net, Stable Diffusion or DiT
+        from .diffusers_pipeline import load
 
-        backbone = load_diffusers(target, device=device, **options)
+        backbone = load(target, device=device, **options)
     backbone.spec, backbone.load_options = spec, dict(options)  # so a saved run can load it again
     return backbone
 

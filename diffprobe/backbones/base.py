@@ -68,6 +68,14 @@ class Backbone(nn.Module):
     # -- model space: overridden by latent families -------------------------------------------
     in_channels: int = 3  # channels of the space the noise is added in
     encodes_images: bool = False  # True: encode() is a network whose output is worth caching per image
+    # The class label used when a class-conditional model is given none (DiT: the null class);
+    # None: a class-conditional model needs one.
+    default_class_label: int | None = None
+    prediction_type: str = "epsilon"  # what denoise() predicts: "epsilon" or "v_prediction" (SD 2.x 768)
+
+    def encoder_identity(self) -> str | None:
+        """Hash of what encode() computes (VAE weights, scaling, image size); None when encode is the identity."""
+        return None
 
     @property
     def model_shape(self) -> tuple[int, int, int]:
@@ -85,6 +93,11 @@ class Backbone(nn.Module):
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The full network's output for sampling: ε prediction (and variance channels if learned)."""
         raise NotImplementedError
+
+    @property
+    def conditioning(self) -> str:
+        """What the network is conditioned on, in words (for tables and messages)."""
+        return "class-conditional" if self.num_classes else "unconditional"
 
     @property
     def learned_sigma(self) -> bool:
@@ -159,12 +172,22 @@ class Backbone(nn.Module):
             h = hashlib.sha256()
             h.update(repr(sorted(self.config.items())).encode())
             h.update(self.schedule.alphas_cumprod.tobytes())
-            for name, tensor in sorted(self.model.state_dict().items()):
-                h.update(name.encode())
-                h.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
-                h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            hash_tensors(h, self.model.state_dict())
+            hash_tensors(h, self.extra_identity())
             self._fingerprint = h.hexdigest()[:20]
         return self._fingerprint
 
+    def extra_identity(self) -> dict[str, torch.Tensor]:
+        """Tensors outside `self.model` that change the features (a VAE, an encoded prompt)."""
+        return {}
+
     def block_table(self) -> list[dict[str, Any]]:
         return [asdict(b) for b in self.blocks]
+
+
+def hash_tensors(h: "hashlib._Hash", tensors: dict[str, torch.Tensor]) -> None:
+    """Feed names, shapes, dtypes and raw bytes of the tensors, in name order, into the hash h."""
+    for name, tensor in sorted(tensors.items()):
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())

@@ -32,23 +32,28 @@ SUPPORTED_DOWN = ("DownBlock2D", "AttnDownBlock2D")
 SUPPORTED_UP = ("UpBlock2D", "AttnUpBlock2D")
 
 
+def _attn_role(block: nn.Module) -> str:
+    """Cross-attention blocks (SD's Transformer2DModel) read the prompt; self-attention ones do not."""
+    return "xattn" if getattr(block, "has_cross_attention", False) else "attn"
+
+
 def _units(model: nn.Module) -> list[tuple[str, list[tuple[str, nn.Module]]]]:
     """The blocks as (name, [(role, module), ...]) in forward order; roles drive `iter_blocks`."""
     units: list[tuple[str, list[tuple[str, nn.Module]]]] = [("conv_in", [("conv", model.conv_in)])]
     for d, block in enumerate(model.down_blocks):
-        attentions = getattr(block, "attentions", None)
+        attentions, attn = getattr(block, "attentions", None), _attn_role(block)
         for i, resnet in enumerate(block.resnets):
-            parts = [("resnet", resnet)] + ([("attn", attentions[i])] if attentions is not None else [])
+            parts = [("resnet", resnet)] + ([(attn, attentions[i])] if attentions is not None else [])
             units.append((f"down_blocks.{d}.resnets.{i}", parts))
         if block.downsamplers is not None:
             role = "resample_temb" if getattr(block, "downsample_type", "conv") == "resnet" else "resample"
             units.append((f"down_blocks.{d}.downsamplers.0", [(role, block.downsamplers[0])]))
     if model.mid_block is not None:
-        units.append(("mid_block", [("mid", model.mid_block)]))
+        units.append(("mid_block", [("xmid" if _attn_role(model.mid_block) == "xattn" else "mid", model.mid_block)]))
     for u, block in enumerate(model.up_blocks):
-        attentions = getattr(block, "attentions", None)
+        attentions, attn = getattr(block, "attentions", None), _attn_role(block)
         for i, resnet in enumerate(block.resnets):
-            parts = [("skip_resnet", resnet)] + ([("attn", attentions[i])] if attentions is not None else [])
+            parts = [("skip_resnet", resnet)] + ([(attn, attentions[i])] if attentions is not None else [])
             if i == len(block.resnets) - 1 and block.upsamplers is not None:
                 role = "resample_temb" if getattr(block, "upsample_type", "conv") == "resnet" else "resample"
                 parts.append((role, block.upsamplers[0]))
@@ -107,23 +112,32 @@ def run_units(model: nn.Module, units, x: torch.Tensor, t: torch.Tensor, y: torc
         emb = emb + model.class_embedding(labels).to(dtype=model.dtype)
     elif y is not None:
         raise DiffprobeError("this diffusers model is unconditional: do not pass class labels y")
+    return walk_units(units, x, emb, wanted)
+
+
+def walk_units(units, h: torch.Tensor, emb: torch.Tensor, wanted: tuple[int, ...],
+               context: torch.Tensor | None = None) -> dict[int, torch.Tensor]:  # fmt: skip
+    """The U-Net's down/mid/up path unit by unit, stopping after the deepest wanted unit.
+
+    Shared by pixel UNet2DModels and SD's UNet2DConditionModels; `context` is the encoded
+    prompt that cross-attention units read (None for models without cross-attention).
+    """
     last = max(wanted)
     out: dict[int, torch.Tensor] = {}
     skips: list[torch.Tensor] = []
-    h = x
     for index, (name, parts) in enumerate(units, start=1):
         for role, module in parts:
-            if role == "conv":
-                h = module(h)
-            elif role in ("resnet", "mid"):
+            if role in ("resnet", "mid"):
                 h = module(h, emb)
             elif role == "skip_resnet":
                 h = module(torch.cat([h, skips.pop()], dim=1), emb)
-            elif role == "attn":
-                h = module(h)
+            elif role == "xattn":
+                h = module(h, encoder_hidden_states=context, return_dict=False)[0]
+            elif role == "xmid":
+                h = module(h, emb, encoder_hidden_states=context)
             elif role == "resample_temb":
                 h = module(h, temb=emb)
-            else:
+            else:  # conv_in, self-attention, plain down/upsamplers
                 h = module(h)
         if not name.startswith(("mid_block", "up_blocks")):
             skips.append(h)

@@ -75,12 +75,18 @@ def add_backbone_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="ADM preset (e.g. 256x256_diffusion_uncond); see `diffprobe presets`")
     p.add_argument("--model-flags", help='guided-diffusion flags as on its command line: --model-flags="--image_size 64 --num_channels 192"')
     p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="one backbone option (repeatable)")
+    p.add_argument("--prompt", help="Stable Diffusion models: the prompt the U-Net reads (default: the empty prompt)")
+    p.add_argument("--image-size", type=int, help="latent models: pixel size to read at (default: the pipeline's; a multiple of the VAE factor)")
 
 
 def load_backbone_from(args: argparse.Namespace):
     from ..backbones import load_backbone
 
-    return load_backbone(args.spec, **parse_model_options(args.model_flags, args.option, args.preset))
+    options = parse_model_options(args.model_flags, args.option, args.preset)
+    for name in ("prompt", "image_size"):  # shorthands for -o prompt=... / -o image_size=...
+        if getattr(args, name, None) is not None:
+            options[name] = getattr(args, name)
+    return load_backbone(args.spec, **options)
 
 
 # ------------------------------------------------------------------ data

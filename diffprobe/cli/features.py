@@ -12,10 +12,13 @@ def cmd_blocks(args: argparse.Namespace) -> None:
     backbone = load_backbone_from(args)
     rows = backbone.block_table()
     if args.json:
-        print(json.dumps({"source": backbone.source, "image_size": backbone.image_size, "blocks": rows}, indent=1))
+        print(json.dumps({"source": backbone.source, "image_size": backbone.image_size, "model_shape": list(backbone.model_shape),
+                          "blocks": rows}, indent=1))  # fmt: skip
         return
-    print(f"{backbone.source}: {backbone.family}, {backbone.image_size}×{backbone.image_size} input, "
-          f"schedule {backbone.schedule.name}, {'class-conditional' if backbone.num_classes else 'unconditional'}")  # fmt: skip
+    c, h, w = backbone.model_shape
+    space = f", noised as {c}×{h}×{w} latents (channels and resolution below are latent-space)" if backbone.encodes_images else ""
+    print(f"{backbone.source}: {backbone.family}, {backbone.image_size}×{backbone.image_size} input{space}, "
+          f"schedule {backbone.schedule.name}, {backbone.conditioning}")  # fmt: skip
     print(f"{'block':>5}  {'module':<28} {'channels':>8}  {'resolution':>10}")
     for r in rows:
         print(f"{r['index']:>5}  {r['name']:<28} {r['channels']:>8}  {r['resolution']:>7}×{r['resolution']}")

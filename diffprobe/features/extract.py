@@ -36,6 +36,7 @@ from ..precision import Compute, choose_compute
 from .distributed import Ranks, join, ranks
 from .featurize import featurize
 from .guard import check_finite
+from .latents import LatentCache
 from .plan import FeaturePlan
 from .store import FeatureStore
 
@@ -127,7 +128,7 @@ def extract(backbone: Backbone, data: LabeledImages | str | Path, plan: FeatureP
         data = open_dataset(data)
     if o.dtype not in DTYPES:
         raise DiffprobeError(f"dtype {o.dtype!r}: expected float16 or float32")
-    if backbone.num_classes is not None and o.class_label is None:
+    if backbone.num_classes is not None and o.class_label is None and backbone.default_class_label is None:
         raise DiffprobeError(f"{backbone.source} is class-conditional: choose the class label to condition on (--class-label)")
     if backbone.num_classes is None and o.class_label is not None:
         raise DiffprobeError(f"{backbone.source} is unconditional: drop --class-label")
@@ -192,6 +193,7 @@ def fill(store: FeatureStore, backbone: Backbone, data: LabeledImages, plan: Fea
     workers = o.workers if o.workers is not None else (0 if compute.device.type == "cpu" else 8)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=compute.device.type == "cuda")
     total = sum(len({k.t for k in keys}) for _, keys in todo)
+    latents = LatentCache.open(backbone, store)  # latent models encode each image once, cached in the store
     images_done, started = 0, time.perf_counter()
     # The bar closes (ending its line) before any error propagates, so messages start clean.
     with tqdm(total=total, desc=f"extract → {out.name}", unit="pass", disable=not o.progress) as bar, torch.inference_mode():
@@ -203,7 +205,8 @@ def fill(store: FeatureStore, backbone: Backbone, data: LabeledImages, plan: Fea
                                      "the same command: finished chunks are kept (removing a file changes the dataset: use a new --out)")
             chunk_views = views[store.chunk_slice(chunk)] if o.augment_views else None
             y = None if o.class_label is None else torch.full((len(index),), o.class_label, device=compute.device)
-            pooled = featurize(backbone, x0, plan, index.tolist(), keys=keys, views=chunk_views, y=y, compute=compute)
+            x0 = latents.encode_chunk(backbone, chunk, x0, compute)  # model space: cached latents, or the pixels
+            pooled = featurize(backbone, x0, plan, index.tolist(), keys=keys, views=chunk_views, y=y, compute=compute, encoded=True)
             for k in keys:
                 values = pooled[k].cpu().numpy().astype(o.dtype)
                 check_finite(values, k.t, k.block, k.pool)  # after the cast: float16 overflow counts too

@@ -24,7 +24,9 @@ def make_scheduler(backbone: Backbone, sampler: str, learned_sigma: bool):
 
     abar = backbone.schedule.alphas_cumprod
     betas = 1.0 - abar / np.append(1.0, abar[:-1])
-    common = dict(num_train_timesteps=len(betas), trained_betas=betas.tolist(), clip_sample=True, prediction_type="epsilon")
+    # x0 is clipped to [-1, 1] in pixel space only: latents have their own range.
+    common = dict(num_train_timesteps=len(betas), trained_betas=betas.tolist(), clip_sample=not backbone.encodes_images,
+                  prediction_type=backbone.prediction_type)  # fmt: skip
     if sampler == "ddpm":
         # DDPM's σ_t² = β̃_t (posterior variance) for fixed-variance models; the model's own for learned sigma.
         return DDPMScheduler(**common, variance_type="learned_range" if learned_sigma else "fixed_small")
@@ -52,7 +54,7 @@ def sampling_steps(backbone: Backbone, sampler: str, steps: int | None) -> int:
 def sample_images(backbone: Backbone, num: int, sampler: str = "ddim", steps: int | None = None, seed: int = 0,
                   batch_size: int = 64, eta: float = 0.0, compute: Compute | None = None) -> torch.Tensor:  # fmt: skip
     """uint8 images [num, 3, S, S]."""
-    if backbone.num_classes:
+    if backbone.num_classes and backbone.default_class_label is None:  # DiT samples its null class
         raise DiffprobeError("sampling class-conditional models is not supported yet: use an unconditional checkpoint")
     if num < 1:
         raise DiffprobeError(f"--num {num}: expected the number of images to generate, at least 1")

@@ -1,0 +1,129 @@
+"""DiT-style pipelines (DiTTransformer2DModel + AutoencoderKL), class-conditional latent transformers.
+
+Blocks: 1 is the patch embedding (with its position embedding), 2..N+1 the transformer
+blocks. A block's tokens [B, (H/p)·(W/p), D] come out as a map [B, D, H/p, W/p] (the token
+order is PatchEmbed's row-major one), so pooling and everything after it are unchanged.
+
+Conditioning: the null class by default (the label index `num_embeds_ada_norm`, the one
+classifier-free guidance drops labels to), i.e. unconditional features, as DDAE reads DiT;
+`class_label=K` (or extract's --class-label K) conditions on class K instead.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import DiffprobeError
+from .base import BlockInfo
+from .diffusers_pipeline import as_int, check_image_size, load_part, prediction_type
+from .diffusers_unet import _schedule
+from .vae import LatentBackbone, VaeCodec
+
+WHAT = "DiTTransformer2DModel"
+
+
+def _to_map(tokens: torch.Tensor, side: int) -> torch.Tensor:
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
+
+
+def _run(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, wanted: tuple[int, ...]) -> dict[int, torch.Tensor]:
+    """DiTTransformer2DModel.forward up to the deepest wanted block, each wanted block as a map."""
+    side = x.shape[-1] // model.config.patch_size
+    last = max(wanted)
+    h = model.pos_embed(x)
+    out = {1: _to_map(h, side)} if 1 in wanted else {}
+    for index, block in enumerate(model.transformer_blocks, start=2):
+        if index > last:
+            break
+        h = block(h, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None, timestep=t,
+                  cross_attention_kwargs=None, class_labels=y)  # fmt: skip
+        if index in wanted:
+            out[index] = _to_map(h, side)
+    return out
+
+
+class DiTBackbone(LatentBackbone):
+    family = "dit"
+
+    def __init__(self, model: nn.Module, codec: VaeCodec, class_label: int, blocks: list[BlockInfo], image_size: int,
+                 schedule, config: dict[str, Any], source: str):  # fmt: skip
+        num_classes = int(model.config.num_embeds_ada_norm)
+        super().__init__(model, codec, blocks, image_size, schedule, num_classes, config, source)
+        self.default_class_label = class_label  # the null class (num_classes) unless class_label=K was given
+
+    def labels(self, y: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        """Class labels for a batch: y, or the default (null) class; null = num_classes is allowed."""
+        if y is None:
+            return torch.full((batch,), self.default_class_label, dtype=torch.long, device=device)
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) > self.num_classes):
+            raise DiffprobeError(f"class label {int(y.max()) if int(y.max()) > 0 else int(y.min())} is outside 0..{self.num_classes} "
+                                 f"({self.num_classes} is the null class)")  # fmt: skip
+        return y.to(device=device, dtype=torch.long)
+
+    def run(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, wanted: tuple[int, ...]) -> dict[int, torch.Tensor]:
+        return _run(self.model, x, t, self.labels(y, x.shape[0], x.device), wanted)
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The raw output: ε and, for learned-sigma DiTs (out_channels = 2·in), the variance channels."""
+        return self.model(x_t, timestep=t, class_labels=self.labels(y, x_t.shape[0], x_t.device)).sample
+
+    @property
+    def conditioning(self) -> str:
+        label = self.default_class_label
+        chosen = "the null class" if label == self.num_classes else f"class {label}"
+        return f"class-conditional ({self.num_classes} classes), reading {chosen} unless --class-label is given"
+
+    @property
+    def learned_sigma(self) -> bool:
+        return self.model.out_channels == 2 * self.model.config.in_channels
+
+    def random_like(self, seed: int = 0) -> "DiTBackbone":
+        """A freshly initialised transformer; the VAE stays (it is not what is probed)."""
+        from diffusers import DiTTransformer2DModel
+
+        torch.manual_seed(seed)
+        model = DiTTransformer2DModel.from_config(self.model.config)
+        config = {**self.config, "weights": f"random (seed {seed})"}
+        return DiTBackbone(model, self.codec, self.default_class_label, self.blocks, self.image_size, self.schedule, config,
+                           source=f"{self.source} [random weights, seed {seed}]")  # fmt: skip
+
+
+def load_dit(target: str, local: bool, device: str | torch.device = "cpu", class_label: Any = None, prompt: Any = None,
+             image_size: Any = None, schedule: str | None = None, num_train_timesteps: Any = None,
+             subfolder: str | None = None) -> DiTBackbone:  # fmt: skip
+    from diffusers import AutoencoderKL, DiTTransformer2DModel
+
+    if prompt is not None:
+        raise DiffprobeError(
+            "DiTTransformer2DModel is class-conditional and takes no prompt: drop prompt, and pass class_label=K "
+            "(--class-label K) or nothing for the null class"
+        )
+    if subfolder not in (None, "transformer"):
+        raise DiffprobeError(f"subfolder={subfolder!r}: a DiT pipeline folder keeps its transformer in transformer/")
+    model = load_part(DiTTransformer2DModel, target, local, "transformer", WHAT, low_cpu_mem_usage=False)
+    codec = VaeCodec(load_part(AutoencoderKL, target, local, "vae", WHAT, low_cpu_mem_usage=False))
+    cfg = model.config
+    if cfg.in_channels != codec.latent_channels:
+        raise DiffprobeError(f"the transformer takes {cfg.in_channels} input channels but the VAE gives {codec.latent_channels}")
+    null = int(cfg.num_embeds_ada_norm)
+    label = null if class_label is None else as_int(class_label, "class_label")
+    if not 0 <= label <= null:
+        raise DiffprobeError(f"class_label {label} is outside 0..{null - 1} (or {null}, the null class)")
+    size = check_image_size(image_size, cfg.sample_size * codec.factor, codec.factor * cfg.patch_size, "DiT (VAE factor × patch size)")
+    steps = as_int(num_train_timesteps, "num_train_timesteps") if num_train_timesteps is not None else None
+    sched = _schedule(target, local, schedule, steps)
+    side = size // codec.factor // cfg.patch_size
+    width = cfg.num_attention_heads * cfg.attention_head_dim
+    blocks = [BlockInfo(1, "pos_embed", width, side)]
+    blocks += [BlockInfo(i + 2, f"transformer_blocks.{i}", width, side) for i in range(cfg.num_layers)]
+    config = json.loads(json.dumps(dict(cfg), default=str))
+    config.update(noise_schedule=sched.name, class_label=label, null_class=null, image_size=size,
+                  vae={"class": type(codec.vae).__name__, "scaling_factor": codec.scaling_factor,
+                       "shift_factor": codec.shift_factor, "encoding": "posterior mean"})  # fmt: skip
+    backbone = DiTBackbone(model, codec, label, blocks, size, sched, config, source=f"diffusers:{target}")
+    backbone.prediction_type = config["prediction_type"] = prediction_type(target, local)
+    return backbone.to(device)

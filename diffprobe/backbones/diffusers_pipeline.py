@@ -1,0 +1,179 @@
+"""`diffusers:FOLDER_OR_HUB_ID` -> the backbone for the model class the folder holds.
+
+A pipeline folder (as `pipeline.save_pretrained` writes it) names its denoiser's class in
+`unet/config.json` or `transformer/config.json` (`_class_name`), or in `model_index.json`;
+a bare model folder names it in its own `config.json`. That class picks the loader:
+
+    UNet2DModel            pixel U-Net (diffusers_unet.py)
+    UNet2DConditionModel   Stable Diffusion-style latent U-Net (diffusers_sd.py)
+    DiTTransformer2DModel  DiT-style latent transformer (diffusers_dit.py)
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import DiffprobeError
+from .base import Backbone
+
+SUPPORTED = {
+    "UNet2DModel": "pixel-space U-Net (DDPM, ADM-style): unet/ or a bare model folder",
+    "UNet2DConditionModel": "Stable Diffusion 1.x/2.x-style latent U-Net: unet/, vae/, text_encoder/, tokenizer/, scheduler/",
+    "DiTTransformer2DModel": "DiT-style class-conditional latent transformer: transformer/, vae/, scheduler/",
+}
+
+
+def _unsupported(name: str, where: str) -> DiffprobeError:
+    return DiffprobeError(f"{where} holds a {name}, which diffprobe cannot read: supported model classes are {', '.join(SUPPORTED)}")
+
+
+def offline_error(target: str, error: Exception) -> DiffprobeError:
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return DiffprobeError(
+        f"cannot load diffusers model {target!r}: it is not a local folder, and the Hugging Face hub cannot serve it "
+        f"(offline? {first[:160]}): "
+        f"download the pipeline where there is internet (`huggingface-cli download {target} --local-dir DIR`) "
+        "and pass diffusers:DIR"
+    )
+
+
+def _local_class(root: Path) -> tuple[str | None, str | None]:
+    """(class name, subfolder) of the denoiser in a local folder."""
+    for sub in ("unet", "transformer"):
+        cfg = root / sub / "config.json"
+        if cfg.is_file():
+            return json.loads(cfg.read_text()).get("_class_name"), sub
+    index = root / "model_index.json"
+    if index.is_file():
+        entries = json.loads(index.read_text())
+        for sub in ("unet", "transformer"):
+            if isinstance(entries.get(sub), list) and entries[sub][-1]:
+                return entries[sub][-1], sub
+    cfg = root / "config.json"
+    if cfg.is_file():
+        return json.loads(cfg.read_text()).get("_class_name"), None
+    return None, None
+
+
+def _hub_json(target: str, filename: str) -> dict | None:
+    """A JSON file of a hub repo; None if the repo has no such file; offline is a clear error."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(Path(hf_hub_download(target, filename)).read_text())
+    except Exception as e:  # network, offline mode, missing repo: one clear line
+        if type(e).__name__ in ("EntryNotFoundError", "RemoteEntryNotFoundError"):
+            return None
+        raise offline_error(target, e) from None
+
+
+def _hub_class(target: str) -> tuple[str | None, str | None]:
+    """Class of a hub id's denoiser from its model_index.json; (None, None) if it has none."""
+    index = _hub_json(target, "model_index.json")
+    if index is None:
+        return None, None  # a bare model repo: the pixel loader reads its config.json
+    for sub in ("unet", "transformer"):
+        if isinstance(index.get(sub), list):
+            return index[sub][-1], sub
+    return None, None
+
+
+def _remap(name: str | None, sub: str | None, target: str, local: bool) -> str | None:
+    """Pipelines saved before diffusers split its transformers (facebook/DiT-XL-2-256 among them)
+    name the generic Transformer2DModel; its norm_type tells DiT from PixArt, as diffusers decides."""
+    if name != "Transformer2DModel" or sub is None:
+        return name
+    path = Path(target) / sub / "config.json"
+    config = (json.loads(path.read_text()) if path.is_file() else {}) if local else (_hub_json(target, f"{sub}/config.json") or {})
+    return {"ada_norm_zero": "DiTTransformer2DModel", "ada_norm_single": "PixArtTransformer2DModel"}.get(config.get("norm_type"), name)
+
+
+def load(target: str, device: str | torch.device = "cpu", **options: Any) -> Backbone:
+    local = Path(target).exists()
+    name, sub = _local_class(Path(target)) if local else _hub_class(target)
+    name = _remap(name, sub, target, local)
+    if name in (None, "UNet2DModel"):
+        from .diffusers_unet import load_diffusers
+
+        return _call(load_diffusers, "UNet2DModel", target, device=device, **options)
+    if name == "UNet2DConditionModel":
+        from .diffusers_sd import load_stable_diffusion
+
+        return _call(load_stable_diffusion, name, target, local, device=device, **options)
+    if name == "DiTTransformer2DModel":
+        from .diffusers_dit import load_dit
+
+        return _call(load_dit, name, target, local, device=device, **options)
+    raise _unsupported(name, f"{target}/{sub}" if sub else target)
+
+
+def _call(loader: Callable, name: str, *args: Any, **options: Any) -> Backbone:
+    """loader(*args, **options), with an option the loader does not take as a clear error."""
+    accepted = [p for p in inspect.signature(loader).parameters if p not in ("target", "local", "device")]
+    unknown = sorted(set(options) - set(accepted) - {"device"})
+    if unknown:
+        raise DiffprobeError(f"option {unknown[0]!r} does not apply to a {name}: its options are {', '.join(accepted)}")
+    return loader(*args, **options)
+
+
+# -- helpers shared by the latent loaders ------------------------------------------------------
+def load_part(cls: Callable, target: str, local: bool, sub: str, what: str, **kw: Any):
+    """One component of a pipeline (`cls.from_pretrained(target, subfolder=sub)`), or a clear error."""
+    if local and not (Path(target) / sub).is_dir():
+        raise DiffprobeError(
+            f"{target} has no {sub}/ folder: a {what} pipeline folder needs {SUPPORTED[what].split(': ')[1]} "
+            "(as pipeline.save_pretrained writes them)"
+        )
+    try:
+        return cls.from_pretrained(target, subfolder=sub, **kw)
+    except (OSError, EnvironmentError, ValueError) as e:
+        if not local:
+            raise offline_error(target, e) from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DiffprobeError(f"cannot load {sub}/ of {target} as {cls.__name__}: {first}") from None
+
+
+def prediction_type(target: str, local: bool) -> str:
+    """What the denoiser predicts, from the pipeline's scheduler config ("epsilon" when it says nothing)."""
+    try:
+        if local:
+            path = Path(target) / "scheduler" / "scheduler_config.json"
+            config = json.loads(path.read_text()) if path.is_file() else {}
+        else:
+            from diffusers import DDPMScheduler
+
+            config = DDPMScheduler.load_config(target, subfolder="scheduler")
+    except Exception:  # no scheduler config: the schedule loader has already said what it assumes
+        config = {}
+    kind = config.get("prediction_type", "epsilon")
+    if kind not in ("epsilon", "v_prediction"):
+        raise DiffprobeError(f"{target}: scheduler prediction_type {kind!r} is not supported (epsilon or v_prediction)")
+    return kind
+
+
+def check_image_size(requested: Any, native: int, factor: int, what: str) -> int:
+    """The pixel image size: the pipeline's own, or `requested`, which `factor` must divide."""
+    if requested is None:
+        return native
+    try:
+        size = int(requested)
+    except (TypeError, ValueError):
+        raise DiffprobeError(f"image_size must be an integer number of pixels, got {requested!r}") from None
+    if size <= 0 or size % factor:
+        raise DiffprobeError(
+            f"image size {size} is not a multiple of {factor}, which this {what} needs: "
+            f"choose e.g. {max(factor, size // factor * factor)} or {(size // factor + 1) * factor}"
+        )
+    return size
+
+
+def as_int(value: Any, name: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise DiffprobeError(f"{name} must be an integer, got {value!r}") from None

@@ -1,0 +1,172 @@
+"""Stable Diffusion-style pipelines (UNet2DConditionModel + AutoencoderKL + CLIP text encoder).
+
+Images go to latents with the VAE (posterior mean × scaling factor, see vae.py); the noise is
+added there with the pipeline scheduler's ᾱ. The U-Net reads a prompt through cross-attention:
+the empty prompt by default, or `prompt=...`, encoded once at load (the text encoder is then
+dropped; the encoded prompt is part of the backbone's fingerprint).
+
+Block numbering is the pixel U-Net's (diffusers_unet.py): conv_in, each down resnet(+cross-
+attention) unit and downsampler, mid_block, each up unit (the last of an up block includes its
+upsampler). Channels and resolution are those of the latent-space feature maps; for SD 1.5 at
+512 px, conv_in is 320×64×64 and `up_blocks.1.resnets.2` (DIFT's up_blocks.1) is 1280×32×32.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import DiffprobeError
+from .base import BlockInfo
+from .diffusers_pipeline import as_int, check_image_size, load_part, prediction_type
+from .diffusers_unet import _schedule, _units, walk_units
+from .vae import LatentBackbone, VaeCodec
+
+SUPPORTED_DOWN = ("DownBlock2D", "CrossAttnDownBlock2D")
+SUPPORTED_UP = ("UpBlock2D", "CrossAttnUpBlock2D")
+SUPPORTED_MID = ("UNetMidBlock2DCrossAttn", None)
+WHAT = "UNet2DConditionModel"
+
+
+def _check_supported(unet: nn.Module, latent_channels: int) -> None:
+    cfg = unet.config
+    if cfg.get("addition_embed_type") is not None:
+        raise DiffprobeError(
+            f"this UNet2DConditionModel needs added conditioning (addition_embed_type={cfg.addition_embed_type!r}, "
+            "as SDXL's pooled text embeddings and size/crop ids): diffprobe reads SD 1.x/2.x-style U-Nets only"
+        )
+    if cfg.get("class_embed_type") is not None or cfg.get("num_class_embeds") is not None:
+        raise DiffprobeError("this UNet2DConditionModel takes class embeddings (an upscaler or variation model?): diffprobe reads SD 1.x/2.x-style U-Nets only")
+    if cfg.get("encoder_hid_dim_type") is not None:
+        raise DiffprobeError(f"this UNet2DConditionModel projects its context ({cfg.encoder_hid_dim_type}): diffprobe reads SD 1.x/2.x-style U-Nets only")
+    bad = [t for t in cfg.down_block_types if t not in SUPPORTED_DOWN] + [t for t in cfg.up_block_types if t not in SUPPORTED_UP]
+    if cfg.mid_block_type not in SUPPORTED_MID:
+        bad.append(cfg.mid_block_type)
+    if bad:
+        raise DiffprobeError(
+            f"UNet2DConditionModel block type(s) {', '.join(sorted(set(bad)))} not supported; supported: "
+            f"{', '.join(SUPPORTED_DOWN + SUPPORTED_UP + SUPPORTED_MID[:1])}"
+        )
+    if cfg.in_channels != latent_channels:
+        raise DiffprobeError(
+            f"the U-Net takes {cfg.in_channels} input channels but the VAE gives {latent_channels} "
+            "(an inpainting or depth model?): diffprobe reads text-to-image U-Nets"
+        )
+
+
+def _embedding(unet: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """UNet2DConditionModel's timestep embedding (no class or added embeddings: refused at load)."""
+    emb = unet.time_embedding(unet.get_time_embed(sample=x, timestep=t), None)
+    return unet.time_embed_act(emb) if unet.time_embed_act is not None else emb
+
+
+def _run(unet: nn.Module, units, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+         wanted: tuple[int, ...]) -> dict[int, torch.Tensor]:  # fmt: skip
+    if unet.config.center_input_sample:
+        x = 2 * x - 1.0
+    context = context.to(x.device).expand(x.shape[0], -1, -1)
+    return walk_units(units, x, _embedding(unet, x, t), wanted, context=context)
+
+
+class StableDiffusionBackbone(LatentBackbone):
+    family = "stable-diffusion"
+
+    def __init__(self, unet: nn.Module, codec: VaeCodec, context: torch.Tensor, blocks: list[BlockInfo],
+                 image_size: int, schedule, config: dict[str, Any], source: str):  # fmt: skip
+        super().__init__(unet, codec, blocks, image_size, schedule, None, config, source)
+        self.register_buffer("context", context)  # the encoded prompt, [1, tokens, dim]
+        self._units = _units(self.model)
+
+    def extra_identity(self) -> dict[str, torch.Tensor]:
+        return {**super().extra_identity(), "context": self.context}
+
+    def run(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, wanted: tuple[int, ...]) -> dict[int, torch.Tensor]:
+        if y is not None:
+            raise DiffprobeError("a Stable Diffusion U-Net is conditioned on a prompt, not a class label: drop --class-label (use -o prompt=TEXT)")
+        return _run(self.model, self._units, x, t, self.context, wanted)
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        context = self.context.to(x_t.device).expand(x_t.shape[0], -1, -1)
+        return self.model(x_t, t, encoder_hidden_states=context).sample
+
+    @property
+    def conditioning(self) -> str:
+        return f"prompt {self.config['prompt']!r}"
+
+    @property
+    def learned_sigma(self) -> bool:
+        return self.model.config.out_channels == 2 * self.model.config.in_channels
+
+    def random_like(self, seed: int = 0) -> "StableDiffusionBackbone":
+        """A freshly initialised U-Net; the VAE and the encoded prompt stay (they are not what is probed)."""
+        from diffusers import UNet2DConditionModel
+
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel.from_config(self.model.config)
+        config = {**self.config, "weights": f"random (seed {seed})"}
+        return StableDiffusionBackbone(unet, self.codec, self.context, self.blocks, self.image_size, self.schedule, config,
+                                       source=f"{self.source} [random weights, seed {seed}]")  # fmt: skip
+
+
+def encode_prompt(target: str, local: bool, prompt: str) -> torch.Tensor:
+    """The CLIP text encoder's last hidden state for `prompt`, padded to the tokenizer's length, [1, L, D]."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    # transformers draws a progress bar per load; ours is the only one the CLI should show.
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        tokenizer = load_part(CLIPTokenizer, target, local, "tokenizer", WHAT)
+        encoder = load_part(CLIPTextModel, target, local, "text_encoder", WHAT).eval()
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
+    tokens = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
+    mask = tokens.attention_mask if getattr(encoder.config, "use_attention_mask", False) else None
+    with torch.no_grad():
+        return encoder(tokens.input_ids, attention_mask=mask)[0].float()
+
+
+def load_stable_diffusion(target: str, local: bool, device: str | torch.device = "cpu", prompt: str = "",
+                          image_size: Any = None, schedule: str | None = None, num_train_timesteps: Any = None,
+                          class_label: Any = None, subfolder: str | None = None) -> StableDiffusionBackbone:  # fmt: skip
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    if class_label is not None:
+        raise DiffprobeError("a Stable Diffusion U-Net is conditioned on a prompt, not a class label: drop class_label, use prompt=TEXT")
+    if subfolder not in (None, "unet"):
+        raise DiffprobeError(f"subfolder={subfolder!r}: a Stable Diffusion pipeline folder keeps its U-Net in unet/")
+    unet = load_part(UNet2DConditionModel, target, local, "unet", WHAT, low_cpu_mem_usage=False)
+    codec = VaeCodec(load_part(AutoencoderKL, target, local, "vae", WHAT, low_cpu_mem_usage=False))
+    _check_supported(unet, codec.latent_channels)
+    context = encode_prompt(target, local, str(prompt))
+    units = _units(unet)
+    downsamplers = sum(1 for name, _ in units if ".downsamplers." in name)
+    sample = unet.config.sample_size if isinstance(unet.config.sample_size, int) else unet.config.sample_size[0]
+    size = check_image_size(image_size, sample * codec.factor, codec.factor * 2**downsamplers, "Stable Diffusion U-Net (VAE factor × its downsampling)")
+    steps = as_int(num_train_timesteps, "num_train_timesteps") if num_train_timesteps is not None else None
+    sched = _schedule(target, local, schedule, steps)
+    blocks = _meta_blocks(unet, units, size // codec.factor, context.shape)
+    config = json.loads(json.dumps(dict(unet.config), default=str))
+    config.update(noise_schedule=sched.name, prompt=str(prompt), image_size=size,
+                  vae={"class": type(codec.vae).__name__, "scaling_factor": codec.scaling_factor,
+                       "shift_factor": codec.shift_factor, "encoding": "posterior mean"})  # fmt: skip
+    backbone = StableDiffusionBackbone(unet, codec, context, blocks, size, sched, config, source=f"diffusers:{target}")
+    backbone.prediction_type = config["prediction_type"] = prediction_type(target, local)
+    return backbone.to(device)
+
+
+def _meta_blocks(unet: nn.Module, units, side: int, context_shape) -> list[BlockInfo]:
+    """Every block's channels and side from one pass on the meta device (exact, computes nothing)."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        meta = UNet2DConditionModel.from_config(unet.config)
+    x = torch.zeros(1, unet.config.in_channels, side, side, device="meta")
+    context = torch.zeros(*context_shape, device="meta")
+    outs = _run(meta, _units(meta), x, torch.zeros(1, dtype=torch.long, device="meta"), context, tuple(range(1, len(units) + 1)))
+    return [BlockInfo(i, units[i - 1][0], int(h.shape[1]), int(h.shape[-1])) for i, h in outs.items()]

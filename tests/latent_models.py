@@ -1,0 +1,75 @@
+"""Tiny random latent pipelines saved as folders, built with diffusers'/transformers' own constructors.
+
+Used by tests/test_latent_backbones.py and benchmarks/latent.py (which passes larger sizes).
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import torch
+
+
+def save_tokenizer(folder: Path, max_length: int = 16) -> None:
+    """A CLIP BPE tokenizer over lowercase letters (no merges): enough to encode short prompts."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in string.ascii_lowercase:
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+    tok.save_pretrained(folder)
+
+
+def vae(block_out_channels=(16, 32), latent_channels: int = 4, groups: int = 8):
+    from diffusers import AutoencoderKL
+
+    n = len(block_out_channels)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+                         up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(block_out_channels),
+                         latent_channels=latent_channels, norm_num_groups=groups, layers_per_block=1)  # fmt: skip
+
+
+def save_sd(folder: Path, seed: int = 0, text_encoder: bool = True, vae_dir: bool = True, **unet_overrides) -> str:
+    """An SD-shaped pipeline: cross-attention U-Net (latent 8×8), VAE factor 2 (16-px images), CLIP text encoder."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    cfg = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+               cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)  # fmt: skip
+    cfg.update(unet_overrides)
+    vae_channels = cfg.pop("vae_block_out_channels", (16, 32))
+    UNet2DConditionModel(**cfg).save_pretrained(folder / "unet")
+    if vae_dir:
+        vae(vae_channels).save_pretrained(folder / "vae")
+    if text_encoder:
+        config = CLIPTextConfig(vocab_size=54, hidden_size=cfg["cross_attention_dim"], intermediate_size=37,
+                                num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
+                                bos_token_id=0, eos_token_id=1, pad_token_id=1)  # fmt: skip
+        CLIPTextModel(config).save_pretrained(folder / "text_encoder")
+    save_tokenizer(folder / "tokenizer")
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(folder / "scheduler")
+    return str(folder)
+
+
+def save_dit(folder: Path, seed: int = 0, **overrides) -> str:
+    """A DiT-shaped pipeline: learned-sigma transformer over 8×8 latents, patch 2, 10 classes (+ null)."""
+    from diffusers import DDIMScheduler, DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    cfg = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=4,
+               sample_size=8, patch_size=2, num_embeds_ada_norm=10)  # fmt: skip
+    cfg.update(overrides)
+    vae_channels = cfg.pop("vae_block_out_channels", (16, 32))
+    DiTTransformer2DModel(**cfg).save_pretrained(folder / "transformer")
+    vae(vae_channels).save_pretrained(folder / "vae")
+    DDIMScheduler(beta_schedule="linear").save_pretrained(folder / "scheduler")
+    return str(folder)
