@@ -99,7 +99,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--t", type=int, default=90)
     p.add_argument("--selections", default="24;19", help="block selections, ';'-separated, each comma-separated")
-    p.add_argument("--precision", default=None, help="diffprobe's precision (default: bf16)")
+    p.add_argument("--precision", default=None, help="diffprobe's precision (default: what this machine runs, choose_compute)")
     p.add_argument("--skip-steps", action="store_true", help="only reference vs full diffprobe (no per-step table)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
