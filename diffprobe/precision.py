@@ -51,14 +51,23 @@ class Compute:
         weight again at every call. The values are the ones autocast would use; norm parameters
         stay float32. The copy keeps the original's fingerprint (the fp32 weights').
         """
+        origin = backbone.__dict__.get("_prepared_from")
+        if origin is not None:  # a set-up copy: serve this compute from the original fp32 backbone
+            return backbone if backbone.__dict__["_prepared_for"] == self else self.prepare(origin)
         if not self.changes_model and _device_of(backbone) == self.device:
-            return backbone
+            return backbone  # nothing to set up
         cache = backbone.__dict__.setdefault("_prepared", {})
         if self in cache:
             return cache[self]
         backbone.fingerprint()  # taken on the fp32 weights, carried into the copy
-        cache[self] = prepared = copy.deepcopy(backbone)
-        prepared.__dict__["_prepared"] = {}
+        backbone.__dict__["_prepared"] = {}  # copy the backbone, not the copies made for other computes
+        try:
+            prepared = copy.deepcopy(backbone)
+        finally:
+            backbone.__dict__["_prepared"] = cache
+        cache[self] = prepared
+        # Plain __dict__ entries: neither is a submodule of the copy (no weights counted twice).
+        prepared.__dict__["_prepared_for"], prepared.__dict__["_prepared_from"] = self, backbone
         prepared.to(self.device)
         if self.precision != "fp32":
             for m in prepared.modules():

@@ -184,6 +184,8 @@ def test_prepare_never_changes_the_callers_backbone():
     fingerprint = bb.fingerprint()
     fast = BF16.prepare(bb)
     assert fast is not bb and BF16.prepare(bb) is fast  # one set-up copy per compute, cached
+    assert BF16.prepare(fast) is fast  # a set-up copy is not copied again
+    assert FP32.prepare(fast) is bb  # another compute is served from the original, not the cast copy
     conv = next(m for m in fast.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.dtype == torch.bfloat16 and conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert all(torch.equal(before[k], v) and v.dtype == before[k].dtype for k, v in bb.state_dict().items())

@@ -33,6 +33,14 @@ def noise_draws(indices: Sequence[int], seed: int, shape: Sequence[int], draws: 
             for d in range(draws)]  # fmt: skip
 
 
+def encode_images(backbone: Backbone, images: torch.Tensor, compute: Compute) -> torch.Tensor:
+    """Clean images in [-1, 1] -> model space (latents for VAE models), float32 on the compute's
+    device, run on the compute's set-up copy: the one encoding featurize, the latent cache and
+    online training share."""
+    with torch.no_grad(), compute.autocast():
+        return compute.prepare(backbone).encode(images.to(compute.device)).float()
+
+
 def featurize(backbone: Backbone, x0: torch.Tensor, plan: FeaturePlan, indices: Sequence[int], *,
               keys: Sequence[FeatureKey] | None = None, views: Sequence[int] | None = None,
               y: torch.Tensor | None = None, compute: Compute | None = None,
@@ -48,10 +56,7 @@ def featurize(backbone: Backbone, x0: torch.Tensor, plan: FeaturePlan, indices: 
     compute = compute or choose_compute()
     runner = compute.prepare(backbone)
     keys = list(keys) if keys is not None else plan.resolve(backbone).keys
-    x0 = x0.to(compute.device)
-    if not encoded:
-        with compute.autocast():
-            x0 = runner.encode(x0).float()
+    x0 = x0.to(compute.device) if encoded else encode_images(backbone, x0, compute)
     noises = [e.to(compute.device) for e in noise_draws(indices, plan.noise_seed, tuple(x0.shape[1:]), plan.draws, views)]
     sums: dict[FeatureKey, torch.Tensor] = {}
     for t in sorted({k.t for k in keys}):

@@ -26,13 +26,8 @@ import torch
 from .._io import atomic_write, write_json
 from ..backbones.base import Backbone
 from ..precision import Compute
+from .featurize import encode_images
 from .store import FeatureStore
-
-
-def encode(backbone: Backbone, images: torch.Tensor, compute: Compute) -> torch.Tensor:
-    """Images -> model space on the compute's prepared copy, exactly as `featurize` encodes."""
-    with compute.autocast():
-        return compute.prepare(backbone).encode(images.to(compute.device)).float()
 
 
 class PixelInputs:
@@ -41,7 +36,7 @@ class PixelInputs:
     encoded_chunks = 0
 
     def encode_chunk(self, backbone: Backbone, chunk: int, images: torch.Tensor, compute: Compute) -> torch.Tensor:
-        return encode(backbone, images, compute)
+        return encode_images(backbone, images, compute)
 
 
 class LatentCache:
@@ -101,7 +96,7 @@ class LatentCache:
         rows = self.store.chunk_slice(chunk)
         if self.done()[chunk]:
             return torch.from_numpy(np.array(self._array()[rows])).to(compute.device)
-        latents = encode(backbone, images, compute)
+        latents = encode_images(backbone, images, compute)
         target = self._array()
         target[rows] = latents.cpu().numpy()
         target.flush()

@@ -28,7 +28,7 @@ from ..data import AugmentedViews, LabeledImages, TransformedImages, model_trans
 from ..errors import DiffprobeError
 from ..features.distributed import join, ranks
 from ..features.extract import ExtractOptions, build_manifest
-from ..features.featurize import featurize, noise_draws
+from ..features.featurize import encode_images, featurize, noise_draws
 from ..features.plan import FeaturePlan
 from ..precision import Compute, choose_compute
 from .config import ProbeConfig
@@ -197,9 +197,7 @@ def train_online(backbone: Backbone, data: LabeledImages, plan: FeaturePlan, con
 
 def diffeed_logits(model, runner: Backbone, x0: torch.Tensor, index, views, plan: FeaturePlan, key, compute: Compute) -> torch.Tensor:
     """DifFeed's logits for clean images: encode, noise (as featurize does), two passes."""
-    x0 = x0.to(compute.device)
-    with torch.no_grad(), compute.autocast():
-        x0 = runner.encode(x0).float()
+    x0 = encode_images(runner, x0, compute)
     eps = noise_draws(index.tolist(), plan.noise_seed, tuple(x0.shape[1:]), 1, views)[0].to(compute.device)
     x_t = compute.batch(runner.schedule.q_sample(x0, key.t, eps))
     with compute.autocast():
