@@ -20,7 +20,7 @@ from diffprobe.features.plan import FeaturePlan
 from diffprobe.features.extract import extract
 from diffprobe.probing.heads import HEADS, build_head
 from diffprobe.precision import Compute
-from diffprobe.probing.config import ProbeConfig
+from diffprobe.probing.config import ProbeConfig, search_grid
 from diffprobe.probing.train import probe
 from diffprobe.features.store import FeatureKey, FeatureStore
 
@@ -87,12 +87,14 @@ def test_probe_run_is_reproducible_and_complete(store, tmp_path):
     assert set(a["val"]["per_class_top1"]) == set(store.classes)
 
 
-def test_weight_decay_is_chosen_on_validation(store, tmp_path):
+def test_learning_rate_and_weight_decay_are_chosen_on_validation(store, tmp_path):
     m = probe(store, [FeatureKey(90, 13, 1)], tmp_path / "r", ProbeConfig("linear", weight_decays=(0.0, 10.0), epochs=3), progress=False)
-    assert set(m["weight_decay_trials"]) == {"0.0", "10.0"}
-    best = max(m["weight_decay_trials"], key=lambda k: m["weight_decay_trials"][k])
-    assert m["chosen"]["weight_decay"] == float(best)
-    assert m["val"]["top1"] == pytest.approx(max(m["weight_decay_trials"].values()))
+    trials = m["trials"]
+    lrs, _ = search_grid("modern", "linear")
+    assert [(t["lr"], t["weight_decay"]) for t in trials] == [(lr, wd) for lr in lrs for wd in (0.0, 10.0)]
+    best = max(trials, key=lambda t: t["val_top1"])
+    assert m["chosen"]["weight_decay"] == best["weight_decay"] and m["chosen"]["lr"] == best["lr"]
+    assert m["val"]["top1"] == pytest.approx(best["val_top1"])
 
 
 def test_probe_errors(store, tmp_path):

@@ -35,13 +35,14 @@ def cmd_probe(args: argparse.Namespace) -> None:
     keys = [FeatureKey(t, b, p) for b in args.blocks for t in args.t for p in args.pool]
     options = head_options(args.head, batchnorm=args.batchnorm or None, hidden=args.hidden, width=args.width,
                            depth=args.depth, heads=args.heads)  # fmt: skip
-    config = ProbeConfig(args.head, args.recipe, options, tuple(args.wd), args.epochs, args.lr, args.val_fraction,
+    config = ProbeConfig(args.head, args.recipe, options, tuple(args.wd) if args.wd else None, args.epochs, args.lr, args.val_fraction,
                          args.split_seed, args.seed)  # fmt: skip
     test_store = FeatureStore.open(args.test_store) if args.test_store else None
     augmented = FeatureStore.open(args.augmented_store) if args.augmented_store else None
     metrics = probe(store, keys, args.out, config, test_store, args.device, augmented=augmented)
     line = f"{args.head} head: validation top-1 {metrics['val']['top1']:.2f}% top-5 {metrics['val']['top5']:.2f}%"
-    line += f" (epoch {metrics['chosen']['epoch']}, weight decay {metrics['chosen']['weight_decay']:g})"
+    chosen = metrics["chosen"]
+    line += f" (chosen on validation: lr {chosen['lr']:g}, weight decay {chosen['weight_decay']:g}, epoch {chosen['epoch']})"
     if "test" in metrics:
         line += f"; test top-1 {metrics['test']['top1']:.2f}%"
     print(line)
@@ -65,7 +66,7 @@ def cmd_probe_online(args: argparse.Namespace) -> None:
     from ..probing.online import OnlineOptions, train_online
 
     options = head_options(args.head, hidden=args.hidden, width=args.width, depth=args.depth, heads=args.heads)
-    config = ProbeConfig(args.head, args.recipe, options, tuple(args.wd), args.epochs, args.lr, args.val_fraction,
+    config = ProbeConfig(args.head, args.recipe, options, tuple(args.wd) if args.wd else None, args.epochs, args.lr, args.val_fraction,
                          args.split_seed, args.seed)  # fmt: skip
     online = OnlineOptions(compute=compute_from(args), limit=args.limit, subset_seed=args.subset_seed, augment=not args.no_augment,
                            feedback_blocks=tuple(args.feedback_blocks or ()), workers=args.workers)  # fmt: skip
@@ -88,7 +89,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", default="modern", choices=["modern", "paper"])
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr", type=float)
-    p.add_argument("--wd", type=float_list, default=[1e-4], help="weight decay (the first is used online)")
+    p.add_argument("--wd", type=float_list, help="weight decay (default: the recipe's first for this head)")
     p.add_argument("--hidden", type=int_list)
     p.add_argument("--width", type=int)
     p.add_argument("--depth", type=int)
@@ -112,8 +113,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--recipe", default="modern", choices=["modern", "paper"], help="modern: AdamW + cosine; paper: SGD, ×0.1 every 7 of 28 epochs")
     p.add_argument("--epochs", type=int, help="override the recipe's epochs")
-    p.add_argument("--lr", type=float, help="override the recipe's learning rate")
-    p.add_argument("--wd", type=float_list, default=[1e-4], help="weight decay(s); several are tried, the best on validation kept")
+    p.add_argument("--lr", type=float, help="one learning rate (default: the recipe's search for this head)")
+    p.add_argument("--wd", type=float_list, help="weight decay(s); each is tried, the best on validation kept "
+                   "(default: the recipe's search for this head)")
     p.add_argument("--batchnorm", action="store_true", help="linear head: BatchNorm without affine first (MAE's probe)")
     p.add_argument("--hidden", type=int_list, help="MLP hidden sizes (default 1024)")
     p.add_argument("--width", type=int, help="CNN/attention width (default 256)")

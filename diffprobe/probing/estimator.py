@@ -43,10 +43,10 @@ def _as_keys(setting: FeaturePlan | FeatureKey | Sequence[FeatureKey] | None, st
 class Probe:
     """A classification head on frozen diffusion features (see ProbeConfig for each parameter)."""
 
-    def __init__(self, head: str = "linear", recipe: str = "modern", *, weight_decays: Sequence[float] = (1e-4,),
+    def __init__(self, head: str = "linear", recipe: str = "modern", *, weight_decays: Sequence[float] | None = None,
                  epochs: int | None = None, lr: float | None = None, val_fraction: float = 0.1, split_seed: int = 0,
                  seed: int = 0, device: str = "auto", progress: bool = False, **head_options: Any):  # fmt: skip
-        self.config = ProbeConfig(head, recipe, head_options, tuple(weight_decays), epochs, lr, val_fraction, split_seed, seed)
+        self.config = ProbeConfig(head, recipe, head_options, tuple(weight_decays) if weight_decays is not None else None, epochs, lr, val_fraction, split_seed, seed)
         self.device, self.progress = device, progress
         self.fitted_: FittedHead | None = None
 

@@ -182,7 +182,7 @@ def train_online(backbone: Backbone, data: LabeledImages, plan: FeaturePlan, con
         raise RuntimeError("the frozen backbone's weights changed during online training: a diffprobe bug")
     per_class, matrix = per_class_report(val_logits, val_y, data.classes)
     metrics = {"val": {"top1": val_top1, "top5": val_top5, "rows": int(len(val_idx)), "per_class_top1": per_class},
-               "chosen": {"epoch": best_epoch, "weight_decay": config.weight_decays[0]}, "train_rows": int(n),
+               "chosen": {"epoch": best_epoch, "weight_decay": config.weight_decays[0], "lr": recipe.lr}, "train_rows": int(n),
                "history": history, "online": True, "world_size": share.world_size}  # fmt: skip
     manifest = build_manifest(backbone, data, rows, plan, ExtractOptions(compute=compute, limit=o.limit, subset_seed=o.subset_seed), compute)
     saved_config = replace(config, head=head_kind, options=options) if diffeed else config  # the head itself, as predict rebuilds it

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -117,6 +117,7 @@ def train_once(store: FeatureStore, keys: Sequence[FeatureKey], head_kind: str, 
     giving other batches than the one-process run.)"""
     share = ranks()
     torch.manual_seed(seed)
+    recipe = recipe.for_rows(len(train_rows))
     labels = torch.from_numpy(store.labels)
     xs_train = load_inputs(store, keys, train_rows)
     xs_val = load_inputs(store, keys, val_rows)
@@ -151,7 +152,7 @@ def train_once(store: FeatureStore, keys: Sequence[FeatureKey], head_kind: str, 
     n = len(y_train)
     steps_per_epoch = max(1, -(-n // recipe.batch_size))
     history, best_state, best_epoch, best_top1 = [], None, 0, -1.0
-    bar = tqdm(range(recipe.epochs), desc=f"{head_kind} {recipe.name} wd={weight_decay:g}", unit="epoch", disable=not progress, leave=False)
+    bar = tqdm(range(recipe.epochs), desc=f"{head_kind} {recipe.name} lr={recipe.lr:g} wd={weight_decay:g}", unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         model.train()
         order = torch.randperm(n, generator=gen).to(device)
@@ -169,7 +170,8 @@ def train_once(store: FeatureStore, keys: Sequence[FeatureKey], head_kind: str, 
                 continue  # BatchNorm cannot train on a batch of one (per rank)
             mine = idx[share.rank::share.world_size]
             logits = net([x[mine] for x in epoch_inputs])
-            loss = F.cross_entropy(logits, y_train[mine], reduction="sum") * (share.world_size / len(idx))
+            loss = F.cross_entropy(logits, y_train[mine], reduction="sum", label_smoothing=recipe.label_smoothing)
+            loss = loss * (share.world_size / len(idx))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -273,30 +275,30 @@ def warn_if_one_token(head: str, pools: Sequence[int]) -> None:
 
 def fit_head(store: FeatureStore, keys: Sequence[FeatureKey], config: ProbeConfig, device: str = "cpu",
              progress: bool = True, augmented: FeatureStore | None = None) -> FittedHead:  # fmt: skip
-    """Train on the train split, choose epoch and weight decay on validation; validation metrics.
+    """Train on the train split, choose epoch, learning rate and weight decay on validation; validation metrics.
     Under torchrun every rank trains its share of each batch (DDP) and all reach the same head."""
     join("auto", torch.device(device))
     keys = list(keys)
     check_keys(store, keys, config.head)
-    recipe = config.training_recipe()
     is_val = store.split(config.val_fraction, config.split_seed)
     train_rows, val_rows = np.flatnonzero(~is_val), np.flatnonzero(is_val)
     if len(val_rows) == 0 or len(train_rows) == 0:
         raise DiffprobeError(f"the split leaves no validation or no training rows ({store.rows} rows, val fraction {config.val_fraction})")
-    trials = []
-    for wd in config.weight_decays:
-        model, history, best_epoch = train_once(store, keys, config.head, recipe, wd, train_rows, val_rows, config.seed,
-                                                config.options, device, progress, augmented)  # fmt: skip
-        trials.append((max(h["val_top1"] for h in history), wd, model, history, best_epoch))
-    best_top1, best_wd, model, history, best_epoch = max(trials, key=lambda tr: tr[0])
+    trials = []  # every (lr, weight decay) of the search, in order; ties keep the first
+    for recipe in config.training_recipes():
+        for wd in config.weight_decays:
+            model, history, best_epoch = train_once(store, keys, config.head, recipe, wd, train_rows, val_rows, config.seed,
+                                                    config.options, device, progress, augmented)  # fmt: skip
+            trials.append((max(h["val_top1"] for h in history), recipe.lr, wd, model, history, best_epoch))
+    best_top1, best_lr, best_wd, model, history, best_epoch = max(trials, key=lambda tr: tr[0])
 
     labels = torch.from_numpy(store.labels)
     _, val_top1, val_top5, val_logits = _evaluate(model, load_inputs(store, keys, val_rows), labels[val_rows])
     per_class, matrix = per_class_report(val_logits, labels[val_rows], store.classes)
     metrics: dict[str, Any] = {
         "val": {"top1": val_top1, "top5": val_top5, "rows": int(len(val_rows)), "per_class_top1": per_class},
-        "chosen": {"epoch": best_epoch, "weight_decay": best_wd},
-        "weight_decay_trials": {str(wd): top1 for top1, wd, *_ in trials},
+        "chosen": {"epoch": best_epoch, "weight_decay": best_wd, "lr": best_lr, "epochs_trained": len(history)},
+        "trials": [{"lr": lr, "weight_decay": wd, "val_top1": top1, "epoch": ep} for top1, lr, wd, _, _, ep in trials],
         "train_rows": int(len(train_rows)),
         "history": history,
     }
@@ -318,7 +320,7 @@ def save_run(fitted: FittedHead, out: str | Path) -> Path:
     """The run directory `diffprobe predict` and `Probe.load` read (see the module docstring)."""
     out = output_dir(out)
     m, cfg = fitted.store_manifest, fitted.config
-    recipe = cfg.training_recipe()
+    recipe = replace(cfg.training_recipe(), lr=fitted.metrics.get("chosen", {}).get("lr", cfg.training_recipe().lr))
     config = {
         "format": RUN_FORMAT,
         "diffprobe": __version__,
