@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import platform
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -108,6 +110,22 @@ def resolve_device(device: str = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DiffprobeError(f"--device {device} asked for, but no CUDA GPU is visible: use --device cpu (or auto)")
     return dev
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def describe_hardware(device: torch.device, precision: str) -> str:
+    """What a computation ran on, in words: the CPU and its threads, or the GPU, and the autocast dtype."""
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
+    return f"{where}, {precision}"
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -152,3 +152,99 @@ def test_kill_off_the_log_interval_resumes_to_the_same_loss_csv(cifar_small, tmp
     assert [r["step"] for r in straight] == ["5", "10", "12"]
     assert _loss_rows(killed) == straight
     assert _loss_rows(tmp_path / "continued") == straight
+
+
+# ------------------------------------------------------------------------------ warm start (--init-from)
+
+
+def _shipped(data, tmp_path):
+    """A 3-step run's EMA, stored as `diffprobe export` ships it (float16, flags in ema.json)."""
+    import shutil
+
+    _run(data, tmp_path / "src", 3)
+    weights = {k: v.half() if v.is_floating_point() else v for k, v in torch.load(tmp_path / "src" / "ema.pt").items()}
+    (tmp_path / "ship").mkdir()
+    torch.save(weights, tmp_path / "ship" / "ema.pt")
+    shutil.copy(tmp_path / "src" / "ema.json", tmp_path / "ship" / "ema.json")
+    return tmp_path / "ship" / "ema.pt", weights
+
+
+def test_warm_start_begins_from_the_source_ema_and_records_it(cifar_small, tmp_path, monkeypatch):
+    import hashlib
+
+    from diffprobe.generate.pretrain import Trainer
+
+    data = open_dataset(cifar_small)
+    shipped, weights = _shipped(data, tmp_path)
+    first: dict = {}
+    loss = Trainer.loss
+
+    def spy(self, step):
+        if not first:
+            first.update(step=step, n=int(self.ema.n_averaged), model={k: v.clone() for k, v in self.model.state_dict().items()},
+                         ema={k: v.clone() for k, v in self.ema.module.state_dict().items()})  # fmt: skip
+        return loss(self, step)
+
+    monkeypatch.setattr(Trainer, "loss", spy)
+    trainer = pretrain(data, tmp_path / "warm", {}, 5, save_every=3, log_every=1, init_from=shipped, **SETTINGS)
+    # The first step runs on the source's weights, online and EMA alike, and continues its step count.
+    assert first["step"] == 3 and first["n"] == 3
+    assert all(torch.equal(first["model"][k], weights[k].float()) for k in weights)
+    assert all(torch.equal(first["ema"][k], weights[k].float()) for k in weights)
+    # A fresh optimiser: the learning rate warms up again (warmup_steps=2).
+    assert [r["lr"] for r in trainer.state.history] == [pytest.approx(1e-3), pytest.approx(1e-3)]
+    assert trainer.scheduler.last_epoch == 2 and trainer.optimizer.state_dict()["state"][0]["step"] == 2
+    # The run's config names the source; ema.json counts steps and images across the warm start.
+    config = json.loads((tmp_path / "warm" / "config.json").read_text())
+    assert config["init_from"]["path"] == str(shipped) and config["init_from"]["step"] == 3
+    assert config["init_from"]["sha256"] == hashlib.sha256(shipped.read_bytes()).hexdigest()
+    assert config["flags"] == json.loads((tmp_path / "ship" / "ema.json").read_text())["flags"]
+    side = json.loads((tmp_path / "warm" / "ema.json").read_text())
+    assert side["step"] == 5 and [(s["steps"], s["images_seen"]) for s in side["training"]] == [(3, 24), (2, 16)]
+    assert side["training"][1]["warm_start"]["sha256"] == config["init_from"]["sha256"] and side["training"][1]["hardware"]
+
+
+def test_warm_started_run_resumes_exactly_and_refusals(cifar_small, tmp_path):
+    data = open_dataset(cifar_small)
+    shipped, _ = _shipped(data, tmp_path)
+    straight = pretrain(data, tmp_path / "straight", {}, 7, save_every=3, log_every=1, init_from=shipped, **SETTINGS)
+    pretrain(data, tmp_path / "resumed", {}, 5, save_every=3, log_every=1, init_from=shipped, **SETTINGS)
+    # The same command with more steps resumes from the run's own training state (--init-from is not reapplied),
+    # and so does the command without --init-from.
+    pretrain(data, tmp_path / "resumed", {}, 6, save_every=3, log_every=1, init_from=shipped, **SETTINGS)
+    resumed = pretrain(data, tmp_path / "resumed", {}, 7, save_every=3, log_every=1, **SETTINGS)
+    assert [r["loss"] for r in resumed.state.history] == [r["loss"] for r in straight.state.history]
+    assert json.loads((tmp_path / "resumed" / "ema.json").read_text())["training"][-1]["steps"] == 4
+    with pytest.raises(DiffprobeError, match=r"warm-started from .*ship/ema.pt .*src/ema.pt differs\): drop --init-from"):
+        pretrain(data, tmp_path / "resumed", {}, 8, init_from=tmp_path / "src" / "ema.pt", **SETTINGS)
+    with pytest.raises(DiffprobeError, match="already holds a training state .* that was not warm-started"):
+        pretrain(data, tmp_path / "src", {}, 8, init_from=shipped, **SETTINGS)
+    with pytest.raises(DiffprobeError, match="was trained with other flags .num_channels: checkpoint 32 vs given 64"):
+        pretrain(data, tmp_path / "resumed", {"num_channels": 64}, 8, **SETTINGS)
+    with pytest.raises(DiffprobeError, match="at step 3 and --steps counts those steps too: pass more than 3"):
+        pretrain(data, tmp_path / "short", {}, 3, init_from=shipped, **SETTINGS)
+    with pytest.raises(DiffprobeError, match="training state: to continue that run exactly, pass its folder as --out"):
+        pretrain(data, tmp_path / "x", {}, 8, init_from=tmp_path / "src" / "training-state.pt", **SETTINGS)
+
+
+def test_warm_start_with_another_architecture_says_what_differs(cifar_small, tmp_path, capsys):
+    from diffprobe.cli import main
+
+    data = open_dataset(cifar_small)
+    shipped, weights = _shipped(data, tmp_path)
+    common = ["pretrain", "--data", str(cifar_small), "--out", str(tmp_path / "run"), "--steps", "5", "--batch-size", "8",
+              "--init-from", str(shipped)]  # fmt: skip
+    capsys.readouterr()
+    assert main([*common, "-o", "num_channels=16", "-o", "dropout=0.0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "num_channels: checkpoint 32 vs given 16" in err and "dropout" not in err
+    # Weights that do not fit the flags (here: no .json beside them, so the flags given describe the network).
+    torch.save(weights, tmp_path / "bare.pt")
+    with pytest.raises(DiffprobeError) as e:
+        pretrain(data, tmp_path / "bare", {**TINY, "num_channels": 64}, 5, init_from=tmp_path / "bare.pt", **SETTINGS)
+    assert "\n" not in str(e.value) and "shapes differ" in str(e.value)
+    assert "input_blocks.0.0.weight: checkpoint [32, 3, 3, 3], model [64, 3, 3, 3]" in str(e.value)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "bare" / "training-state.pt").exists()
+    # The CLI's warm start takes the flags from ema.json: no -o needed.
+    assert main([*common, "--save-every", "5"]) == 0
+    assert json.loads((tmp_path / "run" / "ema.json").read_text())["step"] == 5

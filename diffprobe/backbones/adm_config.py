@@ -318,7 +318,11 @@ def _fmt_mult(m: float) -> str:
     return str(int(m)) if float(m).is_integer() else str(m)
 
 
-def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str, config: str) -> None:
+FLAGS_HINT = "Use the flags it was trained with (a preset, its .json, or drop the options to infer them from its shapes)"
+
+
+def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str, config: str,
+                     hint: str = FLAGS_HINT) -> None:  # fmt: skip
     """Raise one error naming every key and shape that differs between model and checkpoint."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
@@ -341,6 +345,5 @@ def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], 
     if unexpected:
         parts.append(listing(unexpected, str, "checkpoint keys not in the model"))
     raise DiffprobeError(
-        f"checkpoint {source} does not match {config}: " + "; ".join(parts)
-        + ". Use the flags it was trained with (a preset, its .json, or drop the options to infer them from its shapes)"
+        f"checkpoint {source} does not match {config}: " + "; ".join(parts) + ". " + hint
     )

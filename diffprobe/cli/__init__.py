@@ -2,7 +2,7 @@
 
 One module per stage registers its subcommands: features (blocks, presets, extract, store),
 probing (probe, predict), studies (sweep, transfer, cka, baseline, demo), generate (pretrain,
-sample, fid, export).
+sample, fid, export, card).
 """
 
 from __future__ import annotations

@@ -10,13 +10,14 @@ from .common import SWITCH, add_backbone_args, add_data_args, add_data_source_ar
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from ..generate.pretrain import DEFAULT_PRETRAIN_FLAGS, pretrain
 
-    flags = {**DEFAULT_PRETRAIN_FLAGS, **parse_model_options(args.model_flags, args.option, None)}
+    flags = parse_model_options(args.model_flags, args.option, None)  # over the defaults, or a warm start's checkpoint flags
     settings = dict(batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup, weight_decay=args.weight_decay,
                     grad_clip=args.grad_clip, ema_decay=args.ema_decay, hflip=not args.no_flip, seed=args.seed,
                     val_fraction=args.val_fraction, split_seed=args.split_seed)  # fmt: skip
     channels_last = None if args.channels_last == "auto" else SWITCH[args.channels_last]
     trainer = pretrain(open_data(args), args.out, flags, args.steps, save_every=args.save_every, device=args.device,
-                       precision=args.precision, channels_last=channels_last, **settings)  # fmt: skip
+                       precision=args.precision, channels_last=channels_last, init_from=args.init_from,
+                       defaults=DEFAULT_PRETRAIN_FLAGS, **settings)  # fmt: skip
     print(f"step {trainer.state.step}: {args.out}/ema.pt (EMA weights; load with adm:{args.out}/ema.pt), "
           f"{args.out}/model.pt, loss.csv, loss.png")
 
@@ -40,8 +41,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def cmd_fid(args: argparse.Namespace) -> None:
     from ..generate.fid import fid_of_samples
 
-    r = fid_of_samples(args.samples, open_data(args, args.real), args.real_limit, args.inception_weights, args.batch_size, args.out)
-    print(f"FID {r['fid']:.2f} ({r['num_samples']} samples vs {r['num_real']} real images of {args.real})")
+    val_split = (args.val_fraction, args.split_seed) if args.val_only else None
+    r = fid_of_samples(args.samples, open_data(args, args.real), args.real_limit, args.inception_weights, args.batch_size, args.out,
+                       val_split)  # fmt: skip
+    where = "the validation split of " if val_split else ""
+    print(f"FID {r['fid']:.2f} ({r['num_samples']} samples vs {r['num_real']} real images of {where}{args.real})")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -57,11 +61,25 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"model card: {args.out}/MODEL_CARD.md")
 
 
+def cmd_card(args: argparse.Namespace) -> None:
+    from ..generate.card import refresh_card
+
+    card = refresh_card(args.folder, demo=args.demo, fid=args.fid)
+    for key, value in card["facts"].items():
+        print(f"{key}: {value}")
+    print(f"model card: {args.folder}/MODEL_CARD.md")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pretrain", help="train an ADM denoiser (ε-prediction, EMA) that `adm:RUN/ema.pt` loads; resumes")
+    p = sub.add_parser("pretrain", help="train an ADM denoiser (ε-prediction, EMA) that `adm:RUN/ema.pt` loads; resumes, or warm-starts with --init-from")
     add_data_args(p)
     p.add_argument("--out", required=True, help="run folder: training-state.pt, ema.pt + ema.json, model.pt, loss.csv/png")
-    p.add_argument("--steps", type=int, required=True, help="total optimiser steps (rerun with more to continue)")
+    p.add_argument("--steps", type=int, required=True, help="total optimiser steps (rerun with more to continue; "
+                   "with --init-from, the checkpoint's steps count too)")
+    p.add_argument("--init-from", metavar="FILE.pt", help="warm-start a new run from these weights (e.g. checkpoints/diffprobe-cifar10/ema.pt): "
+                   "architecture from FILE.json, weights into model and EMA, step count continued, fresh optimiser. "
+                   "Not an exact continuation (Adam moments and the EMA's history are lost); an --out with its own "
+                   "training state resumes from that instead")
     p.add_argument("--model-flags", help='guided-diffusion flags over the default CIFAR layout, e.g. --model-flags="--num_channels 128"')
     p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="one guided-diffusion flag (repeatable)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -98,7 +116,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("samples", help="samples.npz from `diffprobe sample` (or guided-diffusion's arr_0 format)")
     p.add_argument("--real", required=True, help="real images: ImageFolder, .tar(.gz), or torchvision:NAME")
     add_data_source_args(p)
-    p.add_argument("--real-limit", type=int, help="a stratified subset of this many real images")
+    p.add_argument("--val-only", action="store_true", help="real images: only the validation split (--val-fraction, "
+                   "--split-seed: the images pretrain leaves out; what a model card's FID uses)")
+    add_split_args(p)
+    p.add_argument("--real-limit", type=int, help="a stratified subset of this many real images (of the split)")
     p.add_argument("--inception-weights", help="TF-FID Inception weights file (pt_inception-2015-12-05); default: download")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--out", help="write the result as JSON here")
@@ -112,6 +133,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--blocks", type=int_list, default=[4, 8, 13, 16, 18, 20])
     p.add_argument("--t", type=int_list, default=[10, 50, 150])
     p.add_argument("--pool", type=int_list, default=[1, 2])
-    p.add_argument("--hardware", help="what it was trained on (default: this machine's CPU)")
+    p.add_argument("--hardware", help="what the run (since its warm start, if any) trained on (default: what it recorded)")
     p.add_argument("--notes", help="a Markdown file appended to the card")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("card", help="rewrite a checkpoint folder's model card from its card.json (no rerun), adding the "
+                       "demo's attention head or a FID")
+    p.add_argument("folder", help="a checkpoint folder from diffprobe export (card.json, ema.pt)")
+    p.add_argument("--demo", help="runs/demo/demo.json of `diffprobe demo --checkpoint FOLDER/ema.pt`: its attention head's top-1")
+    p.add_argument("--fid", help="the --out JSON of `diffprobe fid SAMPLES.npz --val-only` on samples of FOLDER/ema.pt")
+    p.set_defaults(func=cmd_card)

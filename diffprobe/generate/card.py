@@ -1,15 +1,25 @@
 """`diffprobe export`: a pretrain run → a shippable checkpoint folder with its model card.
 
 The folder holds the EMA weights as a guided-diffusion state_dict (`ema.pt`, with `ema.json`
-naming the flags, so `adm:FOLDER/ema.pt` loads with nothing else), the loss curve, a sample grid,
+naming the flags and the training behind them, so `adm:FOLDER/ema.pt` loads with nothing else
+and `pretrain --init-from FOLDER/ema.pt` warm-starts from it), the loss curve, a sample grid,
 the validation-split probe results (a sweep with its controls), `card.json` (machine-readable)
 and `MODEL_CARD.md`.
+
+The card states: the linear probe (logistic regression) on the validation split with its two
+controls; the attention head's top-1 (from `diffprobe demo`, added with `diffprobe card
+--demo`); FID against the validation split (from `diffprobe fid --val-only`, added with
+`diffprobe card --fid`: only ever a number computed with the real Inception weights); the
+training cost (steps, images seen, hours, hardware), summed over warm starts. What was not
+measured says so; no number stands in for it.
+
+`diffprobe card FOLDER` rewrites card.json and MODEL_CARD.md from card.json and the folder's
+files, without rerunning anything.
 """
 
 from __future__ import annotations
 
 import json
-import platform
 import shutil
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,20 +32,11 @@ from ..errors import DiffprobeError
 from ..features.extract import ExtractOptions
 from ..features.plan import FeaturePlan
 from ..precision import choose_compute
-from .._io import output_dir, torch_save
-from .pretrain import CHECKPOINT_NAME
+from .._io import output_dir, torch_save, write_text
+from .fid import INCEPTION_FILE
+from .pretrain import CHECKPOINT_NAME, file_sha256, training_segments
 
 SIZE_BUDGET_BYTES = 25 * 1024 * 1024  # what a checkpoint inside the repository may weigh
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def export_run(run: str | Path, dest: str | Path, data: LabeledImages, limit: int | None = None,
@@ -58,8 +59,12 @@ def export_run(run: str | Path, dest: str | Path, data: LabeledImages, limit: in
     if half:
         weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
     torch_save(weights, dest / "ema.pt")
+    training = training_segments(config, state)
+    if hardware:  # what the user says it ran on replaces the run's own description of its last segment
+        training[-1]["hardware"] = hardware
     side = json.loads((run / "ema.json").read_text())
     side["stored_dtype"] = "float16" if half else "float32"
+    side["training"] = training  # a warm start from this file counts on from here
     (dest / "ema.json").write_text(json.dumps(side, indent=2) + "\n")
     for name in ("loss.png", "loss.csv"):
         shutil.copy(run / name, dest / name)
@@ -76,30 +81,180 @@ def export_run(run: str | Path, dest: str | Path, data: LabeledImages, limit: in
             shutil.copy(work / "sweep" / name, dest / f"probe_{name}")
     shutil.copy(sample_grid(backbone, work / "samples", samples, 100, compute), dest / "samples.png")
 
-    history = state["history"]
+    card = {"summary": f"ADM trained by diffprobe on CIFAR-10, {state['step']} steps", "config": config,
+            "training": training, "probe": summary, "attention": None, "fid": None, "notes": notes}  # fmt: skip
+    write_card(dest, card)
+    return card
+
+
+# ------------------------------------------------------------------------------ the card's facts
+
+
+def training_facts(segments: list[dict[str, Any]], train_rows: int) -> dict[str, str]:
+    """Steps, images seen, hours and hardware, summed over the segments (a run and its warm starts)."""
+    steps = sum(s["steps"] for s in segments)
+    known = [s for s in segments if s.get("images_seen") is not None]
+    images = sum(s["images_seen"] for s in known)
+    unknown_images = steps - sum(s["steps"] for s in known)
+    hours = [s["hours"] for s in segments if s.get("hours") is not None]
+    facts = {
+        "steps": f"{steps} ({images / train_rows:.2f} epochs)" if not unknown_images else f"{steps}",
+        "images seen": " + ".join(f"{s['images_seen']:,} ({s['steps']} steps × batch {s['batch_size']})" for s in known)
+                       + (f" + unknown ({unknown_images} steps of unrecorded batch size)" if unknown_images else "")
+                       + (f" = {images:,}" if len(known) > 1 and not unknown_images else ""),
+        "wall time": f"{sum(hours):.2f} h of training" + ("" if len(hours) == len(segments) else " (plus segments whose time was not recorded)"),
+        "hardware": "; then ".join(dict.fromkeys(s.get("hardware") or "not recorded" for s in segments)),
+    }  # fmt: skip
+    if len(segments) > 1:
+        parts = []
+        for i, seg in enumerate(segments, 1):
+            hw = seg.get("hardware") or "hardware not recorded"
+            h = f"{seg['hours']:.2f} h" if seg.get("hours") is not None else "time not recorded"
+            text = f"{i}. {seg['steps']} steps × batch {seg.get('batch_size') or '?'}, {h} on {hw}"
+            if seg.get("warm_start"):
+                w = seg["warm_start"]
+                text += (f" (warm start from {w['path']}, sha256 {w['sha256'][:12]}…, at step {w['step']}: fresh AdamW "
+                         "moments and learning-rate warm-up, online weights and EMA both from its EMA)")  # fmt: skip
+            parts.append(text)
+        facts["training segments"] = "; ".join(parts)
+    return facts
+
+
+def attention_fact(attention: dict[str, Any] | None) -> str:
+    if not attention:
+        return "not measured yet (`diffprobe demo` trains it; add it with `diffprobe card FOLDER --demo runs/demo/demo.json`)"
+    p = attention["pool"]
+    where = f"t={attention['t']} block {attention['block']}, its map pooled to {p}×{p} ({p * p} token{'s' if p > 1 else ''}"
+    where += "; 1×1 is the global average, not the spatial map)" if p == 1 else ")"
+    return (f"{attention['top1']:.2f}% top-1 ({attention['top5']:.2f}% top-5), {where}, on {attention['rows']} images "
+            f"(`diffprobe demo`: {attention['source']})")  # fmt: skip
+
+
+def fid_fact(fid: dict[str, Any] | None) -> str:
+    if fid:
+        made = fid.get("samples_info") or {}
+        how = f", {made['sampler'].upper()} {made['steps']} steps, seed {made['seed']}" if made.get("sampler") else ""
+        return (f"{fid['fid']:.2f}: {fid['num_samples']} samples{how} vs {fid['num_real']} images of the validation split "
+                f"(torchmetrics / TF-FID Inception, {fid['inception_weights']}; `{fid['source']}`)")  # fmt: skip
+    if not (Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE).is_file():
+        return "not computed: no Inception weights available offline"
+    return "not computed yet (`diffprobe fid SAMPLES.npz --real DATA --val-only --out fid.json`, then `diffprobe card FOLDER --fid fid.json`)"
+
+
+def card_facts(dest: Path, card: dict[str, Any]) -> dict[str, str]:
+    """Every line of the card's table, from card.json's fields and the folder's files."""
+    config, summary = card["config"], card["probe"]
+    side = json.loads((dest / "ema.json").read_text())
+    weights = torch.load(dest / "ema.pt", map_location="cpu", weights_only=True, mmap=True)
+    params = sum(v.numel() for v in weights.values())
+    import csv
+
+    with open(dest / "loss.csv") as f:
+        last = list(csv.DictReader(f))[-1]
     best, controls = summary["best"], summary["controls"]
     facts = {
         "architecture": "ADM U-Net (guided-diffusion layout), " + ", ".join(f"{k}={v}" for k, v in side["flags"].items()),
-        "parameters": f"{params / 1e6:.2f}M, stored as {side['stored_dtype']} ({(dest / 'ema.pt').stat().st_size / 2**20:.1f} MiB)",
-        "training data": f"{data.name}: {config['train_rows']} images (all but the stratified validation split, "
+        "parameters": f"{params / 1e6:.2f}M, stored as {side['stored_dtype']} ({(dest / 'ema.pt').stat().st_size / 2**20:.1f} MiB, "
+                      f"sha256 {card['sha256'][:12]}…)",
+        "training data": f"{summary['data']}: {config['train_rows']} images (all but the stratified validation split, "
                          f"fraction {config.get('val_fraction', config.get('holdout_fraction'))}, seed {config.get('split_seed', config.get('holdout_seed'))})",
         "objective": "ε-prediction, simple MSE" + (" + λ·L_vlb (learned sigma)" if side["flags"].get("learn_sigma") else ""),
         "optimiser": f"AdamW lr {config['lr']}, warm-up {config['warmup_steps']} steps, weight decay {config['weight_decay']}, "
                      f"grad clip {config['grad_clip']}, batch {config['batch_size']}, EMA {config['ema_decay']} (warmed up), "
                      f"random flips {config['hflip']}",
-        "steps": f"{state['step']} ({state['step'] * config['batch_size'] / config['train_rows']:.2f} epochs)",
-        "wall time": f"{(state['wall_seconds'] + state.get('window_seconds', 0.0)) / 3600:.2f} h of training",
-        "hardware": hardware or f"{cpu_name()}, {torch.get_num_threads()} threads, bf16 autocast",
-        "final training loss": f"{history[-1]['loss']:.4f} (mean of the last 10 steps; curve: loss.png)",
+        **training_facts(card["training"], config["train_rows"]),
+        "final training loss": f"{float(last['loss']):.4f} (loss.csv's last row, step {last['step']}: the mean since the row before; curve: loss.png)",
         "probe (validation split)": f"logistic regression on {summary['rows']} images: best t={best['t']} block {best['block']} "
                                     f"pool {best['pool']}: {best['top1']:.2f}% top-1",
         "controls": f"random weights {controls['random_weights']['top1']:.2f}%, raw pixels {controls['pixels']['top1']:.2f}%",
-    }
-    card = {"summary": f"ADM trained by diffprobe on CIFAR-10, {state['step']} steps", "facts": facts,
-            "config": config, "probe": summary, "notes": notes}  # fmt: skip
-    (dest / "card.json").write_text(json.dumps(card, indent=1, default=float) + "\n")
+        "attention head (validation split)": attention_fact(card.get("attention")),
+        "FID (validation split)": fid_fact(card.get("fid")),
+    }  # fmt: skip
+    return facts
+
+
+def write_card(dest: Path, card: dict[str, Any]) -> None:
+    """card.json and MODEL_CARD.md, the facts computed afresh from the card's fields."""
+    card.setdefault("attention", None)  # null until measured: the card says "not measured", never a stand-in
+    card.setdefault("fid", None)
+    card["sha256"] = file_sha256(dest / "ema.pt")
+    card["summary"] = f"ADM trained by diffprobe on CIFAR-10, {sum(s['steps'] for s in card['training'])} steps"
+    card["facts"] = card_facts(dest, card)
+    order = ["summary", "facts", "config", "training", "probe", "attention", "fid", "sha256", "notes"]
+    card = {k: card[k] for k in order if k in card} | {k: v for k, v in card.items() if k not in order}
+    write_text(dest / "card.json", json.dumps(card, indent=1, default=float) + "\n")
     write_model_card(dest, card)
+
+
+# ------------------------------------------------------------------------------ `diffprobe card`: refresh
+
+
+def refresh_card(dest: str | Path, demo: str | Path | None = None, fid: str | Path | None = None) -> dict[str, Any]:
+    """Rewrite a checkpoint folder's card from its card.json, adding the attention head of a
+    `diffprobe demo` run (its demo.json) and a `diffprobe fid --val-only` result, each checked to
+    be of this checkpoint and this validation split."""
+    dest = Path(dest)
+    path = dest / "card.json"
+    if not path.is_file() or not (dest / "ema.pt").is_file():
+        raise DiffprobeError(f"{dest} is not a checkpoint folder (expected card.json and ema.pt from diffprobe export)")
+    card = json.loads(path.read_text())
+    if "training" not in card:  # cards of diffprobe 0.2: the training record lives in ema.json (or only the step count)
+        side = json.loads((dest / "ema.json").read_text())
+        card["training"] = side.get("training") or [{"steps": side["step"], "batch_size": card["config"]["batch_size"],
+                                                    "images_seen": side["step"] * card["config"]["batch_size"],
+                                                    "hours": None, "hardware": None}]  # fmt: skip
+    sha = file_sha256(dest / "ema.pt")
+    config = card["config"]
+    split = (config.get("val_fraction", config.get("holdout_fraction")), config.get("split_seed", config.get("holdout_seed")))
+    if demo is not None:
+        card["attention"] = attention_from_demo(Path(demo), sha, split)
+    if fid is not None:
+        card["fid"] = fid_result(Path(fid), sha, split, config["data_fingerprint"])
+    write_card(dest, card)
     return card
+
+
+def _same_checkpoint(path: str, sha: str, what: str) -> None:
+    if not Path(path).is_file():
+        raise DiffprobeError(f"cannot check that {what} is of this checkpoint: {path} is not on this machine (run it here)")
+    if file_sha256(path) != sha:
+        raise DiffprobeError(f"{what} was made with {path}, not this checkpoint's ema.pt (sha256 differs)")
+
+
+def attention_from_demo(demo: Path, sha: str, split: tuple[Any, Any]) -> dict[str, Any]:
+    try:
+        result = json.loads(demo.read_text())
+        sweep, heads = result["sweep"], result["sweep"].get("heads", {})
+    except (OSError, ValueError, KeyError) as e:
+        raise DiffprobeError(f"cannot read a demo result from {demo} ({type(e).__name__}: {e}): pass runs/demo/demo.json") from None
+    if "attention" not in heads:
+        raise DiffprobeError(f"{demo} has no attention head (the demo ran with --heads without attention)")
+    _same_checkpoint(result["checkpoint"], sha, f"the demo {demo}")
+    if (sweep["val_fraction"], sweep["split_seed"]) != tuple(split):
+        raise DiffprobeError(f"{demo} validated on another split (fraction {sweep['val_fraction']}, seed {sweep['split_seed']}; "
+                             f"the checkpoint left out fraction {split[0]}, seed {split[1]})")  # fmt: skip
+    best, head = sweep["best"], heads["attention"]
+    return {"top1": head["top1"], "top5": head["top5"], "t": best["t"], "block": best["block"], "pool": best["pool"],
+            "rows": sweep["rows"], "data": result["data"], "source": str(demo), "run": head.get("run")}  # fmt: skip
+
+
+def fid_result(path: Path, sha: str, split: tuple[Any, Any], data_fingerprint: str) -> dict[str, Any]:
+    try:
+        fid = json.loads(path.read_text())
+        value = float(fid["fid"])
+    except (OSError, ValueError, KeyError) as e:
+        raise DiffprobeError(f"cannot read a FID result from {path} ({type(e).__name__}: {e}): pass the --out of diffprobe fid") from None
+    real = fid.get("real_split") or {}
+    if real.get("split") != "validation" or (real.get("val_fraction"), real.get("split_seed")) != tuple(split):
+        raise DiffprobeError(f"{path} is not against the checkpoint's validation split (fraction {split[0]}, seed {split[1]}): "
+                             "rerun diffprobe fid with --val-only")  # fmt: skip
+    if fid.get("real_fingerprint") != data_fingerprint:
+        raise DiffprobeError(f"{path} compares with other images ({fid.get('real')}) than the checkpoint was trained on")
+    source = (fid.get("samples_info") or {}).get("source", "")
+    if not source.startswith("adm:"):
+        raise DiffprobeError(f"cannot tell which model made {fid.get('samples')} (no samples.json from diffprobe sample beside it)")
+    _same_checkpoint(source[len("adm:"):], sha, f"the samples {fid['samples']}")
+    return {**fid, "fid": value, "source": str(path)}
 
 
 def write_model_card(dest: Path, card: dict[str, Any]) -> None:
@@ -116,4 +271,4 @@ def write_model_card(dest: Path, card: dict[str, Any]) -> None:
               "![pool 1](probe_heatmap_pool1.png) ![pool 2](probe_heatmap_pool2.png)", ""]  # fmt: skip
     if card.get("notes"):
         lines += ["## Notes", "", card["notes"], ""]
-    (dest / "MODEL_CARD.md").write_text("\n".join(lines))
+    write_text(dest / "MODEL_CARD.md", "\n".join(lines))

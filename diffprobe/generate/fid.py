@@ -79,18 +79,28 @@ def compute_fid(metric, fake: torch.Tensor, real: Iterable[torch.Tensor], real_c
 
 
 def fid_of_samples(samples: str | Path, real, real_limit: int | None = None, inception_weights: str | Path | None = None,
-                   batch_size: int = 100, out: str | Path | None = None) -> dict:  # fmt: skip
-    """FID of a samples .npz against a dataset (a stratified subset of `real_limit` images if given);
-    the result dict is also written as JSON to `out` when given."""
+                   batch_size: int = 100, out: str | Path | None = None, val_split: tuple[float, int] | None = None) -> dict:  # fmt: skip
+    """FID of a samples .npz against a dataset: all of it, or its validation split when `val_split`
+    = (val_fraction, split_seed) is given (the images `diffprobe pretrain` left out), then a
+    stratified subset of `real_limit` of those if given. The result dict (with the samples'
+    samples.json, when there is one beside them, naming the model) is also written as JSON to `out`."""
+    import json
+
     from .._io import write_json
-    from ..data import stratified_subset
+    from ..data import stratified_split, stratified_subset
 
     fake = load_npz_images(samples)
     metric = inception_fid(inception_weights)  # first: fail before reading images
-    rows = stratified_subset(real.labels, real_limit, 0) if real_limit else np.arange(len(real))
+    rows = np.flatnonzero(stratified_split(real.labels, *val_split)) if val_split else np.arange(len(real))
+    if real_limit:
+        rows = rows[stratified_subset(real.labels[rows], real_limit, 0)]
     value = compute_fid(metric, fake, dataset_batches(real, rows, batch_size), len(rows), batch_size)
+    info = Path(samples).with_name("samples.json")
+    split = ({"split": "validation", "val_fraction": val_split[0], "split_seed": val_split[1]} if val_split else {"split": "all"})
     result = {"fid": value, "samples": str(samples), "num_samples": len(fake), "real": real.name,
-              "num_real": int(len(rows)), "inception_weights": str(inception_weights or "torch-fidelity download")}  # fmt: skip
+              "real_fingerprint": real.fingerprint(), "real_split": {**split, "limit": real_limit},
+              "num_real": int(len(rows)), "inception_weights": str(inception_weights or "torch-fidelity download"),
+              "samples_info": json.loads(info.read_text()) if info.is_file() else None}  # fmt: skip
     if out:
         write_json(out, result)
     return result

@@ -9,11 +9,27 @@ Resume is exact: every random draw of step s (batch order, flips, timesteps, noi
 is a function of (seed, s) alone, and a checkpoint holds the weights, EMA, optimiser and
 scheduler state, so a run stopped and resumed gives the same loss curve as one that never
 stopped (tests/test_pretrain.py checks it bit for bit).
+
+Warm start (`init_from`; `diffprobe pretrain --init-from FILE.pt`) begins a new run from a
+checkpoint's weights, e.g. the shipped `checkpoints/diffprobe-cifar10/ema.pt`, which comes
+without its training state. The network is built from the checkpoint's flags (its `.json`
+sidecar; flags given as well must agree, dropout excepted), the weights go into both the online
+model and the EMA, and the step counter continues from the checkpoint's step, so step s draws the
+batch, flips, timesteps, noise and dropout the original run would have drawn at step s (given
+its --seed and --batch-size). It is not an exact continuation: the optimiser starts fresh (no
+Adam moments, the learning rate warms up again over `warmup_steps`), and the online weights
+start from the EMA, not from the raw weights the original run had, so the EMA's own history is
+lost too (it goes on from the shipped EMA, with the decay of the recorded step). The run's config
+records the source (path, sha256, step, its training so far), so `ema.json` and model cards count
+steps, images seen and hours across warm starts. Once the new run has saved its own
+`training-state.pt`, it resumes exactly like any other run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import signal
 import time
@@ -28,11 +44,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..backbones.adm import ADMUNet, AttentionBlock, ResBlock
-from ..backbones.adm_config import architecture_from_flags, normalize_flags
+from ..backbones.adm_config import architecture_from_flags, check_state_dict, normalize_flags, read_state_dict, sidecar_flags
 from ..data import LabeledImages, images_uint8, stratified_split, to_model_range
 from .._io import output_dir, output_errors, torch_save, write_json
 from ..errors import DiffprobeError
-from ..precision import cpu_has_fast_bf16, resolve_device
+from ..precision import cpu_has_fast_bf16, describe_hardware, resolve_device
 from ..features.noise import NoiseSchedule
 from .vlb import learned_range_vlb
 
@@ -68,6 +84,7 @@ class PretrainConfig:
     vlb_weight: float = 0.001  # improved DDPM's λ for L_vlb (used only with learn_sigma)
     data_fingerprint: str = ""
     train_rows: int = 0
+    init_from: dict[str, Any] | None = None  # a warm start's source: WarmStart.record()
 
     def trajectory(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -82,6 +99,7 @@ class RunState:
     # the same average, so loss.csv is the same whatever step it stopped at.
     window: list[float] = field(default_factory=list)
     window_seconds: float = 0.0
+    hardware: list[str] = field(default_factory=list)  # what it trained on, one entry per change (a resume elsewhere)
 
 
 def training_rows(labels: np.ndarray, config: PretrainConfig) -> np.ndarray:
@@ -133,6 +151,76 @@ def batch_rows(num_rows: int, batch_size: int, seed: int, step: int) -> torch.Te
     return order[within * batch_size : (within + 1) * batch_size]
 
 
+# ------------------------------------------------------------------------------ warm start
+
+# Flags a warm start may change: they shape training, not the weights.
+TRAINING_ONLY_FLAGS = {"dropout", "use_fp16", "use_checkpoint"}
+
+
+def flags_over(base: dict[str, Any], given: dict[str, Any], source: str) -> dict[str, Any]:
+    """A checkpoint's flags with those given on top: they must agree with it, dropout excepted (one
+    error naming every conflict)."""
+    mine, merged = normalize_flags(base), normalize_flags({**base, **given})
+    differ = [k for k in given if k in mine and k not in TRAINING_ONLY_FLAGS and merged[k] != mine[k]]
+    if differ:
+        details = ", ".join(f"{k}: checkpoint {mine[k]!r} vs given {merged[k]!r}" for k in differ)
+        raise DiffprobeError(f"{source} was trained with other flags ({details}); drop those flags: a warm start keeps "
+                             "the architecture of the checkpoint it starts from")  # fmt: skip
+    return {**base, **{k: v for k, v in given.items() if k in TRAINING_ONLY_FLAGS}}
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class WarmStart:
+    """Weights to start a run from, with the flags and the training they came from (their `.json` sidecar)."""
+
+    path: Path
+    weights: dict[str, torch.Tensor]
+    flags: dict[str, Any] | None  # None: no sidecar; the run's own flags must fit the weights
+    step: int  # the step counter the weights were saved at (0 when unknown)
+    training: list[dict[str, Any]]  # the segments of training behind the weights (see training_segments)
+    sha256: str
+
+    @classmethod
+    def read(cls, path: str | Path) -> WarmStart:
+        path = Path(path)
+        if path.name == CHECKPOINT_NAME:
+            raise DiffprobeError(f"{path} is a run's training state: to continue that run exactly, pass its folder as --out "
+                                 "without --init-from; --init-from takes weights (a run's or a checkpoint's ema.pt)")  # fmt: skip
+        weights = read_state_dict(path)
+        flags = sidecar_flags(path)
+        side = json.loads(path.with_suffix(".json").read_text()) if flags is not None else {}
+        step = int(side.get("step", 0)) if isinstance(side, dict) else 0
+        training = side.get("training") if isinstance(side, dict) else None
+        if training is None:  # a sidecar of diffprobe 0.2 or older: the step count is all it says
+            training = [{"steps": step, "batch_size": None, "images_seen": None, "hours": None, "hardware": None}] if step else []
+        return cls(path, weights, flags, step, training, file_sha256(path))
+
+    def record(self) -> dict[str, Any]:
+        return {"path": str(self.path), "sha256": self.sha256, "step": self.step, "training": self.training}
+
+
+def training_segments(config: dict[str, Any], state: dict[str, Any]) -> list[dict[str, Any]]:
+    """The training behind a run's weights, one segment per warm start and the run's own last:
+    steps, batch size, images seen (steps × batch), hours, hardware. Sums of these are the
+    cumulative cost a card reports."""
+    init = config.get("init_from") or {}
+    steps = int(state["step"]) - int(init.get("step", 0))
+    own = {"steps": steps, "batch_size": config["batch_size"], "images_seen": steps * config["batch_size"],
+           "hours": (state["wall_seconds"] + state.get("window_seconds", 0.0)) / 3600,
+           "hardware": "; then ".join(state.get("hardware") or []) or None}  # fmt: skip
+    if init:
+        own["warm_start"] = {"path": init["path"], "sha256": init["sha256"], "step": init["step"]}
+    return [*init.get("training", []), own]
+
+
 # ------------------------------------------------------------------------------ the trainer
 
 
@@ -182,8 +270,9 @@ class Trainer:
         with output_errors(self.out, "--out"):  # e.g. the disk filled up: one line, the last checkpoint kept
             self.out.mkdir(parents=True, exist_ok=True)
             torch_save(blob, self.out / CHECKPOINT_NAME)
-            export_weights(self.ema.module, self.flags, self.out / "ema.pt", self.state.step)
-            export_weights(self.model, self.flags, self.out / "model.pt", self.state.step)
+            training = training_segments(self.config.trajectory(), dataclasses.asdict(self.state))
+            export_weights(self.ema.module, self.flags, self.out / "ema.pt", self.state.step, training=training)
+            export_weights(self.model, self.flags, self.out / "model.pt", self.state.step, training=training)
             write_history(self.state.history, self.out)
 
     def load(self, path: Path) -> None:
@@ -198,6 +287,18 @@ class Trainer:
         self.optimizer.load_state_dict(blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
         self.state = RunState(**blob["state"])
+
+    def warm_start(self, source: WarmStart) -> None:
+        """The source's weights as both the online model and the EMA, the step counter at the source's.
+        Optimiser and scheduler stay fresh (see the module docstring for what that costs)."""
+        check_state_dict(self.model, source.weights, str(source.path), f"the network of its flags ({source.path.with_suffix('.json')})"
+                         if source.flags is not None else "the network of the flags given (it has no .json beside it)",
+                         hint="Warm-start from a checkpoint whose .json names the flags it was trained with, or give them with -o")  # fmt: skip
+        self.model.load_state_dict(source.weights)  # float16 files load into the float32 model
+        self.ema.module.load_state_dict(source.weights)
+        # The EMA's decay (1+n)/(10+n) goes on from the recorded step; a step of 0 makes the first update copy.
+        self.ema.n_averaged.fill_(source.step)
+        self.state = RunState(step=source.step)
 
     def reopen_last_row(self, log_every: int) -> None:
         """A run that ended between two log points wrote a short row at its last step; continuing
@@ -249,6 +350,9 @@ class Trainer:
 
         previous_term = signal.signal(signal.SIGTERM, request_stop)
         previous_int = signal.signal(signal.SIGINT, request_stop)
+        hardware = describe_hardware(self.device, self.precision)
+        if not self.state.hardware or self.state.hardware[-1] != hardware:
+            self.state.hardware.append(hardware)
         bar = tqdm(total=total_steps, initial=start, desc="pretrain", unit="step", mininterval=2)
         state = self.state
         self.reopen_last_row(log_every)
@@ -298,12 +402,14 @@ class Trainer:
         return state
 
 
-def export_weights(model: nn.Module, flags: dict[str, Any], path: Path, step: int, half: bool = False) -> None:
-    """A plain guided-diffusion state_dict and its flags sidecar: `load_backbone("adm:PATH")` needs nothing else."""
+def export_weights(model: nn.Module, flags: dict[str, Any], path: Path, step: int, half: bool = False,
+                   training: list[dict[str, Any]] | None = None) -> None:  # fmt: skip
+    """A plain guided-diffusion state_dict and its flags sidecar: `load_backbone("adm:PATH")` needs nothing else.
+    The sidecar also carries the training behind the weights (`training_segments`), which a warm start reads."""
     state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous() for k, v in model.state_dict().items()}
     torch_save(state, path)
     sidecar = {"flags": {k: v for k, v in flags.items() if k not in ("use_fp16", "use_checkpoint")}, "step": step,
-               "trained_with": "diffprobe pretrain"}  # fmt: skip
+               "trained_with": "diffprobe pretrain", "training": training or []}  # fmt: skip
     write_json(path.with_suffix(".json"), sidecar)
 
 
@@ -318,24 +424,73 @@ def write_history(history: list[dict[str, float]], out: Path) -> None:
     loss_curve(out / "loss.png", history)
 
 
+def saved_config(out: str | Path) -> dict[str, Any] | None:
+    """The config of the run in `out` (from its training state), or None when it has none."""
+    checkpoint = Path(out) / CHECKPOINT_NAME
+    if not checkpoint.is_file():
+        return None
+    return torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)["config"]
+
+
 def pretrain(data: LabeledImages, out: str | Path, flags: dict[str, Any], steps: int, save_every: int = 500,
              device: str = "cpu", precision: str = "auto", channels_last: bool | None = None, log_every: int = 10,
-             **settings: Any) -> Trainer:  # fmt: skip
-    """Train (or resume) a run in `out`; returns the trainer after `steps` total steps."""
+             init_from: str | Path | None = None, defaults: dict[str, Any] | None = None, **settings: Any) -> Trainer:  # fmt: skip
+    """Train (or resume) a run in `out`; returns the trainer after `steps` total steps.
+
+    `flags` are the network's guided-diffusion flags, over `defaults` (the CLI passes
+    DEFAULT_PRETRAIN_FLAGS) where no checkpoint names them. `init_from`: warm-start a new run from
+    these weights (see the module docstring); the network's flags are then the checkpoint's
+    (its `.json`), and `flags` given must agree with them (dropout may differ). `steps` counts the
+    checkpoint's steps too.
+
+    An `out` that already holds a training state resumes exactly from it, warm-started or not;
+    `init_from` is then ignored if that run was warm-started from the same file (same sha256:
+    rerunning the same command resumes), and refused otherwise.
+    """
     out = Path(out)
+    checkpoint = out / CHECKPOINT_NAME
+    if init_from is not None and not Path(init_from).is_file():
+        raise DiffprobeError(f"--init-from {init_from}: no such file (expected weights such as checkpoints/diffprobe-cifar10/ema.pt)")
+    saved = saved_config(out)
+    prior = saved.get("init_from") if saved else None
+    source, record = None, prior
+    if saved and init_from is not None:
+        if not prior or prior["sha256"] != file_sha256(init_from):
+            began = (f"was warm-started from {prior['path']} (sha256 {prior['sha256'][:12]}…; {init_from} differs)" if prior
+                     else "was not warm-started")  # fmt: skip
+            raise DiffprobeError(f"{out} already holds a training state ({checkpoint.name}) that {began}: drop --init-from "
+                                 f"to resume it exactly, or pass a new --out to warm-start from {init_from}")  # fmt: skip
+        log.warning("%s resumes from its own %s; --init-from %s was applied when it began", out, CHECKPOINT_NAME, init_from)
+    if prior:  # resuming a warm-started run: the network is the one it began with
+        flags = flags_over(saved["flags"], flags, f"{out} (warm-started from {prior['path']})")
+    elif init_from is not None and not saved:
+        source = WarmStart.read(init_from)
+        if source.flags is not None:
+            flags = flags_over(source.flags, flags, f"--init-from {source.path}")
+        else:
+            flags = {**(defaults or {}), **flags}
+        record = source.record()
+        if steps <= source.step:
+            raise DiffprobeError(f"{init_from} is at step {source.step} and --steps counts those steps too: "
+                                 f"pass more than {source.step} (e.g. {source.step + 1000} for 1000 more)")  # fmt: skip
+    else:
+        flags = {**(defaults or {}), **flags}
     image_size = int(normalize_flags(flags)["image_size"])
-    config = PretrainConfig(flags=dict(flags), **settings)
+    config = PretrainConfig(flags=dict(flags), init_from=record, **settings)
     rows = training_rows(data.labels, config)
     config.data_fingerprint, config.train_rows = data.fingerprint(), int(len(rows))
     if len(rows) < config.batch_size:
         raise DiffprobeError(f"{len(rows)} training images is fewer than one batch of {config.batch_size}: lower --batch-size or use more images")
     images = images_uint8(data, rows, image_size)
     trainer = Trainer(config, images, out, device, precision, channels_last)
-    checkpoint = out / CHECKPOINT_NAME
     if checkpoint.is_file():
         trainer.load(checkpoint)
         log.warning("resuming %s from step %d", out, trainer.state.step)
     else:
+        if source is not None:
+            trainer.warm_start(source)
+            log.warning("warm start from %s (step %d, sha256 %s…): fresh optimiser, EMA = online weights = its EMA",
+                        source.path, source.step, source.sha256[:12])  # fmt: skip
         output_dir(out)
         write_json(out / "config.json", config.trajectory())
     params = sum(p.numel() for p in trainer.model.parameters())
