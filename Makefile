@@ -24,14 +24,14 @@ install: $(STAMP)
 
 # The main job, offline: the paper's pipeline on real CIFAR-10 with diffprobe's shipped checkpoint
 # (checkpoints/diffprobe-cifar10): block × timestep × pool sweep, controls (pixels, random weights),
-# linear and attention heads on the best setting, a DDIM sample grid, REPORT.md; then a prediction
-# with the saved linear head.
+# linear, MLP, attention and fusion heads on the best block's map, a DDIM sample grid, REPORT.md; then a prediction
+# with the saved MLP head.
 demo: $(STAMP)
 	$(BIN)/diffprobe demo $(DEMO_DATA) --out $(DEMO_OUT)
 	@# An image to classify with the saved run: a CIFAR-10 ship from the validation split (held out of pre-training).
 	if [ -f $(SHARED_CIFAR) ]; then \
 		$(BIN)/python -c "import tarfile,sys; t=tarfile.open(sys.argv[1]); open(sys.argv[2],'wb').write(t.extractfile('cifar10/train/ship/0015.jpg').read())" $(SHARED_CIFAR) $(DEMO_OUT)/example-ship.jpg && \
-		$(BIN)/diffprobe predict $(DEMO_OUT)/sweep/head-linear $(DEMO_OUT)/example-ship.jpg --top-k 3; fi
+		$(BIN)/diffprobe predict $(DEMO_OUT)/heads/mlp $(DEMO_OUT)/example-ship.jpg --top-k 3; fi
 	@echo "report: $(DEMO_OUT)/REPORT.md"
 
 test: $(STAMP)

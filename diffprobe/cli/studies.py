@@ -69,7 +69,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from ..studies.sweep import describe_summary
 
     result = run_demo(open_data(args), args.out, args.checkpoint or DEFAULT_CHECKPOINT, limit=args.limit, blocks=args.blocks,
-                      timesteps=args.t, pools=args.pool, head_epochs=args.head_epochs, samples=args.samples)  # fmt: skip
+                      timesteps=args.t, head_epochs=args.head_epochs, samples=args.samples)  # fmt: skip
     print(describe_summary(result["sweep"]))
     print(f"report: {args.out}/REPORT.md ({result['wall_seconds'] / 60:.1f} min)")
 
@@ -129,11 +129,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_data_args(p)
     p.add_argument("--out", required=True)
     p.add_argument("--checkpoint", help="an ADM checkpoint with its .json flags (default: the shipped CIFAR-10 one)")
-    p.add_argument("--limit", type=int, default=6000, help="images used (a stratified subset)")
+    p.add_argument("--limit", type=int, default=4000, help="images used (a stratified subset)")
     p.add_argument("--blocks", type=int_list, default=[8, 13, 18, 20], help="default: encoder 8×8, bottleneck, decoder 8×8 and 16×16")
-    p.add_argument("--t", type=int_list, default=[10, 50, 150])
-    p.add_argument("--pool", type=int_list, default=[1, 2])
-    p.add_argument("--head-epochs", type=int, default=20)
-    p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--t", type=int_list, default=[10, 100], help="timesteps (the fusion head fuses the best block at two)")
+    p.add_argument("--head-epochs", type=int, default=30)
+    p.add_argument("--samples", type=int, default=36)
     p.set_defaults(func=cmd_demo)
 

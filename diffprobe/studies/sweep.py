@@ -119,9 +119,12 @@ def run_controls(backbone: Backbone, data: LabeledImages, store: FeatureStore, b
 
 def sweep(backbone: Backbone, data: LabeledImages, out: str | Path, plan: FeaturePlan, options: ExtractOptions | None = None,
           probe: str = "logreg", val_fraction: float = 0.1, split_seed: int = 0, controls: bool = True,
-          train_heads: Sequence[str] = (), head_epochs: int | None = None) -> dict:  # fmt: skip
+          train_heads: Sequence[str] = (), head_epochs: int | None = None,
+          score_pools: Sequence[int] | None = None) -> dict:  # fmt: skip
     """Extract (resuming), score every cell, write the report files, run the controls, and
     train each head in `train_heads` on the best setting (run directories head-<kind>/).
+    `score_pools`: only these pool sizes are scored (the others are extracted in the same pass
+    for heads that read maps, but a fast probe on them would cost more than it tells).
     Fast probes and heads run on the extraction's device."""
     out = Path(out)
     options = options or ExtractOptions()
@@ -133,11 +136,16 @@ def sweep(backbone: Backbone, data: LabeledImages, out: str | Path, plan: Featur
     probe_device = str((options.compute or choose_compute()).device)
     share = ranks()  # under torchrun: every rank extracts, rank 0 scores, writes and trains heads
     if share.is_main:
-        rows = score_store(store, plan.keys, probe, val_fraction, split_seed, probe_device)
+        scored = [k for k in plan.keys if score_pools is None or k.pool in score_pools]
+        if not scored:
+            raise DiffprobeError(f"none of the pools {list(plan.pools)} is among the pools to score {list(score_pools or [])}")
+        rows = score_store(store, scored, probe, val_fraction, split_seed, probe_device)
         best = write_sweep(out, rows, f"{short_source(backbone.source)} on {data.name}: {probe} top-1 (validation)")
     best = share.broadcast(best if share.is_main else None)
     summary = {"backbone": backbone.source, "data": data.name, "rows": store.rows, "probe": probe,
                "val_fraction": val_fraction, "split_seed": split_seed, "best": best}  # fmt: skip
+    if share.is_main:
+        summary["cells"] = rows  # every scored cell (also in sweep.csv)
     if controls:
         control = run_controls(backbone, data, store, best, out, probe, val_fraction, split_seed, probe_device, options)
         if control:  # rank 0's scores (other ranks only helped extract)
