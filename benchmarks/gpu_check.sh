@@ -33,4 +33,4 @@ for prec in ("bf16", "fp16") if dev.startswith("cuda") else ("bf16",):
     print(f"{dev} {prec} channels_last: worst block cosine to the fixture {cos:.5f}")
 PY
 [ "$DEVICE" = cpu ] && exit 0
-${PYTHON:-python3} benchmarks/extract.py --device "$DEVICE" --image-size 256 --channels 256 --batch "${BATCH:-64}" --repeats "${REPEATS:-5}" --selections "${SELECTIONS:-24;19}" ${OUT:+--json $OUT/gpu_extract.json}
+${PYTHON:-python3} benchmarks/extract.py --device "$DEVICE" --image-size 256 --channels 256 --batch "${BATCH:-64}" --repeats "${REPEATS:-5}" --selections "${SELECTIONS:-24;19}" --budget "${BUDGET:-600}" ${OUT:+--json $OUT/gpu_extract.json}

@@ -5,11 +5,10 @@ One training step of an attention head on block 24's full map (the paper's best 
                  (what the paper's code does: features recomputed every step, no early exit);
   diffprobe:     `featurize` (early exit after block 24, the machine's precision and layout,
                  compiled on GPUs) and the same head forward + backward.
-Prints images per second per device for each path and the ratio. With --device cuda and
---processes 2 it also runs the distributed path (two ranks sharing the GPU, torchrun-style
-env) to show it runs there.
+Prints images per second for each path and the ratio.
 
-    python benchmarks/online.py                            # CPU: 64×64, 64 channels, paper shape
+    python benchmarks/online.py                            # CPU: 64×64, 64 channels, paper shape (make bench)
+    python benchmarks/online.py --batch 32 --steps 8 --budget 600        # bigger, steadier
     python benchmarks/online.py --device cuda --image-size 256 --channels 256 --batch 64
 """
 
@@ -26,8 +25,8 @@ from diffprobe import load_backbone
 from diffprobe.features.featurize import featurize
 from diffprobe.features.noise import image_noise
 from diffprobe.features.plan import FeaturePlan
-from diffprobe.precision import choose_compute
 from diffprobe.probing.heads import AttentionHead
+from machine import Budget, add_machine_args, resolve
 
 
 def sync(device: torch.device) -> None:
@@ -40,13 +39,18 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--channels", type=int, default=64)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per path (after one warm-up step)")
     p.add_argument("--block", type=int, default=24)
     p.add_argument("--t", type=int, default=90)
+    add_machine_args(p)
+    p.set_defaults(budget=40)
     args = p.parse_args()
 
-    device, size = torch.device(args.device), args.image_size
+    budget = Budget(args.budget)
+    machine = resolve(args, args.device)
+    print(machine.header())  # one diffprobe path (the chosen compute): nothing to skip
+    device, size = machine.device, args.image_size
     torch.manual_seed(0)
     backbone = load_backbone(
         "adm:random", preset="256x256_diffusion_uncond", image_size=size, num_channels=args.channels,
@@ -54,7 +58,7 @@ def main() -> None:
     ).to(device)  # fmt: skip
     info = backbone.blocks[args.block - 1]
     plan = FeaturePlan(t=args.t, blocks=args.block, pools=info.resolution)
-    compute = choose_compute(str(device))
+    compute = machine.compute
     head = AttentionHead(info.channels, info.resolution, 1000, width=256, depth=2, heads=8).to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=1e-4)
     x0 = torch.rand(args.batch, 3, size, size, device=device) * 2 - 1
@@ -82,24 +86,21 @@ def main() -> None:
         head_step(feats[plan.keys[0]])
 
     def timed(step) -> float:
-        step()  # warm-up (and compilation on GPUs)
         sync(device)
-        times = []
-        for _ in range(args.steps):
-            start = time.perf_counter()
-            step()
-            sync(device)
-            times.append(time.perf_counter() - start)
-        return args.batch / statistics.median(times)
+        start = time.perf_counter()
+        step()
+        sync(device)
+        return time.perf_counter() - start
 
-    print(f"device {device} ({torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}); "
-          f"model {size}×{size}, {args.channels} ch; block {args.block} map {info.channels}×{info.resolution}×{info.resolution}; "
+    print(f"model {size}×{size}, {args.channels} ch; block {args.block} map {info.channels}×{info.resolution}×{info.resolution}; "
           f"batch {args.batch}; diffprobe compute: {compute.describe()}")  # fmt: skip
+    public_step()  # warm-up (and the set-up copy, compilation on GPUs)
+    diffprobe_step()
     ref, ours = [], []
-    for _ in range(2):  # interleaved, so drifting load hits both alike
+    for _ in budget.repeats(args.steps):  # interleaved, so drifting load hits both alike
         ref.append(timed(public_step))
         ours.append(timed(diffprobe_step))
-    ref_ips, our_ips = max(ref), max(ours)
+    ref_ips, our_ips = args.batch / statistics.median(ref), args.batch / statistics.median(ours)
     print(f"  public recipe (full forward, fp32, hook) + head step   {ref_ips:8.1f} img/s   1.00×")
     print(f"  diffprobe online (featurize) + head step                {our_ips:8.1f} img/s   {our_ips / ref_ips:.2f}×")
     with torch.no_grad():
@@ -110,6 +111,7 @@ def main() -> None:
         ours_feats = featurize(backbone, x0, plan, range(args.batch), compute=compute)[plan.keys[0]]
     cos = F.cosine_similarity(caught["h"].float().flatten(1), ours_feats.float(), dim=1).min().item()
     print(f"  features' cosine to the public path (worst image): {cos:.5f}")
+    print(f"ratio: online head step on block {args.block}, diffprobe ({compute.describe()}) vs public recipe: {our_ips / ref_ips:.2f}×")
 
 
 if __name__ == "__main__":

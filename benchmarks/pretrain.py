@@ -2,10 +2,13 @@
 
 Each variant is diffprobe's own Trainer (the same loss, optimiser, clipping and EMA step) on random
 uint8 images of the model's size; only precision and memory format change. The reference is fp32
-with contiguous tensors, what a plain PyTorch training loop does. Prints img/s and the ratio.
+with contiguous tensors, what a plain PyTorch training loop does. Variants: each precision timed
+here (fp32; bf16 only where it is fast, see benchmarks/machine.py) with and without channels_last.
+Prints img/s and the ratio; on a CPU without native bf16 diffprobe trains in fp32, so its default
+is the reference (1.00×).
 
-    python benchmarks/pretrain.py                          # CPU: the default CIFAR model, 64 channels
-    python benchmarks/pretrain.py --channels 32 --batch 64
+    python benchmarks/pretrain.py                          # CPU: the default CIFAR model, 64 channels (make bench)
+    python benchmarks/pretrain.py --batch 64 --steps 6 --budget 600      # the README's earlier figures
     python benchmarks/pretrain.py --device cuda --channels 128 --batch 128
 """
 
@@ -20,49 +23,80 @@ import torch
 
 from diffprobe.generate.pretrain import DEFAULT_PRETRAIN_FLAGS
 from diffprobe.generate.pretrain import PretrainConfig, Trainer
+from machine import Budget, Machine, add_machine_args, resolve
+
+REFERENCE = "reference: fp32, contiguous"
 
 
-def steps_per_second(trainer: Trainer, steps: int, device: torch.device) -> float:
-    times = []
-    for step in range(steps + 1):  # the first step warms up allocators and kernels
-        start = time.perf_counter()
-        loss = trainer.loss(step)
-        trainer.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), 1.0)
-        trainer.optimizer.step()
-        trainer.ema.update_parameters(trainer.model)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if step:
-            times.append(time.perf_counter() - start)
-    return 1.0 / statistics.median(times)
+def step_time(trainer: Trainer, step: int, device: torch.device) -> float:
+    start = time.perf_counter()
+    loss = trainer.loss(step)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), 1.0)
+    trainer.optimizer.step()
+    trainer.ema.update_parameters(trainer.model)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def variants(machine: Machine) -> tuple[list[tuple[str, str, bool]], str]:
+    """(name, precision, channels_last) of the Trainer set-ups timed here, and the name of the default.
+
+    The default is what `diffprobe pretrain` runs here: bf16 autocast where bf16 is fast, else fp32
+    (fp16 needs loss scaling, so GPUs without bf16 train in fp32); channels_last is opt-in.
+    """
+    default_precision = machine.compute.precision if machine.compute.precision in ("fp32", "bf16") else "fp32"
+    out = [(REFERENCE, "fp32", False)]
+    for precision in machine.precisions():
+        if precision not in ("fp32", "bf16"):
+            continue
+        if precision != "fp32":
+            out.append((f"{precision} autocast", precision, False))
+        out.append((f"{precision}" + " autocast" * (precision != "fp32") + " + channels_last", precision, True))
+    default = next(name for name, precision, cl in out if precision == default_precision and not cl)
+    return out, default
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--channels", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up step)")
     parser.add_argument("--device", default="cpu")
+    add_machine_args(parser)
+    parser.set_defaults(budget=60)
     args = parser.parse_args()
-    device = torch.device(args.device)
+    budget = Budget(args.budget)
+    machine = resolve(args, args.device)
+    device = machine.device
+    print(machine.header())
+    if machine.skipped:
+        print(machine.skipped)
     flags = {**DEFAULT_PRETRAIN_FLAGS, "num_channels": args.channels}
     images = torch.randint(0, 256, (args.batch * 4, 3, 32, 32), dtype=torch.uint8)
-    variants = [("reference: fp32, contiguous", "fp32", False), ("bf16 autocast (default)", "bf16", False),
-                ("bf16 autocast + channels_last", "bf16", True)]  # fmt: skip
-    results = {}
+    timed, default = variants(machine)
+    trainers = {}
+    times: dict[str, list[float]] = {name: [] for name, _, _ in timed}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, precision, channels_last in variants:
+        for name, precision, channels_last in timed:
             config = PretrainConfig(flags=flags, batch_size=args.batch)
-            trainer = Trainer(config, images, tmp, str(device), precision, channels_last)
-            results[name] = args.batch * steps_per_second(trainer, args.steps, device)
-    params = sum(p.numel() for p in trainer.model.parameters())
-    print(f"pretrain step, {args.channels} channels ({params / 1e6:.2f}M params), batch {args.batch}, {device}, "
-          f"{torch.get_num_threads()} threads")  # fmt: skip
-    ref = results[variants[0][0]]
-    for name, rate in results.items():
-        print(f"  {name:<32} {rate:7.1f} img/s   {rate / ref:5.2f}× reference")
+            trainers[name] = Trainer(config, images, tmp, str(device), precision, channels_last)
+            step_time(trainers[name], 0, device)  # warms up allocators and kernels
+        for step in budget.repeats(args.steps):  # interleaved, so drifting load hits all alike
+            for name, _, _ in timed:
+                times[name].append(step_time(trainers[name], step + 1, device))
+    params = sum(p.numel() for p in trainers[REFERENCE].model.parameters())
+    print(f"pretrain step, {args.channels} channels ({params / 1e6:.2f}M params), batch {args.batch}, "
+          f"median of {len(times[REFERENCE])} timed steps")  # fmt: skip
+    rates = {name: args.batch / statistics.median(t) for name, t in times.items()}
+    ref = rates[REFERENCE]
+    for name, rate in rates.items():
+        mark = "  <- default" if name == default else ""
+        print(f"  {name:<32} {rate:7.1f} img/s   {rate / ref:5.2f}× reference{mark}")
+    label = "fp32, contiguous: the reference's set-up" if default == REFERENCE else default
+    print(f"ratio: training step, diffprobe default ({label}) vs reference: {rates[default] / ref:.2f}×")
 
 
 if __name__ == "__main__":

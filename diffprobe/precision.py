@@ -149,9 +149,10 @@ def choose_compute(device: str = "auto", precision: str = "auto", channels_last:
     if dev.type == "cpu" and precision == "fp16":
         raise DiffprobeError("fp16 autocast is for GPUs; on a CPU use bf16 or fp32")
     if channels_last == "auto":
-        # Measured (benchmarks/extract.py): on CPU bf16 channels_last is ~1.2× faster; on an H100,
+        # Measured (benchmarks/extract.py): on CPU channels_last is faster in bf16 (~1.2×) and in fp32
+        # (issue 12: 73 vs 62 img/s on an AVX2-only CPU, shipped checkpoint, batch 64); on an H100,
         # eager channels_last was slower (230 vs 331 img/s at 256×256).
-        channels_last = dev.type == "cpu" and precision == "bf16"
+        channels_last = dev.type == "cpu"
     if compile == "auto":
         # torch.compile fuses the memory-bound norm/pointwise ops on GPUs; on CPU it gained nothing
         # (73-83 vs 84-87 img/s eager) and costs a minute of compilation.

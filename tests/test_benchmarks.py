@@ -1,0 +1,49 @@
+"""benchmarks/: which variants run where (no timing here: the benchmarks are not tests)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+import diffprobe.precision
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import extract as bench_extract  # noqa: E402
+import machine  # noqa: E402
+import pretrain as bench_pretrain  # noqa: E402
+
+
+def machine_for(*argv: str, fast_bf16: bool, monkeypatch) -> machine.Machine:
+    monkeypatch.setattr(diffprobe.precision, "cpu_has_fast_bf16", lambda: fast_bf16)  # what choose_compute reads
+    parser = argparse.ArgumentParser()
+    machine.add_machine_args(parser)
+    return machine.resolve(parser.parse_args(list(argv)), "cpu")
+
+
+def precisions_timed(m: machine.Machine) -> set[str]:
+    names = [name for name, _ in bench_extract.variants(m)[0]]
+    assert len(names) == len(set(names))  # one row per set-up
+    return {c.precision for _, c in bench_extract.variants(m)[0]} | {p for _, p, _ in bench_pretrain.variants(m)[0]}
+
+
+@pytest.mark.parametrize("argv, native_bf16", [((), False), (("--as-no-fast-bf16",), True)])  # an AVX2 CPU; simulated
+def test_a_cpu_without_native_bf16_skips_bf16_and_says_why(argv, native_bf16, monkeypatch):
+    m = machine_for(*argv, fast_bf16=native_bf16, monkeypatch=monkeypatch)
+    assert precisions_timed(m) == {"fp32"}
+    assert m.compute.precision == "fp32" and m.compute.channels_last  # what diffprobe runs there
+    assert m.skipped.startswith("skipped bf16 variants: this CPU has no native bf16") and "--bf16-variants" in m.skipped
+    extract_default = dict(bench_extract.variants(m)[0])[bench_extract.variants(m)[1]]
+    assert extract_default == m.compute
+    assert bench_pretrain.variants(m)[1] == bench_pretrain.REFERENCE  # trains in fp32 there: the reference's set-up
+
+
+def test_native_bf16_or_the_flag_times_bf16(monkeypatch):
+    fast = machine_for(fast_bf16=True, monkeypatch=monkeypatch)
+    assert precisions_timed(fast) == {"fp32", "bf16"} and fast.skipped is None
+    assert fast.compute.precision == "bf16"
+    assert bench_pretrain.variants(fast)[1] == "bf16 autocast"
+    forced = machine_for("--bf16-variants", fast_bf16=False, monkeypatch=monkeypatch)
+    assert precisions_timed(forced) == {"fp32", "bf16"} and forced.compute.precision == "fp32"
