@@ -109,3 +109,26 @@ def loss_curve(path: str | Path, history: Sequence[dict[str, float]]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def head_bars(path: str | Path, rows: Sequence[dict], title: str) -> None:
+    """Validation top-1 per (head, recipe), logistic regression as a dashed reference line."""
+    reference = [r for r in rows if r["recipe"] == "-"]
+    heads = [r for r in rows if r["recipe"] != "-"]
+    kinds = list(dict.fromkeys(r["head"] for r in heads))
+    recipes = list(dict.fromkeys(r["recipe"] for r in heads))
+    width = 0.8 / max(1, len(recipes))
+    fig, ax = plt.subplots(figsize=(1.3 * len(kinds) + 2, 3.8))
+    for j, recipe in enumerate(recipes):
+        values = [next((r["val_top1"] for r in heads if r["head"] == k and r["recipe"] == recipe), np.nan) for k in kinds]
+        bars = ax.bar(np.arange(len(kinds)) + (j - (len(recipes) - 1) / 2) * width, values, width, label=f"{recipe} recipe")
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    for r in reference:
+        ax.axhline(r["val_top1"], ls="--", color="k", lw=1, label=f"{r['head']}: {r['val_top1']:.1f}")
+    ax.set_xticks(np.arange(len(kinds)), kinds)
+    ax.set_ylabel("validation top-1 (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -44,12 +44,19 @@ def test_pretrain_sample_extract_probe_export_demo(cifar_small, tmp_path, capsys
 
     out = tmp_path / "demo"
     assert main(["demo", "--data", str(cifar_small), "--checkpoint", str(ckpt / "ema.pt"), "--out", str(out), "--limit", "300",
-                 "--blocks", "3,5", "--t", "10", "--pool", "1", "--head-epochs", "2", "--samples", "4"]) == 0  # fmt: skip
+                 "--blocks", "3,5", "--t", "10,50", "--head-epochs", "2", "--samples", "4"]) == 0  # fmt: skip
     report = (out / "REPORT.md").read_text()
     summary = json.loads((out / "sweep" / "summary.json").read_text())
     assert f"{summary['best']['top1']:.2f}%" in report
     assert f"{summary['controls']['pixels']['top1']:.2f}%" in report and "random weights" in report
-    assert "linear" in report and "attention" in report and (out / "samples" / "grid.png").is_file()
+    assert (out / "samples" / "grid.png").is_file()
+    demo = json.loads((out / "demo.json").read_text())
+    heads = demo["sweep"]["heads"]
+    assert set(heads) == {"linear", "mlp", "attention", "fusion"}
+    assert all(h["inputs"][0].endswith("_p4") for h in heads.values()) and len(heads["fusion"]["inputs"]) == 2
+    for kind, h in heads.items():  # every head's number is in the report, and each finding has a verdict
+        assert f"| {kind} |" in report and f"{h['top1']:.2f}%" in report
+    assert report.count("hold") >= 4
 
 
 def test_fid_command_without_weights_fails_clearly(cifar_small, tmp_path, capsys, monkeypatch):

@@ -1,4 +1,4 @@
-"""Commands that study representations: sweep, transfer, cka, baseline, demo."""
+"""Commands that study representations: sweep, transfer, cka, baseline, compare-heads, demo."""
 
 from __future__ import annotations
 
@@ -64,6 +64,18 @@ def cmd_baseline_train(args: argparse.Namespace) -> None:
           f"({info['train_images']} training images, {info['wall_seconds']:.0f} s); {args.out}/baseline.pt, baseline.json")  # fmt: skip
 
 
+def cmd_compare_heads(args: argparse.Namespace) -> None:
+    from ..features.store import FeatureKey, FeatureStore
+    from ..precision import resolve_device
+    from ..studies.heads import compare_heads, markdown_table
+
+    key = FeatureKey(args.t, args.block, args.pool)
+    rows = compare_heads(FeatureStore.open(args.store), key, args.out, args.head, args.recipe, args.fusion_t,
+                         args.val_fraction, args.split_seed, args.seed, str(resolve_device(args.device)))  # fmt: skip
+    print(markdown_table(rows))
+    print(f"report: {args.out}/heads.csv, heads.json, heads.png; one run directory per head and recipe")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from ..studies.demo import DEFAULT_CHECKPOINT, run_demo
     from ..studies.sweep import describe_summary
@@ -125,6 +137,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_baseline_train)
 
+    p = sub.add_parser("compare-heads", help="every head in the modern and paper recipes against logistic regression, same features and split")
+    p.add_argument("store", help="a feature store (from extract or sweep)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--t", type=int, required=True)
+    p.add_argument("--block", type=int, required=True)
+    p.add_argument("--pool", type=int, required=True, help="the stored pool size; spatial heads want ≥ 2 (e.g. 4)")
+    p.add_argument("--fusion-t", type=int, help="the fusion head's second timestep (same block and pool)")
+    p.add_argument("--head", type=lambda s: s.split(","), default=["linear", "mlp", "cnn", "attention", "fusion"])
+    p.add_argument("--recipe", type=lambda s: s.split(","), default=["modern", "paper"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    add_split_args(p)
+    p.set_defaults(func=cmd_compare_heads)
+
     p = sub.add_parser("demo", help="the paper's pipeline on CIFAR-10 with the shipped checkpoint: sweep, controls, heads, samples, REPORT.md")
     add_data_args(p)
     p.add_argument("--out", required=True)
@@ -132,7 +158,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=4000, help="images used (a stratified subset)")
     p.add_argument("--blocks", type=int_list, default=[8, 13, 18, 20], help="default: encoder 8×8, bottleneck, decoder 8×8 and 16×16")
     p.add_argument("--t", type=int_list, default=[10, 100], help="timesteps (the fusion head fuses the best block at two)")
-    p.add_argument("--head-epochs", type=int, default=30)
+    p.add_argument("--head-epochs", type=int, help="one epoch count for every head (default: each head's demo setting)")
     p.add_argument("--samples", type=int, default=36)
     p.set_defaults(func=cmd_demo)
 

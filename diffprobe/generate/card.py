@@ -29,6 +29,7 @@ import torch
 from ..backbones import load_backbone
 from ..data import LabeledImages, cache_dir
 from ..errors import DiffprobeError
+from ..features.store import FeatureKey
 from ..features.extract import ExtractOptions
 from ..features.plan import FeaturePlan
 from ..precision import choose_compute
@@ -233,7 +234,11 @@ def attention_from_demo(demo: Path, sha: str, split: tuple[Any, Any]) -> dict[st
     if (sweep["val_fraction"], sweep["split_seed"]) != tuple(split):
         raise DiffprobeError(f"{demo} validated on another split (fraction {sweep['val_fraction']}, seed {sweep['split_seed']}; "
                              f"the checkpoint left out fraction {split[0]}, seed {split[1]})")  # fmt: skip
-    best, head = sweep["best"], heads["attention"]
+    head = heads["attention"]
+    best = dict(sweep["best"])
+    if head.get("inputs"):  # the demo's heads read the best block's map: the cell is in their inputs
+        key = FeatureKey.parse(head["inputs"][0])
+        best.update(t=key.t, block=key.block, pool=key.pool)
     return {"top1": head["top1"], "top5": head["top5"], "t": best["t"], "block": best["block"], "pool": best["pool"],
             "rows": sweep["rows"], "data": result["data"], "source": str(demo), "run": head.get("run")}  # fmt: skip
 

@@ -14,6 +14,9 @@ from ..errors import DiffprobeError
 from .heads import head_options
 
 
+MAX_FLOOR_EPOCHS = 500
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str
@@ -30,9 +33,11 @@ class Recipe:
     label_smoothing: float = 0.0
 
     def for_rows(self, rows: int) -> "Recipe":
-        """This recipe for a training set of `rows`: epochs raised to reach `min_steps`."""
+        """This recipe for a training set of `rows`: epochs raised towards `min_steps`, at most to
+        MAX_FLOOR_EPOCHS (a store of a few hundred rows would otherwise loop for thousands)."""
         steps_per_epoch = max(1, -(-rows // self.batch_size))
-        return replace(self, epochs=max(self.epochs, -(-self.min_steps // steps_per_epoch)))
+        floor = min(-(-self.min_steps // steps_per_epoch), MAX_FLOOR_EPOCHS)
+        return replace(self, epochs=max(self.epochs, floor))
 
 
 # The modern recipe's searches, per head: every (lr, weight decay) pair is trained and the best
