@@ -38,7 +38,7 @@ MAP_POOL = 4  # the spatial heads read the block's map average-pooled to 4×4: 1
 # recipe's 15,000-step floor; attention and fusion peak by epoch ~10 on 3,600 images and then
 # overfit (train 93%, validation 45% after 30 epochs), so 15 epochs, and a 1-layer, 128-wide trunk.
 DEMO_HEADS: dict[str, dict[str, Any]] = {
-    "linear": {"lr": 1e-2, "weight_decays": (0.1,)},
+    "linear": {"lr": 1e-1, "weight_decays": (1.0,)},
     "mlp": {"lr": 1e-3, "weight_decays": (0.5,), "epochs": 30},
     "attention": {"lr": 5e-4, "weight_decays": (0.05,), "epochs": 15, "options": {"width": 128, "depth": 1, "heads": 4}},
     "fusion": {"lr": 5e-4, "weight_decays": (0.05,), "epochs": 15, "options": {"width": 128, "depth": 1, "heads": 4}},
