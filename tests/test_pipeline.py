@@ -44,7 +44,7 @@ def test_pretrain_sample_extract_probe_export_demo(cifar_small, tmp_path, capsys
 
     out = tmp_path / "demo"
     assert main(["demo", "--data", str(cifar_small), "--checkpoint", str(ckpt / "ema.pt"), "--out", str(out), "--limit", "300",
-                 "--blocks", "3,5", "--t", "10,50", "--head-epochs", "2", "--samples", "4"]) == 0  # fmt: skip
+                 "--blocks", "3,5", "--t", "10,30", "--head-epochs", "2", "--samples", "4"]) == 0  # fmt: skip
     report = (out / "REPORT.md").read_text()
     summary = json.loads((out / "sweep" / "summary.json").read_text())
     assert f"{summary['best']['top1']:.2f}%" in report
