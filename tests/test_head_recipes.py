@@ -75,3 +75,19 @@ def test_recipe_floors_and_searches():
     assert [r.lr for r in ProbeConfig("linear", lr=3e-3).training_recipes()] == [3e-3]
     assert ProbeConfig.from_dict(config.to_dict()) == config
     assert isinstance(modern, Recipe)
+
+
+def test_compare_heads_writes_the_table(problem, tmp_path, capsys):
+    from diffprobe.cli import main
+
+    store, logreg_top1 = problem
+    out = tmp_path / "heads"
+    assert main(["compare-heads", str(store.root), "--t", "10", "--block", "1", "--pool", "1", "--head", "linear,mlp",
+                 "--recipe", "paper", "--val-fraction", "0.25", "--out", str(out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    rows = (out / "heads.csv").read_text().splitlines()
+    assert rows[0].startswith("head,recipe") and len(rows) == 4  # logistic regression + two heads
+    assert f"{logreg_top1:.2f}%" in printed and "| mlp | paper |" in printed
+    assert (out / "heads.png").is_file() and (out / "linear-paper" / "head.pt").is_file()
+    assert main(["compare-heads", str(store.root), "--t", "10", "--block", "1", "--pool", "1", "--out", str(tmp_path / "f")]) == 2
+    assert "--fusion-t" in capsys.readouterr().err
