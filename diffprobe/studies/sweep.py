@@ -175,6 +175,6 @@ def describe_summary(summary: dict) -> str:
         lines.append(f"controls: raw pixels {c['pixels']['top1']:.2f}%, random weights {c['random_weights']['top1']:.2f}% "
                      f"(same probe, same split)")  # fmt: skip
     for kind, h in summary.get("heads", {}).items():
-        where = ", ".join(h["inputs"]) if h.get("inputs") else "the best setting"
-        lines.append(f"{kind} head on {where}: top-1 {h['top1']:.2f}% (run: {h['run']})")
+        where = f"on {', '.join(h['inputs'])}" if h.get("inputs") else "at the best setting"
+        lines.append(f"{kind} head {where}: top-1 {h['top1']:.2f}% (run: {h['run']})")
     return "\n".join(lines)
