@@ -30,7 +30,7 @@ from diffprobe.features.plan import FeaturePlan
 from diffprobe.features.noise import image_noise
 from diffprobe.precision import Compute
 from diffprobe.features.store import FeatureKey
-from machine import Budget, Machine, add_machine_args, resolve
+from machine import Budget, Machine, add_machine_args, announce
 
 
 def sync(device: torch.device) -> None:
@@ -131,11 +131,8 @@ def main() -> None:
     args = p.parse_args()
 
     budget = Budget(args.budget)
-    machine = resolve(args, args.device)
+    machine = announce(args, args.device)
     device = machine.device
-    print(machine.header())
-    if machine.skipped:
-        print(machine.skipped)
     torch.manual_seed(0)
     if args.backbone == "adm:random":
         size = args.image_size

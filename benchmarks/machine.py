@@ -90,6 +90,15 @@ def resolve(args: argparse.Namespace, device: str | torch.device = "cpu") -> Mac
     return Machine(dev, compute, fast, simulated, low, skipped)
 
 
+def announce(args: argparse.Namespace, device: str | torch.device = "cpu") -> Machine:
+    """`resolve`, then print the machine line and what is skipped (if anything)."""
+    machine = resolve(args, device)
+    print(machine.header())
+    if machine.skipped:
+        print(machine.skipped)
+    return machine
+
+
 class Budget:
     """Wall-clock budget, counted from its creation: at least one timed repeat, then stop once it is spent."""
 
@@ -113,7 +122,4 @@ if __name__ == "__main__":  # `python benchmarks/machine.py [--as-no-fast-bf16]`
     p.add_argument("--device", default="cpu")
     add_machine_args(p)
     args = p.parse_args()
-    m = resolve(args, args.device)
-    print(m.header())
-    if m.skipped:
-        print(m.skipped)
+    announce(args, args.device)

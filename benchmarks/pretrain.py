@@ -23,7 +23,7 @@ import torch
 
 from diffprobe.generate.pretrain import DEFAULT_PRETRAIN_FLAGS
 from diffprobe.generate.pretrain import PretrainConfig, Trainer
-from machine import Budget, Machine, add_machine_args, resolve
+from machine import Budget, Machine, add_machine_args, announce
 
 REFERENCE = "reference: fp32, contiguous"
 
@@ -69,11 +69,8 @@ def main() -> None:
     parser.set_defaults(budget=60)
     args = parser.parse_args()
     budget = Budget(args.budget)
-    machine = resolve(args, args.device)
+    machine = announce(args, args.device)
     device = machine.device
-    print(machine.header())
-    if machine.skipped:
-        print(machine.skipped)
     flags = {**DEFAULT_PRETRAIN_FLAGS, "num_channels": args.channels}
     images = torch.randint(0, 256, (args.batch * 4, 3, 32, 32), dtype=torch.uint8)
     timed, default = variants(machine)

@@ -65,9 +65,8 @@ def recipe_for(name: str, head: str, epochs: int | None = None, lr: float | None
     if name == "paper":
         base = Recipe("paper", "sgd", 5e-2 if head in ("attention", "fusion") else 1e-2, 28)
     elif name == "modern":
-        lrs, _ = MODERN_SEARCH.get(head, MODERN_SEARCH["attention"])
         linear = head == "linear"
-        base = Recipe("modern", "adamw", lrs[0], 30, schedule="cosine", warmup_epochs=2,
+        base = Recipe("modern", "adamw", search_grid("modern", head)[0][0], 30, schedule="cosine", warmup_epochs=2,
                       min_steps=15_000 if linear else 0, label_smoothing=0.0 if linear else 0.1)  # fmt: skip
     else:
         raise DiffprobeError(f"unknown recipe {name!r}: expected paper or modern")
@@ -100,7 +99,7 @@ class ProbeConfig:
         object.__setattr__(self, "options", head_options(self.head, **self.options))
         wds = (self.weight_decays,) if isinstance(self.weight_decays, (int, float)) else self.weight_decays
         if wds is None:
-            wds = search_grid(self.recipe, self.head)[1] if self.recipe in ("modern", "paper") else (1e-4,)
+            wds = search_grid(self.recipe, self.head)[1]  # an unknown recipe fails here, in recipe_for
         object.__setattr__(self, "weight_decays", tuple(float(w) for w in wds))
         if not self.weight_decays:
             raise DiffprobeError("give at least one weight decay")

@@ -323,7 +323,8 @@ def save_run(fitted: FittedHead, out: str | Path) -> Path:
     """The run directory `diffprobe predict` and `Probe.load` read (see the module docstring)."""
     out = output_dir(out)
     m, cfg = fitted.store_manifest, fitted.config
-    recipe = replace(cfg.training_recipe(), lr=fitted.metrics.get("chosen", {}).get("lr", cfg.training_recipe().lr))
+    recipe = cfg.training_recipe()
+    recipe = replace(recipe, lr=fitted.metrics.get("chosen", {}).get("lr", recipe.lr))  # the rate the search kept
     config = {
         "format": RUN_FORMAT,
         "diffprobe": __version__,
