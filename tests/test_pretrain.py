@@ -248,3 +248,56 @@ def test_warm_start_with_another_architecture_says_what_differs(cifar_small, tmp
     # The CLI's warm start takes the flags from ema.json: no -o needed.
     assert main([*common, "--save-every", "5"]) == 0
     assert json.loads((tmp_path / "run" / "ema.json").read_text())["step"] == 5
+
+
+def test_min_snr_weights_each_sample_by_its_timestep(tmp_path):
+    from diffprobe.generate.pretrain import Trainer, snr_weights
+
+    abar = torch.from_numpy(NoiseSchedule.named("linear", 100).alphas_cumprod).float()
+    assert snr_weights(abar, "uniform", 5.0) is None
+    w = snr_weights(abar, "min-snr", 5.0)
+    snr = abar / (1 - abar)
+    assert torch.allclose(w[snr <= 5], torch.ones_like(w[snr <= 5]))  # noisy steps keep the plain weight
+    assert torch.allclose(w[snr > 5], 5 / snr[snr > 5]) and w[0] < 0.05  # nearly clean steps count less
+
+    images = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8)
+    flags = {**TINY, "dropout": 0.0}
+    plain = Trainer(PretrainConfig(flags=flags, **SETTINGS), images, tmp_path / "a", precision="fp32")
+    weighted = Trainer(PretrainConfig(flags=flags, loss_weighting="min-snr", **SETTINGS), images, tmp_path / "b", precision="fp32")
+    for trainer in (plain, weighted):  # the same non-zero network in both, so only the weighting differs
+        torch.manual_seed(0)
+        for p in trainer.model.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+    weighted.model.load_state_dict(plain.model.state_dict())
+    # Recompute step 0's per-sample errors by hand: the weighted loss is their min-SNR-weighted mean.
+    from diffprobe.data import to_model_range
+    from diffprobe.generate.pretrain import batch_rows, step_generator
+
+    gen = step_generator(3, 0, 1)
+    x0 = to_model_range(images[batch_rows(16, 8, 3, 0)])
+    flip = torch.rand(8, generator=gen) < 0.5
+    x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
+    t = torch.randint(0, 100, (8,), generator=gen)
+    eps = torch.randn(x0.shape, generator=gen)
+    assert w[t].min() < 0.5  # step 0 draws a low-noise sample, so the two losses must differ
+    a = abar[t].view(-1, 1, 1, 1)
+    with torch.no_grad():
+        per_sample = (plain.model(a.sqrt() * x0 + (1 - a).sqrt() * eps, t).float() - eps).square().mean(dim=(1, 2, 3))
+        assert plain.loss(0).item() == pytest.approx(per_sample.mean().item(), rel=1e-4)
+        assert weighted.loss(0).item() == pytest.approx((w[t] * per_sample).mean().item(), rel=1e-4)
+    with pytest.raises(DiffprobeError, match="loss weighting 'snr'"):
+        Trainer(PretrainConfig(flags=flags, loss_weighting="snr", **SETTINGS), images, tmp_path / "c")
+
+
+def test_runs_saved_before_loss_weighting_resume(cifar_small, tmp_path):
+    """A training state written before the weighting settings existed resumes (it trained uniformly)."""
+    data = open_dataset(cifar_small)
+    _run(data, tmp_path / "run", 3)
+    state = tmp_path / "run" / "training-state.pt"
+    blob = torch.load(state, weights_only=True)
+    for key in ("loss_weighting", "snr_gamma"):
+        del blob["config"][key]
+    torch.save(blob, state)
+    assert _run(data, tmp_path / "run", 4).state.step == 4
+    with pytest.raises(DiffprobeError, match="loss_weighting: checkpoint 'uniform' vs now 'min-snr'"):
+        _run(data, tmp_path / "run", 5, loss_weighting="min-snr")

@@ -13,7 +13,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     flags = parse_model_options(args.model_flags, args.option, None)  # over the defaults, or a warm start's checkpoint flags
     settings = dict(batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup, weight_decay=args.weight_decay,
                     grad_clip=args.grad_clip, ema_decay=args.ema_decay, hflip=not args.no_flip, seed=args.seed,
-                    val_fraction=args.val_fraction, split_seed=args.split_seed)  # fmt: skip
+                    val_fraction=args.val_fraction, split_seed=args.split_seed, loss_weighting=args.loss_weighting,
+                    snr_gamma=args.snr_gamma)  # fmt: skip
     channels_last = None if args.channels_last == "auto" else SWITCH[args.channels_last]
     trainer = pretrain(open_data(args), args.out, flags, args.steps, save_every=args.save_every, device=args.device,
                        precision=args.precision, channels_last=channels_last, init_from=args.init_from,
@@ -88,6 +89,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay (warmed up as (1+n)/(10+n))")
+    p.add_argument("--loss-weighting", default="uniform", choices=["uniform", "min-snr"],
+                   help="uniform: the simple ε-MSE (DDPM); min-snr: per-sample weight min(SNR, γ)/SNR (Min-SNR-γ)")
+    p.add_argument("--snr-gamma", type=float, default=5.0, help="γ of --loss-weighting min-snr")
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
     p.add_argument("--seed", type=int, default=0, help="initialisation and every random draw of training")
     add_split_args(p)  # the validation split left out of training: the one probes score on

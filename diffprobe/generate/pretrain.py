@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "training-state.pt"
 RENAMED = {"holdout_fraction": "val_fraction", "holdout_seed": "split_seed"}  # names in runs of diffprobe 0.1
+# Settings added since runs were first saved, with the value those older runs trained with.
+ADDED_SETTINGS = {"loss_weighting": "uniform", "snr_gamma": 5.0}
+LOSS_WEIGHTINGS = ("uniform", "min-snr")
 
 # The default training architecture: DDPM's CIFAR-10 U-Net layout (channel_mult 1,2,2,2, attention at
 # 16×16, dropout 0.1) in ADM's flags, narrower by default so it trains on a CPU.
@@ -82,6 +85,10 @@ class PretrainConfig:
     val_fraction: float = 0.1  # the validation split probes score on, never trained on
     split_seed: int = 0
     vlb_weight: float = 0.001  # improved DDPM's λ for L_vlb (used only with learn_sigma)
+    # "uniform": the simple MSE on ε; "min-snr": each sample weighted min(SNR(t), γ)/SNR(t)
+    # (Hang et al. 2023, Min-SNR-γ for ε-prediction), which down-weights the easy low-noise steps.
+    loss_weighting: str = "uniform"
+    snr_gamma: float = 5.0
     data_fingerprint: str = ""
     train_rows: int = 0
     init_from: dict[str, Any] | None = None  # a warm start's source: WarmStart.record()
@@ -136,6 +143,14 @@ def ema_average(decay: float):
         return averaged + (current - averaged) * (1 - d)
 
     return average
+
+
+def snr_weights(abar: torch.Tensor, weighting: str, gamma: float) -> torch.Tensor | None:
+    """Per-timestep weights of the ε-MSE: None for uniform; min(SNR, γ)/SNR for min-SNR-γ."""
+    if weighting == "uniform":
+        return None
+    snr = abar / (1 - abar)
+    return torch.clamp(snr, max=gamma) / snr
 
 
 def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
@@ -252,7 +267,10 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         warm = max(1, config.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm))
+        if config.loss_weighting not in LOSS_WEIGHTINGS:
+            raise DiffprobeError(f"loss weighting {config.loss_weighting!r}: expected one of {', '.join(LOSS_WEIGHTINGS)}")
         self.abar = torch.from_numpy(self.schedule.alphas_cumprod).float().to(self.device)
+        self.sample_weights = snr_weights(self.abar, config.loss_weighting, config.snr_gamma)
         self.state = RunState()
 
     # -- checkpoints
@@ -277,7 +295,7 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         blob = torch.load(path, map_location=self.device, weights_only=True)
-        saved = {RENAMED.get(k, k): v for k, v in blob["config"].items()}
+        saved = {**ADDED_SETTINGS, **{RENAMED.get(k, k): v for k, v in blob["config"].items()}}
         differ = [k for k, v in self.config.trajectory().items() if saved.get(k) != v]
         if differ:
             details = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(self.config, k)!r}" for k in differ)
@@ -328,10 +346,13 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             out = self.model(x_t, t)
         out = out.float()
+        eps_pred, var_values = out.chunk(2, dim=1) if self.learn_sigma else (out, None)
+        if self.sample_weights is None:
+            mse = F.mse_loss(eps_pred, eps)
+        else:
+            mse = (self.sample_weights[t] * (eps_pred - eps).square().mean(dim=(1, 2, 3))).mean()
         if not self.learn_sigma:
-            return F.mse_loss(out, eps)
-        eps_pred, var_values = out.chunk(2, dim=1)
-        mse = F.mse_loss(eps_pred, eps)
+            return mse
         # Improved DDPM: the bound trains only the variance (mean detached), weighted by λ·T/1000.
         vlb = learned_range_vlb(self.schedule, x0, x_t, t, eps_pred.detach(), var_values).mean()
         return mse + cfg.vlb_weight * vlb * self.schedule.num_timesteps / 1000.0
