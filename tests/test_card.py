@@ -149,3 +149,21 @@ def test_export_of_a_warm_started_run_counts_from_the_source(cifar_small, tmp_pa
     side = json.loads((tmp_path / "ckpt2" / "ema.json").read_text())
     assert side["step"] == 5 and [s["steps"] for s in side["training"]] == [3, 2]
     assert facts["attention head (validation split)"].startswith("not measured yet")
+    # The card's loss curve covers both runs: the source folder's rows up to the warm start, then the new run's.
+    steps = lambda folder: [int(r.split(",")[0]) for r in (folder / "loss.csv").read_text().splitlines()[1:]]  # noqa: E731
+    assert steps(tmp_path / "ckpt2") == [1, 2, 3, 4, 5] and (tmp_path / "ckpt2" / "loss.png").is_file()
+    # Exported over the folder it was warm-started from (how the shipped checkpoint is refreshed): still whole.
+    pretrain(data, tmp_path / "run3", {}, 7, init_from=tmp_path / "ckpt2" / "ema.pt", **settings)
+    card = export_run(tmp_path / "run3", tmp_path / "ckpt2", data, hardware="machine C")
+    assert steps(tmp_path / "ckpt2") == [1, 2, 3, 4, 5, 6, 7] and card["facts"]["steps"].startswith("7 (")
+
+
+def test_objective_names_the_weighting_and_earlier_segments_that_differ():
+    from diffprobe.generate.card import objective_fact
+
+    uniform = {"steps": 1397, "batch_size": 64}  # a segment recorded before weightings existed trained uniformly
+    snr = {"loss_weighting": "min-snr", "snr_gamma": 5.0}
+    assert objective_fact({}, [uniform]) == "ε-prediction, simple MSE"
+    assert objective_fact(snr, [uniform, {**uniform, **snr}]) == (
+        "ε-prediction, MSE weighted min(SNR, 5)/SNR (Min-SNR-γ) (segments before the last: ε-prediction, simple MSE)")
+    assert objective_fact(snr, [{**uniform, **snr}, {**uniform, **snr}]) == "ε-prediction, MSE weighted min(SNR, 5)/SNR (Min-SNR-γ)"

@@ -301,3 +301,14 @@ def test_runs_saved_before_loss_weighting_resume(cifar_small, tmp_path):
     assert _run(data, tmp_path / "run", 4).state.step == 4
     with pytest.raises(DiffprobeError, match="loss_weighting: checkpoint 'uniform' vs now 'min-snr'"):
         _run(data, tmp_path / "run", 5, loss_weighting="min-snr")
+
+
+def test_a_width_groupnorm_cannot_take_is_one_line(cifar_small, tmp_path, capsys):
+    from diffprobe.cli import main
+
+    capsys.readouterr()
+    args = ["pretrain", "--data", str(cifar_small), "--out", str(tmp_path / "run"), "--steps", "1", "-o", "num_channels=16"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "num_channels 16" in err and "16, 32 channels" in err and "multiple of 32" in err
+    assert not (tmp_path / "run" / "training-state.pt").exists()

@@ -154,6 +154,12 @@ def architecture_from_flags(flags: Mapping[str, Any]) -> ADMArchitecture:
             raise DiffprobeError(f"attention_resolutions entry {r} does not divide image_size {image_size}")
     if f["num_head_channels"] == -1 and f["num_heads"] <= 0:
         raise DiffprobeError("set num_heads > 0 or num_head_channels > 0")
+    widths = sorted({int(f["num_channels"] * m) for m in channel_mult})
+    if f["num_channels"] <= 0 or any(w % 32 for w in widths):
+        # guided-diffusion normalises with GroupNorm(32, channels): a width that 32 does not divide cannot be built
+        raise DiffprobeError(f"num_channels {f['num_channels']} with channel_mult {','.join(f'{m:g}' for m in channel_mult)} "
+                             f"gives levels of {', '.join(map(str, widths))} channels: ADM's GroupNorm has 32 groups, so each "
+                             "must be a positive multiple of 32 (e.g. num_channels 32, 64, 128)")  # fmt: skip
     return ADMArchitecture(
         image_size=image_size,
         in_channels=3,

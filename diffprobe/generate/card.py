@@ -33,7 +33,8 @@ from ..features.store import FeatureKey
 from ..features.extract import ExtractOptions
 from ..features.plan import FeaturePlan
 from ..precision import choose_compute
-from .._io import output_dir, torch_save, write_text
+from .._io import output_dir, torch_save, write_csv, write_text
+from ..report import loss_curve
 from .fid import INCEPTION_FILE
 from .pretrain import CHECKPOINT_NAME, file_sha256, training_segments
 
@@ -53,6 +54,7 @@ def export_run(run: str | Path, dest: str | Path, data: LabeledImages, limit: in
     output_dir(dest)
     blob = torch.load(run / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
     config, state = blob["config"], blob["state"]
+    history = loss_history(run, config)  # read first: dest may be the warm start's own folder, rewritten below
     weights = torch.load(run / "ema.pt", map_location="cpu", weights_only=True)
     params = sum(v.numel() for v in weights.values())
     # float32 when it fits the budget; else float16 (loads into the float32 model unchanged in shape).
@@ -67,8 +69,8 @@ def export_run(run: str | Path, dest: str | Path, data: LabeledImages, limit: in
     side["stored_dtype"] = "float16" if half else "float32"
     side["training"] = training  # a warm start from this file counts on from here
     (dest / "ema.json").write_text(json.dumps(side, indent=2) + "\n")
-    for name in ("loss.png", "loss.csv"):
-        shutil.copy(run / name, dest / name)
+    write_csv(dest / "loss.csv", history)
+    loss_curve(dest / "loss.png", history)
 
     spec = f"adm:{dest / 'ema.pt'}"
     compute = choose_compute()
@@ -86,6 +88,25 @@ def export_run(run: str | Path, dest: str | Path, data: LabeledImages, limit: in
             "training": training, "probe": summary, "attention": None, "fid": None, "notes": notes}  # fmt: skip
     write_card(dest, card)
     return card
+
+
+def loss_history(run: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run's loss.csv rows, after those of the checkpoint it was warm-started from (its folder's
+    loss.csv, up to the warm start's step) when that file is there, so a card's curve covers all
+    of the training behind its weights."""
+    own = read_csv_rows(run / "loss.csv")
+    init = config.get("init_from") or {}
+    earlier = Path(init["path"]).parent / "loss.csv" if init else None
+    if earlier is None or not earlier.is_file():
+        return own
+    return [r for r in read_csv_rows(earlier) if r["step"] <= init["step"]] + own
+
+
+def read_csv_rows(path: Path) -> list[dict[str, Any]]:
+    import csv
+
+    with open(path) as f:
+        return [{k: (int(v) if k == "step" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 # ------------------------------------------------------------------------------ the card's facts
@@ -119,6 +140,21 @@ def training_facts(segments: list[dict[str, Any]], train_rows: int) -> dict[str,
             parts.append(text)
         facts["training segments"] = "; ".join(parts)
     return facts
+
+
+def objective_fact(config: dict[str, Any], segments: list[dict[str, Any]]) -> str:
+    """The loss of the last run, and of earlier segments where they differ (a warm start may change it)."""
+
+    def name(weighting: str | None, gamma: float | None) -> str:
+        if weighting == "min-snr":
+            return f"ε-prediction, MSE weighted min(SNR, {gamma:g})/SNR (Min-SNR-γ)"
+        return "ε-prediction, simple MSE"
+
+    last = name(config.get("loss_weighting", "uniform"), config.get("snr_gamma"))
+    earlier = {name(s.get("loss_weighting", "uniform"), s.get("snr_gamma")) for s in segments[:-1]}
+    if earlier and earlier != {last}:
+        return f"{last} (segments before the last: {'; '.join(sorted(earlier))})"
+    return last
 
 
 def attention_fact(attention: dict[str, Any] | None) -> str:
@@ -159,7 +195,7 @@ def card_facts(dest: Path, card: dict[str, Any]) -> dict[str, str]:
                       f"sha256 {card['sha256'][:12]}…)",
         "training data": f"{summary['data']}: {config['train_rows']} images (all but the stratified validation split, "
                          f"fraction {config.get('val_fraction', config.get('holdout_fraction'))}, seed {config.get('split_seed', config.get('holdout_seed'))})",
-        "objective": "ε-prediction, simple MSE" + (" + λ·L_vlb (learned sigma)" if side["flags"].get("learn_sigma") else ""),
+        "objective": objective_fact(config, card["training"]) + (" + λ·L_vlb (learned sigma)" if side["flags"].get("learn_sigma") else ""),
         "optimiser": f"AdamW lr {config['lr']}, warm-up {config['warmup_steps']} steps, weight decay {config['weight_decay']}, "
                      f"grad clip {config['grad_clip']}, batch {config['batch_size']}, EMA {config['ema_decay']} (warmed up), "
                      f"random flips {config['hflip']}",

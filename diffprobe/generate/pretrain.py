@@ -2,7 +2,8 @@
 
 The network is the backbone's own `ADMUNet`, so what is trained here is exactly what is probed
 later. Training follows guided-diffusion / improved DDPM: uniform timesteps, the simple MSE on
-ε (plus the variational bound when sigma is learned), AdamW with linear warmup, gradient
+ε (or, with `loss_weighting="min-snr"`, each sample weighted min(SNR, γ)/SNR; plus the
+variational bound when sigma is learned), AdamW with linear warmup, gradient
 clipping, an EMA of the weights, random horizontal flips.
 
 Resume is exact: every random draw of step s (batch order, flips, timesteps, noise, dropout)
@@ -230,7 +231,8 @@ def training_segments(config: dict[str, Any], state: dict[str, Any]) -> list[dic
     steps = int(state["step"]) - int(init.get("step", 0))
     own = {"steps": steps, "batch_size": config["batch_size"], "images_seen": steps * config["batch_size"],
            "hours": (state["wall_seconds"] + state.get("window_seconds", 0.0)) / 3600,
-           "hardware": "; then ".join(state.get("hardware") or []) or None}  # fmt: skip
+           "hardware": "; then ".join(state.get("hardware") or []) or None,
+           "loss_weighting": config.get("loss_weighting", "uniform"), "snr_gamma": config.get("snr_gamma", 5.0)}  # fmt: skip
     if init:
         own["warm_start"] = {"path": init["path"], "sha256": init["sha256"], "step": init["step"]}
     return [*init.get("training", []), own]
