@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import extract as bench_extract  # noqa: E402
 import machine  # noqa: E402
 import pretrain as bench_pretrain  # noqa: E402
+import recipe as bench_recipe  # noqa: E402
 
 
 def machine_for(*argv: str, fast_bf16: bool, monkeypatch) -> machine.Machine:
@@ -47,3 +48,22 @@ def test_native_bf16_or_the_flag_times_bf16(monkeypatch):
     assert bench_pretrain.variants(fast)[1] == "bf16 autocast"
     forced = machine_for("--bf16-variants", fast_bf16=False, monkeypatch=monkeypatch)
     assert precisions_timed(forced) == {"fp32", "bf16"} and forced.compute.precision == "fp32"
+
+
+def test_recipe_arms_override_the_baseline_and_keep_the_network_when_warm_started():
+    from diffprobe.generate.pretrain import DEFAULT_PRETRAIN_FLAGS, PretrainConfig
+
+    base = PretrainConfig(flags=dict(DEFAULT_PRETRAIN_FLAGS))
+    name, settings = bench_recipe.parse_arm("min-SNR γ=5:loss_weighting=min-snr,snr_gamma=3,batch_size=32,hflip=false")
+    config, warmup = bench_recipe.arm_setup(base, settings, scratch=False)
+    assert name == "min-SNR γ=5" and warmup is None
+    assert (config.loss_weighting, config.snr_gamma, config.batch_size, config.hflip) == ("min-snr", 3.0, 32, False)
+    assert base.batch_size == 64 and config.lr == base.lr  # the baseline itself is untouched
+    with pytest.raises(SystemExit, match="changes the architecture.*--scratch"):
+        bench_recipe.arm_setup(base, {"num_channels": "32"}, scratch=False)
+    wide, _ = bench_recipe.arm_setup(base, {"num_channels": "32", "warmup_images": "640"}, scratch=True)
+    assert wide.flags["num_channels"] == "32"
+    with pytest.raises(SystemExit, match="unknown setting 'lrr'"):
+        bench_recipe.arm_setup(base, {"lrr": "1"}, scratch=True)
+    with pytest.raises(SystemExit, match="expected 'name:key=value"):
+        bench_recipe.parse_arm("lr 1e-3:lr")

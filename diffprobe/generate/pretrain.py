@@ -498,7 +498,7 @@ def pretrain(data: LabeledImages, out: str | Path, flags: dict[str, Any], steps:
                                  f"pass more than {source.step} (e.g. {source.step + 1000} for 1000 more)")  # fmt: skip
     else:
         flags = {**(defaults or {}), **flags}
-    image_size = int(normalize_flags(flags)["image_size"])
+    image_size = architecture_from_flags(flags).image_size  # flags that cannot build a network fail before any decoding
     config = PretrainConfig(flags=dict(flags), init_from=record, **settings)
     rows = training_rows(data.labels, config)
     config.data_fingerprint, config.train_rows = data.fingerprint(), int(len(rows))
