@@ -30,12 +30,7 @@ REFERENCE = "reference: fp32, contiguous"
 
 def step_time(trainer: Trainer, step: int, device: torch.device) -> float:
     start = time.perf_counter()
-    loss = trainer.loss(step)
-    trainer.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), 1.0)
-    trainer.optimizer.step()
-    trainer.ema.update_parameters(trainer.model)
+    trainer.step(step)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start

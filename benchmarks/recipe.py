@@ -78,11 +78,10 @@ def arm_setup(base: PretrainConfig, settings: dict[str, str], scratch: bool) -> 
 def heldout_mse(model: torch.nn.Module, trainer: Trainer, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> float:
     """Unweighted ε-MSE of `model` on fixed (x0, t, ε); eval mode, the trainer's precision."""
     model.eval()
-    abar = trainer.abar[t].view(-1, 1, 1, 1).cpu()
     errors = []
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=trainer.precision == "bf16"):
         for i in range(0, len(x0), 128):
-            x_t = abar[i : i + 128].sqrt() * x0[i : i + 128] + (1 - abar[i : i + 128]).sqrt() * eps[i : i + 128]
+            x_t = trainer.schedule.q_sample(x0[i : i + 128], t[i : i + 128], eps[i : i + 128])
             out = model(x_t.to(trainer.device), t[i : i + 128].to(trainer.device)).float()
             errors.append((out[:, :3].cpu() - eps[i : i + 128]).square().mean(dim=(1, 2, 3)))
     model.train()
@@ -168,13 +167,7 @@ def main() -> None:
             for step in range(trainer.state.step, trainer.state.step + steps):
                 if step == timed_from:
                     start = time.perf_counter()
-                loss = trainer.loss(step)
-                trainer.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), config.grad_clip)
-                trainer.optimizer.step()
-                trainer.scheduler.step()
-                trainer.ema.update_parameters(trainer.model)
+                trainer.step(step)
             seconds = time.perf_counter() - start
             scored = [("", trainer.ema.module)] + ([(" (raw weights, no EMA)", trainer.model)] if name == "baseline" else [])
             for suffix, model in scored:

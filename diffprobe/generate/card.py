@@ -184,10 +184,7 @@ def card_facts(dest: Path, card: dict[str, Any]) -> dict[str, str]:
     side = json.loads((dest / "ema.json").read_text())
     weights = torch.load(dest / "ema.pt", map_location="cpu", weights_only=True, mmap=True)
     params = sum(v.numel() for v in weights.values())
-    import csv
-
-    with open(dest / "loss.csv") as f:
-        last = list(csv.DictReader(f))[-1]
+    last = read_csv_rows(dest / "loss.csv")[-1]
     best, controls = summary["best"], summary["controls"]
     facts = {
         "architecture": "ADM U-Net (guided-diffusion layout), " + ", ".join(f"{k}={v}" for k, v in side["flags"].items()),

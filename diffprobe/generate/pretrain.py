@@ -57,8 +57,6 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "training-state.pt"
 RENAMED = {"holdout_fraction": "val_fraction", "holdout_seed": "split_seed"}  # names in runs of diffprobe 0.1
-# Settings added since runs were first saved, with the value those older runs trained with.
-ADDED_SETTINGS = {"loss_weighting": "uniform", "snr_gamma": 5.0}
 LOSS_WEIGHTINGS = ("uniform", "min-snr")
 
 # The default training architecture: DDPM's CIFAR-10 U-Net layout (channel_mult 1,2,2,2, attention at
@@ -96,6 +94,11 @@ class PretrainConfig:
 
     def trajectory(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# Settings added since runs were first saved; runs (and warm-start segments) that predate them trained
+# with these defaults.
+ADDED_SETTINGS = {f.name: f.default for f in dataclasses.fields(PretrainConfig) if f.name in ("loss_weighting", "snr_gamma")}
 
 
 @dataclass
@@ -232,7 +235,7 @@ def training_segments(config: dict[str, Any], state: dict[str, Any]) -> list[dic
     own = {"steps": steps, "batch_size": config["batch_size"], "images_seen": steps * config["batch_size"],
            "hours": (state["wall_seconds"] + state.get("window_seconds", 0.0)) / 3600,
            "hardware": "; then ".join(state.get("hardware") or []) or None,
-           "loss_weighting": config.get("loss_weighting", "uniform"), "snr_gamma": config.get("snr_gamma", 5.0)}  # fmt: skip
+           **{k: config.get(k, default) for k, default in ADDED_SETTINGS.items()}}  # fmt: skip
     if init:
         own["warm_start"] = {"path": init["path"], "sha256": init["sha256"], "step": init["step"]}
     return [*init.get("training", []), own]
@@ -359,6 +362,18 @@ class Trainer:
         vlb = learned_range_vlb(self.schedule, x0, x_t, t, eps_pred.detach(), var_values).mean()
         return mse + cfg.vlb_weight * vlb * self.schedule.num_timesteps / 1000.0
 
+    def step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimiser step on step `step`'s batch (clipped, scheduled, EMA updated): (loss, grad norm).
+        The step counter and logging are the caller's (`train`; the benchmarks time this alone)."""
+        loss = self.loss(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.ema.update_parameters(self.model)
+        return loss, grad_norm
+
     def train(self, total_steps: int, save_every: int, log_every: int = 10) -> RunState:
         self.model.train()
         start = self.state.step
@@ -390,13 +405,7 @@ class Trainer:
 
         try:
             for step in range(start, total_steps):
-                loss = self.loss(step)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.ema.update_parameters(self.model)
+                loss, grad_norm = self.step(step)
                 state.step = step + 1
                 state.window.append(loss.item())
                 if state.step % log_every == 0 or state.step == total_steps:
