@@ -309,3 +309,205 @@ def test_concurrent_ranks_create_one_identical_store(tmp_path):
     assert all(m == manifests[0] for m in manifests)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["indices.npy", "labels.npy", "manifest.json"]
+
+
+# ---------------------------------------------------------------- issue 19: heads, probes, predict, the Python API
+
+
+@pytest.fixture(scope="module")
+def small_store(cifar_small, tmp_path_factory):
+    """60 images of the fixture model at t=90, blocks 8 and 13, pools 1 and 2 (block 13's map is 4×4)."""
+    out = tmp_path_factory.mktemp("i19") / "store"
+    args = extract_args(cifar_small, out, "--limit", "60", "--pool", "1,2")
+    args[5] = "8,13"
+    assert main([str(a) for a in args]) == 0
+    return FeatureStore.open(out)
+
+
+@pytest.fixture(scope="module")
+def saved_run(small_store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("i19run") / "run"
+    assert main(["probe", str(small_store.root), "--t", "90", "--blocks", "13", "--out", str(out), "--epochs", "2"]) == 0
+    return out
+
+
+def probe_args(store, out, *extra):
+    return ["probe", store.root, "--t", "90", "--blocks", "13", "--out", out, "--epochs", "2", *extra]
+
+
+@pytest.mark.parametrize("flags, needles", [
+    (["--epochs", "0"], ["epochs (--epochs) must be ≥ 1"]),
+    (["--lr", "-0.1"], ["learning rate (--lr) must be > 0"]),
+    (["--lr", "nan"], ["learning rate (--lr) must be a finite number"]),
+    (["--lr", "0"], ["learning rate (--lr) must be > 0"]),
+    (["--lr", "1e6"], ["learning rate (--lr) must be ≤ 10"]),
+    (["--wd", "-1"], ["weight decay (--wd) must be ≥ 0"]),
+    (["--head", "attention", "--pool", "2", "--heads", "3"], ["width 256 must be divisible by its 3 heads"]),
+    (["--head", "mlp", "--hidden", "0"], ["hidden", "must be ≥ 1"]),
+    (["--head", "cnn", "--pool", "2", "--width", "0"], ["width must be ≥ 1"]),
+    (["--head", "attention", "--pool", "2", "--depth", "0"], ["depth must be ≥ 1"]),
+    (["--val-fraction", "1.5"], ["val_fraction", "< 1"]),
+])  # fmt: skip
+def test_probe_flags_out_of_range_are_one_line_before_training(small_store, tmp_path, capsys, flags, needles):
+    args = probe_args(small_store, tmp_path / "run", *flags)
+    if "--pool" in flags:  # the flag list sets its own pool
+        del args[args.index("--pool", 10) - 0: args.index("--pool", 10)]
+    assert_one_line_error(*run(capsys, *args)[::2], *needles)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_a_diverging_rate_is_an_error_not_a_number(small_store, tmp_path, capsys, monkeypatch):
+    from diffprobe.probing import config as config_module
+
+    monkeypatch.setattr(config_module, "MAX_LR", 1e9)  # past the flag check: training itself must catch it
+    code, _, err = run(capsys, *probe_args(small_store, tmp_path / "run", "--lr", "1e6", "--recipe", "paper"))
+    assert_one_line_error(code, err, "training diverged at", "lower --lr")
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_probe_and_probe_online_refuse_a_single_class(cifar_small, tmp_path, capsys):
+    one = tmp_path / "one-class"
+    shutil.copytree(cifar_small / "cat", one / "cat")
+    out = tmp_path / "store"
+    assert run(capsys, *extract_args(one, out))[0] == 0
+    code, _, err = run(capsys, *probe_args(FeatureStore.open(out), tmp_path / "run"))
+    assert_one_line_error(code, err, "single class (cat, of 1", "nothing to classify")
+    online = ["probe-online", FIXTURE_SPEC, "--data", one, "--out", tmp_path / "online", "--blocks", "13", "--t", "90",
+              "--head", "linear", "--epochs", "1", "--device", "cpu", "--precision", "fp32"]  # fmt: skip
+    assert_one_line_error(*run(capsys, *online)[::2], "single class (cat", "nothing to classify")
+
+
+@pytest.mark.parametrize("k", ["0", "-1", "two"])
+def test_predict_top_k_must_be_positive(saved_run, cifar_small, capsys, k):
+    image = sorted((cifar_small / "cat").iterdir())[0]
+    try:
+        code, out, err = run(capsys, "predict", saved_run, image, "--top-k", k)
+    except SystemExit as e:  # argparse refuses a non-integer itself, with its one usage line
+        assert e.code == 2 and "Traceback" not in capsys.readouterr().err
+        return
+    assert_one_line_error(code, err, "top-k (--top-k)")
+    assert out == ""
+
+
+def _damaged_copy(saved_run, tmp_path, name: str, damage) -> object:
+    copy = tmp_path / "run"
+    shutil.copytree(saved_run, copy)
+    damage(copy / name)
+    return copy
+
+
+@pytest.mark.parametrize("name, damage, needles", [
+    ("head.pt", lambda p: p.write_bytes(b""), ["head.pt", "damaged"]),
+    ("head.pt", lambda p: p.write_bytes(p.read_bytes()[:100]), ["head.pt", "damaged"]),
+    ("config.json", lambda p: p.write_text("{not json"), ["config.json is not valid JSON"]),
+    ("config.json", lambda p: p.write_text("[1, 2]"), ["not a JSON object"]),
+    ("metrics.json", lambda p: p.write_text("{"), ["metrics.json is not valid JSON"]),
+    ("config.json", lambda p: p.write_text(p.read_text().replace('"input_shapes"', '"shapes"')), ["lacks the key 'input_shapes'"]),
+    ("config.json", lambda p: p.write_text(p.read_text().replace('"keys"', '"kees"')), ["lacks the key 'keys'"]),
+    ("config.json", lambda p: p.write_text(p.read_text().replace('"head": "linear"', '"head": "mlp"')), ["config.json"]),
+    ("config.json", lambda p: p.write_text(p.read_text().replace('"head": "linear"', '"head": "resnet"')), ["unknown head 'resnet'"]),
+])  # fmt: skip
+def test_predict_on_a_damaged_run_is_one_line(saved_run, cifar_small, tmp_path, capsys, name, damage, needles):
+    run_dir = _damaged_copy(saved_run, tmp_path, name, damage)
+    image = sorted((cifar_small / "cat").iterdir())[0]
+    assert_one_line_error(*run(capsys, "predict", run_dir, image)[::2], *needles)
+
+
+# ---- the Python API: wrong types and values name the argument
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"t": 10.7, "blocks": 13}, "t: expected integers"),
+    ({"t": 90, "blocks": None}, "blocks: expected integers"),
+    ({"t": "90,abc", "blocks": 13}, "t: expected integers"),
+    ({"t": 90, "blocks": 13, "pools": [1.5]}, "pools: expected integers"),
+    ({"t": 90, "blocks": 13, "draws": "2"}, "draws"),
+    ({"t": 90, "blocks": 13, "noise_seed": -1}, "noise_seed must be ≥ 0"),
+])  # fmt: skip
+def test_feature_plan_types(kwargs, needle):
+    from diffprobe import FeaturePlan
+
+    with pytest.raises(DiffprobeError, match=needle):
+        FeaturePlan(**kwargs)
+
+
+def test_feature_plan_accepts_numpy_integers_and_whole_floats():
+    from diffprobe import FeaturePlan
+
+    assert FeaturePlan(t=np.int64(90), blocks=np.array([13, 8]), pools=2.0).keys[0] == FeatureKey(90, 8, 2)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"epochs": "2"}, "epochs \\(--epochs\\): expected an integer"),
+    ({"epochs": 0}, "epochs \\(--epochs\\) must be ≥ 1"),
+    ({"lr": "0.1"}, "learning rate \\(--lr\\): expected a number"),
+    ({"head": "mlp", "hiden": [64]}, "unknown head option\\(s\\) 'hiden' \\(did you mean 'hidden'\\?\\)"),
+    ({"head": "mlp", "hidden": "64"}, "hidden"),
+    ({"weight_decays": "0.1"}, "weight_decays: expected numbers"),
+    ({"head": "linear", "batchnorm": "yes"}, "batchnorm: expected True or False"),
+    ({"seed": 1.5}, "seed: expected an integer"),
+])  # fmt: skip
+def test_probe_constructor_types(kwargs, needle):
+    from diffprobe import Probe
+
+    with pytest.raises(DiffprobeError, match=needle):
+        Probe(**kwargs)
+
+
+def test_another_heads_option_is_ignored_with_a_warning(caplog):
+    from diffprobe import Probe
+
+    with caplog.at_level("WARNING", logger="diffprobe"):
+        probe = Probe(head="linear", hidden=[64])
+    assert "the linear head takes no hidden: ignored" in caplog.text
+    assert probe.config.options == {"batchnorm": False}
+
+
+def test_probe_predict_checks_the_store_and_the_width(small_store, cifar_small, tmp_path):
+    from diffprobe import Probe, extract, load_backbone, FeaturePlan
+
+    probe = Probe(epochs=1).fit(small_store, FeatureKey(90, 13, 1))
+    width = small_store.load(FeatureKey(90, 13, 1)).shape[1]
+    assert probe.predict(small_store).shape == (small_store.rows,)
+    with pytest.raises(DiffprobeError, match=rf"features for {FeatureKey(90, 13, 1).stem} must be \[N, {width}\]"):
+        probe.predict(np.zeros((4, width + 1), dtype=np.float32))
+    with pytest.raises(DiffprobeError, match="reads 1 setting"):
+        probe.predict([np.zeros((4, width)), np.zeros((4, width))])
+    other = extract(load_backbone("adm:random", image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2,2,2",
+                                  attention_resolutions="8"), str(cifar_small), FeaturePlan(t=90, blocks=13),
+                    tmp_path / "other", limit=20, progress=False)  # fmt: skip
+    with pytest.raises(DiffprobeError, match="another backbone or noise setting"):
+        probe.predict(other)
+
+
+def test_featurize_checks_its_batch_and_indices(fixture_backbone):
+    from diffprobe import FeaturePlan, featurize
+
+    plan, s = FeaturePlan(t=90, blocks=13), fixture_backbone.image_size
+    x = torch.zeros(2, 3, s, s)
+    with pytest.raises(DiffprobeError, match="indices: 1 given for 2 images"):
+        featurize(fixture_backbone, x, plan, [0])
+    with pytest.raises(DiffprobeError, match=r"add the batch dimension, x0\[None\]"):
+        featurize(fixture_backbone, x[0], plan, [0, 1, 2])
+    with pytest.raises(DiffprobeError, match="expected a torch.Tensor .*use torch.from_numpy"):
+        featurize(fixture_backbone, x.numpy(), plan, [0, 1])
+    assert featurize(fixture_backbone, x, plan, range(2))[plan.keys[0]].shape[0] == 2
+
+
+def test_classifier_says_which_pixel_range_it_expects(saved_run, cifar_small, caplog):
+    from diffprobe import Classifier
+
+    model = Classifier.from_run(saved_run, device="cpu")
+    s = model.backbone.image_size
+    image = sorted((cifar_small / "cat").iterdir())[0]
+    pixels = model.to_batch([image])
+    with pytest.raises(DiffprobeError, match=r"expected pixels in \[-1, 1\].*looks like \[0, 255\]"):
+        model.predict((pixels + 1) * 127.5)
+    with pytest.raises(DiffprobeError, match="got a torch.uint8 tensor"):
+        model.predict(((pixels + 1) * 127.5).to(torch.uint8))
+    with pytest.raises(DiffprobeError, match=rf"tensor \[B, 3, {s}, {s}\]"):
+        model.predict(torch.zeros(1, 3, s + 1, s + 1))
+    with caplog.at_level("WARNING", logger="diffprobe"):
+        model.predict(torch.full((1, 3, s, s), 0.5))
+    assert "expects [-1, 1]" in caplog.text
+    assert model.predict(pixels) == model.predict([image])

@@ -7,13 +7,14 @@ training all call `featurize`, so the features a head was trained on are the one
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..backbones.base import Backbone
+from ..errors import DiffprobeError
 from ..precision import Compute, choose_compute
 from .noise import image_noise
 from .plan import FeaturePlan
@@ -41,6 +42,25 @@ def encode_images(backbone: Backbone, images: torch.Tensor, compute: Compute) ->
         return compute.prepare(backbone).encode(images.to(compute.device)).float()
 
 
+def check_batch(backbone: Backbone, x0: object, indices: Sequence[int], encoded: bool) -> list[int]:
+    """One index per image of a batch [B, C, H, W] of the backbone's shape; else one error that
+    says what was given (an unbatched image would be read as C images, short indices would reuse ε)."""
+    if not isinstance(x0, torch.Tensor):
+        raise DiffprobeError(f"x0: expected a torch.Tensor [B, 3, S, S] in [-1, 1], got {type(x0).__name__}"
+                             + (" (use torch.from_numpy, channels first)" if isinstance(x0, np.ndarray) else ""))  # fmt: skip
+    c, s = (backbone.model_shape[0], backbone.model_shape[1]) if encoded else (3, backbone.image_size)
+    if x0.ndim != 4 or x0.shape[1] != c:
+        hint = " (one image: add the batch dimension, x0[None])" if x0.ndim == 3 else ""
+        raise DiffprobeError(f"x0: expected a batch [B, {c}, {s}, {s}], got shape {list(x0.shape)}{hint}")
+    if isinstance(indices, (str, bytes)) or not isinstance(indices, Iterable):
+        raise DiffprobeError(f"indices: expected one integer per image, got {indices!r}")
+    indices = list(indices)
+    if len(indices) != len(x0):
+        raise DiffprobeError(f"indices: {len(indices)} given for {len(x0)} images; each image needs its own index "
+                             "(its noise is drawn from it)")  # fmt: skip
+    return indices
+
+
 def featurize(backbone: Backbone, x0: torch.Tensor, plan: FeaturePlan, indices: Sequence[int], *,
               keys: Sequence[FeatureKey] | None = None, views: Sequence[int] | None = None,
               y: torch.Tensor | None = None, compute: Compute | None = None,
@@ -53,6 +73,7 @@ def featurize(backbone: Backbone, x0: torch.Tensor, plan: FeaturePlan, indices: 
     pool) settings (default: all). compute: where and how the frozen network runs (default:
     this machine's fastest, `choose_compute()`); the caller's backbone is not changed.
     """
+    indices = check_batch(backbone, x0, indices, encoded)
     compute = compute or choose_compute()
     runner = compute.prepare(backbone)
     keys = list(keys) if keys is not None else plan.resolve(backbone).keys

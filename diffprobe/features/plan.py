@@ -12,9 +12,11 @@ once (`to_dict` / `from_dict`) for manifests and run configs alike.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+import numbers
 from typing import TYPE_CHECKING, Any, Iterable, Union
 
 from ..errors import DiffprobeError
+from ..validate import positive_int
 from .store import FeatureKey, feature_keys
 
 if TYPE_CHECKING:
@@ -24,17 +26,27 @@ IntsLike = Union[int, str, Iterable[int]]
 
 
 def parse_ints(value: IntsLike, what: str) -> tuple[int, ...]:
-    """7, "7,9", [7, 9] -> (7, 9); sorted and unique."""
+    """7, "7,9", [7, 9] -> (7, 9); sorted and unique. 10.7 or None is an error, never rounded."""
+    example = f"expected integers (e.g. {what}=90 or [90, 150])"
     if isinstance(value, str):
-        parts = [p for p in value.split(",") if p.strip()]
-    elif isinstance(value, int):
+        parts: list[Any] = [p.strip() for p in value.split(",") if p.strip()]
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
         parts = [value]
-    else:
+    elif isinstance(value, Iterable) and not isinstance(value, (bytes, dict)):
         parts = list(value)
-    try:
-        return tuple(sorted({int(p) for p in parts}))
-    except (TypeError, ValueError):
-        raise DiffprobeError(f"{what}: expected integers (e.g. 90 or 90,150), got {value!r}") from None
+    else:
+        raise DiffprobeError(f"{what}: {example}, got {value!r}")
+    out = set()
+    for p in parts:
+        if isinstance(p, str):
+            try:
+                p = int(p)
+            except ValueError:
+                raise DiffprobeError(f"{what}: {example}, got {value!r}") from None
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not float(p).is_integer():
+            raise DiffprobeError(f"{what}: {example}, got {value!r}")
+        out.add(int(p))
+    return tuple(sorted(out))
 
 
 @dataclass(frozen=True)
@@ -49,7 +61,7 @@ class FeaturePlan:
     resolved: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "t", parse_ints(self.t, "timesteps"))
+        object.__setattr__(self, "t", parse_ints(self.t, "t"))
         blocks = self.blocks
         if isinstance(blocks, str) and blocks.strip().lower() == "all":
             object.__setattr__(self, "blocks", "all")
@@ -62,10 +74,8 @@ class FeaturePlan:
             raise DiffprobeError("no blocks requested")
         if not self.pools or min(self.pools) < 1:
             raise DiffprobeError(f"pool sizes must be integers ≥ 1, got {list(self.pools)}")
-        if int(self.draws) < 1:
-            raise DiffprobeError("draws (noise samples averaged per image) must be ≥ 1")
-        object.__setattr__(self, "noise_seed", int(self.noise_seed))
-        object.__setattr__(self, "draws", int(self.draws))
+        object.__setattr__(self, "noise_seed", positive_int(self.noise_seed, "noise_seed", minimum=0))
+        object.__setattr__(self, "draws", positive_int(self.draws, "draws (noise samples averaged per image)"))
 
     def resolve(self, backbone: "Backbone") -> "FeaturePlan":
         """The plan checked against this backbone: timesteps in its schedule, blocks in range

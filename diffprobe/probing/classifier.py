@@ -9,6 +9,7 @@ images to logits. `diffprobe predict` is this module on image files, so the two 
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -26,6 +27,8 @@ from ..precision import Compute, choose_compute
 from .estimator import Probe
 
 ImageLike = Union[str, Path, Image.Image, torch.Tensor]
+PIXEL_SLACK = 1e-3  # resampling and float rounding can step just past ±1
+log = logging.getLogger("diffprobe")
 
 
 def content_index(x: torch.Tensor) -> int:
@@ -75,18 +78,39 @@ class Classifier(nn.Module):
 
     def to_batch(self, images: Sequence[ImageLike] | torch.Tensor) -> torch.Tensor:
         """Paths and PIL images go through the model transform; tensors are taken as transformed
-        ([3, S, S] or [B, 3, S, S] in [-1, 1])."""
+        ([3, S, S] or [B, 3, S, S] in [-1, 1], checked)."""
         if isinstance(images, torch.Tensor):
-            return images if images.ndim == 4 else images[None]
+            return self.check_pixels(images if images.ndim == 4 else images[None])
+        if isinstance(images, (str, Path, Image.Image)):
+            images = [images]
         out = []
         for im in images:
             if isinstance(im, torch.Tensor):
-                out.append(im)
+                out.append(self.check_pixels(im[None] if im.ndim == 3 else im)[0])
             elif isinstance(im, Image.Image):
                 out.append(self.transform(to_rgb(im)))
-            else:
+            elif isinstance(im, (str, Path)):
                 out.append(self.transform(read_image(im)))
+            else:
+                raise DiffprobeError(f"expected image paths, PIL images or tensors [3, S, S] in [-1, 1], got {type(im).__name__}")
         return torch.stack(out)
+
+    def check_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """A transformed batch [B, 3, S, S] in [-1, 1] (what the model transform gives), or one
+        error saying what the tensor holds: [0, 255] or [0, 1] pixels are not this model's input."""
+        s = self.backbone.image_size
+        if x.ndim != 4 or tuple(x.shape[1:]) != (3, s, s):
+            raise DiffprobeError(f"expected images as a tensor [B, 3, {s}, {s}] (or [3, {s}, {s}]), got shape {list(x.shape)}: "
+                                 "pass paths or PIL images to have them resized and cropped")  # fmt: skip
+        if not x.is_floating_point():
+            raise DiffprobeError(f"expected float pixels in [-1, 1], got a {x.dtype} tensor: use x.float() / 127.5 - 1")
+        lo, hi = x.min().item(), x.max().item()
+        if not (lo >= -1 - PIXEL_SLACK and hi <= 1 + PIXEL_SLACK):
+            fix = " (that looks like [0, 255]: use x / 127.5 - 1)" if hi > 2 else ""
+            raise DiffprobeError(f"expected pixels in [-1, 1] (the model transform's range), got values in [{lo:.3g}, {hi:.3g}]{fix}")
+        if lo >= 0 and x.numel() > 3 * 64:  # a whole batch without a dark pixel: almost surely [0, 1] input
+            log.warning("every pixel is ≥ 0: the model expects [-1, 1]; if these are [0, 1] images, use x * 2 - 1")
+        return x
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -11,10 +11,12 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ..errors import DiffprobeError
+from ..validate import finite_float, positive_int
 from .heads import head_options
 
 
 MAX_FLOOR_EPOCHS = 500
+MAX_LR = 10.0
 
 
 @dataclass(frozen=True)
@@ -96,13 +98,26 @@ class ProbeConfig:
     seed: int = 0  # initialisation and shuffling
 
     def __post_init__(self) -> None:
+        if not isinstance(self.options, dict):
+            raise DiffprobeError(f"options: expected a dict of head options, got {self.options!r}")
         object.__setattr__(self, "options", head_options(self.head, **self.options))
         wds = (self.weight_decays,) if isinstance(self.weight_decays, (int, float)) else self.weight_decays
         if wds is None:
             wds = search_grid(self.recipe, self.head)[1]  # an unknown recipe fails here, in recipe_for
-        object.__setattr__(self, "weight_decays", tuple(float(w) for w in wds))
+        if isinstance(wds, (str, bytes)):
+            raise DiffprobeError(f"weight_decays: expected numbers, got {wds!r}")
+        object.__setattr__(self, "weight_decays", tuple(finite_float(w, "weight decay (--wd)", minimum=0) for w in wds))
         if not self.weight_decays:
             raise DiffprobeError("give at least one weight decay")
+        if self.epochs is not None:
+            object.__setattr__(self, "epochs", positive_int(self.epochs, "epochs (--epochs)"))
+        if self.lr is not None:
+            # Above MAX_LR no recipe here trains (AdamW's steps are ~lr in size; SGD's paper rate is 5e-2):
+            # such a rate is a typo, and training on it only diverges.
+            object.__setattr__(self, "lr", finite_float(self.lr, "learning rate (--lr)", above=0, maximum=MAX_LR))
+        object.__setattr__(self, "val_fraction", finite_float(self.val_fraction, "val_fraction (--val-fraction)", above=0, below=1))
+        for name in ("split_seed", "seed"):
+            object.__setattr__(self, name, positive_int(getattr(self, name), name, minimum=0))
         self.training_recipe()  # an unknown recipe fails here, not after extraction
 
     def training_recipe(self) -> Recipe:

@@ -22,7 +22,7 @@ from ..features.plan import FeaturePlan
 from ..features.store import FeatureKey, FeatureStore
 from ..precision import resolve_device
 from .config import ProbeConfig
-from .train import FeatureHead, FittedHead, evaluate_store, fit_head, load_run, save_run
+from .train import FeatureHead, FittedHead, check_same_backbone_manifest, evaluate_store, fit_head, load_run, read_run_json, save_run
 
 
 def _as_keys(setting: FeaturePlan | FeatureKey | Sequence[FeatureKey] | None, store: FeatureStore) -> list[FeatureKey]:
@@ -46,7 +46,7 @@ class Probe:
     def __init__(self, head: str = "linear", recipe: str = "modern", *, weight_decays: Sequence[float] | None = None,
                  epochs: int | None = None, lr: float | None = None, val_fraction: float = 0.1, split_seed: int = 0,
                  seed: int = 0, device: str = "auto", progress: bool = False, **head_options: Any):  # fmt: skip
-        self.config = ProbeConfig(head, recipe, head_options, tuple(weight_decays) if weight_decays is not None else None, epochs, lr, val_fraction, split_seed, seed)
+        self.config = ProbeConfig(head, recipe, head_options, weight_decays, epochs, lr, val_fraction, split_seed, seed)  # type: ignore[arg-type]
         self.device, self.progress = device, progress
         self.fitted_: FittedHead | None = None
 
@@ -90,10 +90,26 @@ class Probe:
 
     # ------------------------------------------------------------------ inference on features
     def _features(self, X: FeatureStore | Sequence[np.ndarray | torch.Tensor] | np.ndarray | torch.Tensor) -> list[torch.Tensor]:
+        """The head's inputs: a store's features (checked to come from the same backbone and noise),
+        or arrays [N, C·p·p], one per setting, checked against the widths the head was trained on."""
+        if isinstance(X, (str, Path)):
+            X = FeatureStore.open(X)
         if isinstance(X, FeatureStore):
+            check_same_backbone_manifest(self.fitted.store_manifest, self.fitted.store_root, X, role="the")
             return [torch.from_numpy(X.load(k)) for k in self.keys_]
-        xs = [X] if isinstance(X, (np.ndarray, torch.Tensor)) else list(X)
-        return [torch.as_tensor(np.asarray(x) if isinstance(x, np.ndarray) else x, dtype=torch.float32) for x in xs]
+        xs = [X] if isinstance(X, (np.ndarray, torch.Tensor)) else list(X) if isinstance(X, (list, tuple)) else None
+        if xs is None:
+            raise DiffprobeError(f"expected a FeatureStore or pooled features (arrays [N, C·p·p], one per setting), got {type(X).__name__}")
+        widths = [c * p * p for c, p in self.fitted.input_shapes]
+        if len(xs) != len(widths):
+            raise DiffprobeError(f"this probe reads {len(widths)} setting(s) ({', '.join(k.stem for k in self.keys_)}), got {len(xs)} feature array(s)")
+        out = []
+        for x, width, key in zip(xs, widths, self.keys_):
+            x = torch.as_tensor(np.asarray(x) if isinstance(x, np.ndarray) else x, dtype=torch.float32)
+            if x.ndim != 2 or x.shape[1] != width:
+                raise DiffprobeError(f"features for {key.stem} must be [N, {width}] (pooled as stored), got {list(x.shape)}")
+            out.append(x)
+        return out
 
     @torch.no_grad()
     def decision_function(self, X) -> torch.Tensor:
@@ -125,14 +141,22 @@ class Probe:
     @classmethod
     def load(cls, run_dir: str | Path, device: str = "auto") -> "Probe":
         config, head = load_run(run_dir)
-        probe = cls.from_config(ProbeConfig.from_dict(config["probe_config"]) if "probe_config" in config else
-                                ProbeConfig(config["head"], config["recipe"]["name"], config["head_options"],
-                                            tuple(config["weight_decays"]), val_fraction=config["val_fraction"],
-                                            split_seed=config["split_seed"], seed=config["seed"]), device)  # fmt: skip
-        manifest = {k: config[k] for k in ("backbone", "loaded_with", "noise", "transform", "precision")}
-        probe.fitted_ = FittedHead(head, [FeatureKey(**k) for k in config["keys"]], probe.config,
-                                   json_metrics(run_dir), np.zeros((0, 0)), [tuple(s) for s in config["input_shapes"]],
-                                   config["classes"], manifest, config["store"], config.get("augmented_store"))  # fmt: skip
+        try:
+            probe = cls.from_config(ProbeConfig.from_dict(config["probe_config"]) if "probe_config" in config else
+                                    ProbeConfig(config["head"], config["recipe"]["name"], config["head_options"],
+                                                tuple(config["weight_decays"]), val_fraction=config["val_fraction"],
+                                                split_seed=config["split_seed"], seed=config["seed"]), device)  # fmt: skip
+            manifest = {k: config[k] for k in ("backbone", "loaded_with", "noise", "transform", "precision")}
+            probe.fitted_ = FittedHead(head, [FeatureKey(**k) for k in config["keys"]], probe.config,
+                                       json_metrics(run_dir), np.zeros((0, 0)), [tuple(s) for s in config["input_shapes"]],
+                                       config["classes"], manifest, config["store"], config.get("augmented_store"))  # fmt: skip
+        except KeyError as e:
+            raise DiffprobeError(f"{Path(run_dir) / 'config.json'} lacks the key {e.args[0]!r}: restore it, or train the run again") from None
+        except (TypeError, AttributeError, ValueError) as e:
+            raise DiffprobeError(f"{Path(run_dir) / 'config.json'} is damaged ({e}): restore it, or train the run again") from None
+        if probe.config.head != config["head"]:  # the file was edited by hand
+            raise DiffprobeError(f"{Path(run_dir) / 'config.json'} names head {config['head']!r} but was trained as "
+                                 f"{probe.config.head!r}: restore the file, or train the run again")  # fmt: skip
         return probe
 
     def __repr__(self) -> str:
@@ -141,7 +165,4 @@ class Probe:
 
 
 def json_metrics(run_dir: str | Path) -> dict[str, Any]:
-    import json
-
-    path = Path(run_dir) / "metrics.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_run_json(Path(run_dir) / "metrics.json", required=False)

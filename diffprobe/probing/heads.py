@@ -8,6 +8,7 @@ one per (block, timestep).
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import torch
@@ -132,13 +133,44 @@ HEAD_OPTIONS: dict[str, dict[str, object]] = {
 
 
 def head_options(kind: str, **given: object) -> dict[str, object]:
-    """Every option of head `kind`: from `given` where set (not None), else its default; other heads' options are dropped."""
-    if kind not in HEAD_OPTIONS:
-        from ..errors import DiffprobeError
+    """Every option of head `kind`: from `given` where set (not None), else its default, checked.
 
+    A name no head takes is refused (a typo must not become a silent default); another head's
+    option, when set, is ignored with a warning (the CLI offers every head's flags)."""
+    from ..errors import DiffprobeError
+    from ..validate import known_keywords
+
+    if kind not in HEAD_OPTIONS:
         raise DiffprobeError(f"unknown head {kind!r}; expected one of {', '.join(HEAD_OPTIONS)}")
+    known_keywords(given, {name for options in HEAD_OPTIONS.values() for name in options}, "head option(s)")
+    ignored = sorted(name for name, value in given.items() if value is not None and name not in HEAD_OPTIONS[kind])
+    if ignored:
+        logging.getLogger("diffprobe").warning("the %s head takes no %s: ignored", kind, ", ".join(ignored))
     chosen = {name: default if given.get(name) is None else given[name] for name, default in HEAD_OPTIONS[kind].items()}
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in chosen.items()}
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in _checked(chosen).items()}
+
+
+def _checked(options: dict[str, object]) -> dict[str, object]:
+    """Option values a head can be built with, or one error naming the option."""
+    from ..errors import DiffprobeError
+    from ..validate import positive_int
+
+    out = dict(options)
+    for name in ("width", "depth", "heads"):
+        if name in out:
+            out[name] = positive_int(out[name], f"head option {name}")
+    if "hidden" in out:
+        hidden = out["hidden"]
+        sizes = [hidden] if isinstance(hidden, int) else hidden
+        if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__iter__"):
+            raise DiffprobeError(f"head option hidden: expected hidden sizes (e.g. [1024] or [1024, 512]), got {hidden!r}")
+        out["hidden"] = tuple(positive_int(h, "head option hidden (each size)") for h in sizes)
+    if "batchnorm" in out and not isinstance(out["batchnorm"], bool):
+        raise DiffprobeError(f"head option batchnorm: expected True or False, got {out['batchnorm']!r}")
+    if "heads" in out and out["width"] % out["heads"]:
+        raise DiffprobeError(f"the attention width {out['width']} must be divisible by its {out['heads']} heads "
+                             "(set --width to a multiple of --heads)")  # fmt: skip
+    return out
 
 
 def build_head(kind: str, shapes: Sequence[tuple[int, int]], num_classes: int, **options) -> nn.Module:

@@ -34,7 +34,8 @@ from ..precision import Compute, choose_compute
 from .config import ProbeConfig
 from .diffeed import DifFeed
 from .heads import build_head
-from .train import FeatureHead, FittedHead, _evaluate, _lr_at, per_class_report, save_run, warn_if_one_token
+from .train import (FeatureHead, FittedHead, _evaluate, _lr_at, check_two_classes, divergence, per_class_report, save_run,
+                    warn_if_one_token)
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ def train_online(backbone: Backbone, data: LabeledImages, plan: FeaturePlan, con
     train_idx, val_idx = rows[~is_val], rows[is_val]
     if len(train_idx) < 2 or len(val_idx) == 0:
         raise DiffprobeError(f"{len(rows)} images leave too few for training and validation (val fraction {config.val_fraction})")
+    check_two_classes(np.asarray(data.labels)[train_idx], data.classes, data.name)
     workers = o.workers if o.workers is not None else (0 if compute.device.type == "cpu" else 8)
     fingerprint = backbone.fingerprint()
     runner = compute.prepare(backbone)
@@ -175,6 +177,9 @@ def train_online(backbone: Backbone, data: LabeledImages, plan: FeaturePlan, con
                         "val_loss": val_loss, "val_top1": val_top1, "val_top5": val_top5})  # fmt: skip
         if val_top1 > best_top1:
             best_top1, best_epoch, best_state = val_top1, epoch + 1, copy.deepcopy(model.state_dict())
+    blown = divergence(history, len(data.classes))
+    if blown:
+        raise DiffprobeError(f"training diverged at lr {recipe.lr:g} ({blown}): lower --lr")
     model.load_state_dict(best_state)
     _, val_top1, val_top5, val_logits, val_y = evaluate()
     backbone._fingerprint = None  # recomputed from the weights as they are now

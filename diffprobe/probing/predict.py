@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from ..validate import positive_int
 from .classifier import Classifier
 
 
 def predict_files(run_dir: str | Path, images: Sequence[str | Path], top_k: int = 5, device: str = "auto",
                   batch: int = 32) -> list[dict]:  # fmt: skip
+    top_k = positive_int(top_k, "top-k (--top-k)")  # before the backbone loads: a bad flag costs nothing
     model = Classifier.from_run(run_dir, device)
     results = []
     for start in range(0, len(images), batch):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import logging
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..errors import DiffprobeError
 from .fastprobe import Standardizer, topk
-from .heads import build_head
+from .heads import build_head, head_options
 from .._io import output_dir, output_errors, torch_save, write_json
 from ..features.distributed import join, ranks
 from ..features.plan import FeaturePlan
@@ -35,6 +36,7 @@ from ..features.store import FeatureKey, FeatureStore
 
 log = logging.getLogger(__name__)
 RUN_FORMAT = 1
+DIVERGED = 10.0  # a final training loss this many times chance's marks a run that blew up
 
 
 def _lr_at(recipe: Recipe, epoch: float) -> float:
@@ -269,6 +271,26 @@ def check_keys(store: FeatureStore, keys: Sequence[FeatureKey], head: str) -> No
     warn_if_one_token(head, [k.pool for k in keys])
 
 
+def check_two_classes(train_labels: np.ndarray, classes: Sequence[str], source: str) -> None:
+    """A head trained on one class scores 100% on it and knows nothing: refuse, as the fast probes do."""
+    present = np.unique(train_labels)
+    if len(present) < 2:
+        only = classes[int(present[0])] if len(present) else "none"
+        raise DiffprobeError(f"the training rows of {source} hold a single class ({only}, of {len(classes)} in the dataset): "
+                             "nothing to classify; extract images of at least two classes")  # fmt: skip
+
+
+def divergence(history: list[dict], num_classes: int) -> str | None:
+    """Why a training run blew up, or None. A non-finite loss, or a final training loss far above
+    chance's ln(K) (a head that learns ends below it), means the learning rate was too high."""
+    last = history[-1]
+    chance = math.log(max(num_classes, 2))
+    if not (math.isfinite(last["train_loss"]) and math.isfinite(last["val_loss"])) or last["train_loss"] > DIVERGED * chance:
+        return (f"final training loss {last['train_loss']:.3g}, validation loss {last['val_loss']:.3g} "
+                f"(chance is {chance:.2f})")  # fmt: skip
+    return None
+
+
 def warn_if_one_token(head: str, pools: Sequence[int]) -> None:
     """Spatial heads on a 1×1 pooled map see one token: nothing to attend to or convolve over."""
     if head in ("attention", "cnn", "fusion", "diffeed") and all(p == 1 for p in pools):
@@ -287,12 +309,20 @@ def fit_head(store: FeatureStore, keys: Sequence[FeatureKey], config: ProbeConfi
     train_rows, val_rows = np.flatnonzero(~is_val), np.flatnonzero(is_val)
     if len(val_rows) == 0 or len(train_rows) == 0:
         raise DiffprobeError(f"the split leaves no validation or no training rows ({store.rows} rows, val fraction {config.val_fraction})")
-    trials = []  # every (lr, weight decay) of the search, in order; ties keep the first
+    check_two_classes(store.labels[train_rows], store.classes, str(store.root))
+    trials, diverged = [], []  # every (lr, weight decay) of the search, in order; ties keep the first
     for recipe in config.training_recipes():
         for wd in config.weight_decays:
             model, history, best_epoch = train_once(store, keys, config.head, recipe, wd, train_rows, val_rows, config.seed,
                                                     config.options, device, progress, augmented)  # fmt: skip
+            blown = divergence(history, len(store.classes))
+            if blown:
+                diverged.append(f"lr {recipe.lr:g}, weight decay {wd:g} ({blown})")
+                log.warning("training diverged at lr %g, weight decay %g (%s): left out of the choice", recipe.lr, wd, blown)
+                continue
             trials.append((max(h["val_top1"] for h in history), recipe.lr, wd, model, history, best_epoch))
+    if not trials:  # a diverged head scores like chance, or worse: never a number to report
+        raise DiffprobeError(f"training diverged at {'; '.join(diverged)}: lower --lr (or leave it out to use the recipe's search)")
     best_top1, best_lr, best_wd, model, history, best_epoch = max(trials, key=lambda tr: tr[0])
 
     labels = torch.from_numpy(store.labels)
@@ -378,21 +408,46 @@ def probe(store: FeatureStore, keys: Sequence[FeatureKey], out: str | Path, conf
     return fitted.metrics
 
 
+def read_run_json(path: Path, required: bool = True) -> dict:
+    """A run's JSON file as a dict, or one error naming the file (damaged, edited, not JSON)."""
+    if not path.is_file():
+        if required:
+            raise DiffprobeError(f"{path.parent} is not a probe run (expected {path.name}): run `diffprobe probe` first")
+        return {}
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DiffprobeError(f"{path} is not valid JSON ({e}): restore it from the run, or train the run again") from None
+    if not isinstance(value, dict):
+        raise DiffprobeError(f"{path} holds a {type(value).__name__}, not a JSON object: restore it, or train the run again")
+    return value
+
+
 def load_run(run_dir: str | Path) -> tuple[dict, FeatureHead]:
     """A saved run's config and its head (with standardisation), ready for inference."""
     run_dir = Path(run_dir)
     cfg_path, weights = run_dir / "config.json", run_dir / "head.pt"
     if not cfg_path.is_file() or not weights.is_file():
         raise DiffprobeError(f"{run_dir} is not a probe run (expected config.json and head.pt): run `diffprobe probe` first")
-    config = json.loads(cfg_path.read_text())
+    config = read_run_json(cfg_path)
     if config.get("format") != RUN_FORMAT:
         raise DiffprobeError(f"{run_dir} was written by an incompatible diffprobe (run format {config.get('format')}, expected {RUN_FORMAT})")
-    shapes = [tuple(s) for s in config["input_shapes"]]
-    head = build_head(config["head"], shapes, len(config["classes"]), **config["head_options"])
+    try:
+        shapes = [(int(c), int(p)) for c, p in config["input_shapes"]]
+        classes = [str(c) for c in config["classes"]]
+        head = build_head(config["head"], shapes, len(classes), **head_options(config["head"], **config["head_options"]))
+    except KeyError as e:
+        raise DiffprobeError(f"{cfg_path} lacks the key {e.args[0]!r}: restore the file, or train the run again") from None
+    except (TypeError, ValueError) as e:
+        raise DiffprobeError(f"{cfg_path} does not describe a head ({e}): restore the file, or train the run again") from None
+    except DiffprobeError as e:
+        raise DiffprobeError(f"{cfg_path} does not describe a head this diffprobe builds: {e}") from None
     dims = [c * p * p for c, p in shapes]
     model = FeatureHead(head, [torch.zeros(d) for d in dims], [torch.ones(d) for d in dims], config["head"] == "fusion")
     try:
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    except Exception as e:  # a shape mismatch (RuntimeError) or a damaged file (UnpicklingError, OSError)
-        raise DiffprobeError(f"{weights} does not fit the head described in config.json: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # a shape mismatch (RuntimeError) or a damaged file (UnpicklingError, EOFError, OSError)
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise DiffprobeError(f"{weights} does not fit the head described in config.json, or is damaged ({first}): "
+                             "train the run again") from None  # fmt: skip
     return config, model.eval()

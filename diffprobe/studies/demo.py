@@ -24,6 +24,7 @@ from .._io import output_dir
 from ..backbones import load_backbone
 from ..data import LabeledImages
 from ..errors import DiffprobeError
+from ..validate import positive_int
 from ..features.extract import ExtractOptions
 from ..features.plan import FeaturePlan
 from ..features.store import FeatureKey, FeatureStore
@@ -57,6 +58,8 @@ def run_demo(data: LabeledImages, out: str | Path, checkpoint: str | Path = DEFA
                              "PATH.json flags, e.g. from diffprobe export)")  # fmt: skip
     if len(timesteps) < 2 and "fusion" in heads:
         raise DiffprobeError("the fusion head fuses two timesteps: give at least two --t values")
+    if head_epochs is not None:
+        head_epochs = positive_int(head_epochs, "head epochs (--head-epochs)")
     out = output_dir(out)
     started = time.time()
     backbone = load_backbone(f"adm:{checkpoint}")

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..backbones.base import Backbone
 from ..data import LabeledImages, model_transform
 from ..errors import DiffprobeError
+from ..validate import positive_int
 from ..precision import choose_compute
 from ..probing.fastprobe import ProbeScore, knn, logistic_regression
 from ..features.extract import ExtractOptions, extract
@@ -128,6 +129,8 @@ def sweep(backbone: Backbone, data: LabeledImages, out: str | Path, plan: Featur
     Fast probes and heads run on the extraction's device."""
     out = Path(out)
     options = options or ExtractOptions()
+    if head_epochs is not None:  # checked before extraction, not after an hour of it
+        head_epochs = positive_int(head_epochs, "head epochs (--head-epochs)")
     if options.augment_views:
         raise DiffprobeError("a sweep scores centre-crop features; extract augmented views separately (extract --augment-views)")
     plan = plan.resolve(backbone)
