@@ -349,10 +349,7 @@ def probe_args(store, out, *extra):
     (["--val-fraction", "1.5"], ["val_fraction", "< 1"]),
 ])  # fmt: skip
 def test_probe_flags_out_of_range_are_one_line_before_training(small_store, tmp_path, capsys, flags, needles):
-    args = probe_args(small_store, tmp_path / "run", *flags)
-    if "--pool" in flags:  # the flag list sets its own pool
-        del args[args.index("--pool", 10) - 0: args.index("--pool", 10)]
-    assert_one_line_error(*run(capsys, *args)[::2], *needles)
+    assert_one_line_error(*run(capsys, *probe_args(small_store, tmp_path / "run", *flags))[::2], *needles)
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
@@ -511,3 +508,30 @@ def test_classifier_says_which_pixel_range_it_expects(saved_run, cifar_small, ca
         model.predict(torch.full((1, 3, s, s), 0.5))
     assert "expects [-1, 1]" in caplog.text
     assert model.predict(pixels) == model.predict([image])
+
+
+@pytest.mark.parametrize("demo, needle", [
+    ("[1, 2]", "holds a JSON list, not an object"),
+    ("{not json", "cannot read"),
+    ('{"checkpoint": "x.pt"}', "is not a demo result (no data, sweep"),
+])  # fmt: skip
+def test_card_with_a_bad_demo_result_is_one_line(cifar_small, tmp_path, capsys, demo, needle):
+    from test_card import _checkpoint
+
+    _checkpoint(tmp_path / "ckpt", cifar_small)
+    (tmp_path / "demo.json").write_text(demo)
+    assert_one_line_error(*run(capsys, "card", tmp_path / "ckpt", "--demo", tmp_path / "demo.json")[::2], needle)
+
+
+@pytest.mark.parametrize("drop", ["config", "probe"])
+def test_card_json_without_its_keys_is_one_line(cifar_small, tmp_path, capsys, drop):
+    import json
+
+    from test_card import _checkpoint
+
+    _checkpoint(tmp_path / "ckpt", cifar_small)
+    card_path = tmp_path / "ckpt" / "card.json"
+    card = json.loads(card_path.read_text())
+    del card[drop]
+    card_path.write_text(json.dumps(card))
+    assert_one_line_error(*run(capsys, "card", tmp_path / "ckpt")[::2], f"lacks the key '{drop}'", "export the folder again")

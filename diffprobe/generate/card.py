@@ -231,21 +231,36 @@ def refresh_card(dest: str | Path, demo: str | Path | None = None, fid: str | Pa
     path = dest / "card.json"
     if not path.is_file() or not (dest / "ema.pt").is_file():
         raise DiffprobeError(f"{dest} is not a checkpoint folder (expected card.json and ema.pt from diffprobe export)")
-    card = json.loads(path.read_text())
-    if "training" not in card:  # cards of diffprobe 0.2: the training record lives in ema.json (or only the step count)
-        side = json.loads((dest / "ema.json").read_text())
-        card["training"] = side.get("training") or [{"steps": side["step"], "batch_size": card["config"]["batch_size"],
-                                                    "images_seen": side["step"] * card["config"]["batch_size"],
-                                                    "hours": None, "hardware": None}]  # fmt: skip
-    sha = file_sha256(dest / "ema.pt")
-    config = card["config"]
-    split = (config.get("val_fraction", config.get("holdout_fraction")), config.get("split_seed", config.get("holdout_seed")))
-    if demo is not None:
-        card["attention"] = attention_from_demo(Path(demo), sha, split)
-    if fid is not None:
-        card["fid"] = fid_result(Path(fid), sha, split, config["data_fingerprint"])
-    write_card(dest, card)
+    card = read_json_object(path, "restore it, or export the folder again (diffprobe export)")
+    try:
+        if "training" not in card:  # cards of diffprobe 0.2: the training record lives in ema.json (or only the step count)
+            side = read_json_object(dest / "ema.json", "restore it beside ema.pt")
+            card["training"] = side.get("training") or [{"steps": side["step"], "batch_size": card["config"]["batch_size"],
+                                                        "images_seen": side["step"] * card["config"]["batch_size"],
+                                                        "hours": None, "hardware": None}]  # fmt: skip
+        sha = file_sha256(dest / "ema.pt")
+        config = card["config"]
+        split = (config.get("val_fraction", config.get("holdout_fraction")), config.get("split_seed", config.get("holdout_seed")))
+        if demo is not None:
+            card["attention"] = attention_from_demo(Path(demo), sha, split)
+        if fid is not None:
+            card["fid"] = fid_result(Path(fid), sha, split, config["data_fingerprint"])
+        write_card(dest, card)
+    except (KeyError, TypeError, AttributeError, IndexError) as e:  # a hand-edited or truncated card.json / ema.json
+        what = f"lacks the key {e.args[0]!r}" if isinstance(e, KeyError) else f"is damaged ({type(e).__name__}: {e})"
+        raise DiffprobeError(f"{path} (or its ema.json, loss.csv) {what}: restore it, or export the folder again (diffprobe export)") from None
     return card
+
+
+def read_json_object(path: Path, fix: str) -> dict[str, Any]:
+    """A JSON object from a file, or one error naming the file and `fix`."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DiffprobeError(f"cannot read {path} ({type(e).__name__}: {e}): {fix}") from None
+    if not isinstance(value, dict):
+        raise DiffprobeError(f"{path} holds a JSON {type(value).__name__}, not an object: {fix}")
+    return value
 
 
 def _same_checkpoint(path: str, sha: str, what: str) -> None:
@@ -256,11 +271,16 @@ def _same_checkpoint(path: str, sha: str, what: str) -> None:
 
 
 def attention_from_demo(demo: Path, sha: str, split: tuple[Any, Any]) -> dict[str, Any]:
-    try:
-        result = json.loads(demo.read_text())
-        sweep, heads = result["sweep"], result["sweep"].get("heads", {})
-    except (OSError, ValueError, KeyError) as e:
-        raise DiffprobeError(f"cannot read a demo result from {demo} ({type(e).__name__}: {e}): pass runs/demo/demo.json") from None
+    result = read_json_object(demo, "pass runs/demo/demo.json, the result of diffprobe demo")
+    sweep = result.get("sweep")
+    missing = [k for k in ("checkpoint", "data", "sweep") if k not in result]
+    if isinstance(sweep, dict):
+        missing += [f"sweep.{k}" for k in ("val_fraction", "split_seed", "best", "rows") if k not in sweep]
+    elif "sweep" in result:
+        missing.append("sweep as an object")
+    if missing:
+        raise DiffprobeError(f"{demo} is not a demo result (no {', '.join(missing)}): pass runs/demo/demo.json")
+    heads = sweep.get("heads") or {}
     if "attention" not in heads:
         raise DiffprobeError(f"{demo} has no attention head (the demo ran with --heads without attention)")
     _same_checkpoint(result["checkpoint"], sha, f"the demo {demo}")
@@ -277,10 +297,10 @@ def attention_from_demo(demo: Path, sha: str, split: tuple[Any, Any]) -> dict[st
 
 
 def fid_result(path: Path, sha: str, split: tuple[Any, Any], data_fingerprint: str) -> dict[str, Any]:
+    fid = read_json_object(path, "pass the fid.json written by diffprobe fid")
     try:
-        fid = json.loads(path.read_text())
         value = float(fid["fid"])
-    except (OSError, ValueError, KeyError) as e:
+    except (TypeError, ValueError, KeyError) as e:
         raise DiffprobeError(f"cannot read a FID result from {path} ({type(e).__name__}: {e}): pass the --out of diffprobe fid") from None
     real = fid.get("real_split") or {}
     if real.get("split") != "validation" or (real.get("val_fraction"), real.get("split_seed")) != tuple(split):
