@@ -106,7 +106,8 @@ def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
 
     def write(p: str) -> None:
         with open(p, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            fields = list(dict.fromkeys(k for row in rows for k in row))  # rows may add columns (e.g. a comparison)
+            writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
 

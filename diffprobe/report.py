@@ -53,12 +53,12 @@ def training_curves(path: str | Path, history: Sequence[dict[str, float]], title
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
     ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train")
-    ax_loss.plot(epochs, [h["val_loss"] for h in history], label="validation")
+    ax_loss.plot(epochs, [h["val_loss"] for h in history], label="selection rows")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("cross-entropy")
     ax_loss.legend()
     ax_acc.plot(epochs, [h["train_top1"] for h in history], label="train")
-    ax_acc.plot(epochs, [h["val_top1"] for h in history], label="validation")
+    ax_acc.plot(epochs, [h["val_top1"] for h in history], label="selection rows")
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("top-1 %")
     ax_acc.legend()
@@ -112,7 +112,7 @@ def loss_curve(path: str | Path, history: Sequence[dict[str, float]]) -> None:
 
 
 def head_bars(path: str | Path, rows: Sequence[dict], title: str) -> None:
-    """Validation top-1 per (head, recipe), logistic regression as a dashed reference line."""
+    """Top-1 per (head, recipe) with its interval as an error bar, logistic regression as a dashed reference line."""
     reference = [r for r in rows if r["recipe"] == "-"]
     heads = [r for r in rows if r["recipe"] != "-"]
     kinds = list(dict.fromkeys(r["head"] for r in heads))
@@ -120,13 +120,17 @@ def head_bars(path: str | Path, rows: Sequence[dict], title: str) -> None:
     width = 0.8 / max(1, len(recipes))
     fig, ax = plt.subplots(figsize=(1.3 * len(kinds) + 2, 3.8))
     for j, recipe in enumerate(recipes):
-        values = [next((r["val_top1"] for r in heads if r["head"] == k and r["recipe"] == recipe), np.nan) for k in kinds]
-        bars = ax.bar(np.arange(len(kinds)) + (j - (len(recipes) - 1) / 2) * width, values, width, label=f"{recipe} recipe")
+        found = [next((r for r in heads if r["head"] == k and r["recipe"] == recipe), None) for k in kinds]
+        values = [r["top1"] if r else np.nan for r in found]
+        errors = np.array([[r["top1"] - r["low"], r["high"] - r["top1"]] if r and r.get("low") is not None else [0, 0]
+                           for r in found]).T  # fmt: skip
+        bars = ax.bar(np.arange(len(kinds)) + (j - (len(recipes) - 1) / 2) * width, values, width, yerr=errors, capsize=2,
+                      label=f"{recipe} recipe")  # fmt: skip
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
     for r in reference:
-        ax.axhline(r["val_top1"], ls="--", color="k", lw=1, label=f"{r['head']}: {r['val_top1']:.1f}")
+        ax.axhline(r["top1"], ls="--", color="k", lw=1, label=f"{r['head']}: {r['top1']:.1f}")
     ax.set_xticks(np.arange(len(kinds)), kinds)
-    ax.set_ylabel("validation top-1 (%)")
+    ax.set_ylabel("top-1 (%), 95% interval")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()

@@ -86,7 +86,7 @@ def test_notebook_flow_equals_the_cli(bb, store, cifar_small, tmp_path, capsys):
                  "--out", str(run)]) == 0  # fmt: skip
     cli_metrics = json.loads((run / "metrics.json").read_text())
     in_memory = json.loads(json.dumps(clf.metrics_, default=float))
-    assert cli_metrics["val"] == in_memory["val"] and cli_metrics["history"] == in_memory["history"]  # exactly
+    assert cli_metrics["select"] == in_memory["select"] and cli_metrics["report"] == in_memory["report"] and cli_metrics["history"] == in_memory["history"]  # exactly
     assert cli_metrics["chosen"] == clf.metrics_["chosen"]
     loaded = dp.Probe.load(run)
     assert np.allclose(loaded.predict_proba(store), clf.predict_proba(store), atol=1e-6)

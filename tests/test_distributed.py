@@ -74,7 +74,7 @@ def test_ddp_linear_head_matches_one_process(cifar_small, tmp_path, isolated_cac
     assert two.returncode == 0, two.stderr[-3000:]
     a = json.loads((tmp_path / "one" / "metrics.json").read_text())
     b = json.loads((tmp_path / "two" / "metrics.json").read_text())
-    assert abs(a["val"]["top1"] - b["val"]["top1"]) <= 0.5, (a["val"]["top1"], b["val"]["top1"])
+    assert abs(a["select"]["top1"] - b["select"]["top1"]) <= 0.5, (a["select"]["top1"], b["select"]["top1"])
     assert [h["train_loss"] for h in a["history"]] == pytest.approx([h["train_loss"] for h in b["history"]], rel=1e-3)
 
 

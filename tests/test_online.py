@@ -23,7 +23,7 @@ def test_online_attention_head_on_full_maps_leaves_the_backbone_unchanged(cifar_
     fitted = train_online(bb, open_dataset(cifar_small), FeaturePlan(t=10, blocks=3, pools=res),
                           ProbeConfig("attention", options={"width": 32, "heads": 4, "depth": 1}, epochs=2),
                           tmp_path / "run", OnlineOptions(limit=60, progress=False))  # fmt: skip
-    assert len(fitted.metrics["history"]) == 2 and fitted.metrics["val"]["rows"] > 0
+    assert len(fitted.metrics["history"]) == 2 and fitted.metrics["select"]["rows"] > 0 and fitted.metrics["report"]["rows"] > 0
     assert all(torch.equal(before[k], v) for k, v in bb.state_dict().items())
     assert all(p.grad is None for p in bb.parameters())
     # The run serves `predict` like any other (online features = what featurize computes).
@@ -41,7 +41,7 @@ def test_online_diffeed_through_the_cli(cifar_small, tmp_path, capsys):
                  "--pool", "2", "--head", "diffeed", "--feedback-blocks", ",".join(map(str, feedback)), "--epochs", "1",
                  "--width", "32", "--heads", "4", "--depth", "1", "--out", str(tmp_path / "fb")])  # fmt: skip
     assert code == 0, capsys.readouterr().err
-    assert "diffeed head (online features): validation top-1" in capsys.readouterr().out
+    assert "diffeed head (online features): top-1" in capsys.readouterr().out
     assert (tmp_path / "fb" / "feedback.pt").is_file()
     assert main(["predict", str(tmp_path / "fb"), str(sorted((cifar_small / "cat").iterdir())[0])]) == 2
     assert "DifFeed run" in capsys.readouterr().err

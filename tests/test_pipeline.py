@@ -31,7 +31,7 @@ def test_pretrain_sample_extract_probe_export_demo(cifar_small, tmp_path, capsys
     assert main(["extract", spec, "--data", str(cifar_small), "--blocks", "3,5", "--t", "10", "--out", str(store)]) == 0
     assert main(["probe", str(store), "--t", "10", "--block", "5", "--out", str(tmp_path / "probe"), "--epochs", "2"]) == 0
     metrics = json.loads((tmp_path / "probe" / "metrics.json").read_text())
-    assert 0 <= metrics["val"]["top1"] <= 100 and metrics["val"]["rows"] > 0
+    assert 0 <= metrics["report"]["top1"] <= 100 and metrics["report"]["rows"] > 0 and metrics["select"]["rows"] > 0
     capsys.readouterr()
 
     ckpt = tmp_path / "ckpt"
@@ -47,16 +47,21 @@ def test_pretrain_sample_extract_probe_export_demo(cifar_small, tmp_path, capsys
                  "--blocks", "3,5", "--t", "10,30", "--head-epochs", "2", "--samples", "4"]) == 0  # fmt: skip
     report = (out / "REPORT.md").read_text()
     summary = json.loads((out / "sweep" / "summary.json").read_text())
-    assert f"{summary['best']['top1']:.2f}%" in report
-    assert f"{summary['controls']['pixels']['top1']:.2f}%" in report and "random weights" in report
+    assert f"{summary['best']['report']['estimate']:.2f}% [{summary['best']['report']['low']:.2f}," in report
+    assert f"{summary['controls']['pixels']['report']['estimate']:.2f}%" in report and "random weights" in report
+    assert f"{summary['roles']['select']} **selection** rows" in report and f"{summary['roles']['report']} **report** rows" in report
     assert (out / "samples" / "grid.png").is_file()
     demo = json.loads((out / "demo.json").read_text())
     heads = demo["sweep"]["heads"]
     assert set(heads) == {"linear", "mlp", "attention", "fusion"}
     assert all(h["inputs"][0].endswith("_p4") for h in heads.values()) and len(heads["fusion"]["inputs"]) == 2
-    for kind, h in heads.items():  # every head's number is in the report, and each finding has a verdict
-        assert f"| {kind} |" in report and f"{h['top1']:.2f}%" in report
-    assert report.count("hold") >= 4
+    for kind, h in heads.items():  # every head's number is in the report, with its interval
+        assert f"| {kind} |" in report and f"{h['report']['estimate']:.2f}% [{h['report']['low']:.2f}" in report
+    judged = demo["sweep"]["findings"]  # each finding has a verdict from its paired interval
+    assert len(judged) >= 5 and all(f"**{f['verdict']}**" in report for f in judged)
+    for f in judged:
+        d = f["difference"]
+        assert f["verdict"] == ("holds" if d["low"] > 0 else "does not hold" if d["high"] < 0 else "not separable at this size")
 
 
 def test_fid_command_without_weights_fails_clearly(cifar_small, tmp_path, capsys, monkeypatch):

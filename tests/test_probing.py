@@ -22,6 +22,7 @@ from diffprobe.probing.heads import HEADS, build_head
 from diffprobe.precision import Compute
 from diffprobe.probing.config import ProbeConfig, search_grid
 from diffprobe.probing.train import probe
+from diffprobe.features.roles import store_roles
 from diffprobe.features.store import FeatureKey, FeatureStore
 
 CPU = Compute(torch.device("cpu"), "bf16", True)
@@ -81,10 +82,10 @@ def test_probe_run_is_reproducible_and_complete(store, tmp_path):
     key = [FeatureKey(10, 3, 2)]
     a = probe(store, key, tmp_path / "a", ProbeConfig("mlp", epochs=4, seed=3), progress=False)
     b = probe(store, key, tmp_path / "b", ProbeConfig("mlp", epochs=4, seed=3), progress=False)
-    assert a["val"] == b["val"] and a["history"] == b["history"]
+    assert a["select"] == b["select"] and a["report"] == b["report"] and a["history"] == b["history"]
     for name in ("config.json", "head.pt", "metrics.json", "curves.png", "confusion.png"):
         assert (tmp_path / "a" / name).is_file()
-    assert set(a["val"]["per_class_top1"]) == set(store.classes)
+    assert set(a["report"]["per_class_top1"]) == set(store.classes)
 
 
 def test_learning_rate_and_weight_decay_are_chosen_on_validation(store, tmp_path):
@@ -94,7 +95,7 @@ def test_learning_rate_and_weight_decay_are_chosen_on_validation(store, tmp_path
     assert [(t["lr"], t["weight_decay"]) for t in trials] == [(lr, wd) for lr in lrs for wd in (0.0, 10.0)]
     best = max(trials, key=lambda t: t["val_top1"])
     assert m["chosen"]["weight_decay"] == best["weight_decay"] and m["chosen"]["lr"] == best["lr"]
-    assert m["val"]["top1"] == pytest.approx(best["val_top1"])
+    assert m["select"]["top1"] == pytest.approx(best["val_top1"])
 
 
 def test_probe_errors(store, tmp_path):
@@ -108,7 +109,7 @@ def test_cli_probe_predict_round_trip(store, tmp_path, capsys, cifar_small):
     run = tmp_path / "run"
     assert main(["probe", str(store.root), "--t", "10", "--block", "3", "--pool", "2", "--head", "linear",
                  "--epochs", "3", "--out", str(run)]) == 0  # fmt: skip
-    assert "linear head: validation top-1" in capsys.readouterr().out
+    assert "images no choice saw (held-out report rows of" in capsys.readouterr().out
     images = sorted((cifar_small / "ship").iterdir())[:2]
     odd = tmp_path / "odd.png"
     Image.new("LA", (50, 20), (128, 255)).save(odd)
@@ -175,15 +176,21 @@ def test_sweep_writes_csv_heatmaps_best_and_controls(cifar_small, tmp_path, caps
                  "--pool", "1,2", "--out", str(out), "--head", "linear"])  # fmt: skip
     assert code == 0
     text = capsys.readouterr().out
-    assert "linear head at the best setting" in text and (out / "head-linear" / "head.pt").is_file()
-    assert "best: t=" in text and "controls: raw pixels" in text
+    assert "linear head at the best cell: top-1" in text and (out / "head-linear" / "head.pt").is_file()
+    assert "best cell, chosen on 10 selection images: t=" in text and "report images" in text and "controls, each with its own search" in text
     rows = (out / "sweep.csv").read_text().splitlines()
-    assert rows[0].startswith("t,block,pool,probe,top1,top5") and len(rows) == 1 + 12
+    assert rows[0].startswith("t,block,pool,probe,select_top1,select_top5,report_top1,report_top5") and len(rows) == 1 + 12
     assert (out / "heatmap_pool1.png").is_file() and (out / "heatmap_pool2.png").is_file()
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["best"]["top1"] == max(float(r.split(",")[4]) for r in rows[1:])
-    assert 0 < summary["controls"]["pixels"]["top1"] <= 100 and "random_weights" in summary["controls"]
-    assert summary["best"]["top1"] > 15  # 30 images per class, chance is 10
+    assert summary["roles"] == {"train": 270, "select": 10, "report": 20, "val_fraction": 0.1, "split_seed": 0, "report_share": 0.5}
+    assert summary["best"]["select_top1"] == max(float(r.split(",")[4]) for r in rows[1:])
+    report = summary["best"]["report"]
+    assert report["rows"] == 20 and report["low"] <= report["estimate"] <= report["high"]
+    assert report["estimate"] == pytest.approx(next(float(r.split(",")[6]) for r in rows[1:] if r.startswith(
+        f"{summary['best']['t']},{summary['best']['block']},{summary['best']['pool']},")))  # fmt: skip
+    controls = summary["controls"]
+    assert 0 <= controls["pixels"]["report"]["estimate"] <= 100 and len(controls["random_weights"]["cells"]) == 12
+    assert controls["random_weights"]["pretrained_minus_control"]["rows"] == 20
 
 
 def test_transfer_writes_one_table(cifar_small, tmp_path, capsys):
@@ -229,7 +236,9 @@ def test_augmented_views_are_cached_deterministically_and_train_a_head(cifar_sma
     clean = extract(load_backbone(FIXTURE_SPEC), data, FeaturePlan(t=[10], blocks=[3], pools=[2]), tmp_path / "clean", compute=CPU, progress=False, limit=60)
     m = probe(clean, [key], tmp_path / "r", ProbeConfig("linear", epochs=3, val_fraction=0.5), progress=False, augmented=a)
     # The split is the dataset's (FeatureStore.split): about half of this subset, exactly the store's mask.
-    assert m["val"]["rows"] == int(clean.split(0.5, 0).sum()) and 20 <= m["val"]["rows"] <= 40
+    roles = store_roles(clean, 0.5, 0)  # the dataset's split, halved into selection and report rows
+    assert (m["select"]["rows"], m["report"]["rows"]) == (len(roles.select), len(roles.report))
+    assert 20 <= len(roles.select) + len(roles.report) <= 40 and len(roles.select) >= 10
     assert m["history"][0]["train_top1"] >= 0
     with pytest.raises(DiffprobeError, match="holds no augmented views"):
         probe(clean, [key], tmp_path / "r2", ProbeConfig("linear", epochs=1), progress=False, augmented=clean)

@@ -168,8 +168,12 @@ def extract_options_from(args: argparse.Namespace):
 
 
 def add_split_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--val-fraction", type=float, default=0.1, help="stratified validation share (the dataset-wide split)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="stratified held-out share of the dataset (the dataset-wide split, also what pretrain leaves out)")
     p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--report-share", type=float, default=0.5,
+                   help="of the held-out images, the stratified share kept for reporting: choices (epoch, rates, cells) "
+                        "are made on the rest and never see them; 0: report on the selection rows (optimistic)")
 
 
 def add_fast_probe_args(p: argparse.ArgumentParser) -> None:

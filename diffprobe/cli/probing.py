@@ -36,17 +36,25 @@ def cmd_probe(args: argparse.Namespace) -> None:
     options = head_options(args.head, batchnorm=args.batchnorm or None, hidden=args.hidden, width=args.width,
                            depth=args.depth, heads=args.heads)  # fmt: skip
     config = ProbeConfig(args.head, args.recipe, options, tuple(args.wd) if args.wd else None, args.epochs, args.lr, args.val_fraction,
-                         args.split_seed, args.seed)  # fmt: skip
+                         args.split_seed, args.seed, args.report_share)  # fmt: skip
     test_store = FeatureStore.open(args.test_store) if args.test_store else None
     augmented = FeatureStore.open(args.augmented_store) if args.augmented_store else None
     metrics = probe(store, keys, args.out, config, test_store, args.device, augmented=augmented)
-    line = f"{args.head} head: validation top-1 {metrics['val']['top1']:.2f}% top-5 {metrics['val']['top5']:.2f}%"
-    chosen = metrics["chosen"]
-    line += f" (chosen on validation: lr {chosen['lr']:g}, weight decay {chosen['weight_decay']:g}, epoch {chosen['epoch']})"
-    if "test" in metrics:
-        line += f"; test top-1 {metrics['test']['top1']:.2f}%"
-    print(line)
+    print(f"{args.head} head: {describe_metrics(metrics)}")
     print(f"run: {args.out}/config.json, head.pt, metrics.json, curves.png, confusion.png")
+
+
+def describe_metrics(metrics: dict) -> str:
+    """A trained head's line: the reported figure with its interval, then what was chosen and on what."""
+    chosen, select = metrics["chosen"], metrics["select"]
+    choice = (f"lr {chosen['lr']:g}, weight decay {chosen['weight_decay']:g}, epoch {chosen['epoch']} chosen on "
+              f"{select['rows']} selection images (their top-1 {select['top1']:.2f}%)")  # fmt: skip
+    if "report" in metrics:
+        r, ci = metrics["report"], metrics["report"]["interval"]
+        return (f"top-1 {r['top1']:.2f}% [{ci['low']:.2f}, {ci['high']:.2f}] (95% bootstrap), top-5 {r['top5']:.2f}% on "
+                f"{r['rows']} images no choice saw ({r['source']}); {choice}")  # fmt: skip
+    return (f"selection top-1 {select['top1']:.2f}% top-5 {select['top5']:.2f}%, on the rows that chose it, so optimistic "
+            f"(give --report-share > 0 or --test-store for an unbiased figure); {choice}")  # fmt: skip
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -67,14 +75,13 @@ def cmd_probe_online(args: argparse.Namespace) -> None:
 
     options = head_options(args.head, hidden=args.hidden, width=args.width, depth=args.depth, heads=args.heads)
     config = ProbeConfig(args.head, args.recipe, options, tuple(args.wd) if args.wd else None, args.epochs, args.lr, args.val_fraction,
-                         args.split_seed, args.seed)  # fmt: skip
+                         args.split_seed, args.seed, args.report_share)  # fmt: skip
     online = OnlineOptions(compute=compute_from(args), limit=args.limit, subset_seed=args.subset_seed, augment=not args.no_augment,
                            feedback_blocks=tuple(args.feedback_blocks or ()), workers=args.workers)  # fmt: skip
     fitted = train_online(load_backbone_from(args), open_data(args), plan_from(args), config, args.out, online)
     if ranks().is_main:
         m = fitted.metrics
-        print(f"{args.head} head (online features): validation top-1 {m['val']['top1']:.2f}% top-5 {m['val']['top5']:.2f}% "
-              f"(epoch {m['chosen']['epoch']}); run: {args.out}")  # fmt: skip
+        print(f"{args.head} head (online features): {describe_metrics(m)}; run: {args.out}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

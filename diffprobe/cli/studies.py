@@ -25,7 +25,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
     summary = sweep(load_backbone_from(args), open_data(args), args.out, plan_from(args), extract_options_from(args),
                     probe=args.probe, val_fraction=args.val_fraction, split_seed=args.split_seed,
-                    controls=not args.no_controls, train_heads=args.head, head_epochs=args.head_epochs)  # fmt: skip
+                    controls=not args.no_controls, train_heads=args.head, head_epochs=args.head_epochs,
+                    report_share=args.report_share)  # fmt: skip
     if ranks().is_main:  # under torchrun, one report
         print(describe_summary(summary))
         print(f"report: {args.out}/sweep.csv, {args.out}/heatmap_pool*.png, {args.out}/summary.json")
@@ -36,10 +37,12 @@ def cmd_transfer(args: argparse.Namespace) -> None:
 
     rows = transfer(load_backbone_from(args), args.datasets, args.out, plan_from(args), extract_options_from(args),
                     probe=args.probe, val_fraction=args.val_fraction, split_seed=args.split_seed, data_root=args.data_root,
-                    download=args.download, split=args.split, controls=not args.no_controls)  # fmt: skip
+                    download=args.download, split=args.split, controls=not args.no_controls,
+                    report_share=args.report_share)  # fmt: skip
     for r in rows:
         ctrl = f"  (pixels {r['pixels_top1']:.2f}%, random weights {r['random_weights_top1']:.2f}%)" if "pixels_top1" in r else ""
-        print(f"{r['dataset']:<24} {r['images']:>7} images {r['classes']:>4} classes  top-1 {r['top1']:6.2f}%{ctrl}")
+        ci = f" [{r['low']:.2f}, {r['high']:.2f}]" if r["low"] is not None else ""
+        print(f"{r['dataset']:<24} {r['images']:>7} images {r['classes']:>4} classes  top-1 {r['top1']:6.2f}%{ci} on {r['scored_on']}{ctrl}")
     print(f"table: {args.out}/transfer.csv, {args.out}/transfer.md")
 
 
@@ -71,7 +74,7 @@ def cmd_compare_heads(args: argparse.Namespace) -> None:
 
     key = FeatureKey(args.t, args.block, args.pool)
     rows = compare_heads(FeatureStore.open(args.store), key, args.out, args.head, args.recipe, args.fusion_t,
-                         args.val_fraction, args.split_seed, args.seed, str(resolve_device(args.device)))  # fmt: skip
+                         args.val_fraction, args.split_seed, args.seed, str(resolve_device(args.device)), args.report_share)  # fmt: skip
     print(markdown_table(rows))
     print(f"report: {args.out}/heads.csv, heads.json, heads.png; one run directory per head and recipe")
 

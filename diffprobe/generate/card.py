@@ -157,14 +157,27 @@ def objective_fact(config: dict[str, Any], segments: list[dict[str, Any]]) -> st
     return last
 
 
+def scored(entry: dict[str, Any]) -> str:
+    """A probe figure as the card states it: top-1 on report rows with its interval, or a score
+    of the older protocol (chosen and scored on the same validation rows), said so."""
+    if "report" in entry:
+        r = entry["report"]
+        return f"{r['estimate']:.2f}% top-1 [{r['low']:.2f}, {r['high']:.2f}] on {r['rows']} report images no choice saw"
+    if "select_top1" in entry:
+        return f"{entry['select_top1']:.2f}% top-1 on the selection rows (optimistic: they chose it)"
+    return f"{entry['top1']:.2f}% top-1 (chosen and scored on the same validation rows, so optimistic)"
+
+
 def attention_fact(attention: dict[str, Any] | None) -> str:
     if not attention:
         return "not measured yet (`diffprobe demo` trains it; add it with `diffprobe card FOLDER --demo runs/demo/demo.json`)"
     p = attention["pool"]
     where = f"t={attention['t']} block {attention['block']}, its map pooled to {p}×{p} ({p * p} token{'s' if p > 1 else ''}"
     where += "; 1×1 is the global average, not the spatial map)" if p == 1 else ")"
-    return (f"{attention['top1']:.2f}% top-1 ({attention['top5']:.2f}% top-5), {where}, on {attention['rows']} images "
-            f"(`diffprobe demo`: {attention['source']})")  # fmt: skip
+    if "report" in attention:
+        return f"{scored(attention)}, {where} (`diffprobe demo`: {attention['source']})"
+    return (f"{attention['top1']:.2f}% top-1 ({attention['top5']:.2f}% top-5), {where}, on {attention['rows']} images, "
+            f"chosen and scored on the same validation rows (`diffprobe demo`: {attention['source']})")  # fmt: skip
 
 
 def fid_fact(fid: dict[str, Any] | None) -> str:
@@ -199,8 +212,8 @@ def card_facts(dest: Path, card: dict[str, Any]) -> dict[str, str]:
         **training_facts(card["training"], config["train_rows"]),
         "final training loss": f"{float(last['loss']):.4f} (loss.csv's last row, step {last['step']}: the mean since the row before; curve: loss.png)",
         "probe (validation split)": f"logistic regression on {summary['rows']} images: best t={best['t']} block {best['block']} "
-                                    f"pool {best['pool']}: {best['top1']:.2f}% top-1",
-        "controls": f"random weights {controls['random_weights']['top1']:.2f}%, raw pixels {controls['pixels']['top1']:.2f}%",
+                                    f"pool {best['pool']}: {scored(best)}",
+        "controls": f"random weights {scored(controls['random_weights'])}, raw pixels {scored(controls['pixels'])}",
         "attention head (validation split)": attention_fact(card.get("attention")),
         "FID (validation split)": fid_fact(card.get("fid")),
     }  # fmt: skip
@@ -292,7 +305,8 @@ def attention_from_demo(demo: Path, sha: str, split: tuple[Any, Any]) -> dict[st
     if head.get("inputs"):  # the demo's heads read the best block's map: the cell is in their inputs
         key = FeatureKey.parse(head["inputs"][0])
         best.update(t=key.t, block=key.block, pool=key.pool)
-    return {"top1": head["top1"], "top5": head["top5"], "t": best["t"], "block": best["block"], "pool": best["pool"],
+    scores = {k: head[k] for k in ("report", "select_top1", "top1", "top5") if k in head}  # "top1": demos before the report rows
+    return {**scores, "t": best["t"], "block": best["block"], "pool": best["pool"],
             "rows": sweep["rows"], "data": result["data"], "source": str(demo), "run": head.get("run")}  # fmt: skip
 
 

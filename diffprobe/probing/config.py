@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ..errors import DiffprobeError
+from ..features.roles import REPORT_SHARE
 from ..validate import finite_float, positive_int
 from .heads import head_options
 
@@ -93,9 +94,10 @@ class ProbeConfig:
     weight_decays: tuple[float, ...] | None = None  # each is tried, the best on validation kept; None: the recipe's grid
     epochs: int | None = None  # None: the recipe's
     lr: float | None = None  # one rate; None: the recipe's grid of rates
-    val_fraction: float = 0.1  # stratified validation share (the dataset-wide split)
+    val_fraction: float = 0.1  # stratified held-out share of the dataset (the dataset-wide split)
     split_seed: int = 0
     seed: int = 0  # initialisation and shuffling
+    report_share: float = REPORT_SHARE  # of the held-out rows, the share that reports (features/roles.py); the rest selects
 
     def __post_init__(self) -> None:
         if not isinstance(self.options, dict):
@@ -116,6 +118,7 @@ class ProbeConfig:
             # such a rate is a typo, and training on it only diverges.
             object.__setattr__(self, "lr", finite_float(self.lr, "learning rate (--lr)", above=0, maximum=MAX_LR))
         object.__setattr__(self, "val_fraction", finite_float(self.val_fraction, "val_fraction (--val-fraction)", above=0, below=1))
+        object.__setattr__(self, "report_share", finite_float(self.report_share, "report share (--report-share)", minimum=0, below=1))
         for name in ("split_seed", "seed"):
             object.__setattr__(self, name, positive_int(getattr(self, name), name, minimum=0))
         self.training_recipe()  # an unknown recipe fails here, not after extraction

@@ -123,18 +123,31 @@ def knn(train: np.ndarray, y_train: np.ndarray, val: np.ndarray, y_val: np.ndarr
         temperature: float = 0.07, device: str = "cpu", chunk: int = 1024) -> ProbeScore:  # fmt: skip
     """Cosine kNN with similarity-weighted votes exp(s/T), as DINO evaluates features."""
     _check(train, y_train, val, y_val)
+    num_classes = int(max(y_train.max(), y_val.max())) + 1
+    scores = knn_votes(train, y_train, val, num_classes, k, temperature, device, chunk)
+    yva = torch.as_tensor(y_val, device=scores.device)
+    return ProbeScore("knn", topk(scores, yva, 1), topk(scores, yva, 5), {"k": min(k, len(train)), "temperature": temperature})
+
+
+def knn_votes(train: np.ndarray, y_train: np.ndarray, x: np.ndarray, num_classes: int, k: int = 20, temperature: float = 0.07,
+              device: str = "cpu", chunk: int = 1024) -> torch.Tensor:  # fmt: skip
+    """Each row of x's class votes [N, classes] from its k nearest training rows (cosine)."""
     dev = torch.device(device)
     xtr = F.normalize(torch.as_tensor(train, dtype=torch.float32, device=dev), dim=1)
     ytr = torch.as_tensor(y_train, device=dev)
-    yva = torch.as_tensor(y_val, device=dev)
-    num_classes = int(max(y_train.max(), y_val.max())) + 1
     k = min(k, len(xtr))
     votes = []
-    for start in range(0, len(val), chunk):
-        q = F.normalize(torch.as_tensor(val[start:start + chunk], dtype=torch.float32, device=dev), dim=1)
+    for start in range(0, len(x), chunk):
+        q = F.normalize(torch.as_tensor(x[start:start + chunk], dtype=torch.float32, device=dev), dim=1)
         sims, idx = (q @ xtr.T).topk(k, dim=1)
         scores = torch.zeros(len(q), num_classes, device=dev)
         scores.scatter_add_(1, ytr[idx], (sims / temperature).exp())
         votes.append(scores)
-    scores = torch.cat(votes)
-    return ProbeScore("knn", topk(scores, yva, 1), topk(scores, yva, 5), {"k": k, "temperature": temperature})
+    return torch.cat(votes)
+
+
+def logreg_logits(model: dict, x: np.ndarray) -> torch.Tensor:
+    """The logits of a fitted `logistic_regression` model on new rows."""
+    w = model["weights"]
+    z = (torch.as_tensor(x, dtype=torch.float32) - model["mean"]) / model["std"]
+    return z @ w[:-1] + w[-1]

@@ -24,16 +24,18 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..backbones.base import Backbone
-from ..data import AugmentedViews, LabeledImages, TransformedImages, model_transform, stratified_split, stratified_subset
+from ..data import AugmentedViews, LabeledImages, TransformedImages, model_transform, stratified_subset
 from ..errors import DiffprobeError
 from ..features.distributed import join, ranks
 from ..features.extract import ExtractOptions, build_manifest
 from ..features.featurize import encode_images, featurize, noise_draws
 from ..features.plan import FeaturePlan
+from ..features.roles import Roles, dataset_roles
 from ..precision import Compute, choose_compute
 from .config import ProbeConfig
 from .diffeed import DifFeed
 from .heads import build_head
+from .intervals import accuracy_interval
 from .train import (FeatureHead, FittedHead, _evaluate, _lr_at, check_two_classes, divergence, per_class_report, save_run,
                     warn_if_one_token)
 
@@ -78,8 +80,9 @@ def train_online(backbone: Backbone, data: LabeledImages, plan: FeaturePlan, con
         raise DiffprobeError(f"the {config.head} head reads one (t, block, pool) setting; use --head fusion for several")
     warn_if_one_token(config.head, [k.pool for k in keys])
     rows = stratified_subset(data.labels, o.limit, o.subset_seed) if o.limit is not None else np.arange(len(data))
-    is_val = stratified_split(data.labels, config.val_fraction, config.split_seed)[rows]
-    train_idx, val_idx = rows[~is_val], rows[is_val]
+    roles = Roles.from_roles(dataset_roles(np.asarray(data.labels), config.val_fraction, config.split_seed, config.report_share)[rows],
+                             config.val_fraction, config.split_seed, config.report_share)  # fmt: skip
+    train_idx, val_idx, report_idx = rows[roles.train], rows[roles.select], rows[roles.report]  # the epoch is chosen on val_idx
     if len(train_idx) < 2 or len(val_idx) == 0:
         raise DiffprobeError(f"{len(rows)} images leave too few for training and validation (val fraction {config.val_fraction})")
     check_two_classes(np.asarray(data.labels)[train_idx], data.classes, data.name)
@@ -132,13 +135,16 @@ def train_online(backbone: Backbone, data: LabeledImages, plan: FeaturePlan, con
     history: list[dict[str, Any]] = []
     best_state, best_epoch, best_top1 = None, 0, -1.0
 
-    def evaluate() -> tuple[float, float, float, torch.Tensor, torch.Tensor]:
+    def evaluate(indices: np.ndarray | None = None) -> tuple[float, float, float, torch.Tensor, torch.Tensor]:
+        """On the selection rows (cached features), or on other rows (features computed here)."""
         if not diffeed:
-            return (*_evaluate(head, [v.to(compute.device) for v in val_inputs], val_labels.to(compute.device)), val_labels)
+            inputs, labels = (val_inputs, val_labels) if indices is None else centre_features(indices, "online: report features")
+            return (*_evaluate(head, [v.to(compute.device) for v in inputs], labels.to(compute.device)), labels)
+        indices = val_idx if indices is None else indices
         model.eval()
         logits, labels = [], []
         with torch.no_grad():
-            for x0, y, index, _ in _batches(centre, [val_idx[i:i + bs].tolist() for i in range(0, len(val_idx), bs)], workers):
+            for x0, y, index, _ in _batches(centre, [indices[i:i + bs].tolist() for i in range(0, len(indices), bs)], workers):
                 logits.append(diffeed_logits(model, runner, x0, index, None, plan, key, compute))
                 labels.append(y)
         out, y = torch.cat(logits).cpu(), torch.cat(labels)
@@ -185,10 +191,18 @@ def train_online(backbone: Backbone, data: LabeledImages, plan: FeaturePlan, con
     backbone._fingerprint = None  # recomputed from the weights as they are now
     if backbone.fingerprint() != fingerprint:
         raise RuntimeError("the frozen backbone's weights changed during online training: a diffprobe bug")
-    per_class, matrix = per_class_report(val_logits, val_y, data.classes)
-    metrics = {"val": {"top1": val_top1, "top5": val_top5, "rows": int(len(val_idx)), "per_class_top1": per_class},
+    metrics = {"select": {"top1": val_top1, "top5": val_top5, "rows": int(len(val_idx))},
                "chosen": {"epoch": best_epoch, "weight_decay": config.weight_decays[0], "lr": recipe.lr}, "train_rows": int(n),
-               "history": history, "online": True, "world_size": share.world_size}  # fmt: skip
+               "roles": roles.describe(), "history": history, "online": True, "world_size": share.world_size}  # fmt: skip
+    if len(report_idx):  # the chosen epoch's head, once, on images no choice saw
+        _, top1, top5, rep_logits, rep_y = evaluate(report_idx)
+        per_class, matrix = per_class_report(rep_logits, rep_y, data.classes)
+        metrics["report"] = {"top1": top1, "top5": top5, "rows": int(len(report_idx)), "per_class_top1": per_class,
+                             "interval": accuracy_interval((rep_logits.argmax(1).cpu() == rep_y.cpu()).numpy()).to_dict(),
+                             "source": f"held-out report rows of {data.name}"}  # fmt: skip
+    else:
+        per_class, matrix = per_class_report(val_logits, val_y, data.classes)
+        metrics["select"]["per_class_top1"] = per_class
     manifest = build_manifest(backbone, data, rows, plan, ExtractOptions(compute=compute, limit=o.limit, subset_seed=o.subset_seed), compute)
     saved_config = replace(config, head=head_kind, options=options) if diffeed else config  # the head itself, as predict rebuilds it
     fitted = FittedHead(head.cpu(), keys, saved_config, metrics, matrix, shapes,

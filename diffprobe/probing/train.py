@@ -3,7 +3,8 @@
 A run directory holds:
     config.json    everything needed to rebuild the head and the backbone setting
     head.pt        head weights + the feature standardisation (a plain state dict)
-    metrics.json   validation (and test) top-1/top-5, per-class accuracy, chosen epoch and weight decay
+    metrics.json   top-1/top-5 on the selection rows (which chose epoch, learning rate and weight decay) and
+                   on the report rows or test store (with a bootstrap interval), per-class accuracy, the roles
     curves.png, confusion.png
 """
 
@@ -29,6 +30,8 @@ from .heads import build_head, head_options
 from .._io import output_dir, output_errors, torch_save, write_json
 from ..features.distributed import join, ranks
 from ..features.plan import FeaturePlan
+from ..features.roles import store_roles
+from .intervals import accuracy_interval
 from ..precision import resolve_device
 from .config import ProbeConfig, Recipe
 from ..report import confusion_matrix_plot, training_curves
@@ -305,10 +308,8 @@ def fit_head(store: FeatureStore, keys: Sequence[FeatureKey], config: ProbeConfi
     join("auto", torch.device(device))
     keys = list(keys)
     check_keys(store, keys, config.head)
-    is_val = store.split(config.val_fraction, config.split_seed)
-    train_rows, val_rows = np.flatnonzero(~is_val), np.flatnonzero(is_val)
-    if len(val_rows) == 0 or len(train_rows) == 0:
-        raise DiffprobeError(f"the split leaves no validation or no training rows ({store.rows} rows, val fraction {config.val_fraction})")
+    roles = store_roles(store, config.val_fraction, config.split_seed, config.report_share).check(f"a head on {store.root}")
+    train_rows, val_rows = roles.train, roles.select  # epoch, learning rate and weight decay are chosen on the select rows
     check_two_classes(store.labels[train_rows], store.classes, str(store.root))
     trials, diverged = [], []  # every (lr, weight decay) of the search, in order; ties keep the first
     for recipe in config.training_recipes():
@@ -326,27 +327,58 @@ def fit_head(store: FeatureStore, keys: Sequence[FeatureKey], config: ProbeConfi
     best_top1, best_lr, best_wd, model, history, best_epoch = max(trials, key=lambda tr: tr[0])
 
     labels = torch.from_numpy(store.labels)
-    _, val_top1, val_top5, val_logits = _evaluate(model, load_inputs(store, keys, val_rows), labels[val_rows])
-    per_class, matrix = per_class_report(val_logits, labels[val_rows], store.classes)
+    _, sel_top1, sel_top5, _ = _evaluate(model, load_inputs(store, keys, val_rows), labels[val_rows])
     metrics: dict[str, Any] = {
-        "val": {"top1": val_top1, "top5": val_top5, "rows": int(len(val_rows)), "per_class_top1": per_class},
+        "select": {"top1": sel_top1, "top5": sel_top5, "rows": int(len(val_rows))},
         "chosen": {"epoch": best_epoch, "weight_decay": best_wd, "lr": best_lr, "epochs_trained": history[-1]["epoch"]},
         "trials": [{"lr": lr, "weight_decay": wd, "val_top1": top1, "epoch": ep} for top1, lr, wd, _, _, ep in trials],
+        "roles": roles.describe(),
         "train_rows": int(len(train_rows)),
         "history": history,
     }
+    shown = roles.report if roles.has_report else val_rows  # the confusion matrix of the rows that report, if any
+    report, logits = report_metrics(model, load_inputs(store, keys, shown), labels[shown], store.classes)
+    if roles.has_report:
+        metrics["report"] = {**report, "source": f"held-out report rows of {store.root}"}
+    else:
+        metrics["select"]["per_class_top1"] = report["per_class_top1"]
+    matrix = per_class_report(logits, labels[shown], store.classes)[1]
     return FittedHead(model, keys, config, metrics, matrix, input_shapes(store, keys), store.classes, store.manifest,
                       str(store.root), str(augmented.root) if augmented is not None else None)  # fmt: skip
 
 
-def evaluate_store(fitted: FittedHead, store: FeatureStore) -> dict[str, Any]:
-    """Top-1/top-5 of a fitted head on every row of another store of the same backbone and noise."""
+def report_metrics(model: FeatureHead, xs: list[torch.Tensor], y: torch.Tensor, classes: Sequence[str]) -> tuple[dict[str, Any], torch.Tensor]:
+    """Top-1 with its bootstrap interval, top-5 and per-class top-1 on rows no choice saw; the logits."""
+    _, top1, top5, logits = _evaluate(model, xs, y)
+    per_class, _ = per_class_report(logits, y, classes)
+    interval = accuracy_interval((logits.argmax(1) == y).numpy())
+    return {"top1": top1, "top5": top5, "rows": int(len(y)), "interval": interval.to_dict(), "per_class_top1": per_class}, logits
+
+
+def head_hits(fitted: FittedHead, store: FeatureStore, rows: np.ndarray) -> np.ndarray:
+    """Whether the head's top-1 is right on each of these rows (for paired comparisons of heads)."""
+    labels = torch.from_numpy(store.labels)[rows]
+    _, _, _, logits = _evaluate(fitted.model, load_inputs(store, fitted.keys, rows), labels)
+    return (logits.argmax(1) == labels).numpy()
+
+
+def evaluate_store(fitted: FittedHead, store: FeatureStore, rows: np.ndarray | None = None) -> dict[str, Any]:
+    """Top-1 (with its interval) and top-5 of a fitted head on rows of another store of the same
+    backbone and noise (default: all of them)."""
     check_same_backbone_manifest(fitted.store_manifest, fitted.store_root, store)
     if store.classes != fitted.classes:
         raise DiffprobeError(f"store {store.root} has other classes than the one the head was trained on")
     labels = torch.from_numpy(store.labels)
-    _, top1, top5, _ = _evaluate(fitted.model, load_inputs(store, fitted.keys), labels)
-    return {"top1": top1, "top5": top5, "rows": store.rows}
+    rows = np.arange(store.rows) if rows is None else np.asarray(rows)
+    result, _ = report_metrics(fitted.model, load_inputs(store, fitted.keys, rows), labels[rows], store.classes)
+    return result
+
+
+def shown_score(metrics: dict[str, Any]) -> str:
+    """The figure a plot or a line states: the report rows' top-1, else the selection score, said so."""
+    if "report" in metrics:
+        return f"report top-1 {metrics['report']['top1']:.1f}% ({metrics['report']['rows']} images)"
+    return f"selection top-1 {metrics['select']['top1']:.1f}% (optimistic: these rows chose it)"
 
 
 def save_run(fitted: FittedHead, out: str | Path) -> Path:
@@ -385,7 +417,7 @@ def save_run(fitted: FittedHead, out: str | Path) -> Path:
         setting = ", ".join(k.stem for k in fitted.keys)
         training_curves(out / "curves.png", fitted.metrics["history"], f"{cfg.head} head, {recipe.name} recipe, {setting}")
         confusion_matrix_plot(out / "confusion.png", fitted.confusion, fitted.classes,
-                              f"{cfg.head} head, validation top-1 {fitted.metrics['val']['top1']:.1f}%")  # fmt: skip
+                              f"{cfg.head} head, {shown_score(fitted.metrics)}")  # fmt: skip
     return out
 
 
@@ -396,13 +428,14 @@ def probe(store: FeatureStore, keys: Sequence[FeatureKey], out: str | Path, conf
     config = config or ProbeConfig()
     if test_store is not None:  # checked before any training, so a bad test store costs nothing
         check_same_backbone(store, test_store)
-        is_val = store.split(config.val_fraction, config.split_seed)
-        check_held_out(store, test_store, np.flatnonzero(~is_val), np.flatnonzero(is_val))
+        config = replace(config, report_share=0.0)  # the test store reports: every held-out row selects
+        roles = store_roles(store, config.val_fraction, config.split_seed, 0.0)
+        check_held_out(store, test_store, roles.train, roles.select)
     if ranks().is_main:
         output_dir(out)  # before any training: an unusable --out costs nothing
     fitted = fit_head(store, keys, config, str(resolve_device(device)), progress, augmented)
     if test_store is not None:
-        fitted.metrics["test"] = evaluate_store(fitted, test_store)
+        fitted.metrics["report"] = {**evaluate_store(fitted, test_store), "source": f"test store {test_store.root}"}
     if ranks().is_main:  # under torchrun every rank holds the same head; one writes the run
         save_run(fitted, out)
     return fitted.metrics

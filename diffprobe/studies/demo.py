@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from .._io import output_dir
 from ..backbones import load_backbone
 from ..data import LabeledImages
@@ -27,8 +29,11 @@ from ..errors import DiffprobeError
 from ..validate import positive_int
 from ..features.extract import ExtractOptions
 from ..features.plan import FeaturePlan
+from ..features.roles import REPORT_SHARE, Roles, store_roles
 from ..features.store import FeatureKey, FeatureStore
 from ..precision import choose_compute
+from ..probing.intervals import Interval, compare, paired_difference
+from .sweep import choose_cell
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CHECKPOINT = PACKAGE_ROOT / "checkpoints" / "diffprobe-cifar10" / "ema.pt"
@@ -67,8 +72,10 @@ def run_demo(data: LabeledImages, out: str | Path, checkpoint: str | Path = DEFA
     plan = FeaturePlan(t=timesteps, blocks=blocks, pools=(1, MAP_POOL))
     summary = sweep(backbone, data, out / "sweep", plan, ExtractOptions(limit=limit, compute=compute), score_pools=(1,))
     summary["bottleneck_block"] = backbone.bottleneck_block
-    summary["heads"] = train_map_heads(FeatureStore.open(out / "sweep" / "features"), out / "heads", summary, heads,
-                                       head_epochs, str(compute.device))  # fmt: skip
+    store = FeatureStore.open(out / "sweep" / "features")
+    roles = store_roles(store, summary["val_fraction"], summary["split_seed"], REPORT_SHARE)
+    summary["heads"], hits = train_map_heads(store, out / "heads", summary, heads, head_epochs, str(compute.device))
+    summary["findings"] = judge_findings(store, roles, summary, hits, str(compute.device))
     grid = sample_grid(backbone, out / "samples", samples, sample_steps, compute)
     result = {"checkpoint": str(checkpoint), "data": data.name, "sweep": summary, "compute": compute.describe(),
               "samples": str(grid), "wall_seconds": time.time() - started}  # fmt: skip
@@ -78,16 +85,20 @@ def run_demo(data: LabeledImages, out: str | Path, checkpoint: str | Path = DEFA
 
 
 def train_map_heads(store: FeatureStore, out: Path, summary: dict[str, Any], heads: Sequence[str], epochs: int | None,
-                    device: str) -> dict[str, Any]:  # fmt: skip
-    """Each head on the best (t, block)'s 4×4 map; fusion adds the same block at the next-best t.
-    `epochs` None: each head's demo setting (DEMO_HEADS)."""
+                    device: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:  # fmt: skip
+    """Each head on the best (t, block)'s 4×4 map; fusion adds the same block at the t that
+    scored next on the selection rows. `epochs` None: each head's demo setting (DEMO_HEADS).
+    Returns each head's summary and its hits on the report rows (for paired comparisons)."""
     from ..probing.config import ProbeConfig
-    from ..probing.train import probe as train_probe
+    from ..probing.train import fit_head, head_hits, save_run
+    from .sweep import head_summary
 
     best = summary["best"]
     block, t_best = int(best["block"]), int(best["t"])
-    others = sorted((r for r in summary["cells"] if r["block"] == block and r["t"] != t_best), key=lambda r: -r["top1"])
+    others = sorted((r for r in summary["cells"] if r["block"] == block and r["t"] != t_best), key=lambda r: -r["select_top1"])
+    roles = store_roles(store, summary["val_fraction"], summary["split_seed"], REPORT_SHARE)
     results: dict[str, Any] = {}
+    hits: dict[str, np.ndarray] = {}
     for kind in heads:
         keys = [FeatureKey(t_best, block, MAP_POOL)]
         if kind == "fusion":
@@ -97,11 +108,67 @@ def train_map_heads(store: FeatureStore, out: Path, summary: dict[str, Any], hea
         settings = dict(DEMO_HEADS.get(kind, {}))
         settings["epochs"] = epochs if epochs is not None else settings.get("epochs")
         config = ProbeConfig(kind, options=settings.pop("options", {}), val_fraction=summary["val_fraction"],
-                             split_seed=summary["split_seed"], **settings)  # fmt: skip
-        metrics = train_probe(store, keys, out / kind, config, device=device)
-        results[kind] = {"top1": metrics["val"]["top1"], "top5": metrics["val"]["top5"], "run": str(out / kind),
-                         "inputs": [k.stem for k in keys], "chosen": metrics["chosen"]}  # fmt: skip
-    return results
+                             split_seed=summary["split_seed"], report_share=REPORT_SHARE, **settings)  # fmt: skip
+        fitted = fit_head(store, keys, config, device)
+        save_run(fitted, out / kind)
+        results[kind] = {**head_summary(fitted.metrics, out / kind), "inputs": [k.stem for k in keys]}
+        if roles.has_report:
+            hits[kind] = head_hits(fitted, store, roles.report)
+    return results, hits
+
+
+def judge_findings(store: FeatureStore, roles: Roles, summary: dict[str, Any], hits: dict[str, np.ndarray],
+                   device: str) -> list[dict[str, Any]]:  # fmt: skip
+    """Each of the paper's findings as a paired comparison on the report rows: it holds only when
+    the 95% interval of the difference excludes zero in the paper's direction; otherwise it does
+    not hold (the reverse is separable) or is not separable at this size."""
+    from .sweep import cell_key, fast_probe
+
+    if not roles.has_report:
+        return []
+    cells = summary["cells"]
+
+    def cell_hits(row: dict) -> np.ndarray:
+        return fast_probe(summary["probe"], store.load(cell_key(row)), store.labels, roles, device).report_hits
+
+    best = summary["best"]
+    best_hits = cell_hits(best)
+    out = []
+    bottleneck = summary.get("bottleneck_block")
+    before = [r for r in cells if r["block"] < bottleneck] if bottleneck is not None else []
+    after = [r for r in cells if r["block"] >= bottleneck] if bottleneck is not None else []
+    if before and after:
+        a, b = choose_cell(after), choose_cell(before)  # each side's best, chosen on the selection rows
+        out.append(claim("Best features at or after the bottleneck", f"block {a['block']} (t={a['t']})",
+                         f"block {b['block']} (t={b['t']}) before it", paired_difference(cell_hits(a), cell_hits(b))))  # fmt: skip
+    for name in ("random_weights", "pixels"):
+        control = summary.get("controls", {}).get(name, {})
+        if "pretrained_minus_control" in control:
+            out.append(claim("Pre-training, not the architecture, makes the features", "pre-trained best cell",
+                             name.replace("_", " ") + (f" ({control['setting']})" if "setting" in control else ""),
+                             Interval(**control["pretrained_minus_control"])))  # fmt: skip
+    pairs = [("Heads on the map: MLP beats linear", "mlp", "linear"), ("Heads on the map: attention beats MLP", "attention", "mlp"),
+             ("Fusing two timesteps (DifFormer) beats one", "fusion", "attention")]  # fmt: skip
+    for text, a, b in pairs:
+        if a in hits and b in hits:
+            out.append(claim(text, f"{a} head", f"{b} head", paired_difference(hits[a], hits[b])))
+    spatial = [k for k in ("mlp", "attention") if k in hits]
+    if spatial:
+        chosen = max(spatial, key=lambda k: summary["heads"][k]["select_top1"])  # chosen on the selection rows
+        out.append(claim("A head on the spatial map beats the best pooled linear probe", f"{chosen} head (the better on "
+                         "the selection rows)", f"logistic regression on pool {best['pool']}", paired_difference(hits[chosen], best_hits)))  # fmt: skip
+    return out
+
+
+def claim(finding: str, a: str, b: str, diff: Interval) -> dict[str, Any]:
+    """A finding that A beats B, judged by the paired interval of A − B."""
+    if diff.low > 0:
+        verdict = "holds"
+    elif diff.high < 0:
+        verdict = "does not hold"
+    else:
+        verdict = "not separable at this size"
+    return {"finding": finding, "a": a, "b": b, "verdict": verdict, "difference": diff.to_dict(), "text": compare(a, b, diff)}
 
 
 def card_path(checkpoint: str | Path) -> Path:
@@ -109,50 +176,55 @@ def card_path(checkpoint: str | Path) -> Path:
 
 
 def write_report(out: Path, result: dict[str, Any], card: Path) -> None:
-    """REPORT.md: each of the paper's findings, whether it holds here, with the number and its file."""
+    """REPORT.md: each of the paper's findings, judged on rows no choice saw, with its interval and its file."""
+    from .sweep import headline
+
     s = result["sweep"]
-    best, controls, heads = s["best"], s.get("controls", {}), s.get("heads", {})
+    best, controls, heads, roles = s["best"], s.get("controls", {}), s.get("heads", {}), s["roles"]
     info = json.loads(card.read_text()) if card.is_file() else {}
     lines = [
         "# diffprobe demo report",
         "",
         f"Checkpoint `{result['checkpoint']}`" + (f" ({info.get('summary', '')})" if info else "") + ".",
-        f"Data: {result['data']}, {s['rows']} images (a stratified subset); validation = the dataset-wide held-out split "
-        f"(fraction {s['val_fraction']}, seed {s['split_seed']}), images the checkpoint was not trained on.",
+        f"Data: {result['data']}, {s['rows']} images (a stratified subset). Rows, each image's role fixed by seeds and "
+        f"stratified by class: {roles['train']} train the probes and heads; the dataset-wide held-out split (fraction "
+        f"{roles['val_fraction']}, seed {roles['split_seed']}, images the checkpoint was not trained on) is divided into "
+        f"{roles['select']} **selection** rows, on which every choice is made (probe C, cell, epoch, head), and "
+        f"{roles['report']} **report** rows that no choice saw, on which every number below is computed.",
+        f"Intervals are 95% bootstrap intervals over the report rows; a finding holds only when the paired interval "
+        f"of its difference excludes zero (one report image is {100 / max(1, roles['report']):.2f} points).",
         f"Ran on {result.get('compute', 'this machine')}; total wall time {result['wall_seconds'] / 60:.1f} min.",
         "",
         "## The paper's findings, here",
         "",
         *[f"- {line}" for line in findings(s)],
         "",
-        "## Which block and timestep (fast logistic-regression probe on pool-1 features, validation top-1)",
+        "## Which block and timestep (fast logistic-regression probe on pool-1 features, selection top-1)",
         "",
         "![pool 1](sweep/heatmap_pool1.png)",
         "",
-        f"Best cell: t = {best['t']}, block {best['block']}, pool {best['pool']}×{best['pool']}: "
-        f"**{best['top1']:.2f}%** top-1, {best['top5']:.2f}% top-5 (`sweep/best.json`; every cell in `sweep/sweep.csv`).",
+        f"Best cell on the selection rows: t = {best['t']}, block {best['block']}, pool {best['pool']}×{best['pool']} "
+        f"(selection top-1 {best['select_top1']:.2f}%, the maximum over {len(s['cells'])} cells and so optimistic); "
+        f"on the report rows: **{headline(best)}** (`sweep/best.json`; every cell in `sweep/sweep.csv`).",
         "",
         shape_sentence(s),
         "",
-        "## Controls (same probe, same rows, same split; `sweep/summary.json`)",
+        "## Controls (same probe, same search over cells, same rows; `sweep/summary.json`)",
         "",
-        "| features | validation top-1 |",
-        "|---|---|",
-        f"| pre-trained U-Net, best cell | {best['top1']:.2f}% |",
+        "| features | top-1 on the report rows (95% interval) | chosen cell |",
+        "|---|---|---|",
+        f"| pre-trained U-Net | {headline(best)} | t={best['t']} block {best['block']} |",
     ]
     if controls:
-        lines += [
-            f"| same architecture, random weights ({controls['random_weights']['setting']}) | {controls['random_weights']['top1']:.2f}% |",
-            f"| raw pixels ({controls['pixels']['features']} values) | {controls['pixels']['top1']:.2f}% |",
-        ]
+        rw, px = controls["random_weights"], controls["pixels"]
+        lines += [f"| same architecture, random weights | {headline(rw)} | {rw['setting']} |",
+                  f"| raw pixels ({px['features']} values) | {headline(px)} | – |"]  # fmt: skip
     if heads:
         lines += ["", f"## Heads on block {best['block']}'s {MAP_POOL}×{MAP_POOL} map (`heads/*/metrics.json`, curves and "
-                  "confusion PNGs beside)", "", "| head | inputs | validation top-1 | top-5 | chosen epoch |",
+                  "confusion PNGs beside)", "", "| head | inputs | top-1 on the report rows (95% interval) | selection top-1 | chosen epoch |",
                   "|---|---|---|---|---|"]  # fmt: skip
         for kind, h in heads.items():
-            lines.append(f"| {kind} | {', '.join(h['inputs'])} | {h['top1']:.2f}% | {h['top5']:.2f}% | {h['chosen']['epoch']} |")
-        lines += ["", "The validation split here is small: one image is "
-                  f"{100 / max(1, round(s['rows'] * s['val_fraction'])):.2f} points, so differences of a point or two are noise."]
+            lines.append(f"| {kind} | {', '.join(h['inputs'])} | {headline(h)} | {h['select_top1']:.2f}% | {h['chosen']['epoch']} |")
     lines += ["", "## Generation (DDIM, `samples/samples.json`)", "", "![samples](samples/grid.png)", ""]
     if info:
         lines += ["## The checkpoint (its card: `" + str(card.parent / "MODEL_CARD.md") + "`)", ""]
@@ -161,30 +233,11 @@ def write_report(out: Path, result: dict[str, Any], card: Path) -> None:
 
 
 def findings(summary: dict[str, Any]) -> list[str]:
-    """One line per finding of the paper: holds / does not hold here, with the numbers."""
-    best, controls, heads = summary["best"], summary.get("controls", {}), summary.get("heads", {})
-    verdict = {True: "**holds**", False: "**does not hold**"}
-    out = []
-    bottleneck = summary.get("bottleneck_block")
-    if bottleneck is not None:
-        ok = best["block"] >= bottleneck and best["t"] <= min(c["t"] for c in summary.get("cells", [best]))
-        out.append(f"Best features at or after the bottleneck, at small t: {verdict[ok]} (best block {best['block']}, "
-                   f"bottleneck {bottleneck}; best t = {best['t']}).")  # fmt: skip
-    if controls:
-        rw, px = controls["random_weights"]["top1"], controls["pixels"]["top1"]
-        out.append(f"Pre-training, not the architecture, makes the features: {verdict[best['top1'] > max(rw, px)]} "
-                   f"({best['top1']:.2f}% against random weights {rw:.2f}% and pixels {px:.2f}%).")  # fmt: skip
-    got = {k: h["top1"] for k, h in heads.items()}
-    if {"linear", "mlp", "attention"} <= set(got):
-        lin, mlp, att = got["linear"], got["mlp"], got["attention"]
-        out.append(f"Heads on the spatial map, linear < MLP ≤ attention: linear < MLP {verdict[lin < mlp]} "
-                   f"({lin:.2f}% vs {mlp:.2f}%); MLP ≤ attention {verdict[mlp <= att]} ({mlp:.2f}% vs {att:.2f}%).")  # fmt: skip
-        out.append(f"A spatial head beats the best pooled linear probe: {verdict[max(mlp, att) > best['top1']]} "
-                   f"({max(mlp, att):.2f}% against logistic regression's {best['top1']:.2f}% on pool 1).")  # fmt: skip
-    if "fusion" in got and "attention" in got:
-        out.append(f"Fusing two timesteps (DifFormer) beats one: {verdict[got['fusion'] > got['attention']]} "
-                   f"({got['fusion']:.2f}% vs attention {got['attention']:.2f}%).")  # fmt: skip
-    return out
+    """One line per finding of the paper: holds / does not hold / not separable here, with the paired difference."""
+    judged = summary.get("findings") or []
+    if not judged:
+        return ["No report rows: findings are not judged (every figure would be a selection score)."]
+    return [f"{f['finding']}: **{f['verdict']}** ({f['text']})." for f in judged]
 
 
 def shape_sentence(summary: dict[str, Any]) -> str:

@@ -1,8 +1,9 @@
 """`diffprobe compare-heads`: every head in both recipes against L-BFGS logistic regression,
-on the same stored features and the same validation split.
+on the same stored features and the same train / select / report rows (features/roles.py).
 
-The table the README's "Heads" section shows: one row per (head, recipe) with validation top-1
-and the learning rate, weight decay and epoch chosen on validation, plus a bar chart. Linear,
+The table the README's "Heads" section shows: one row per (head, recipe) with its top-1 on the
+report rows and its interval, the learning rate, weight decay and epoch chosen on the selection
+rows, and whether it is separable from logistic regression (paired); plus a bar chart. Linear,
 MLP, CNN and attention heads read one (t, block, pool) cell; the fusion head reads that cell
 and the same block at a second timestep.
 """
@@ -18,9 +19,11 @@ from tqdm.auto import tqdm
 from .._io import output_dir, write_csv, write_json
 from ..errors import DiffprobeError
 from ..features.store import FeatureKey, FeatureStore
+from ..features.roles import REPORT_SHARE, store_roles
 from ..probing.config import ProbeConfig
+from ..probing.intervals import Interval, compare, paired_difference
 from ..report import head_bars
-from .sweep import fast_probe
+from .sweep import fast_probe, figures
 
 HEAD_KINDS = ("linear", "mlp", "cnn", "attention", "fusion")
 RECIPES = ("modern", "paper")
@@ -28,39 +31,50 @@ RECIPES = ("modern", "paper")
 
 def compare_heads(store: FeatureStore, key: FeatureKey, out: str | Path, heads: Sequence[str] = HEAD_KINDS,
                   recipes: Sequence[str] = RECIPES, fusion_t: int | None = None, val_fraction: float = 0.1,
-                  split_seed: int = 0, seed: int = 0, device: str = "cpu") -> list[dict[str, Any]]:  # fmt: skip
-    """Train each head in each recipe on `key` (fusion: `key` + the same block at `fusion_t`);
-    write heads.csv, heads.json, heads.png and one run directory per (head, recipe)."""
-    from ..probing.train import fit_head, save_run
+                  split_seed: int = 0, seed: int = 0, device: str = "cpu", report_share: float = REPORT_SHARE) -> list[dict[str, Any]]:  # fmt: skip
+    """Train each head in each recipe on `key` (fusion: `key` + the same block at `fusion_t`),
+    each choosing on the selection rows and reported on the report rows with its interval and
+    its paired difference against logistic regression; write heads.csv, heads.json, heads.png
+    and one run directory per (head, recipe)."""
+    from ..probing.train import fit_head, head_hits, save_run
 
     out = output_dir(out)
     if "fusion" in heads and fusion_t is None:
         raise DiffprobeError("the fusion head needs a second timestep: give --fusion-t")
-    is_val = store.split(val_fraction, split_seed)
+    roles = store_roles(store, val_fraction, split_seed, report_share).check("compare-heads")
     started = time.time()
-    score = fast_probe("logreg", store.load(key), store.labels, is_val, device)
-    rows = [{"head": "logistic regression (L-BFGS)", "recipe": "-", "inputs": key.stem, "val_top1": round(score.top1, 2),
-             "val_top5": round(score.top5, 2), "chosen": f"C={score.params['C']:.3g}", "seconds": round(time.time() - started, 1)}]
+    reference = fast_probe("logreg", store.load(key), store.labels, roles, device)
+    rows = [{"head": "logistic regression (L-BFGS)", "recipe": "-", "inputs": key.stem, **figures(reference.select.top1, reference.report()),
+             "chosen": f"C={reference.select.params['C']:.3g}", "seconds": round(time.time() - started, 1)}]  # fmt: skip
     jobs = [(kind, recipe) for kind in heads for recipe in recipes]
     for kind, recipe in tqdm(jobs, desc="heads", unit="run"):
         keys = [key] + ([FeatureKey(fusion_t, key.block, key.pool)] if kind == "fusion" else [])
         started = time.time()
-        fitted = fit_head(store, keys, ProbeConfig(kind, recipe, val_fraction=val_fraction, split_seed=split_seed, seed=seed),
-                          device, progress=False)  # fmt: skip
+        config = ProbeConfig(kind, recipe, val_fraction=val_fraction, split_seed=split_seed, seed=seed, report_share=report_share)
+        fitted = fit_head(store, keys, config, device, progress=False)
         save_run(fitted, out / f"{kind}-{recipe}")
         chosen = fitted.metrics["chosen"]
-        rows.append({"head": kind, "recipe": recipe, "inputs": ", ".join(k.stem for k in keys),
-                     "val_top1": round(fitted.metrics["val"]["top1"], 2), "val_top5": round(fitted.metrics["val"]["top5"], 2),
-                     "chosen": f"lr={chosen['lr']:g} wd={chosen['weight_decay']:g} epoch={chosen['epoch']}/{chosen['epochs_trained']}",
-                     "seconds": round(time.time() - started, 1)})  # fmt: skip
+        row = {"head": kind, "recipe": recipe, "inputs": ", ".join(k.stem for k in keys),
+               **figures(fitted.metrics["select"]["top1"], Interval(**fitted.metrics["report"]["interval"]) if roles.has_report else None),
+               "chosen": f"lr={chosen['lr']:g} wd={chosen['weight_decay']:g} epoch={chosen['epoch']}/{chosen['epochs_trained']}",
+               "seconds": round(time.time() - started, 1)}  # fmt: skip
+        if roles.has_report:
+            diff = paired_difference(head_hits(fitted, store, roles.report), reference.report_hits)
+            row["vs_logreg"] = compare(f"{kind} ({recipe})", "logistic regression", diff)
+        rows.append(row)
     write_csv(out / "heads.csv", rows)
-    write_json(out / "heads.json", {"store": str(store.root), "rows": store.rows, "val_rows": int(is_val.sum()),
-                                    "val_fraction": val_fraction, "split_seed": split_seed, "results": rows})  # fmt: skip
-    head_bars(out / "heads.png", rows, f"heads on {key.stem} ({int(is_val.sum())} validation images)")
+    write_json(out / "heads.json", {"store": str(store.root), "rows": store.rows, "roles": roles.describe(), "results": rows})
+    shown = f"{len(roles.report)} report images" if roles.has_report else f"{len(roles.select)} selection images, optimistic"
+    head_bars(out / "heads.png", rows, f"heads on {key.stem} (top-1 on {shown})")
     return rows
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    lines = ["| head | recipe | inputs | validation top-1 | chosen on validation |", "|---|---|---|---|---|"]
-    lines += [f"| {r['head']} | {r['recipe']} | {r['inputs']} | {r['val_top1']:.2f}% | {r['chosen']} |" for r in rows]
-    return "\n".join(lines)
+    lines = ["| head | recipe | inputs | top-1 (95% interval) | scored on | selection top-1 | chosen on the selection rows |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        ci = f" [{r['low']:.2f}, {r['high']:.2f}]" if r["low"] is not None else ""
+        lines.append(f"| {r['head']} | {r['recipe']} | {r['inputs']} | {r['top1']:.2f}%{ci} | {r['scored_on']} | "
+                     f"{r['select_top1']:.2f}% | {r['chosen']} |")  # fmt: skip
+    verdicts = [r["vs_logreg"] for r in rows if r.get("vs_logreg")]
+    return "\n".join(lines + ([""] + [f"- {v}" for v in verdicts] if verdicts else []))

@@ -1,18 +1,23 @@
 """Block × timestep × pool search with a fast probe, and the controls every report carries.
 
 One U-Net pass per (batch, timestep) fills every block of the store (features.extract); then a
-fast probe scores each (t, block, pool) cell on the validation split. The controls answer "what
-does pre-training add?": the same probe on raw pixels, and on the same architecture with random
-weights at the best setting.
+fast probe trains on the train rows of each (t, block, pool) cell and is scored on the
+selection rows, which choose the best cell; that one cell is then scored on the report rows,
+with a bootstrap interval (features/roles.py). The controls answer "what does pre-training
+add?": raw pixels, and the same architecture with random weights given the same search over
+cells; each is reported on the same report rows, against the pre-trained best as a paired
+difference.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
@@ -21,10 +26,12 @@ from ..data import LabeledImages, model_transform
 from ..errors import DiffprobeError
 from ..validate import positive_int
 from ..precision import choose_compute
-from ..probing.fastprobe import ProbeScore, knn, logistic_regression
+from ..probing.fastprobe import ProbeScore, knn, knn_votes, logistic_regression, logreg_logits, topk
+from ..probing.intervals import Interval, accuracy_interval, compare, paired_difference
 from ..features.extract import ExtractOptions, extract
 from ..features.distributed import ranks
 from ..features.plan import FeaturePlan
+from ..features.roles import REPORT_SHARE, Roles, store_roles
 from .._io import output_dir, write_csv, write_json
 from ..report import heatmap, short_source
 from ..features.store import FeatureKey, FeatureStore
@@ -33,47 +40,85 @@ log = logging.getLogger(__name__)
 PROBES = ("logreg", "knn")
 
 
-def fast_probe(kind: str, features: np.ndarray, labels: np.ndarray, is_val: np.ndarray, device: str = "cpu") -> ProbeScore:
-    args = (features[~is_val], labels[~is_val], features[is_val], labels[is_val])
+@dataclass
+class CellScore:
+    """A fast probe on one feature set: fitted on the train rows, its choices (C) and score on the
+    select rows, and each report row's top-1 hit (for the reported figure and paired comparisons)."""
+
+    select: ProbeScore
+    report_hits: np.ndarray  # bool per report row; empty without report rows
+    report_top5: float | None
+
+    def row(self) -> dict:
+        """The sweep.csv columns: selection and report scores side by side."""
+        report = {"report_top1": round(100.0 * self.report_hits.mean(), 3), "report_top5": round(self.report_top5, 3)} if len(self.report_hits) else {}
+        return {"probe": self.select.method, "select_top1": round(self.select.top1, 3), "select_top5": round(self.select.top5, 3),
+                **report, **self.select.params}  # fmt: skip
+
+    def report(self) -> Interval | None:
+        return accuracy_interval(self.report_hits) if len(self.report_hits) else None
+
+
+def fast_probe(kind: str, features: np.ndarray, labels: np.ndarray, roles: Roles, device: str = "cpu") -> CellScore:
+    """Train on roles.train, choose (logreg's C) and score on roles.select, then score the
+    chosen model once on roles.report."""
+    x_train, y_train = features[roles.train], labels[roles.train]
+    x_sel, y_sel = features[roles.select], labels[roles.select]
+    x_rep, y_rep = features[roles.report], labels[roles.report]
+    num_classes = int(labels.max()) + 1
     if kind == "logreg":
-        return logistic_regression(*args, device=device)[0]
-    if kind == "knn":
-        return knn(*args, device=device)
-    raise DiffprobeError(f"unknown fast probe {kind!r}; expected one of {', '.join(PROBES)}")
+        score, model = logistic_regression(x_train, y_train, x_sel, y_sel, device=device)
+        logits = logreg_logits(model, x_rep) if len(x_rep) else None
+    elif kind == "knn":
+        score = knn(x_train, y_train, x_sel, y_sel, device=device)
+        logits = knn_votes(x_train, y_train, x_rep, num_classes, device=device).cpu() if len(x_rep) else None
+    else:
+        raise DiffprobeError(f"unknown fast probe {kind!r}; expected one of {', '.join(PROBES)}")
+    if logits is None:
+        return CellScore(score, np.zeros(0, dtype=bool), None)
+    y = torch.as_tensor(y_rep)
+    return CellScore(score, (logits.argmax(1) == y).numpy(), topk(logits, y, 5))
 
 
-def score_store(store: FeatureStore, keys: Sequence[FeatureKey] | None = None, probe: str = "logreg",
-                val_fraction: float = 0.1, split_seed: int = 0, device: str = "cpu") -> list[dict]:  # fmt: skip
-    """One row per (t, block, pool): validation top-1/top-5 of the fast probe."""
+def score_store(store: FeatureStore, keys: Sequence[FeatureKey] | None, probe: str, roles: Roles,
+                device: str = "cpu") -> tuple[list[dict], dict[FeatureKey, CellScore]]:  # fmt: skip
+    """One row per (t, block, pool): the fast probe's selection and report scores; and each cell's CellScore."""
     keys = list(keys) if keys is not None else store.complete_keys()
     if not keys:
         raise DiffprobeError(f"{store.root} holds no complete features to probe: run the extraction first")
-    is_val = store.split(val_fraction, split_seed)
     labels = store.labels
-    rows = []
+    rows, cells = [], {}
     for key in tqdm(keys, desc=f"{probe} probes", unit="cell"):
-        score = fast_probe(probe, store.load(key), labels, is_val, device)
-        rows.append({"t": key.t, "block": key.block, "pool": key.pool, "probe": probe, "top1": round(score.top1, 3),
-                     "top5": round(score.top5, 3), **score.params})  # fmt: skip
-    return rows
+        cells[key] = fast_probe(probe, store.load(key), labels, roles, device)
+        rows.append({"t": key.t, "block": key.block, "pool": key.pool, **cells[key].row()})
+    return rows, cells
+
+
+def choose_cell(rows: Sequence[dict]) -> dict:
+    """The best cell on the selection rows (ties: top-5, then the earlier cell)."""
+    return max(rows, key=lambda r: (r["select_top1"], r["select_top5"]))
+
+
+def cell_key(row: dict) -> FeatureKey:
+    return FeatureKey(int(row["t"]), int(row["block"]), int(row["pool"]))
 
 
 def write_sweep(out: str | Path, rows: list[dict], title: str) -> dict:
-    """sweep.csv, one heatmap PNG per pool size (block × t), best.json. Returns the best row."""
+    """sweep.csv, one heatmap PNG per pool size (block × t, selection top-1: what the choice
+    saw), best.json. Returns the best row (chosen on the selection rows)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "sweep.csv", rows)
-    best = max(rows, key=lambda r: (r["top1"], r["top5"]))
+    best = choose_cell(rows)
     for pool in sorted({r["pool"] for r in rows}):
         cells = [r for r in rows if r["pool"] == pool]
         blocks = sorted({r["block"] for r in cells})
         ts = sorted({r["t"] for r in cells})
         grid = np.full((len(blocks), len(ts)), np.nan)
         for r in cells:
-            grid[blocks.index(r["block"]), ts.index(r["t"])] = r["top1"]
+            grid[blocks.index(r["block"]), ts.index(r["t"])] = r["select_top1"]
         mark = (blocks.index(best["block"]), ts.index(best["t"])) if best["pool"] == pool else None
         heatmap(out / f"heatmap_pool{pool}.png", grid, blocks, ts, f"{title}, pool {pool}×{pool}", best=mark)
-    write_json(out / "best.json", best)
     return best
 
 
@@ -88,42 +133,47 @@ def pixel_features(data: LabeledImages, rows: np.ndarray, image_size: int, side:
     return out
 
 
-def run_controls(backbone: Backbone, data: LabeledImages, store: FeatureStore, best: dict, out: str | Path,
-                 probe: str = "logreg", val_fraction: float = 0.1, split_seed: int = 0, device: str = "cpu",
+def run_controls(backbone: Backbone, data: LabeledImages, store: FeatureStore, plan: FeaturePlan, best: CellScore,
+                 roles: Roles, out: str | Path, probe: str = "logreg", device: str = "cpu",
                  options: ExtractOptions | None = None) -> dict:  # fmt: skip
-    """Pixels and random-weight controls on the same rows, noise and split as the store.
-
-    Under torchrun every rank extracts its share of the random-weights store; rank 0 scores."""
+    """The pixels and random-weights controls, searched as the pre-trained model was: the same
+    architecture with random weights over every cell of `plan`, its own best chosen on the
+    selection rows; both reported on the same report rows, each against the pre-trained best
+    as a paired difference. Under torchrun every rank extracts its share; rank 0 scores."""
     out = Path(out)
-    key = FeatureKey(int(best["t"]), int(best["block"]), int(best["pool"]))
-    noise = store.manifest["noise"]
-    plan = FeaturePlan(t=key.t, blocks=key.block, pools=key.pool, noise_seed=noise["seed"], draws=noise["draws"])
     random_store = extract(backbone.random_like(seed=0), data, plan, out / "control_random_weights",
                            (options or ExtractOptions()).same_rows_as(store))  # fmt: skip
     if not ranks().is_main:
         return {}
-    is_val = store.split(val_fraction, split_seed)
-    labels = store.labels
     cache = out / "control_pixels.npy"
     if cache.is_file() and np.load(cache, mmap_mode="r").shape[0] == store.rows:
         pixels = np.load(cache)
     else:
         pixels = pixel_features(data, store.indices, backbone.image_size)
         np.save(cache, pixels)
-    pixel_score = fast_probe(probe, pixels, labels, is_val, device)
-    random_score = fast_probe(probe, random_store.load(key), labels, is_val, device)
-    return {
-        "pixels": {"top1": pixel_score.top1, "top5": pixel_score.top5, "features": int(pixels.shape[1]), **pixel_score.params},
-        "random_weights": {"top1": random_score.top1, "top5": random_score.top5, "setting": key.stem, **random_score.params},
-    }
+    rows, cells = score_store(random_store, plan.keys, probe, roles, device)
+    random_best = choose_cell(rows)
+    controls = {"random_weights": (cells[cell_key(random_best)], {"setting": cell_key(random_best).stem, "cells": rows}),
+                "pixels": (fast_probe(probe, pixels, store.labels, roles, device), {"features": int(pixels.shape[1])})}
+    result = {}
+    for name, (score, extra) in controls.items():
+        entry = {**score.row(), **extra}
+        report = score.report()
+        if report is not None:
+            entry["report"] = report.to_dict()
+            entry["pretrained_minus_control"] = paired_difference(best.report_hits, score.report_hits).to_dict()
+        result[name] = entry
+    return result
 
 
 def sweep(backbone: Backbone, data: LabeledImages, out: str | Path, plan: FeaturePlan, options: ExtractOptions | None = None,
           probe: str = "logreg", val_fraction: float = 0.1, split_seed: int = 0, controls: bool = True,
           train_heads: Sequence[str] = (), head_epochs: int | None = None,
-          score_pools: Sequence[int] | None = None) -> dict:  # fmt: skip
-    """Extract (resuming), score every cell, write the report files, run the controls, and
-    train each head in `train_heads` on the best setting (run directories head-<kind>/).
+          score_pools: Sequence[int] | None = None, report_share: float = REPORT_SHARE) -> dict:  # fmt: skip
+    """Extract (resuming), score every cell, choose the best on the selection rows and report it
+    on the report rows with its interval (features/roles.py), run the controls with their own
+    search, train each head in `train_heads` on the chosen setting (run directories head-<kind>/),
+    and write the report files.
     `score_pools`: only these pool sizes are scored (the others are extracted in the same pass
     for heads that read maps, but a fast probe on them would cost more than it tells).
     Fast probes and heads run on the extraction's device."""
@@ -134,23 +184,30 @@ def sweep(backbone: Backbone, data: LabeledImages, out: str | Path, plan: Featur
     if options.augment_views:
         raise DiffprobeError("a sweep scores centre-crop features; extract augmented views separately (extract --augment-views)")
     plan = plan.resolve(backbone)
+    scored = [k for k in plan.keys if score_pools is None or k.pool in score_pools]
+    if not scored:
+        raise DiffprobeError(f"none of the pools {list(plan.pools)} is among the pools to score {list(score_pools or [])}")
     output_dir(out)  # before any work: an unusable --out costs nothing
     store = extract(backbone, data, plan, out / "features", options)
+    roles = store_roles(store, val_fraction, split_seed, report_share).check("sweep")
     probe_device = str((options.compute or choose_compute()).device)
     share = ranks()  # under torchrun: every rank extracts, rank 0 scores, writes and trains heads
+    best, cells = None, {}
     if share.is_main:
-        scored = [k for k in plan.keys if score_pools is None or k.pool in score_pools]
-        if not scored:
-            raise DiffprobeError(f"none of the pools {list(plan.pools)} is among the pools to score {list(score_pools or [])}")
-        rows = score_store(store, scored, probe, val_fraction, split_seed, probe_device)
-        best = write_sweep(out, rows, f"{short_source(backbone.source)} on {data.name}: {probe} top-1 (validation)")
+        rows, cells = score_store(store, scored, probe, roles, probe_device)
+        best = write_sweep(out, rows, f"{short_source(backbone.source)} on {data.name}: {probe} top-1 (selection rows)")
     best = share.broadcast(best if share.is_main else None)
-    summary = {"backbone": backbone.source, "data": data.name, "rows": store.rows, "probe": probe,
+    summary = {"backbone": backbone.source, "data": data.name, "rows": store.rows, "probe": probe, "roles": roles.describe(),
                "val_fraction": val_fraction, "split_seed": split_seed, "best": best}  # fmt: skip
     if share.is_main:
         summary["cells"] = rows  # every scored cell (also in sweep.csv)
+        report = cells[cell_key(best)].report()
+        if report is not None:
+            best["report"] = report.to_dict()
+        write_json(out / "best.json", best)
     if controls:
-        control = run_controls(backbone, data, store, best, out, probe, val_fraction, split_seed, probe_device, options)
+        control_plan = FeaturePlan.from_keys(scored, plan.noise_seed, plan.draws)
+        control = run_controls(backbone, data, store, control_plan, cells.get(cell_key(best)), roles, out, probe, probe_device, options)
         if control:  # rank 0's scores (other ranks only helped extract)
             summary["controls"] = control
     if not share.is_main:
@@ -159,25 +216,56 @@ def sweep(backbone: Backbone, data: LabeledImages, out: str | Path, plan: Featur
         from ..probing.config import ProbeConfig
         from ..probing.train import probe as train_probe
 
-        key = FeatureKey(int(best["t"]), int(best["block"]), int(best["pool"]))
         summary["heads"] = {}
         for kind in train_heads:
-            config = ProbeConfig(kind, epochs=head_epochs, val_fraction=val_fraction, split_seed=split_seed)
-            metrics = train_probe(store, [key], out / f"head-{kind}", config, device=probe_device)
-            summary["heads"][kind] = {"top1": metrics["val"]["top1"], "top5": metrics["val"]["top5"], "run": str(out / f"head-{kind}")}
+            config = ProbeConfig(kind, epochs=head_epochs, val_fraction=val_fraction, split_seed=split_seed, report_share=report_share)
+            metrics = train_probe(store, [cell_key(best)], out / f"head-{kind}", config, device=probe_device)
+            summary["heads"][kind] = head_summary(metrics, out / f"head-{kind}")
     write_json(out / "summary.json", summary)
     return summary
 
 
+def figures(select_top1: float, report: Interval | None) -> dict[str, Any]:
+    """A row's figures: the reported top-1 with its interval (or the selection score, said so)."""
+    if report is None:
+        return {"top1": round(select_top1, 2), "low": None, "high": None, "scored_on": "selection rows (optimistic)",
+                "select_top1": round(select_top1, 2)}  # fmt: skip
+    return {"top1": round(report.estimate, 2), "low": round(report.low, 2), "high": round(report.high, 2),
+            "scored_on": f"{report.rows} report rows", "select_top1": round(select_top1, 2)}  # fmt: skip
+
+
+def head_summary(metrics: dict, run: Path) -> dict:
+    """What a study keeps of a trained head: its selection score, its report interval, its run."""
+    entry = {"select_top1": metrics["select"]["top1"], "select_top5": metrics["select"]["top5"], "run": str(run),
+             "chosen": metrics["chosen"]}  # fmt: skip
+    if "report" in metrics:
+        entry["report"] = metrics["report"]["interval"]
+    return entry
+
+
+def headline(entry: dict) -> str:
+    """A score as a report states it: the report interval, or the selection score said to be one."""
+    if "report" in entry:
+        r = entry["report"]
+        return f"{r['estimate']:.2f}% [{r['low']:.2f}, {r['high']:.2f}] on {r['rows']} report images"
+    return f"{entry['select_top1']:.2f}% (selection score: the rows that chose it, so optimistic)"
+
+
 def describe_summary(summary: dict) -> str:
-    best = summary["best"]
-    lines = [f"best: t={best['t']} block={best['block']} pool={best['pool']}: {summary['probe']} top-1 {best['top1']:.2f}% "
-             f"(top-5 {best['top5']:.2f}%) on {summary['rows']} images, validation split"]  # fmt: skip
+    best, roles = summary["best"], summary["roles"]
+    lines = [f"best cell, chosen on {roles['select']} selection images: t={best['t']} block={best['block']} pool={best['pool']} "
+             f"(selection top-1 {best['select_top1']:.2f}%)",
+             f"{summary['probe']} top-1 at that cell: {headline(best)}"]  # fmt: skip
     if "controls" in summary:
         c = summary["controls"]
-        lines.append(f"controls: raw pixels {c['pixels']['top1']:.2f}%, random weights {c['random_weights']['top1']:.2f}% "
-                     f"(same probe, same split)")  # fmt: skip
+        lines.append(f"controls, each with its own search: random weights ({c['random_weights']['setting']}) "
+                     f"{headline(c['random_weights'])}; raw pixels {headline(c['pixels'])}")  # fmt: skip
+        for name in ("random_weights", "pixels"):
+            if "pretrained_minus_control" in c[name]:
+                lines.append("  " + compare("pre-trained", name.replace("_", " "), Interval(**c[name]["pretrained_minus_control"])))
     for kind, h in summary.get("heads", {}).items():
-        where = f"on {', '.join(h['inputs'])}" if h.get("inputs") else "at the best setting"
-        lines.append(f"{kind} head {where}: top-1 {h['top1']:.2f}% (run: {h['run']})")
+        where = f"on {', '.join(h['inputs'])}" if h.get("inputs") else "at the best cell"
+        lines.append(f"{kind} head {where}: top-1 {headline(h)} (run: {h['run']})")
+    if not roles["report"]:
+        lines.append("no report rows: every figure above is a selection score; give --report-share > 0 or a test set for unbiased ones")
     return "\n".join(lines)

@@ -12,15 +12,18 @@ from ..features.extract import ExtractOptions, extract
 from ..features.plan import FeaturePlan
 from .._io import output_dir, write_csv
 from ..precision import choose_compute
-from .sweep import fast_probe, run_controls
+from ..features.roles import REPORT_SHARE, store_roles
+from ..probing.intervals import Interval, compare
+from .sweep import fast_probe, figures, run_controls
 
 
 def transfer(backbone: Backbone, datasets: Sequence[str], out: str | Path, plan: FeaturePlan,
              options: ExtractOptions | None = None, probe: str = "logreg", val_fraction: float = 0.1, split_seed: int = 0,
              data_root: str | None = None, download: bool = False, split: str = "train",
-             controls: bool = True) -> list[dict]:  # fmt: skip
+             controls: bool = True, report_share: float = REPORT_SHARE) -> list[dict]:  # fmt: skip
     """Extract the plan's one setting on each dataset (stores under out/<name>/), score it with the
-    fast probe on a stratified validation split (with the pixels and random-weight controls), and
+    fast probe (C chosen on the selection rows, top-1 with its interval on the report rows; with
+    the pixels and random-weight controls, each against the setting as a paired difference), and
     write transfer.csv and transfer.md."""
     out = Path(out)
     options = options or ExtractOptions()
@@ -36,20 +39,29 @@ def transfer(backbone: Backbone, datasets: Sequence[str], out: str | Path, plan:
     for spec in datasets:
         data = open_dataset(spec, root=data_root, split=split, download=download)
         store = extract(backbone, data, plan, out / data.name, options)
-        score = fast_probe(probe, store.load(key), store.labels, store.split(val_fraction, split_seed), probe_device)
+        roles = store_roles(store, val_fraction, split_seed, report_share).check(f"transfer to {data.name}")
+        score = fast_probe(probe, store.load(key), store.labels, roles, probe_device)
         row = {"dataset": data.name, "images": store.rows, "classes": len(data.classes), "setting": key.stem,
-               "probe": probe, "top1": round(score.top1, 2), "top5": round(score.top5, 2)}  # fmt: skip
-        if controls:
-            best = {"t": key.t, "block": key.block, "pool": key.pool}
-            ctrl = run_controls(backbone, data, store, best, out / data.name, probe, val_fraction, split_seed, probe_device, options)
-            row.update(pixels_top1=round(ctrl["pixels"]["top1"], 2), random_weights_top1=round(ctrl["random_weights"]["top1"], 2))
+               "probe": probe, **figures(score.select.top1, score.report())}  # fmt: skip
+        if controls:  # one setting: the controls have nothing to search either
+            ctrl = run_controls(backbone, data, store, plan, score, roles, out / data.name, probe, probe_device, options)
+            for name in ("pixels", "random_weights"):
+                row[f"{name}_top1"] = round(ctrl[name]["report"]["estimate"] if "report" in ctrl[name] else ctrl[name]["select_top1"], 2)
+                if "pretrained_minus_control" in ctrl[name]:
+                    row[f"vs_{name}"] = compare(key.stem, name.replace("_", " "), Interval(**ctrl[name]["pretrained_minus_control"]))
         rows.append(row)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "transfer.csv", rows)
-    lines = [f"Transfer of {backbone.source} at {key.stem} ({probe} probe, {val_fraction:.0%} stratified validation split)", "",
-             "| dataset | images | classes | top-1 % | top-5 % | raw pixels top-1 % | random weights top-1 % |",
+    lines = [f"Transfer of {backbone.source} at {key.stem} ({probe} probe; its C chosen on the selection rows, top-1 on the "
+             f"report rows with a 95% bootstrap interval: a {val_fraction:.0%} stratified held-out split, "
+             f"{report_share:.0%} of it reporting)", "",
+             "| dataset | images | classes | top-1 % (95% interval) | scored on | raw pixels top-1 % | random weights top-1 % |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
-    lines += [f"| {r['dataset']} | {r['images']} | {r['classes']} | {r['top1']:.2f} | {r['top5']:.2f} | "
-              f"{r.get('pixels_top1', '–')} | {r.get('random_weights_top1', '–')} |" for r in rows]  # fmt: skip
+    for r in rows:
+        ci = f" [{r['low']:.2f}, {r['high']:.2f}]" if r["low"] is not None else ""
+        lines.append(f"| {r['dataset']} | {r['images']} | {r['classes']} | {r['top1']:.2f}{ci} | {r['scored_on']} | "
+                     f"{r.get('pixels_top1', '–')} | {r.get('random_weights_top1', '–')} |")  # fmt: skip
+    verdicts = [f"- {r['dataset']}: {r[k]}" for r in rows for k in ("vs_random_weights", "vs_pixels") if r.get(k)]
+    lines += [""] + verdicts if verdicts else []
     (out / "transfer.md").write_text("\n".join(lines) + "\n")
     return rows
