@@ -8,6 +8,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -535,3 +537,253 @@ def test_card_json_without_its_keys_is_one_line(cifar_small, tmp_path, capsys, d
     del card[drop]
     card_path.write_text(json.dumps(card))
     assert_one_line_error(*run(capsys, "card", tmp_path / "ckpt")[::2], f"lacks the key '{drop}'", "export the folder again")
+
+
+# ---- issue 19: security, backbones, generation
+
+
+class _Mkdir:
+    """Unpickling this creates a folder: the proof that a pickle's code ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def _evil_pickle(path, marker, tensors=None):
+    torch.save({**(tensors or {"weight": torch.zeros(1)}), "payload": _Mkdir(marker)}, path)
+    return path
+
+
+def _tiny_folder(root, size=32):
+    """Two classes of four random PNGs: the smallest ImageFolder the commands accept."""
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+    return root
+
+
+def _unet_pipeline(folder, **overrides):
+    from test_diffusers import save_unet
+
+    return save_unet(folder, **overrides)
+
+
+REFUSED = ("contains Python objects or code (posix.mkdir)", "refused for safety")
+
+
+def test_inception_weights_carrying_code_are_refused_and_never_run(tmp_path, capsys):
+    marker = tmp_path / "ran"
+    weights = _evil_pickle(tmp_path / "evil.pth", marker)
+    np.savez(tmp_path / "s.npz", arr_0=np.zeros((2, 32, 32, 3), dtype=np.uint8))
+    code, _, err = run(capsys, "fid", tmp_path / "s.npz", "--real", _tiny_folder(tmp_path / "real"), "--inception-weights", weights)
+    assert_one_line_error(code, err, str(weights), *REFUSED)
+    assert not marker.exists()  # torch-fidelity's own torch.load(weights_only=False) would have run it
+
+
+def test_empty_inception_weights_are_one_line(tmp_path, capsys):
+    (tmp_path / "empty.pth").write_bytes(b"")
+    np.savez(tmp_path / "s.npz", arr_0=np.zeros((2, 32, 32, 3), dtype=np.uint8))
+    code, _, err = run(capsys, "fid", tmp_path / "s.npz", "--real", _tiny_folder(tmp_path / "real"), "--inception-weights",
+                       tmp_path / "empty.pth")  # fmt: skip
+    assert_one_line_error(code, err, "cannot read Inception weights", "empty")
+
+
+def _as_bin(folder, safetensors_name, bin_name, marker):
+    """Replace a component's safetensors weights by a .bin pickle of the same tensors plus code."""
+    from safetensors.torch import load_file
+
+    weights = folder / safetensors_name
+    tensors = load_file(weights)
+    weights.unlink()
+    return _evil_pickle(weights.with_name(bin_name), marker, tensors)
+
+
+def test_diffusers_bin_carrying_code_is_refused_and_never_run(tmp_path, capsys):
+    marker = tmp_path / "ran"
+    folder = Path(_unet_pipeline(tmp_path / "pipe"))
+    evil = _as_bin(folder / "unet", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", marker)
+    code, _, err = run(capsys, "blocks", f"diffusers:{folder}")
+    assert_one_line_error(code, err, str(evil), *REFUSED)
+    assert not marker.exists()
+
+
+def test_clip_text_encoder_bin_carrying_code_is_refused(tmp_path, capsys):
+    from latent_models import save_sd
+
+    marker = tmp_path / "ran"
+    folder = Path(save_sd(tmp_path / "sd"))
+    evil = _as_bin(folder / "text_encoder", "model.safetensors", "pytorch_model.bin", marker)
+    code, _, err = run(capsys, "blocks", f"diffusers:{folder}")
+    assert_one_line_error(code, err, str(evil), *REFUSED)  # was: an UnpicklingError traceback
+    assert not marker.exists()
+
+
+def _pretrain(capsys, data, out, *extra):
+    return run(capsys, "pretrain", "--data", data, "--out", out, "--steps", "2", "--batch-size", "2", "--val-fraction", "0.25",
+               "--device", "cpu", "--precision", "fp32", "-o", "num_channels=32", "-o", "channel_mult=1,2", "-o", "num_res_blocks=1",
+               "-o", "attention_resolutions=", *extra)  # fmt: skip
+
+
+def test_training_state_carrying_code_is_refused_and_never_run(tmp_path, capsys):
+    marker, out = tmp_path / "ran", tmp_path / "run"
+    out.mkdir()
+    state = _evil_pickle(out / "training-state.pt", marker, {"config": torch.zeros(1)})
+    code, _, err = _pretrain(capsys, _tiny_folder(tmp_path / "data"), out)
+    assert_one_line_error(code, err, str(state), *REFUSED)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["empty", "cut short"])
+def test_damaged_training_state_says_how_to_go_on(damage, tmp_path, capsys):
+    data, out = _tiny_folder(tmp_path / "data"), tmp_path / "run"
+    assert _pretrain(capsys, data, out)[0] == 0
+    state = out / "training-state.pt"
+    state.write_bytes(b"" if damage == "empty" else state.read_bytes()[:3000])
+    code, _, err = _pretrain(capsys, data, out, "--steps", "3")
+    assert_one_line_error(code, err, f"cannot read training state {state}", damage, "move it aside",
+                          f"--init-from {out / 'ema.pt'}")  # fmt: skip
+    state.rename(tmp_path / "aside.pt")  # what the line says: it goes on from the weights saved with the state
+    code, outp, err = _pretrain(capsys, data, out, "--steps", "3", "--init-from", out / "ema.pt")
+    assert code == 0, err
+    assert outp.startswith("step 3:")
+
+
+def test_cka_b_weights_carrying_code_is_one_line(cifar_small, tmp_path, capsys):
+    store, marker = tmp_path / "store", tmp_path / "ran"
+    assert run(capsys, *extract_args(cifar_small, store, "--limit", "40"))[0] == 0
+    weights = _evil_pickle(tmp_path / "evil.pth", marker)
+    code, _, err = run(capsys, "cka", "--a", store, "--b", "torchvision:resnet18", "--b-weights", weights, "--data", cifar_small,
+                       "--out", tmp_path / "cka")  # fmt: skip
+    assert_one_line_error(code, err, str(weights), *REFUSED)  # was: an UnpicklingError traceback
+    assert not marker.exists()
+
+
+def _edit_unet_weights(folder, edit):
+    from safetensors.torch import load_file, save_file
+
+    path = Path(folder) / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file(edit(load_file(path)), path)
+
+
+@pytest.mark.parametrize("edit, needles", [
+    (lambda w: {**w, "foreign.weight": torch.zeros(3)}, ["1 key(s) in the weights but not in the model of config.json: foreign.weight"]),
+    (lambda w: {k: v for k, v in w.items() if not k.startswith("conv_out")},
+     ["2 key(s) missing from the weights (they would be random): conv_out.bias, conv_out.weight"]),
+    (lambda w: {k: v for k, v in w.items() if not k.startswith("mid_block")}, ["key(s) missing from the weights", ", ..."]),
+    (lambda w: {**w, "conv_in.weight": torch.zeros(32, 3, 5, 5)},
+     ["tensor conv_in.weight has shape [32, 3, 5, 5] in the weights", "makes it [32, 3, 3, 3]"]),
+])  # fmt: skip
+def test_diffusers_weights_that_do_not_fit_the_config_are_refused(edit, needles, tmp_path, capsys):
+    folder = _unet_pipeline(tmp_path / "pipe")
+    _edit_unet_weights(folder, edit)
+    code, _, err = run(capsys, "blocks", f"diffusers:{folder}")
+    line = assert_one_line_error(code, err, f"unet/ of {folder}", *needles)
+    assert len(line) < 500
+
+
+@pytest.mark.parametrize("broken", ["unet/config.json", "model_index.json"])
+def test_invalid_pipeline_json_names_the_file(broken, tmp_path, capsys):
+    folder = Path(_unet_pipeline(tmp_path / "pipe"))
+    if broken == "model_index.json":  # diffprobe reads it when no component config names the class
+        shutil.rmtree(folder / "unet")
+    (folder / broken).write_text('{"_class_name": "UNet2DModel",')
+    code, _, err = run(capsys, "blocks", f"diffusers:{folder}")
+    assert_one_line_error(code, err, f"{folder / broken} is not valid JSON")
+
+
+def test_pipeline_without_scheduler_is_refused_unless_the_schedule_is_named(tmp_path, capsys):
+    folder = Path(_unet_pipeline(tmp_path / "pipe"))
+    shutil.rmtree(folder / "scheduler")
+    code, _, err = run(capsys, "blocks", f"diffusers:{folder}")
+    assert_one_line_error(code, err, "no scheduler/scheduler_config.json", "-o schedule=linear|scaled_linear|squaredcos_cap_v2")
+    code, out, err = run(capsys, "blocks", f"diffusers:{folder}", "-o", "schedule=scaled_linear")
+    assert code == 0, err
+    assert "schedule diffusers-scaled_linear-1000" in out
+
+
+def _diffusers_store(capsys, folder, data, out):
+    code, _, err = run(capsys, "extract", f"diffusers:{folder}", "--data", data, "--blocks", "5", "--t", "90", "--limit", "40",
+                       "--out", out, "--batch-size", "40", "--device", "cpu", "--precision", "fp32")  # fmt: skip
+    assert code == 0, err
+    return FeatureStore.open(out)
+
+
+def test_a_copied_pipeline_is_the_same_backbone_and_other_weights_are_not(cifar_small, tmp_path, capsys):
+    from diffprobe import load_backbone
+    from diffprobe.probing.classifier import Classifier
+    from diffprobe.probing.estimator import Probe
+
+    folder = Path(_unet_pipeline(tmp_path / "sd"))
+    store = _diffusers_store(capsys, folder, cifar_small, tmp_path / "store")
+    assert run(capsys, "probe", tmp_path / "store", "--t", "90", "--blocks", "5", "--out", tmp_path / "run", "--epochs", "1")[0] == 0
+    shutil.copytree(folder, tmp_path / "sd2")  # cp -r sd sd2
+    copy = load_backbone(f"diffusers:{tmp_path / 'sd2'}")
+    assert copy.fingerprint() == store.manifest["backbone"]["fingerprint"]  # was: the path was part of it
+    Classifier(copy, None, Probe.load(tmp_path / "run"))  # the saved run accepts the copy (was: "its weights or flags differ")
+    _unet_pipeline(tmp_path / "other")  # same config, then other weights under it
+    _edit_unet_weights(tmp_path / "other", lambda w: {k: v + 1e-3 if k == "conv_in.bias" else v for k, v in w.items()})
+    with pytest.raises(DiffprobeError, match="its weights or flags differ"):
+        Classifier(load_backbone(f"diffusers:{tmp_path / 'other'}"), None, Probe.load(tmp_path / "run"))
+
+
+@pytest.mark.xfail(strict=True, reason="features/store.py compares the manifest's whole backbone section, source (the path) "
+                   "included; the fingerprint no longer holds the path (backbones/), the store's identity check still does")
+def test_a_store_resumes_with_a_copied_pipeline(cifar_small, tmp_path, capsys):
+    # Old stores written with the path in the fingerprint are refused (the safe direction): their
+    # fingerprint cannot be told from that of other weights, so they are re-extracted once.
+    folder = Path(_unet_pipeline(tmp_path / "sd"))
+    store = _diffusers_store(capsys, folder, cifar_small, tmp_path / "store")
+    before = store.load(store.complete_keys()[0]).copy()
+    shutil.copytree(folder, tmp_path / "sd2")
+    again = _diffusers_store(capsys, tmp_path / "sd2", cifar_small, tmp_path / "store")
+    assert np.array_equal(again.load(again.complete_keys()[0]), before)
+
+
+@pytest.mark.parametrize("eta", ["nan", "-5", "1.5", "inf"])
+def test_sample_refuses_an_eta_outside_0_to_1(eta, tmp_path, capsys):
+    code, _, err = run(capsys, "sample", FIXTURE_SPEC, "--out", tmp_path / "s", "--device", "cpu", "--num", "1", "--steps", "2", "--eta", eta)
+    assert_one_line_error(code, err, f"--eta {float(eta)}: expected a number from 0")
+    assert not (tmp_path / "s" / "samples.npz").exists()  # was: black images and the success line
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "0"], "--steps 0: expected the total number of optimiser steps, at least 1"),
+    (["--steps", "-5"], "--steps -5: expected"),
+    (["--batch-size", "0"], "--batch-size 0: expected at least 1"),
+    (["--save-every", "0"], "--save-every 0: expected a checkpoint every N steps"),
+    (["--lr", "-1"], "--lr -1.0: expected a learning rate above 0"),
+    (["--lr", "nan"], "--lr nan: expected a learning rate above 0"),
+])  # fmt: skip
+def test_pretrain_refuses_bad_settings(flags, message, tmp_path, capsys):
+    code, _, err = _pretrain(capsys, _tiny_folder(tmp_path / "data"), tmp_path / "run", *flags)
+    assert_one_line_error(code, err, message)
+    assert not (tmp_path / "run").exists()  # was (--steps 0): a success line naming files never written
+
+
+def test_sigterm_stops_pretrain_with_143_after_saving(tmp_path):
+    data, out = _tiny_folder(tmp_path / "data"), tmp_path / "run"
+    args = ["pretrain", "--data", str(data), "--out", str(out), "--steps", "100000", "--batch-size", "2", "--val-fraction", "0.25",
+            "--save-every", "1", "--device", "cpu", "--precision", "fp32", "-o", "num_channels=32", "-o", "channel_mult=1,2",
+            "-o", "num_res_blocks=1", "-o", "attention_resolutions="]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "diffprobe", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "training-state.pt").exists():  # the first save: the loop (and its handler) is running
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr  # was 0, with the success line
+    assert "step " not in stdout  # no "step N: ... ema.pt" success line
+    stopped = [line for line in stderr.splitlines() if line.startswith("diffprobe: stopped by SIGTERM")]
+    assert len(stopped) == 1 and "rerun the same command to resume" in stopped[0] and "Traceback" not in stderr, stderr
+    saved = torch.load(out / "training-state.pt", weights_only=True)["state"]["step"]
+    assert 1 <= saved < 100000

@@ -67,11 +67,18 @@ def test_unrolled_forward_equals_the_model(tmp_path, variant):
     assert torch.equal(early[2], feats[2])
 
 
-def test_model_folder_without_scheduler_assumes_linear(tmp_path, caplog):
-    bb = load_backbone(f"diffusers:{save_unet(tmp_path / 'm', pipeline=False)}")
-    assert bb.schedule.name == "linear-1000"
-    assert "assuming the DDPM linear schedule" in caplog.text
-    assert load_backbone(f"diffusers:{tmp_path / 'm'}", schedule="cosine").schedule.name == "cosine-1000"
+def test_model_folder_without_scheduler_needs_the_schedule_named(tmp_path):
+    folder = save_unet(tmp_path / "m", pipeline=False)
+    with pytest.raises(DiffprobeError, match="no scheduler/scheduler_config.json.*-o schedule=linear"):
+        load_backbone(f"diffusers:{folder}")  # was: DDPM's linear schedule assumed, with a warning
+    assert load_backbone(f"diffusers:{folder}", schedule="linear").schedule.name == "linear-1000"
+    assert load_backbone(f"diffusers:{folder}", schedule="cosine").schedule.name == "cosine-1000"
+    sd = load_backbone(f"diffusers:{folder}", schedule="scaled_linear").schedule
+    assert sd.name == "diffusers-scaled_linear-1000"
+    ref = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod.double().numpy()
+    assert abs(sd.alphas_cumprod - ref).max() < 1e-12
+    with pytest.raises(DiffprobeError, match="schedule='sqrt' is not known"):
+        load_backbone(f"diffusers:{folder}", schedule="sqrt")
 
 
 def test_bad_diffusers_inputs(tmp_path):

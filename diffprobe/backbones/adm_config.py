@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -19,6 +18,7 @@ import torch
 
 from ..errors import DiffprobeError
 from .adm import ADMArchitecture
+from .pickles import load_torch_file, pickled_code  # noqa: F401 (pickled_code: kept importable from here)
 
 # guided-diffusion's model_and_diffusion_defaults() (script_util.py), architecture and schedule part.
 DEFAULT_FLAGS: dict[str, Any] = {
@@ -194,66 +194,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as e:
             raise DiffprobeError(f"cannot read safetensors checkpoint {path}: {e}") from None
-    try:
-        with warnings.catch_warnings():  # torch warns about odd pickles on stderr; the error below says it all
-            warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        code = pickled_code(path)
-        if code:
-            raise DiffprobeError(
-                f"{path} contains Python objects or code ({', '.join(code[:3])}) that unpickling would import and run: refused for safety. If you "
-                "trust its source, convert it once in a Python session: sd = torch.load(PATH, weights_only=False); "
-                "torch.save(sd.state_dict() if hasattr(sd, 'state_dict') else sd, 'plain.pt') (or safetensors.torch.save_file)"
-            ) from None
-        raise DiffprobeError(f"cannot read checkpoint {path}: corrupt or not a PyTorch file ({type(e).__name__}); "
-                             "download or copy it again") from None  # fmt: skip
+    obj = load_torch_file(path, "checkpoint", "download or copy it again")
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]  # diffprobe's own pretrain checkpoints wrap it with their config
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise DiffprobeError(f"{path} is not a state_dict: expected a dict of parameter name -> tensor")
     return obj
-
-
-# What torch.save itself pickles for a dict of tensors; any other global is code or a Python class.
-_TENSOR_GLOBALS = ("torch._utils.", "torch._tensor.", "collections.OrderedDict", "_codecs.encode")
-_PLAIN_CONTAINERS = {f"{m}.{t}" for m in ("builtins", "__builtin__") for t in ("set", "frozenset", "bytearray", "slice", "complex")}
-
-
-def _is_tensor_machinery(name: str) -> bool:
-    if name in _PLAIN_CONTAINERS or name.startswith(_TENSOR_GLOBALS):
-        return True
-    return name.startswith("torch.") and name.count(".") == 1  # torch.FloatStorage, torch.Size
-
-
-def pickled_code(path: str | Path) -> list[str]:
-    """The functions and classes a checkpoint's pickle would import (read, never run).
-
-    Reads the opcodes with pickletools, so nothing is executed. torch.save's zip holds the
-    pickle as */data.pkl; an older or hand-made file is the pickle itself. [] when the pickle
-    names nothing but tensor machinery, or cannot be parsed (then it is plain corrupt).
-    """
-    import pickletools
-    import zipfile
-
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as z:
-                name = next(n for n in z.namelist() if n.endswith("data.pkl"))
-                data = z.read(name)
-        else:
-            data = Path(path).read_bytes()
-        found, strings = [], []
-        for op, arg, _ in pickletools.genops(data):
-            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
-                strings.append(str(arg))
-            elif op.name == "GLOBAL":
-                found.append(str(arg).replace(" ", "."))
-            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                found.append(f"{strings[-2]}.{strings[-1]}")
-    except Exception:  # truncated or not a pickle: not ours to classify
-        return []
-    return sorted({g for g in found if not _is_tensor_machinery(g)})
 
 
 def sidecar_flags(path: str | Path) -> dict[str, Any] | None:

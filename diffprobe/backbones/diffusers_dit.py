@@ -11,7 +11,6 @@ classifier-free guidance drops labels to), i.e. unconditional features, as DDAE 
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import torch
@@ -19,7 +18,7 @@ from torch import nn
 
 from ..errors import DiffprobeError
 from .base import BlockInfo
-from .diffusers_pipeline import as_int, check_image_size, load_part, prediction_type
+from .diffusers_pipeline import architecture_config, as_int, check_image_size, load_part, prediction_type
 from .diffusers_unet import _schedule
 from .vae import LatentBackbone, VaeCodec
 
@@ -120,7 +119,7 @@ def load_dit(target: str, local: bool, device: str | torch.device = "cpu", class
     width = cfg.num_attention_heads * cfg.attention_head_dim
     blocks = [BlockInfo(1, "pos_embed", width, side)]
     blocks += [BlockInfo(i + 2, f"transformer_blocks.{i}", width, side) for i in range(cfg.num_layers)]
-    config = json.loads(json.dumps(dict(cfg), default=str))
+    config = architecture_config(model)
     config.update(noise_schedule=sched.name, class_label=label, null_class=null, image_size=size,
                   vae={"class": type(codec.vae).__name__, "scaling_factor": codec.scaling_factor,
                        "shift_factor": codec.shift_factor, "encoding": "posterior mean"})  # fmt: skip

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,6 +21,7 @@ import torch
 
 from ..errors import DiffprobeError
 from .base import Backbone
+from .pickles import refuse_code
 
 SUPPORTED = {
     "UNet2DModel": "pixel-space U-Net (DDPM, ADM-style): unet/ or a bare model folder",
@@ -47,16 +49,16 @@ def _local_class(root: Path) -> tuple[str | None, str | None]:
     for sub in ("unet", "transformer"):
         cfg = root / sub / "config.json"
         if cfg.is_file():
-            return json.loads(cfg.read_text()).get("_class_name"), sub
+            return read_json(cfg).get("_class_name"), sub
     index = root / "model_index.json"
     if index.is_file():
-        entries = json.loads(index.read_text())
+        entries = read_json(index)
         for sub in ("unet", "transformer"):
             if isinstance(entries.get(sub), list) and entries[sub][-1]:
                 return entries[sub][-1], sub
     cfg = root / "config.json"
     if cfg.is_file():
-        return json.loads(cfg.read_text()).get("_class_name"), None
+        return read_json(cfg).get("_class_name"), None
     return None, None
 
 
@@ -89,7 +91,7 @@ def _remap(name: str | None, sub: str | None, target: str, local: bool) -> str |
     if name != "Transformer2DModel" or sub is None:
         return name
     path = Path(target) / sub / "config.json"
-    config = (json.loads(path.read_text()) if path.is_file() else {}) if local else (_hub_json(target, f"{sub}/config.json") or {})
+    config = (read_json(path) if path.is_file() else {}) if local else (_hub_json(target, f"{sub}/config.json") or {})
     return {"ada_norm_zero": "DiTTransformer2DModel", "ada_norm_single": "PixArtTransformer2DModel"}.get(config.get("norm_type"), name)
 
 
@@ -130,7 +132,7 @@ def load_part(cls: Callable, target: str, local: bool, sub: str, what: str, **kw
             "(as pipeline.save_pretrained writes them)"
         )
     try:
-        return cls.from_pretrained(target, subfolder=sub, **kw)
+        return from_pretrained_checked(cls, target, sub, f"{sub}/ of {target}", local, **kw)
     except (OSError, EnvironmentError, ValueError) as e:
         if not local:
             raise offline_error(target, e) from None
@@ -138,18 +140,95 @@ def load_part(cls: Callable, target: str, local: bool, sub: str, what: str, **kw
         raise DiffprobeError(f"cannot load {sub}/ of {target} as {cls.__name__}: {first}") from None
 
 
+def read_json(path: Path) -> dict:
+    """A pipeline's JSON file (config.json, model_index.json, scheduler_config.json), or one line naming it."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DiffprobeError(f"{path} is not valid JSON ({e}): restore it from the pipeline's source "
+                             "(or save the pipeline again with save_pretrained)") from None  # fmt: skip
+    if not isinstance(data, dict):
+        raise DiffprobeError(f"{path} must hold a JSON object (as save_pretrained writes it), found {type(data).__name__}")
+    return data
+
+
+def _quiet_loaders():
+    """diffusers and transformers log what they could not load as warnings and go on; the check
+    after loading turns that into an error, so their warnings would only repeat it."""
+    import contextlib
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    stack = contextlib.ExitStack()
+    for lib in (diffusers_logging, transformers_logging):
+        level = lib.get_verbosity()
+        lib.set_verbosity_error()
+        stack.callback(lib.set_verbosity, level)
+    return stack
+
+
+_SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from checkpoint, "
+                            r"the shape in current model is torch\.Size\((\[[^\]]*\])\)")  # fmt: skip
+
+
+def from_pretrained_checked(cls: Any, target: str, sub: str | None, where: str, local: bool, **kw: Any):
+    """`cls.from_pretrained(target, subfolder=sub)`, refusing what the libraries only warn about: weights
+    that do not fit the config (missing keys they would initialise randomly, foreign keys, other shapes),
+    and `.bin` pickles that carry code (checked before the library unpickles them)."""
+    if local:
+        folder = Path(target) / sub if sub else Path(target)
+        for path in sorted(folder.glob("*.bin")):
+            refuse_code(path)
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):  # a tokenizer: no weights to check
+        return cls.from_pretrained(target, subfolder=sub, **kw)
+    try:
+        with _quiet_loaders():
+            model, info = cls.from_pretrained(target, subfolder=sub, output_loading_info=True, **kw)
+    except RuntimeError as e:  # a tensor of another shape than the config's
+        found = _SIZE_MISMATCH.search(str(e))
+        if not found:
+            raise
+        raise DiffprobeError(f"{where}: tensor {found[1]} has shape {found[2]} in the weights, but the config "
+                             f"(config.json) makes it {found[3]}: the weights and config.json belong to different models") from None
+    problems = []
+    for kind, what in (("missing_keys", "missing from the weights (they would be random)"),
+                       ("unexpected_keys", "in the weights but not in the model of config.json")):  # fmt: skip
+        keys = sorted(info.get(kind) or [])
+        if keys:
+            problems.append(f"{len(keys)} key(s) {what}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}")
+    mismatched = list(info.get("mismatched_keys") or [])
+    if mismatched:
+        key, *shapes = mismatched[0]
+        problems.append(f"{len(mismatched)} tensor(s) of another shape than the config's, e.g. {key} "
+                        f"(weights {list(shapes[0])}, config {list(shapes[1])})" if len(shapes) == 2 else f"{len(mismatched)} tensor(s) "
+                        f"of another shape than the config's, e.g. {key}")  # fmt: skip
+    if problems:
+        raise DiffprobeError(f"{where}: the weights do not match config.json ({'; '.join(problems)}): the folder mixes files of "
+                             "different models; restore them from the pipeline's source")  # fmt: skip
+    return model
+
+
+def architecture_config(model: torch.nn.Module) -> dict[str, Any]:
+    """The model's config as JSON, without where it was loaded from (`_name_or_path`): the config
+    is part of the backbone's fingerprint, and a copied or moved folder holds the same model."""
+    config = json.loads(json.dumps(dict(model.config), default=str))
+    config.pop("_name_or_path", None)
+    return config
+
+
 def prediction_type(target: str, local: bool) -> str:
     """What the denoiser predicts, from the pipeline's scheduler config ("epsilon" when it says nothing)."""
-    try:
-        if local:
-            path = Path(target) / "scheduler" / "scheduler_config.json"
-            config = json.loads(path.read_text()) if path.is_file() else {}
-        else:
-            from diffusers import DDPMScheduler
+    if local:
+        path = Path(target) / "scheduler" / "scheduler_config.json"
+        config = read_json(path) if path.is_file() else {}
+    else:
+        from diffusers import DDPMScheduler
 
+        try:
             config = DDPMScheduler.load_config(target, subfolder="scheduler")
-    except Exception:  # no scheduler config: the schedule loader has already said what it assumes
-        config = {}
+        except Exception:  # no scheduler config: the schedule loader has already refused or been told the schedule
+            config = {}
     kind = config.get("prediction_type", "epsilon")
     if kind not in ("epsilon", "v_prediction"):
         raise DiffprobeError(f"{target}: scheduler prediction_type {kind!r} is not supported (epsilon or v_prediction)")

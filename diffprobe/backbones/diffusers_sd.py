@@ -13,7 +13,6 @@ upsampler). Channels and resolution are those of the latent-space feature maps; 
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import torch
@@ -21,7 +20,7 @@ from torch import nn
 
 from ..errors import DiffprobeError
 from .base import BlockInfo
-from .diffusers_pipeline import as_int, check_image_size, load_part, prediction_type
+from .diffusers_pipeline import architecture_config, as_int, check_image_size, load_part, prediction_type
 from .diffusers_unet import _schedule, _units, walk_units
 from .vae import LatentBackbone, VaeCodec
 
@@ -151,7 +150,7 @@ def load_stable_diffusion(target: str, local: bool, device: str | torch.device =
     steps = as_int(num_train_timesteps, "num_train_timesteps") if num_train_timesteps is not None else None
     sched = _schedule(target, local, schedule, steps)
     blocks = _meta_blocks(unet, units, size // codec.factor, context.shape)
-    config = json.loads(json.dumps(dict(unet.config), default=str))
+    config = architecture_config(unet)
     config.update(noise_schedule=sched.name, prompt=str(prompt), image_size=size,
                   vae={"class": type(codec.vae).__name__, "scaling_factor": codec.scaling_factor,
                        "shift_factor": codec.shift_factor, "encoding": "posterior mean"})  # fmt: skip

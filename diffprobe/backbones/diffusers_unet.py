@@ -13,8 +13,6 @@ So, as in ADM, encoder block b and decoder block (N+1-b) meet across a skip conn
 
 from __future__ import annotations
 
-import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +23,8 @@ from torch import nn
 from ..errors import DiffprobeError
 from ..features.noise import NoiseSchedule
 from .base import Backbone, BlockInfo
+from .diffusers_pipeline import architecture_config, from_pretrained_checked, read_json
 
-log = logging.getLogger(__name__)
 
 SUPPORTED_DOWN = ("DownBlock2D", "AttnDownBlock2D")
 SUPPORTED_UP = ("UpBlock2D", "AttnUpBlock2D")
@@ -157,30 +155,65 @@ def _local_folder(target: str, subfolder: str | None) -> tuple[Path, str | None]
     folder = path / subfolder if subfolder else path
     if not (folder / "config.json").is_file():
         raise DiffprobeError(f"{folder} has no config.json: expected a folder saved with UNet2DModel.save_pretrained (or a pipeline folder with unet/)")
+    read_json(folder / "config.json")  # invalid JSON: one line naming the file
     return path, subfolder
 
 
+# What `schedule=NAME` means when a folder has no scheduler config: diffusers' beta_schedule names
+# (scaled_linear with Stable Diffusion's β range, which is what that name is used for) and
+# diffprobe's own (linear = DDPM's, cosine = improved DDPM's).
+SCHEDULES = {
+    "linear": None,
+    "scaled_linear": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+    "squaredcos_cap_v2": dict(beta_schedule="squaredcos_cap_v2"),
+    "cosine": None,
+}
+
+
+def named_schedule(name: str, steps: int) -> NoiseSchedule:
+    """The schedule `schedule=NAME` names (see SCHEDULES), `steps` long."""
+    if name not in SCHEDULES:
+        raise DiffprobeError(f"schedule={name!r} is not known: expected one of {', '.join(SCHEDULES)}")
+    if steps < 1:
+        raise DiffprobeError(f"num_train_timesteps={steps}: expected at least 1 (the model's training schedule length, usually 1000)")
+    if SCHEDULES[name] is None:
+        return NoiseSchedule.named(name, steps)
+    from diffusers import DDPMScheduler
+
+    abar = DDPMScheduler(num_train_timesteps=steps, **SCHEDULES[name]).alphas_cumprod.double().numpy()
+    return NoiseSchedule(np.asarray(abar), f"diffusers-{name}-{steps}")
+
+
 def _schedule(target: str, local: bool, schedule: str | None, steps: int | None) -> NoiseSchedule:
-    """The model's training schedule from its pipeline's scheduler config, when there is one."""
+    """The model's training schedule: the one named with `schedule=`, else its pipeline's scheduler
+    config (scheduler/scheduler_config.json, or one beside a bare model's config.json). With neither
+    it is refused: guessing (SD trained with scaled_linear, DDPM with linear) gives wrong noise silently."""
     if schedule is not None:
-        return NoiseSchedule.named(schedule, int(steps or 1000))
+        return named_schedule(str(schedule), int(steps or 1000))
     from diffusers import DDPMScheduler
 
     for sub in ("scheduler", None):
-        try:
-            if local:
-                cfg_path = Path(target) / (sub or "") / "scheduler_config.json"
-                if not cfg_path.is_file():
-                    continue
-                sched = DDPMScheduler.from_config(json.loads(cfg_path.read_text()))
-            else:
+        if local:
+            cfg_path = Path(target) / (sub or "") / "scheduler_config.json"
+            if not cfg_path.is_file():
+                continue
+            try:
+                sched = DDPMScheduler.from_config(read_json(cfg_path))
+            except (ValueError, TypeError, NotImplementedError) as e:
+                raise DiffprobeError(f"{cfg_path}: not a scheduler config diffprobe can read ({e}); "
+                                     f"name the schedule instead with -o schedule={'|'.join(SCHEDULES)}") from None  # fmt: skip
+        else:
+            try:
                 sched = DDPMScheduler.from_pretrained(target, subfolder=sub)
-        except Exception:  # no scheduler config at this place: try the next
-            continue
+            except Exception:  # no scheduler config at this place: try the next
+                continue
         abar = sched.alphas_cumprod.double().numpy()
         return NoiseSchedule(np.asarray(abar), f"diffusers-{sched.config.beta_schedule}-{len(abar)}")
-    log.warning("no scheduler config found for %s: assuming the DDPM linear schedule with 1000 steps (set schedule=...)", target)
-    return NoiseSchedule.named("linear", int(steps or 1000))
+    raise DiffprobeError(
+        f"{target} has no scheduler/scheduler_config.json, so the noise schedule its model was trained with is unknown: "
+        f"name it with -o schedule={'|'.join(SCHEDULES)} (Stable Diffusion 1.x/2.x: scaled_linear; DDPM: linear; "
+        "add -o num_train_timesteps=N if not 1000), or restore the pipeline's scheduler/ folder"
+    )
 
 
 def load_diffusers(target: str, device: str | torch.device = "cpu", subfolder: str | None = None,
@@ -190,12 +223,13 @@ def load_diffusers(target: str, device: str | torch.device = "cpu", subfolder: s
     local = _local_folder(target, subfolder)
     try:
         if local is not None:
-            model = UNet2DModel.from_pretrained(str(local[0]), subfolder=local[1], low_cpu_mem_usage=False)
+            where = f"{local[1]}/ of {target}" if local[1] else target
+            model = from_pretrained_checked(UNet2DModel, str(local[0]), local[1], where, True, low_cpu_mem_usage=False)
         else:
             try:
-                model = UNet2DModel.from_pretrained(target, subfolder=subfolder or "unet", low_cpu_mem_usage=False)
+                model = from_pretrained_checked(UNet2DModel, target, subfolder or "unet", target, False, low_cpu_mem_usage=False)
             except (OSError, EnvironmentError):
-                model = UNet2DModel.from_pretrained(target, subfolder=subfolder, low_cpu_mem_usage=False)
+                model = from_pretrained_checked(UNet2DModel, target, subfolder, target, False, low_cpu_mem_usage=False)
     except (OSError, EnvironmentError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DiffprobeError(f"cannot load diffusers UNet2DModel from {target!r} (a local folder or a hub id; offline, hub ids fail): {first}") from None
@@ -215,7 +249,7 @@ def load_diffusers(target: str, device: str | torch.device = "cpu", subfolder: s
         for i, h in run_units(meta, _units(meta), x, torch.zeros(1, dtype=torch.long, device="meta"), y,
                               tuple(range(1, len(units) + 1))).items()
     ]
-    config = json.loads(json.dumps(dict(model.config), default=str))
+    config = architecture_config(model)
     config["noise_schedule"] = sched.name
     num_classes = model.config.num_class_embeds if model.class_embedding is not None else None
     if model.config.in_channels != 3:

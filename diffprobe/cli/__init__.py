@@ -14,6 +14,7 @@ from typing import Sequence
 
 from .._io import describe_os_error
 from ..errors import DiffprobeError
+from ..generate import Stopped
 from . import features, generate, probing, studies
 
 
@@ -37,6 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:  # a file system error no library check foresaw: still one line, never a traceback
         print(f"diffprobe: error: {describe_os_error(e.filename or '?', e, 'read or write')}", file=sys.stderr)
         return 2
+    except Stopped as e:  # a signal asked a long run to stop; its state is saved
+        print(f"diffprobe: {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("diffprobe: interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr)
         return 130

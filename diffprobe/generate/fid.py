@@ -9,6 +9,7 @@ network without those weights.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..backbones.pickles import load_torch_file
 from ..errors import DiffprobeError
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -29,8 +31,31 @@ def inception_fid(weights: str | Path | None = None, feature: int = 2048):
         raise DiffprobeError(f"FID needs torchmetrics and torch-fidelity: pip install 'torchmetrics[image]' ({e})") from None
     if weights is not None and not Path(weights).is_file():
         raise DiffprobeError(f"Inception weights not found: {weights}; --inception-weights expects the file {INCEPTION_FILE} (TF-FID Inception-v3)")
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    if weights is None and cached.is_file():
+        weights = cached  # torch-fidelity would unpickle the cached download unchecked: it goes the safe way too
+    if weights is not None:
+        with tempfile.TemporaryDirectory(prefix="diffprobe-inception-") as tmp:
+            return _metric(FrechetInceptionDistance, feature, plain_inception_copy(weights, Path(tmp)), weights)
+    return _metric(FrechetInceptionDistance, feature, None, None)
+
+
+def plain_inception_copy(weights: str | Path, folder: Path) -> str:
+    """The tensors of `weights`, read with weights_only=True (a pickle carrying code is refused,
+    never run), saved again as a plain state_dict in `folder`. torch-fidelity unpickles its weights
+    file with weights_only=False; the file it gets is this copy, which holds tensors only."""
+    state = load_torch_file(weights, "Inception weights", f"--inception-weights expects the file {INCEPTION_FILE} (TF-FID Inception-v3)")
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DiffprobeError(f"{weights} is not a state_dict: --inception-weights expects the file {INCEPTION_FILE} "
+                             "(a dict of parameter name -> tensor)")  # fmt: skip
+    plain = folder / INCEPTION_FILE
+    torch.save(dict(state), plain)
+    return str(plain)
+
+
+def _metric(cls, feature: int, path: str | None, weights: str | Path | None):
     try:
-        return FrechetInceptionDistance(feature=feature, feature_extractor_weights_path=str(weights) if weights else None)
+        return cls(feature=feature, feature_extractor_weights_path=path)
     except (OSError, RuntimeError, ValueError) as e:  # URLError is an OSError
         if weights is None:
             from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3

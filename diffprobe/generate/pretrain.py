@@ -32,6 +32,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import signal
 import time
 from dataclasses import dataclass, field
@@ -48,9 +49,11 @@ from ..backbones.adm import ADMUNet, AttentionBlock, ResBlock
 from ..backbones.adm_config import architecture_from_flags, check_state_dict, normalize_flags, read_state_dict, sidecar_flags
 from ..data import LabeledImages, images_uint8, stratified_split, to_model_range
 from .._io import output_dir, output_errors, torch_save, write_json
+from ..backbones.pickles import load_torch_file
 from ..errors import DiffprobeError
 from ..precision import cpu_has_fast_bf16, describe_hardware, resolve_device
 from ..features.noise import NoiseSchedule
+from . import Stopped
 from .vlb import learned_range_vlb
 
 log = logging.getLogger(__name__)
@@ -299,7 +302,7 @@ class Trainer:
             write_history(self.state.history, self.out)
 
     def load(self, path: Path) -> None:
-        blob = torch.load(path, map_location=self.device, weights_only=True)
+        blob = read_training_state(path)
         saved = {**ADDED_SETTINGS, **{RENAMED.get(k, k): v for k, v in blob["config"].items()}}
         differ = [k for k, v in self.config.trajectory().items() if saved.get(k) != v]
         if differ:
@@ -423,7 +426,8 @@ class Trainer:
                 if state.step % save_every == 0 or state.step == total_steps or stop["now"]:
                     save()
                     if stop["now"]:
-                        log.warning("stopped by %s at step %d; checkpoint saved, rerun to resume", stop["now"], state.step)
+                        if stop["now"] == "Ctrl-C":
+                            log.warning("stopped by %s at step %d; checkpoint saved, rerun to resume", stop["now"], state.step)
                         break
         finally:
             bar.close()
@@ -431,6 +435,9 @@ class Trainer:
             signal.signal(signal.SIGINT, previous_int)
         if stop["now"] == "Ctrl-C":
             raise KeyboardInterrupt
+        if stop["now"] == "SIGTERM" and state.step < total_steps:  # not finished: never the success line and exit 0
+            raise Stopped(signal.SIGTERM, f"stopped by SIGTERM at step {state.step} of {total_steps}; the training state "
+                                          f"is saved in {self.out}: rerun the same command to resume")  # fmt: skip
         return state
 
 
@@ -461,7 +468,45 @@ def saved_config(out: str | Path) -> dict[str, Any] | None:
     checkpoint = Path(out) / CHECKPOINT_NAME
     if not checkpoint.is_file():
         return None
-    return torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)["config"]
+    return read_training_state(checkpoint, mmap=True)["config"]
+
+
+def read_training_state(path: Path, **kwargs: Any) -> dict[str, Any]:
+    """A run's training-state.pt (weights_only=True: a pickle carrying code is refused, never run); a
+    damaged one is one line saying how to go on from the weights the run exported with it."""
+    ema = path.parent / "ema.pt"
+    recover = (f"move it aside and rerun with --init-from {ema} to go on from the weights saved with it (a warm start: "
+               "fresh optimiser, not an exact continuation), or without --init-from to start over" if ema.is_file()
+               else "move it aside and rerun to start the run over")  # fmt: skip
+    blob = load_torch_file(path, "training state", recover, **kwargs)  # on the CPU: load_state_dict moves it
+    if not isinstance(blob, dict) or not {"config", "model", "ema", "optimizer", "scheduler", "state"} <= set(blob):
+        raise DiffprobeError(f"{path} is not a diffprobe training state (expected config, weights, optimiser and state); {recover}")
+    return blob
+
+
+# Each numeric setting: (test, what it expects), named by its CLI flag.
+_CHECKS = {
+    "steps": (lambda v: v >= 1, "the total number of optimiser steps, at least 1"),
+    "save_every": (lambda v: v >= 1, "a checkpoint every N steps, N at least 1"),
+    "batch_size": (lambda v: v >= 1, "at least 1"),
+    "lr": (lambda v: math.isfinite(v) and v > 0, "a learning rate above 0 (e.g. 2e-4)"),
+    "warmup_steps": (lambda v: v >= 0, "0 or more warm-up steps"),
+    "weight_decay": (lambda v: math.isfinite(v) and v >= 0, "0 or more"),
+    "grad_clip": (lambda v: math.isfinite(v) and v > 0, "a gradient-norm bound above 0 (e.g. 1.0)"),
+    "ema_decay": (lambda v: 0 <= v < 1, "a decay in [0, 1) (e.g. 0.9999)"),
+    "snr_gamma": (lambda v: math.isfinite(v) and v > 0, "γ above 0 (e.g. 5)"),
+}
+_FLAGS = {"warmup_steps": "--warmup"}
+
+
+def check_settings(steps: int, save_every: int, settings: dict[str, Any]) -> None:
+    """One line for the first setting outside its range, before any data is read or file written."""
+    for name, value in {"steps": steps, "save_every": save_every, **settings}.items():
+        if name in _CHECKS and value is not None:
+            ok, expected = _CHECKS[name]
+            if not ok(value):
+                flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
+                raise DiffprobeError(f"{flag} {value}: expected {expected}")
 
 
 def pretrain(data: LabeledImages, out: str | Path, flags: dict[str, Any], steps: int, save_every: int = 500,
@@ -479,6 +524,7 @@ def pretrain(data: LabeledImages, out: str | Path, flags: dict[str, Any], steps:
     `init_from` is then ignored if that run was warm-started from the same file (same sha256:
     rerunning the same command resumes), and refused otherwise.
     """
+    check_settings(steps, save_every, settings)
     out = Path(out)
     checkpoint = out / CHECKPOINT_NAME
     if init_from is not None and not Path(init_from).is_file():

@@ -7,6 +7,7 @@ own generator seeded by (seed, batch number).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,19 @@ def sampling_steps(backbone: Backbone, sampler: str, steps: int | None) -> int:
     return steps
 
 
+def check_eta(eta: float, sampler: str) -> None:
+    """DDIM's η scales the noise each step adds: σ_t = η·√((1−ᾱ_prev)/(1−ᾱ_t)·(1−ᾱ_t/ᾱ_prev)); 0 is
+    deterministic DDIM, 1 gives DDPM's posterior variance. Above 1, σ_t² can exceed 1−ᾱ_prev and the
+    direction term √(1−ᾱ_prev−σ_t²) becomes NaN; below 0 it means nothing (σ_t is a standard
+    deviation); NaN or inf make every image black while the command succeeds. So η is refused
+    unless finite and in [0, 1]."""
+    if not (math.isfinite(eta) and 0 <= eta <= 1):
+        raise DiffprobeError(f"--eta {eta}: expected a number from 0 (deterministic DDIM, the default) to 1 "
+                             "(the noise of DDPM's posterior)")  # fmt: skip
+    if sampler != "ddim" and eta != 0:
+        raise DiffprobeError(f"--eta {eta} applies to the ddim sampler only (ddpm always adds its posterior noise): drop --eta or use --sampler ddim")
+
+
 def sample_images(backbone: Backbone, num: int, sampler: str = "ddim", steps: int | None = None, seed: int = 0,
                   batch_size: int = 64, eta: float = 0.0, compute: Compute | None = None) -> torch.Tensor:  # fmt: skip
     """uint8 images [num, 3, S, S]."""
@@ -60,6 +74,7 @@ def sample_images(backbone: Backbone, num: int, sampler: str = "ddim", steps: in
         raise DiffprobeError(f"--num {num}: expected the number of images to generate, at least 1")
     if batch_size < 1:
         raise DiffprobeError(f"--batch-size {batch_size}: expected at least 1")
+    check_eta(eta, sampler)
     steps = sampling_steps(backbone, sampler, steps)
     compute = compute or Compute(torch.device("cpu"), "fp32", False, False)
     backbone = compute.prepare(backbone)  # a set-up copy; the caller's backbone is unchanged

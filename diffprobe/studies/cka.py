@@ -11,6 +11,7 @@ Written here because no maintained library in this stack (torchmetrics, scikit-l
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -171,6 +172,11 @@ def cka_study(store_a, out, a_keys: str | None = None, b: str | None = None, b_k
 
         if data is None:
             raise DiffprobeError("comparing with a model needs --data: the dataset the store was extracted from")
+        if b_weights and Path(b_weights).is_file():  # a file: read it safely first (code refused, damage one line)
+            from ..backbones.pickles import load_torch_file
+
+            if Path(b_weights).suffix != ".safetensors":
+                load_torch_file(b_weights, "--b-weights file", "pass a state_dict saved with torch.save (or a torchvision weights name)")
         source = ModelSource(b, weights=b_weights, pool=b_pool)
         matrix = source_cka(store_a, keys_a, data, source, batch_size, seed)
         labels_b, name_b = source.stages, source.description
