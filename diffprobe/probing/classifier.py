@@ -124,5 +124,7 @@ class Classifier(nn.Module):
         x = self.to_batch(images)
         return torch.cat([torch.softmax(self(x[i:i + batch_size]), dim=1) for i in range(0, len(x), batch_size)])
 
-    def predict(self, images: Sequence[ImageLike] | torch.Tensor, batch_size: int = 32) -> list[str]:
-        return [self.classes[i] for i in self.predict_proba(images, batch_size).argmax(1).tolist()]
+    def predict(self, images: Sequence[ImageLike] | torch.Tensor, batch_size: int = 32, indices: bool = False) -> list:
+        """Class names, as `Probe.predict` gives them; indices=True: positions in `classes` instead."""
+        index = self.predict_proba(images, batch_size).argmax(1).tolist()
+        return index if indices else [self.classes[i] for i in index]

@@ -11,18 +11,28 @@ same store give the same numbers as `diffprobe probe` with the same flags.
 
 from __future__ import annotations
 
+import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
 
 from ..errors import DiffprobeError
+from ..features.arrays import ArrayFeatures
+from ..features.roles import REPORT_SHARE, store_roles
 from ..features.plan import FeaturePlan
 from ..features.store import FeatureKey, FeatureStore
 from ..precision import resolve_device
 from .config import ProbeConfig
-from .train import FeatureHead, FittedHead, check_same_backbone_manifest, evaluate_store, fit_head, load_run, read_run_json, save_run
+from .heads import HEAD_OPTIONS
+from .train import (FeatureHead, FittedHead, check_held_out, check_same_backbone_manifest, evaluate_store, fit_head, load_run,
+                    read_run_json, save_run)
+
+
+log = logging.getLogger("diffprobe")
 
 
 def _as_keys(setting: FeaturePlan | FeatureKey | Sequence[FeatureKey] | None, store: FeatureStore) -> list[FeatureKey]:
@@ -40,30 +50,65 @@ def _as_keys(setting: FeaturePlan | FeatureKey | Sequence[FeatureKey] | None, st
     return list(setting)
 
 
-class Probe:
-    """A classification head on frozen diffusion features (see ProbeConfig for each parameter)."""
+class Probe(ClassifierMixin, BaseEstimator):
+    """A classification head on frozen diffusion features (see ProbeConfig for each parameter).
+
+    A scikit-learn estimator: `get_params` / `set_params` / `clone` work, and `fit(X, y)` on
+    arrays puts it in a `Pipeline` or `GridSearchCV` (which then do the selecting and scoring)."""
 
     def __init__(self, head: str = "linear", recipe: str = "modern", *, weight_decays: Sequence[float] | None = None,
                  epochs: int | None = None, lr: float | None = None, val_fraction: float = 0.1, split_seed: int = 0,
-                 seed: int = 0, device: str = "auto", progress: bool = False, **head_options: Any):  # fmt: skip
-        self.config = ProbeConfig(head, recipe, head_options, weight_decays, epochs, lr, val_fraction, split_seed, seed)  # type: ignore[arg-type]
+                 seed: int = 0, report_share: float = REPORT_SHARE, device: str = "auto", progress: bool = False,
+                 **head_options: Any):  # fmt: skip
+        self.config = ProbeConfig(head, recipe, head_options, weight_decays, epochs, lr, val_fraction, split_seed, seed, report_share)  # type: ignore[arg-type]
         self.device, self.progress = device, progress
+        # The arguments as given (scikit-learn's clone checks get_params returns the very objects passed in).
+        self._params = {"head": head, "recipe": recipe, "weight_decays": weight_decays, "epochs": epochs, "lr": lr,
+                        "val_fraction": val_fraction, "split_seed": split_seed, "seed": seed, "report_share": report_share,
+                        "device": device, "progress": progress, **head_options}  # fmt: skip
         self.fitted_: FittedHead | None = None
+        self.label_values_: np.ndarray | None = None  # fit(X, y): y's own labels, which predict returns
 
     @classmethod
     def from_config(cls, config: ProbeConfig, device: str = "auto", progress: bool = False) -> "Probe":
-        probe = cls(device=device, progress=progress)
-        probe.config = config
-        return probe
+        c = config
+        return cls(c.head, c.recipe, weight_decays=c.weight_decays, epochs=c.epochs, lr=c.lr, val_fraction=c.val_fraction,
+                   split_seed=c.split_seed, seed=c.seed, report_share=c.report_share, device=device, progress=progress,
+                   **c.options)  # fmt: skip
+
+    # ------------------------------------------------------------------ scikit-learn's parameter protocol
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        return dict(self._params)
+
+    def set_params(self, **params: Any) -> "Probe":
+        merged = {**self.get_params(), **params}
+        if "head" in params:  # another head: its own options, not the old head's
+            merged = {k: v for k, v in merged.items() if k not in HEAD_OPTIONS.get(self.config.head, {}) or k in params}
+        self.__init__(**merged)  # type: ignore[misc]
+        return self
 
     # ------------------------------------------------------------------ training
-    def fit(self, store: FeatureStore | str | Path, setting: FeaturePlan | FeatureKey | Sequence[FeatureKey] | None = None,
+    def fit(self, store: FeatureStore | str | Path | np.ndarray | Sequence[np.ndarray],
+            setting: FeaturePlan | FeatureKey | Sequence[FeatureKey] | np.ndarray | Sequence[Any] | None = None,
             augmented: FeatureStore | None = None) -> "Probe":  # fmt: skip
-        """Train on the store's training split; epoch and weight decay chosen on its validation split.
-        setting: which (t, block, pool) feature(s) to read; optional when the store holds one."""
-        store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+        """On a store: train on its train rows, choose epoch, learning rate and weight decay on its
+        selection rows (features/roles.py); `setting` says which (t, block, pool) feature(s) to
+        read (optional when the store holds one). On arrays, `fit(X, y)`: X [N, D] (or one such
+        array per setting, for fusion), y N labels; choices are made on a stratified
+        `val_fraction` of them, and scoring is the caller's (score(X_test, y_test))."""
         device = str(resolve_device(self.device))
+        if isinstance(store, (np.ndarray, torch.Tensor)) or (isinstance(store, (list, tuple)) and store
+                                                             and isinstance(store[0], (np.ndarray, torch.Tensor))):  # fmt: skip
+            if setting is None:
+                raise DiffprobeError("fit(X, y): give the labels y of the feature rows X")
+            arrays = ArrayFeatures(list(store) if isinstance(store, (list, tuple)) else [store], np.asarray(setting))
+            config = replace(self.config, report_share=0.0)  # the caller keeps its own test rows
+            self.fitted_ = fit_head(arrays, arrays.keys, config, device, self.progress)  # type: ignore[arg-type]
+            self.label_values_ = arrays.class_values
+            return self
+        store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
         self.fitted_ = fit_head(store, _as_keys(setting, store), self.config, device, self.progress, augmented)
+        self.label_values_ = None
         return self
 
     @property
@@ -79,10 +124,6 @@ class Probe:
     @property
     def keys_(self) -> list[FeatureKey]:
         return self.fitted.keys
-
-    @property
-    def classes_(self) -> list[str]:
-        return self.fitted.classes
 
     @property
     def metrics_(self) -> dict[str, Any]:
@@ -121,21 +162,66 @@ class Probe:
     def predict_proba(self, X) -> np.ndarray:
         return torch.softmax(self.decision_function(X), dim=1).numpy()
 
-    def predict(self, X) -> np.ndarray:
-        """Class indices (names in `classes_`)."""
-        return self.decision_function(X).argmax(1).numpy()
+    def predict(self, X, indices: bool = False) -> np.ndarray:
+        """The predicted labels, as `Classifier.predict` gives them: class names for a store's
+        probe, y's own labels after fit(X, y). indices=True: positions in `classes_` instead."""
+        index = self.decision_function(X).argmax(1).numpy()
+        if indices:
+            return index
+        values = self.label_values_ if self.label_values_ is not None else np.asarray(self.classes_)
+        return values[index]
 
-    def score(self, X: FeatureStore, y: np.ndarray | None = None) -> float:
-        """Top-1 accuracy in [0, 1] on a store (its labels) or on features X with labels y."""
-        if isinstance(X, FeatureStore):
-            return evaluate_store(self.fitted, X)["top1"] / 100.0
-        if y is None:
-            raise DiffprobeError("score(features, y): give the labels of the features")
-        return float((self.predict(X) == np.asarray(y)).mean())
+    @property
+    def classes_(self) -> list:
+        return self.label_values_.tolist() if self.label_values_ is not None else self.fitted.classes
+
+    def score(self, X: FeatureStore | np.ndarray | Sequence[np.ndarray], y: Any = None,
+              rows: str | Sequence[int] | np.ndarray | None = None) -> float:  # fmt: skip
+        """Top-1 accuracy in [0, 1], on rows no choice saw unless told otherwise.
+
+        The store the probe was fitted on: its report rows (rows="select", "train", "all" or row
+        indices to ask for others). Another store of the same backbone: all its rows, after
+        checking that none was a training row of the fit. Arrays: score(X, y), as scikit-learn."""
+        if isinstance(X, (str, Path)):
+            X = FeatureStore.open(X)
+        if not isinstance(X, FeatureStore):
+            if y is None:
+                raise DiffprobeError("score(features, y): give the labels of the features")
+            return float((self.predict(X) == np.asarray(y)).mean())
+        return evaluate_store(self.fitted, X, self._score_rows(X, rows))["top1"] / 100.0
+
+    def _score_rows(self, store: FeatureStore, rows: str | Sequence[int] | np.ndarray | None) -> np.ndarray | None:
+        cfg, fitted = self.config, self.fitted
+        same = Path(fitted.store_root).resolve() == store.root.resolve()
+        if rows is None and not same:  # another store: all of it, if it holds no image the head trained on
+            if Path(fitted.store_root).is_dir():
+                trained_on = FeatureStore.open(fitted.store_root)
+                roles = store_roles(trained_on, cfg.val_fraction, cfg.split_seed, cfg.report_share)
+                check_held_out(trained_on, store, roles.train, roles.select)
+            return None
+        if rows is not None and not isinstance(rows, str):
+            return np.asarray(rows)
+        roles = store_roles(store, cfg.val_fraction, cfg.split_seed, cfg.report_share)
+        chosen = rows or "report"
+        if chosen == "all":
+            return None
+        if chosen not in ("report", "select", "train"):
+            raise DiffprobeError(f"rows={rows!r}: expected 'report', 'select', 'train', 'all' or row indices")
+        picked = getattr(roles, chosen)
+        if not len(picked):
+            raise DiffprobeError(f"{store.root} has no report rows under report_share {cfg.report_share}: score a test store, "
+                                 "or pass rows='select' for the (optimistic) selection score")  # fmt: skip
+        if chosen != "report":
+            log.warning("scoring the %s rows of %s: %s", chosen, store.root,
+                        "they chose the epoch and rates, so the score is optimistic" if chosen == "select" else "the head trained on them")
+        return picked
 
     # ------------------------------------------------------------------ persistence
     def save(self, out: str | Path) -> Path:
         """Write the run directory (config.json, head.pt, metrics.json, curves.png, confusion.png)."""
+        if self.label_values_ is not None:
+            raise DiffprobeError("this Probe was fitted on arrays, with no backbone behind them for `diffprobe predict` to "
+                                 "load: fit it on a store to save a run (or pickle it)")  # fmt: skip
         return save_run(self.fitted, out)
 
     @classmethod
