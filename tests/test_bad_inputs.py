@@ -309,3 +309,36 @@ def test_concurrent_ranks_create_one_identical_store(tmp_path):
     assert all(m == manifests[0] for m in manifests)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["indices.npy", "labels.npy", "manifest.json"]
+
+
+# ---- issue 19: store, data, extraction
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--limit", "-7"], "--limit -7: expected a number of images, at least 1"),  # was a 193-row store
+    (["--limit", "0"], "--limit 0: expected a number of images, at least 1"),  # was an empty store, "complete"
+    (["--batch-size", "0"], "--batch-size 0: expected a number of images per pass, at least 1"),
+    (["--batch-size", "-4"], "--batch-size -4: expected a number of images per pass, at least 1"),
+    (["--image-size", "640000"], "--image-size 640000: expected at most 8192 pixels a side"),
+    (["--image-size", "0"], "--image-size 0: expected a positive side length in pixels"),
+    (["--image-size", "-64"], "--image-size -64: expected a positive side length in pixels"),
+])  # fmt: skip
+def test_extract_refuses_bad_counts_and_sizes(flags, message, cifar_small, tmp_path, capsys):
+    code, _, err = run(capsys, *extract_args(cifar_small, tmp_path / "store", *flags))
+    assert_one_line_error(code, err, message)
+    assert not (tmp_path / "store").exists()  # refused before anything was created
+
+
+def test_another_batch_size_resumes_in_the_stores_own_chunks(cifar_small, tmp_path, capsys, caplog):
+    out, straight = tmp_path / "store", tmp_path / "straight"
+    assert run(capsys, *extract_args(cifar_small, straight, "--limit", "80"))[0] == 0
+    assert run(capsys, *extract_args(cifar_small, out, "--limit", "80"))[0] == 0
+    done = out / "features" / f"{KEY.stem}.done"
+    done.write_bytes(b"\x01\x00")  # the second chunk still to do
+    with caplog.at_level("INFO", logger="diffprobe"):
+        code, _, err = run(capsys, *extract_args(cifar_small, out, "--limit", "80", "--batch-size", "32"))
+    assert code == 0, err
+    assert "made with --batch-size 40: resuming in its own chunks of 40 rows" in caplog.text
+    store = FeatureStore.open(out)
+    assert store.chunk_rows == 40 and store.is_complete(KEY)
+    assert _array_bytes(store, KEY) == _array_bytes(FeatureStore.open(straight), KEY)

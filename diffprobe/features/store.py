@@ -146,7 +146,8 @@ class FeatureStore:
         """
         root = Path(root)
         manifest = {"format": FORMAT_VERSION, **manifest}
-        prints = _chunk_prints(row_prints, int(manifest["chunk_rows"])) if row_prints is not None else None
+        chunk_prints = lambda rows: _chunk_prints(row_prints, rows) if row_prints is not None else None  # noqa: E731
+        prints = chunk_prints(int(manifest["chunk_rows"]))
         if root.exists() and not root.is_dir():
             raise DiffprobeError(f"--out {root} is a file, not a folder: choose a folder path")
         with output_errors(root, "--out"):
@@ -160,6 +161,11 @@ class FeatureStore:
                 elif not (root / "manifest.json").is_file():  # (another rank may have created it meanwhile)
                     raise DiffprobeError(f"{root} exists and is not a feature store: choose an empty or new --out")
             store = cls.open(root)  # existing, or created by another process (rank) just now
+            if store.manifest.get("chunk_rows") != manifest["chunk_rows"]:
+                # The chunk size is how the work is cut, not what is computed: a rerun with another
+                # --batch-size resumes in the store's own chunks (the caller says so) and keeps them.
+                manifest = {**manifest, "chunk_rows": store.manifest.get("chunk_rows")}
+                prints = chunk_prints(store.chunk_rows)
             store._check_identity(manifest, prints)
         return store
 
