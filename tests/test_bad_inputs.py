@@ -342,3 +342,77 @@ def test_another_batch_size_resumes_in_the_stores_own_chunks(cifar_small, tmp_pa
     store = FeatureStore.open(out)
     assert store.chunk_rows == 40 and store.is_complete(KEY)
     assert _array_bytes(store, KEY) == _array_bytes(FeatureStore.open(straight), KEY)
+
+
+@pytest.fixture(scope="module")
+def two_chunk_store(cifar_small, tmp_path_factory):
+    """A finished 80-row store in two chunks of 40, copied by each test that damages it."""
+    out = tmp_path_factory.mktemp("issue19") / "store"
+    assert main([str(a) for a in extract_args(cifar_small, out, "--limit", "80")]) == 0
+    return out
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def _probe(capsys, store, tmp_path):
+    return run(capsys, "probe", store, "--t", "90", "--blocks", "13", "--out", tmp_path / "run", "--epochs", "1")
+
+
+@pytest.mark.parametrize("damage, file, problem, repair", [
+    ("truncated", f"{KEY.stem}.npy", "it is truncated (6000 of 10368 bytes)", "1 finished chunk(s) past the cut are recomputed, the other 1 kept"),
+    ("pickle", f"{KEY.stem}.npy", "it holds Python objects (dtype object), expected float16", "moved aside to t0090_b13_p1.npy.damaged"),
+    ("short", f"{KEY.stem}.done", "it has 1 byte(s), expected 2 (one per chunk of rows)", "cannot tell which chunks are finished"),
+    ("garbled", f"{KEY.stem}.done", "it holds bytes other than 0 (to do) and 1 (done)", "cannot tell which chunks are finished"),
+])  # fmt: skip
+def test_damaged_feature_files_are_one_line_and_a_rerun_repairs_them(damage, file, problem, repair, two_chunk_store,
+                                                                      cifar_small, tmp_path, capsys, caplog):  # fmt: skip
+    out = tmp_path / "store"
+    shutil.copytree(two_chunk_store, out)
+    path, marker = out / "features" / file, tmp_path / "unpickled"
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:6000])  # chunk 0 whole, chunk 1 cut
+    elif damage == "pickle":  # a pickle inside must never be loaded (it would run os.mkdir)
+        np.save(path, np.array([Payload(marker)] * 80, dtype=object), allow_pickle=True)
+    else:
+        path.write_bytes(b"\x01" if damage == "short" else b"\x01\x07")  # the short one used to count as complete
+    code, _, err = _probe(capsys, out, tmp_path)
+    assert_one_line_error(code, err, f"{path} is damaged: {problem}", "Rerun the extract command", "--overwrite")
+    assert not (tmp_path / "run" / "head.pt").exists() and not marker.exists()
+
+    with caplog.at_level("WARNING", logger="diffprobe"):
+        code, _, err = run(capsys, *extract_args(cifar_small, out, "--limit", "80"))
+    assert code == 0, err
+    assert repair in caplog.text and not marker.exists()
+    assert _array_bytes(FeatureStore.open(out), KEY) == _array_bytes(FeatureStore.open(two_chunk_store), KEY)
+
+
+@pytest.mark.parametrize("damage, problem", [
+    ("truncated", "not a readable array of numbers"),
+    ("short", "it holds 70 values, expected 80 class labels"),
+    ("negative", "it holds -1, expected class labels from 0 to 9"),
+    ("too big", "it holds 10, expected class labels from 0 to 9"),
+    ("float", "it holds float64 values, expected integer class labels"),
+    ("shuffled", "it disagrees with dataset_labels.npy on"),  # used to train silently on the wrong labels
+])  # fmt: skip
+def test_damaged_labels_are_one_line_and_a_rerun_rewrites_them(damage, problem, two_chunk_store, cifar_small, tmp_path, capsys):
+    out = tmp_path / "store"
+    shutil.copytree(two_chunk_store, out)
+    path, labels = out / "labels.npy", np.load(two_chunk_store / "labels.npy")
+    bad = {"short": labels[:70], "float": labels.astype(np.float64), "shuffled": np.random.default_rng(0).permutation(labels),
+           "negative": np.where(np.arange(80) == 5, -1, labels), "too big": np.where(np.arange(80) == 5, 10, labels)}  # fmt: skip
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:300])
+    else:
+        np.save(path, bad[damage])
+    code, _, err = _probe(capsys, out, tmp_path)
+    assert_one_line_error(code, err, f"{path} is damaged: {problem}", "Rerun the extract command")
+    assert not (tmp_path / "run" / "head.pt").exists()
+    assert run(capsys, *extract_args(cifar_small, out, "--limit", "80"))[0] == 0
+    np.testing.assert_array_equal(FeatureStore.open(out).labels, labels)
+    assert _array_bytes(FeatureStore.open(out), KEY) == _array_bytes(FeatureStore.open(two_chunk_store), KEY)
