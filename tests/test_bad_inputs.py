@@ -416,3 +416,36 @@ def test_damaged_labels_are_one_line_and_a_rerun_rewrites_them(damage, problem, 
     assert run(capsys, *extract_args(cifar_small, out, "--limit", "80"))[0] == 0
     np.testing.assert_array_equal(FeatureStore.open(out).labels, labels)
     assert _array_bytes(FeatureStore.open(out), KEY) == _array_bytes(FeatureStore.open(two_chunk_store), KEY)
+
+
+def test_full_disk_is_refused_before_mapping_and_the_rerun_completes(two_chunk_store, cifar_small, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "store"
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=5000))  # writing the map would SIGBUS
+    code, _, err = run(capsys, *extract_args(cifar_small, out, "--limit", "80"))
+    assert_one_line_error(code, err, "not enough free space for the features of", "they need 14.3 KB, the disk has 5.0 KB free",
+                          "rerun the same command")  # fmt: skip
+    assert not list(out.glob("features/*.npy"))  # refused before any array was made
+    monkeypatch.setattr(shutil, "disk_usage", real)
+    assert run(capsys, *extract_args(cifar_small, out, "--limit", "80"))[0] == 0
+    assert _array_bytes(FeatureStore.open(out), KEY) == _array_bytes(FeatureStore.open(two_chunk_store), KEY)
+
+
+def test_disk_filling_during_extraction_is_one_line_and_keeps_finished_chunks(two_chunk_store, cifar_small, tmp_path, capsys,
+                                                                             monkeypatch):  # fmt: skip
+    import errno
+
+    out, real = tmp_path / "store", os.pwrite
+
+    def pwrite(fd, data, offset):
+        if offset == 1:  # marking the second chunk done
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    code, _, err = run(capsys, *extract_args(cifar_small, out, "--limit", "80"))
+    assert_one_line_error(code, err, f"no space left on the disk of {out} while writing {KEY.stem}", "free space and rerun")
+    assert FeatureStore.open(out).done_chunks(KEY).tolist() == [True, False]
+    monkeypatch.setattr(os, "pwrite", real)
+    assert run(capsys, *extract_args(cifar_small, out, "--limit", "80"))[0] == 0
+    assert _array_bytes(FeatureStore.open(out), KEY) == _array_bytes(FeatureStore.open(two_chunk_store), KEY)

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .. import __version__
+from .._io import output_errors
 from ..backbones.base import Backbone
 from ..data import (
     AugmentedViews,
@@ -160,8 +161,11 @@ def extract(backbone: Backbone, data: LabeledImages | str | Path, plan: FeatureP
         if o.overwrite and share.is_main and (out / "manifest.json").is_file():
             FeatureStore.discard(out)  # only rank 0 discards: the others would delete each other's work
         store = FeatureStore.create_or_open(out, manifest, data.labels[rows], rows, data.labels, data.row_prints(rows))
-        for key in plan.keys:
-            store.ensure_array(key, backbone.blocks[key.block - 1].channels * key.pool**2)
+        dims = {key: backbone.blocks[key.block - 1].channels * key.pool**2 for key in plan.keys}
+        store.check_free_space(dims)
+        with output_errors(out, "--out"):  # a disk that fills while the arrays are made
+            for key, dim in dims.items():
+                store.ensure_array(key, dim)
         return store
 
     # Rank 0 creates (or checks) the store and its arrays while the others wait, then they open it.

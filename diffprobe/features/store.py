@@ -22,6 +22,7 @@ creators never clobber each other.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -432,6 +433,26 @@ class FeatureStore:
         return None
 
     # ---------------------------------------------------------------- writing
+    def check_free_space(self, dims: dict[FeatureKey, int]) -> None:
+        """Refuse, before any array is created or mapped, what the disk cannot hold: a write into a
+        memory map on a full disk kills the process with SIGBUS, printing nothing. Counts the arrays
+        still to create and the unallocated holes of existing (sparse) ones."""
+        itemsize, need = np.dtype(self.manifest["dtype"]).itemsize, 0
+        for key, dim in dims.items():
+            path = self._paths(key)[0]
+            if path.exists():  # a sparse array's holes, but only as much as its unfinished chunks can fill
+                # (compressing file systems report fewer blocks than bytes for finished data too)
+                st, todo = path.stat(), int((~self.done_chunks(key)).sum()) * self.chunk_rows * dim * itemsize
+                need += min(max(0, st.st_size - st.st_blocks * 512), todo)
+            else:
+                need += self.rows * dim * itemsize + 4096  # + header and .done
+        free = shutil.disk_usage(self.root).free
+        if need > free:
+            raise DiffprobeError(
+                f"not enough free space for the features of {self.root}: they need {_size(need)}, the disk has "
+                f"{_size(free)} free. Free space (or choose another --out) and rerun the same command: finished chunks are kept"
+            )
+
     def ensure_array(self, key: FeatureKey, dim: int) -> None:
         """Create the array and its .done file, or check them. Damage a rerun can undo is undone and
         logged: a truncated array keeps its whole chunks and recomputes the rest; an unreadable one
@@ -454,7 +475,7 @@ class FeatureStore:
             atomic_write(done_path, lambda p: Path(p).write_bytes(bytes(self.num_chunks)))
         if not array_path.exists():
             done_path.unlink(missing_ok=True)  # marks of an array that is not there mean nothing
-            atomic_write(array_path, lambda p: np.lib.format.open_memmap(p, mode="w+", dtype=dtype, shape=(self.rows, dim)).flush(), exclusive=True)
+            atomic_write(array_path, lambda p: _create_array(p, dtype, (self.rows, dim)), exclusive=True)
         if not done_path.exists():
             atomic_write(done_path, lambda p: Path(p).write_bytes(bytes(self.num_chunks)), exclusive=True)
 
@@ -485,13 +506,19 @@ class FeatureStore:
         if key not in self._maps:
             self._maps[key] = np.load(self._paths(key)[0], mmap_mode="r+")
         target = self._maps[key]
-        target[self.chunk_slice(chunk)] = values
-        target.flush()
-        fd = os.open(self._paths(key)[1], os.O_WRONLY)
         try:
-            os.pwrite(fd, b"\x01", chunk)  # one byte per chunk: disjoint writers never overlap
-        finally:
-            os.close(fd)
+            target[self.chunk_slice(chunk)] = values
+            target.flush()
+            fd = os.open(self._paths(key)[1], os.O_WRONLY)
+            try:
+                os.pwrite(fd, b"\x01", chunk)  # one byte per chunk: disjoint writers never overlap
+            finally:
+                os.close(fd)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise DiffprobeError(f"no space left on the disk of {self.root} while writing {key.stem}: free space and rerun "
+                                 "the same command (finished chunks are kept; this one is recomputed)") from None  # fmt: skip
 
     # ---------------------------------------------------------------- reading
     def is_complete(self, key: FeatureKey) -> bool:
@@ -549,6 +576,28 @@ class FeatureStore:
             "incomplete": [k.stem for k in self.keys() if not self.is_complete(k)],
             "damaged": [str(e) for k in self.keys() if (e := self.damage(k))],
         }
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} bytes"  # unreachable
+
+
+def _create_array(path: str, dtype: np.dtype, shape: tuple[int, int]) -> None:
+    """A new .npy array with its blocks reserved: open_memmap alone makes a sparse file, whose
+    blocks are only found (or not: SIGBUS) when the memory map is written."""
+    np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)  # the file is still private (a temporary name)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise  # ENOSPC: the caller's output_errors makes it one line, and no array is left behind
+    finally:
+        os.close(fd)
 
 
 def feature_keys(timesteps: Iterable[int], blocks: Iterable[int], pools: Iterable[int]) -> list[FeatureKey]:
