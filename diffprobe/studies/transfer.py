@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Sequence
 
@@ -13,6 +14,30 @@ from ..features.plan import FeaturePlan
 from .._io import output_dir, write_csv
 from ..precision import choose_compute
 from .sweep import fast_probe, run_controls
+
+
+def distinct_names(specs: Sequence[str], names: Sequence[str]) -> list[str]:
+    """One store folder name per dataset. Names that collide (a/cifar and b/cifar are both "cifar")
+    take their parent folders' names in front until they differ: the stores would otherwise be one
+    folder holding two datasets' features, which no run could ever finish."""
+    specs = [str(s) for s in specs]
+    duplicates = sorted({s for s in specs if specs.count(s) > 1})
+    if duplicates:
+        raise DiffprobeError(f"--datasets lists {duplicates[0]} more than once: name each dataset once")
+    out = list(names)
+    for depth in range(1, 1 + max(len(Path(s).resolve().parts) for s in specs)):
+        clash = {n for n in out if out.count(n) > 1}
+        if not clash:
+            break
+        for i, (spec, name) in enumerate(zip(specs, names)):
+            if out[i] in clash and not spec.startswith("torchvision:"):
+                parents = Path(spec).resolve().parent.parts[-depth:]
+                out[i] = "-".join([*(p.strip("/") or "root" for p in parents), name])
+    clash = {n for n in out if out.count(n) > 1}
+    for i, spec in enumerate(specs):  # left over (say a folder named like a torchvision dataset): a short hash
+        if out[i] in clash:
+            out[i] = f"{out[i]}-{hashlib.sha256(spec.encode()).hexdigest()[:6]}"
+    return out
 
 
 def transfer(backbone: Backbone, datasets: Sequence[str], out: str | Path, plan: FeaturePlan,
@@ -32,16 +57,16 @@ def transfer(backbone: Backbone, datasets: Sequence[str], out: str | Path, plan:
     if options.augment_views:
         raise DiffprobeError("transfer scores centre-crop features: drop --augment-views")
     output_dir(out)
+    opened = [open_dataset(spec, root=data_root, split=split, download=download) for spec in datasets]
     rows = []
-    for spec in datasets:
-        data = open_dataset(spec, root=data_root, split=split, download=download)
-        store = extract(backbone, data, plan, out / data.name, options)
+    for data, name in zip(opened, distinct_names(datasets, [d.name for d in opened])):
+        store = extract(backbone, data, plan, out / name, options)
         score = fast_probe(probe, store.load(key), store.labels, store.split(val_fraction, split_seed), probe_device)
-        row = {"dataset": data.name, "images": store.rows, "classes": len(data.classes), "setting": key.stem,
+        row = {"dataset": name, "images": store.rows, "classes": len(data.classes), "setting": key.stem,
                "probe": probe, "top1": round(score.top1, 2), "top5": round(score.top5, 2)}  # fmt: skip
         if controls:
             best = {"t": key.t, "block": key.block, "pool": key.pool}
-            ctrl = run_controls(backbone, data, store, best, out / data.name, probe, val_fraction, split_seed, probe_device, options)
+            ctrl = run_controls(backbone, data, store, best, out / name, probe, val_fraction, split_seed, probe_device, options)
             row.update(pixels_top1=round(ctrl["pixels"]["top1"], 2), random_weights_top1=round(ctrl["random_weights"]["top1"], 2))
         rows.append(row)
     out.mkdir(parents=True, exist_ok=True)
