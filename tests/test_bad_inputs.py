@@ -449,3 +449,60 @@ def test_disk_filling_during_extraction_is_one_line_and_keeps_finished_chunks(tw
     monkeypatch.setattr(os, "pwrite", real)
     assert run(capsys, *extract_args(cifar_small, out, "--limit", "80"))[0] == 0
     assert _array_bytes(FeatureStore.open(out), KEY) == _array_bytes(FeatureStore.open(two_chunk_store), KEY)
+
+
+def test_transfer_over_two_datasets_of_one_folder_name_finishes_both(cifar_small, tmp_path, capsys):
+    for parent, start in (("a", 0), ("b", 3)):  # two different datasets, both called "cifar"
+        for folder in sorted(cifar_small.iterdir()):
+            for image in sorted(folder.iterdir())[start:start + 3]:
+                (tmp_path / parent / "cifar" / folder.name).mkdir(parents=True, exist_ok=True)
+                shutil.copy(image, tmp_path / parent / "cifar" / folder.name / image.name)
+    out = tmp_path / "transfer"
+    code, text, err = run(capsys, "transfer", FIXTURE_SPEC, "--datasets", f"{tmp_path / 'a' / 'cifar'},{tmp_path / 'b' / 'cifar'}",
+                          "--t", "90", "--blocks", "13", "--out", out, "--device", "cpu", "--precision", "fp32",
+                          "--no-controls", "--batch-size", "30", "--val-fraction", "0.34")  # fmt: skip
+    assert code == 0, err
+    for name in ("a-cifar", "b-cifar"):
+        assert FeatureStore.open(out / name).is_complete(KEY), name
+        assert name in (out / "transfer.md").read_text()
+    assert (FeatureStore.open(out / "a-cifar").manifest["data"]["fingerprint"]
+            != FeatureStore.open(out / "b-cifar").manifest["data"]["fingerprint"])  # fmt: skip
+
+
+@pytest.mark.parametrize("member", ["../evil.txt", "link-out"])
+def test_archive_member_escaping_its_folder_is_named(member, tmp_path, capsys, isolated_cache):
+    import io
+    import tarfile
+
+    archive = tmp_path / "unsafe.tar"
+    with tarfile.open(archive, "w") as tar:
+        image = (tmp_path / "cat.png")
+        Image.new("RGB", (8, 8)).save(image)
+        tar.add(image, "data/cat/cat.png")
+        info = tarfile.TarInfo(member)
+        if member == "link-out":
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(info)
+        else:
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"evil"))
+    code, _, err = run(capsys, *extract_args(archive, tmp_path / "store"))
+    line = assert_one_line_error(code, err, f"cannot unpack {archive}: it holds an unsafe member {member!r}", "rebuild the archive")
+    assert "truncated" not in line and "download or copy it again" not in line
+    assert not list(isolated_cache.rglob("evil.txt")) and not (tmp_path / "store").exists()
+
+
+def test_oversized_image_is_one_line_naming_the_limit(two_chunk_store, tmp_path, capsys, monkeypatch):
+    import PIL.Image
+
+    image = tmp_path / "big.png"
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(image)
+    assert run(capsys, "probe", two_chunk_store, "--t", "90", "--blocks", "13", "--out", tmp_path / "run", "--epochs", "1")[0] == 0
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 1000)  # stands in for a 14000×14000 PNG (a traceback before)
+    code, _, err = run(capsys, "predict", tmp_path / "run", image, "--device", "cpu")
+    assert_one_line_error(code, err, f"image {image} is 64×64 = 4,096 pixels, over the limit of 1,000",
+                          "DIFFPROBE_MAX_IMAGE_PIXELS=4096")  # fmt: skip
+    assert PIL.Image.MAX_IMAGE_PIXELS == 1000  # PIL's own setting is left as it was
+    monkeypatch.setenv("DIFFPROBE_MAX_IMAGE_PIXELS", "5000")
+    code, text, err = run(capsys, "predict", tmp_path / "run", image, "--device", "cpu")
+    assert code == 0 and str(image) in text, err
