@@ -458,7 +458,7 @@ def test_transfer_over_two_datasets_of_one_folder_name_finishes_both(cifar_small
                 (tmp_path / parent / "cifar" / folder.name).mkdir(parents=True, exist_ok=True)
                 shutil.copy(image, tmp_path / parent / "cifar" / folder.name / image.name)
     out = tmp_path / "transfer"
-    code, text, err = run(capsys, "transfer", FIXTURE_SPEC, "--datasets", f"{tmp_path / 'a' / 'cifar'},{tmp_path / 'b' / 'cifar'}",
+    code, _, err = run(capsys, "transfer", FIXTURE_SPEC, "--datasets", f"{tmp_path / 'a' / 'cifar'},{tmp_path / 'b' / 'cifar'}",
                           "--t", "90", "--blocks", "13", "--out", out, "--device", "cpu", "--precision", "fp32",
                           "--no-controls", "--batch-size", "30", "--val-fraction", "0.34")  # fmt: skip
     assert code == 0, err

@@ -18,6 +18,12 @@ creators never clobber each other.
 
     chunk_prints.json                per chunk: a hash of its images' names and sizes, so a rerun
                                      after fixing a corrupt image keeps every finished chunk
+
+A damaged file (a truncated or unreadable array, a .done of the wrong size, labels that are short,
+out of range or disagree with dataset_labels.npy) is an error naming it for every reader; a writer
+(a rerun of extract) repairs it, keeping every chunk it can. A rerun with another chunk size
+(--batch-size) resumes in the store's own chunks. New arrays have their disk blocks reserved, and
+the free space is checked before they are made: a memory map on a full disk dies of SIGBUS.
 """
 
 from __future__ import annotations
@@ -155,6 +161,7 @@ class FeatureStore:
         self.root = Path(root)
         self.manifest = manifest
         self._maps: dict[FeatureKey, np.memmap] = {}
+        self._rows_cache: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None  # checked labels, indices, dataset labels
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -184,7 +191,10 @@ class FeatureStore:
         """
         root = Path(root)
         manifest = {"format": FORMAT_VERSION, **manifest}
-        chunk_prints = lambda rows: _chunk_prints(row_prints, rows) if row_prints is not None else None  # noqa: E731
+
+        def chunk_prints(chunk_rows: int) -> list[str] | None:
+            return _chunk_prints(row_prints, chunk_rows) if row_prints is not None else None
+
         prints = chunk_prints(int(manifest["chunk_rows"]))
         if root.exists() and not root.is_dir():
             raise DiffprobeError(f"--out {root} is a file, not a folder: choose a folder path")
@@ -322,7 +332,7 @@ class FeatureStore:
         """labels.npy, indices.npy and dataset_labels.npy, checked against each other and the manifest:
         a short, garbled, float or out-of-range file, or labels shuffled against the dataset's, would
         otherwise train on wrong labels without a word."""
-        if getattr(self, "_rows_cache", None) is not None:
+        if self._rows_cache is not None:
             return self._rows_cache
         n_classes = len(self.manifest.get("data", {}).get("classes") or []) or None
         size = self.manifest.get("data", {}).get("size")
@@ -490,6 +500,7 @@ class FeatureStore:
             done[c] = 0
         atomic_write(done_path, lambda p: Path(p).write_bytes(bytes(done)))  # first: no chunk stays marked over zeros
         os.truncate(array_path, offset + self.rows * row_bytes)
+        _reserve(array_path)  # the writer that repairs runs before any other rank writes (extract's barrier)
         log.warning("%s was damaged (%s): %d finished chunk(s) past the cut are recomputed, the other %d kept",
                     array_path, reason, len(lost), sum(done))  # fmt: skip
 
@@ -590,12 +601,18 @@ def _create_array(path: str, dtype: np.dtype, shape: tuple[int, int]) -> None:
     """A new .npy array with its blocks reserved: open_memmap alone makes a sparse file, whose
     blocks are only found (or not: SIGBUS) when the memory map is written."""
     np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()
+    _reserve(path)  # the file is still private (a temporary name): no other writer to race
+
+
+def _reserve(path: str | Path) -> None:
+    """Allocate a file's holes. Only on files no other process writes yet: where the file system
+    lacks fallocate, glibc emulates it by writing zero bytes into blocks it reads as zero."""
     fd = os.open(path, os.O_RDWR)
     try:
-        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)  # the file is still private (a temporary name)
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
     except OSError as e:
         if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-            raise  # ENOSPC: the caller's output_errors makes it one line, and no array is left behind
+            raise  # ENOSPC: the caller's output_errors makes it one line
     finally:
         os.close(fd)
 
