@@ -379,6 +379,8 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> np.n
 
 def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     """Sorted indices of n images with classes in proportion, fixed by the seed."""
+    if n < 1:  # a negative n would slice from the end (193 of 200 images for -7), 0 an empty subset
+        raise DiffprobeError(f"a subset of {n} images (--limit {n}): expected at least 1 (omit --limit for the whole dataset)")
     if n >= len(labels):
         return np.arange(len(labels))
     # A stream of its own ([seed, 1]): with the bare seed it would repeat stratified_split's

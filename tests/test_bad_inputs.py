@@ -506,3 +506,11 @@ def test_oversized_image_is_one_line_naming_the_limit(two_chunk_store, tmp_path,
     monkeypatch.setenv("DIFFPROBE_MAX_IMAGE_PIXELS", "5000")
     code, text, err = run(capsys, "predict", tmp_path / "run", image, "--device", "cpu")
     assert code == 0 and str(image) in text, err
+
+
+@pytest.mark.parametrize("limit", ["-7", "0"])
+def test_every_subset_refuses_non_positive_limits(limit, cifar_small, tmp_path, capsys):
+    """The check lives in stratified_subset, so commands other than extract (baseline, online probes) share it."""
+    code, _, err = run(capsys, "baseline", "train", "--data", cifar_small, "--out", tmp_path / "b", "--limit", limit,
+                       "--epochs", "1", "--device", "cpu")  # fmt: skip
+    assert_one_line_error(code, err, f"a subset of {limit} images (--limit {limit}): expected at least 1")
