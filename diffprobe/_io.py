@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import os
 import tempfile
@@ -35,6 +36,8 @@ def output_errors(path: str | Path, what: str = "output") -> Iterator[None]:
         where = e.filename or path
         blocker = _file_in_the_way(Path(path))
         reason = f"cannot write {path}: {blocker} is a file, not a folder" if blocker else describe_os_error(where, e)
+        if e.errno == errno.ENOSPC:  # a full disk: the place itself is fine
+            raise DiffprobeError(f"{reason}: free space, or choose another {what} location, and rerun the same command") from None
         raise DiffprobeError(f"{reason}: choose another {what} location (a writable folder)") from None
 
 

@@ -9,15 +9,17 @@ Images are read lazily; a file that cannot be decoded is reported by its path.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import shutil
 import tarfile
+import threading
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -82,9 +84,52 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def read_image(path: str | Path) -> Image.Image:
+MAX_PIXELS_VARIABLE = "DIFFPROBE_MAX_IMAGE_PIXELS"
+
+
+def max_image_pixels() -> int | None:
+    """The largest image (width × height) read_image decodes: $DIFFPROBE_MAX_IMAGE_PIXELS (0: no limit),
+    else PIL's own decompression-bomb limit (about 89 million pixels)."""
+    text = os.environ.get(MAX_PIXELS_VARIABLE, "").strip().replace("_", "").replace(",", "")
+    if not text:
+        return Image.MAX_IMAGE_PIXELS
     try:
-        with Image.open(path) as im:
+        value = int(text)
+    except ValueError:
+        raise DiffprobeError(f"${MAX_PIXELS_VARIABLE}={os.environ[MAX_PIXELS_VARIABLE]!r}: expected a number of pixels, "
+                             "e.g. 200000000 (0 for no limit)") from None  # fmt: skip
+    return None if value <= 0 else value
+
+
+@contextlib.contextmanager
+def _pil_bomb_check_off() -> Iterator[None]:
+    """PIL's own check, at open, raises a bare DecompressionBombError (a traceback) and ignores our
+    limit; read_image applies the limit itself, from the header, before decoding anything."""
+    with _PIL_LIMIT_LOCK:  # threads reading images at once must not restore each other's None
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+def read_image(path: str | Path) -> Image.Image:
+    limit = max_image_pixels()
+    try:
+        with _pil_bomb_check_off():
+            im = Image.open(path)
+        with im:
+            width, height = im.size
+            if limit is not None and width * height > limit:
+                raise DiffprobeError(
+                    f"image {path} is {width}×{height} = {width * height:,} pixels, over the limit of {limit:,} (a guard "
+                    f"against decompression bombs): if the file is trusted, raise it, e.g. {MAX_PIXELS_VARIABLE}="
+                    f"{width * height} (0: no limit)"
+                )
             im.load()
             return to_rgb(im)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
@@ -210,6 +255,11 @@ def unpack_archive(archive: str | Path) -> Path:
                 pass
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, tarfile.FilterError):  # a readable archive that would write outside its folder
+            name = getattr(e.tarinfo, "name", "?")
+            raise DiffprobeError(f"cannot unpack {archive}: it holds an unsafe member {name!r} ({e}); diffprobe unpacks only "
+                                 "files and folders that stay inside the archive's folder: rebuild the archive from the image "
+                                 "folder (tar -czf data.tar.gz -C PARENT FOLDER), or unpack it yourself and pass the folder") from None  # fmt: skip
         if isinstance(e, (tarfile.TarError, EOFError, zlib.error)):
             raise DiffprobeError(f"cannot unpack {archive}: truncated or not a readable tar archive ({type(e).__name__}: {e}); "
                                  "download or copy it again") from None  # fmt: skip
@@ -329,6 +379,8 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> np.n
 
 def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     """Sorted indices of n images with classes in proportion, fixed by the seed."""
+    if n < 1:  # a negative n would slice from the end (193 of 200 images for -7), 0 an empty subset
+        raise DiffprobeError(f"a subset of {n} images (--limit {n}): expected at least 1 (omit --limit for the whole dataset)")
     if n >= len(labels):
         return np.arange(len(labels))
     # A stream of its own ([seed, 1]): with the bare seed it would repeat stratified_split's

@@ -787,3 +787,208 @@ def test_sigterm_stops_pretrain_with_143_after_saving(tmp_path):
     assert len(stopped) == 1 and "rerun the same command to resume" in stopped[0] and "Traceback" not in stderr, stderr
     saved = torch.load(out / "training-state.pt", weights_only=True)["state"]["step"]
     assert 1 <= saved < 100000
+
+
+# ---- issue 19: store, data, extraction
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--limit", "-7"], "--limit -7: expected a number of images, at least 1"),  # was a 193-row store
+    (["--limit", "0"], "--limit 0: expected a number of images, at least 1"),  # was an empty store, "complete"
+    (["--batch-size", "0"], "--batch-size 0: expected a number of images per pass, at least 1"),
+    (["--batch-size", "-4"], "--batch-size -4: expected a number of images per pass, at least 1"),
+    (["--image-size", "640000"], "--image-size 640000: expected at most 8192 pixels a side"),
+    (["--image-size", "0"], "--image-size 0: expected a positive side length in pixels"),
+    (["--image-size", "-64"], "--image-size -64: expected a positive side length in pixels"),
+])  # fmt: skip
+def test_extract_refuses_bad_counts_and_sizes(flags, message, cifar_small, tmp_path, capsys):
+    code, _, err = run(capsys, *extract_args(cifar_small, tmp_path / "store", *flags))
+    assert_one_line_error(code, err, message)
+    assert not (tmp_path / "store").exists()  # refused before anything was created
+
+
+def test_another_batch_size_resumes_in_the_stores_own_chunks(cifar_small, tmp_path, capsys, caplog):
+    out, straight = tmp_path / "store", tmp_path / "straight"
+    assert run(capsys, *extract_args(cifar_small, straight, "--limit", "80"))[0] == 0
+    assert run(capsys, *extract_args(cifar_small, out, "--limit", "80"))[0] == 0
+    done = out / "features" / f"{KEY.stem}.done"
+    done.write_bytes(b"\x01\x00")  # the second chunk still to do
+    with caplog.at_level("INFO", logger="diffprobe"):
+        code, _, err = run(capsys, *extract_args(cifar_small, out, "--limit", "80", "--batch-size", "32"))
+    assert code == 0, err
+    assert "made with --batch-size 40: resuming in its own chunks of 40 rows" in caplog.text
+    store = FeatureStore.open(out)
+    assert store.chunk_rows == 40 and store.is_complete(KEY)
+    assert _array_bytes(store, KEY) == _array_bytes(FeatureStore.open(straight), KEY)
+
+
+@pytest.fixture(scope="module")
+def two_chunk_store(cifar_small, tmp_path_factory):
+    """A finished 80-row store in two chunks of 40, copied by each test that damages it."""
+    out = tmp_path_factory.mktemp("issue19") / "store"
+    assert main([str(a) for a in extract_args(cifar_small, out, "--limit", "80")]) == 0
+    return out
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def _probe(capsys, store, tmp_path):
+    return run(capsys, "probe", store, "--t", "90", "--blocks", "13", "--out", tmp_path / "run", "--epochs", "1")
+
+
+@pytest.mark.parametrize("damage, file, problem, repair", [
+    ("truncated", f"{KEY.stem}.npy", "it is truncated (6000 of 10368 bytes)", "1 finished chunk(s) past the cut are recomputed, the other 1 kept"),
+    ("pickle", f"{KEY.stem}.npy", "it holds Python objects (dtype object), expected float16", "moved aside to t0090_b13_p1.npy.damaged"),
+    ("short", f"{KEY.stem}.done", "it has 1 byte(s), expected 2 (one per chunk of rows)", "cannot tell which chunks are finished"),
+    ("garbled", f"{KEY.stem}.done", "it holds bytes other than 0 (to do) and 1 (done)", "cannot tell which chunks are finished"),
+])  # fmt: skip
+def test_damaged_feature_files_are_one_line_and_a_rerun_repairs_them(damage, file, problem, repair, two_chunk_store,
+                                                                      cifar_small, tmp_path, capsys, caplog):  # fmt: skip
+    out = tmp_path / "store"
+    shutil.copytree(two_chunk_store, out)
+    path, marker = out / "features" / file, tmp_path / "unpickled"
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:6000])  # chunk 0 whole, chunk 1 cut
+    elif damage == "pickle":  # a pickle inside must never be loaded (it would run os.mkdir)
+        np.save(path, np.array([Payload(marker)] * 80, dtype=object), allow_pickle=True)
+    else:
+        path.write_bytes(b"\x01" if damage == "short" else b"\x01\x07")  # the short one used to count as complete
+    code, _, err = _probe(capsys, out, tmp_path)
+    assert_one_line_error(code, err, f"{path} is damaged: {problem}", "Rerun the extract command", "--overwrite")
+    assert not (tmp_path / "run" / "head.pt").exists() and not marker.exists()
+
+    with caplog.at_level("WARNING", logger="diffprobe"):
+        code, _, err = run(capsys, *extract_args(cifar_small, out, "--limit", "80"))
+    assert code == 0, err
+    assert repair in caplog.text and not marker.exists()
+    assert _array_bytes(FeatureStore.open(out), KEY) == _array_bytes(FeatureStore.open(two_chunk_store), KEY)
+
+
+@pytest.mark.parametrize("damage, problem", [
+    ("truncated", "not a readable array of numbers"),
+    ("short", "it holds 70 values, expected 80 class labels"),
+    ("negative", "it holds -1, expected class labels from 0 to 9"),
+    ("too big", "it holds 10, expected class labels from 0 to 9"),
+    ("float", "it holds float64 values, expected integer class labels"),
+    ("shuffled", "it disagrees with dataset_labels.npy on"),  # used to train silently on the wrong labels
+])  # fmt: skip
+def test_damaged_labels_are_one_line_and_a_rerun_rewrites_them(damage, problem, two_chunk_store, cifar_small, tmp_path, capsys):
+    out = tmp_path / "store"
+    shutil.copytree(two_chunk_store, out)
+    path, labels = out / "labels.npy", np.load(two_chunk_store / "labels.npy")
+    bad = {"short": labels[:70], "float": labels.astype(np.float64), "shuffled": np.random.default_rng(0).permutation(labels),
+           "negative": np.where(np.arange(80) == 5, -1, labels), "too big": np.where(np.arange(80) == 5, 10, labels)}  # fmt: skip
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:300])
+    else:
+        np.save(path, bad[damage])
+    code, _, err = _probe(capsys, out, tmp_path)
+    assert_one_line_error(code, err, f"{path} is damaged: {problem}", "Rerun the extract command")
+    assert not (tmp_path / "run" / "head.pt").exists()
+    assert run(capsys, *extract_args(cifar_small, out, "--limit", "80"))[0] == 0
+    np.testing.assert_array_equal(FeatureStore.open(out).labels, labels)
+    assert _array_bytes(FeatureStore.open(out), KEY) == _array_bytes(FeatureStore.open(two_chunk_store), KEY)
+
+
+def test_full_disk_is_refused_before_mapping_and_the_rerun_completes(two_chunk_store, cifar_small, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "store"
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=5000))  # writing the map would SIGBUS
+    code, _, err = run(capsys, *extract_args(cifar_small, out, "--limit", "80"))
+    assert_one_line_error(code, err, "not enough free space for the features of", "they need 14.3 KB, the disk has 5.0 KB free",
+                          "rerun the same command")  # fmt: skip
+    assert not list(out.glob("features/*.npy"))  # refused before any array was made
+    monkeypatch.setattr(shutil, "disk_usage", real)
+    assert run(capsys, *extract_args(cifar_small, out, "--limit", "80"))[0] == 0
+    assert _array_bytes(FeatureStore.open(out), KEY) == _array_bytes(FeatureStore.open(two_chunk_store), KEY)
+
+
+def test_disk_filling_during_extraction_is_one_line_and_keeps_finished_chunks(two_chunk_store, cifar_small, tmp_path, capsys,
+                                                                             monkeypatch):  # fmt: skip
+    import errno
+
+    out, real = tmp_path / "store", os.pwrite
+
+    def pwrite(fd, data, offset):
+        if offset == 1:  # marking the second chunk done
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    code, _, err = run(capsys, *extract_args(cifar_small, out, "--limit", "80"))
+    assert_one_line_error(code, err, f"no space left on the disk of {out} while writing {KEY.stem}", "free space and rerun")
+    assert FeatureStore.open(out).done_chunks(KEY).tolist() == [True, False]
+    monkeypatch.setattr(os, "pwrite", real)
+    assert run(capsys, *extract_args(cifar_small, out, "--limit", "80"))[0] == 0
+    assert _array_bytes(FeatureStore.open(out), KEY) == _array_bytes(FeatureStore.open(two_chunk_store), KEY)
+
+
+def test_transfer_over_two_datasets_of_one_folder_name_finishes_both(cifar_small, tmp_path, capsys):
+    for parent, start in (("a", 0), ("b", 3)):  # two different datasets, both called "cifar"
+        for folder in sorted(cifar_small.iterdir()):
+            for image in sorted(folder.iterdir())[start:start + 3]:
+                (tmp_path / parent / "cifar" / folder.name).mkdir(parents=True, exist_ok=True)
+                shutil.copy(image, tmp_path / parent / "cifar" / folder.name / image.name)
+    out = tmp_path / "transfer"
+    code, _, err = run(capsys, "transfer", FIXTURE_SPEC, "--datasets", f"{tmp_path / 'a' / 'cifar'},{tmp_path / 'b' / 'cifar'}",
+                          "--t", "90", "--blocks", "13", "--out", out, "--device", "cpu", "--precision", "fp32",
+                          "--no-controls", "--batch-size", "30", "--val-fraction", "0.34")  # fmt: skip
+    assert code == 0, err
+    for name in ("a-cifar", "b-cifar"):
+        assert FeatureStore.open(out / name).is_complete(KEY), name
+        assert name in (out / "transfer.md").read_text()
+    assert (FeatureStore.open(out / "a-cifar").manifest["data"]["fingerprint"]
+            != FeatureStore.open(out / "b-cifar").manifest["data"]["fingerprint"])  # fmt: skip
+
+
+@pytest.mark.parametrize("member", ["../evil.txt", "link-out"])
+def test_archive_member_escaping_its_folder_is_named(member, tmp_path, capsys, isolated_cache):
+    import io
+    import tarfile
+
+    archive = tmp_path / "unsafe.tar"
+    with tarfile.open(archive, "w") as tar:
+        image = (tmp_path / "cat.png")
+        Image.new("RGB", (8, 8)).save(image)
+        tar.add(image, "data/cat/cat.png")
+        info = tarfile.TarInfo(member)
+        if member == "link-out":
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(info)
+        else:
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"evil"))
+    code, _, err = run(capsys, *extract_args(archive, tmp_path / "store"))
+    line = assert_one_line_error(code, err, f"cannot unpack {archive}: it holds an unsafe member {member!r}", "rebuild the archive")
+    assert "truncated" not in line and "download or copy it again" not in line
+    assert not list(isolated_cache.rglob("evil.txt")) and not (tmp_path / "store").exists()
+
+
+def test_oversized_image_is_one_line_naming_the_limit(two_chunk_store, tmp_path, capsys, monkeypatch):
+    import PIL.Image
+
+    image = tmp_path / "big.png"
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(image)
+    assert run(capsys, "probe", two_chunk_store, "--t", "90", "--blocks", "13", "--out", tmp_path / "run", "--epochs", "1")[0] == 0
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 1000)  # stands in for a 14000×14000 PNG (a traceback before)
+    code, _, err = run(capsys, "predict", tmp_path / "run", image, "--device", "cpu")
+    assert_one_line_error(code, err, f"image {image} is 64×64 = 4,096 pixels, over the limit of 1,000",
+                          "DIFFPROBE_MAX_IMAGE_PIXELS=4096")  # fmt: skip
+    assert PIL.Image.MAX_IMAGE_PIXELS == 1000  # PIL's own setting is left as it was
+    monkeypatch.setenv("DIFFPROBE_MAX_IMAGE_PIXELS", "5000")
+    code, text, err = run(capsys, "predict", tmp_path / "run", image, "--device", "cpu")
+    assert code == 0 and str(image) in text, err
+
+
+@pytest.mark.parametrize("limit", ["-7", "0"])
+def test_every_subset_refuses_non_positive_limits(limit, cifar_small, tmp_path, capsys):
+    """The check lives in stratified_subset, so commands other than extract (baseline, online probes) share it."""
+    code, _, err = run(capsys, "baseline", "train", "--data", cifar_small, "--out", tmp_path / "b", "--limit", limit,
+                       "--epochs", "1", "--device", "cpu")  # fmt: skip
+    assert_one_line_error(code, err, f"a subset of {limit} images (--limit {limit}): expected at least 1")

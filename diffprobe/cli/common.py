@@ -79,9 +79,25 @@ def add_backbone_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, help="latent models: pixel size to read at (default: the pipeline's; a multiple of the VAE factor)")
 
 
+# Checked before any model is built: 640000 px would first try to allocate a 640000² image
+# (a traceback from torch), and 0 or -64 read as "not a multiple of 4".
+MAX_IMAGE_SIZE = 8192
+
+
+def check_image_size(size: int | None) -> None:
+    if size is None:
+        return
+    if size < 1:
+        raise DiffprobeError(f"--image-size {size}: expected a positive side length in pixels, e.g. 512 (or omit it for the model's own)")
+    if size > MAX_IMAGE_SIZE:
+        raise DiffprobeError(f"--image-size {size}: expected at most {MAX_IMAGE_SIZE} pixels a side (released models read "
+                             "256 to 1024): choose a smaller size, or omit it for the model's own")  # fmt: skip
+
+
 def load_backbone_from(args: argparse.Namespace):
     from ..backbones import load_backbone
 
+    check_image_size(getattr(args, "image_size", None))
     options = parse_model_options(args.model_flags, args.option, args.preset)
     for name in ("prompt", "image_size"):  # shorthands for -o prompt=... / -o image_size=...
         if getattr(args, name, None) is not None:

@@ -12,6 +12,7 @@ from .common import (
     add_extract_args,
     add_fast_probe_args,
     add_split_args,
+    check_image_size,
     int_list,
     extract_options_from,
     load_backbone_from,
@@ -60,6 +61,7 @@ def cmd_cka(args: argparse.Namespace) -> None:
 def cmd_baseline_train(args: argparse.Namespace) -> None:
     from ..studies.baseline import train_baseline
 
+    check_image_size(args.image_size)
     info = train_baseline(open_data(args), args.out, args.arch, args.image_size, args.epochs, args.batch_size, args.lr,
                           limit=args.limit, val_fraction=args.val_fraction, split_seed=args.split_seed, seed=args.seed,
                           device=args.device)  # fmt: skip

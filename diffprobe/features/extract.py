@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .. import __version__
+from .._io import output_errors
 from ..backbones.base import Backbone
 from ..data import (
     AugmentedViews,
@@ -136,6 +137,14 @@ def extract(backbone: Backbone, data: LabeledImages | str | Path, plan: FeatureP
         raise DiffprobeError(f"dataset {data.name} is empty")
     if o.augment_views < 0:
         raise DiffprobeError("augment_views must be ≥ 0")
+    # Counts are checked before anything is created: a negative --limit used to slice from the end
+    # (a 193-row store of 200 images) and 0 made an empty store reported complete.
+    if o.limit is not None and o.limit < 1:
+        raise DiffprobeError(f"--limit {o.limit}: expected a number of images, at least 1 (omit --limit for the whole dataset)")
+    if o.batch_size < 1:
+        raise DiffprobeError(f"--batch-size {o.batch_size}: expected a number of images per pass, at least 1 (default 64)")
+    if o.workers is not None and o.workers < 0:
+        raise DiffprobeError(f"--workers {o.workers}: expected 0 (load images in this process) or more")
     compute = o.compute or choose_compute()
     join(o.dist_backend, compute.device)
     share = ranks(o.rank, o.world_size)
@@ -152,8 +161,11 @@ def extract(backbone: Backbone, data: LabeledImages | str | Path, plan: FeatureP
         if o.overwrite and share.is_main and (out / "manifest.json").is_file():
             FeatureStore.discard(out)  # only rank 0 discards: the others would delete each other's work
         store = FeatureStore.create_or_open(out, manifest, data.labels[rows], rows, data.labels, data.row_prints(rows))
-        for key in plan.keys:
-            store.ensure_array(key, backbone.blocks[key.block - 1].channels * key.pool**2)
+        dims = {key: backbone.blocks[key.block - 1].channels * key.pool**2 for key in plan.keys}
+        store.check_free_space(dims)
+        with output_errors(out, "--out"):  # a disk that fills while the arrays are made
+            for key, dim in dims.items():
+                store.ensure_array(key, dim)
         return store
 
     # Rank 0 creates (or checks) the store and its arrays while the others wait, then they open it.
@@ -161,7 +173,8 @@ def extract(backbone: Backbone, data: LabeledImages | str | Path, plan: FeatureP
     share.barrier()
     store = store or open_store()
     if store.chunk_rows != o.batch_size:
-        log.info("resuming with the store's chunk size %d (batch size %d ignored)", store.chunk_rows, o.batch_size)
+        log.info("%s was made with --batch-size %d: resuming in its own chunks of %d rows (--batch-size %d applies to new stores)",
+                 out, store.chunk_rows, store.chunk_rows, o.batch_size)  # fmt: skip
     fill(store, backbone, data, plan, rows, views, o, compute, share)
     share.barrier()
     missing = {k.stem: int((~store.done_chunks(k)).sum()) for k in plan.keys if not store.is_complete(k)}

@@ -18,10 +18,17 @@ creators never clobber each other.
 
     chunk_prints.json                per chunk: a hash of its images' names and sizes, so a rerun
                                      after fixing a corrupt image keeps every finished chunk
+
+A damaged file (a truncated or unreadable array, a .done of the wrong size, labels that are short,
+out of range or disagree with dataset_labels.npy) is an error naming it for every reader; a writer
+(a rerun of extract) repairs it, keeping every chunk it can. A rerun with another chunk size
+(--batch-size) resumes in the store's own chunks. New arrays have their disk blocks reserved, and
+the free space is checked before they are made: a memory map on a full disk dies of SIGBUS.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -110,6 +117,43 @@ def _abandoned_creation(root: Path) -> bool:
     return bool(names) and len(leftover) == len(names)
 
 
+class Damaged(Exception):
+    """What is wrong with one file of a store (the caller names the file and the fix)."""
+
+
+def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape, dtype and data offset of a .npy file, read from its header alone: nothing is loaded,
+    mapped or unpickled, so a damaged or hostile file is described, never executed."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version not in readers:
+                raise Damaged(f"not a .npy file diffprobe writes (format version {version})")
+            shape, fortran, dtype = readers[version](f)
+            offset = f.tell()
+    except (ValueError, EOFError) as e:
+        raise Damaged(f"not a readable .npy file ({e})") from None
+    if fortran:
+        raise Damaged("stored in Fortran order, which diffprobe never writes")
+    return shape, dtype, offset
+
+
+def load_rows_file(path: Path) -> np.ndarray:
+    """A small per-row .npy (labels, indices), loaded with pickles refused."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as e:  # truncated, garbled, or an object array (a pickle inside)
+        raise Damaged(f"not a readable array of numbers ({e})") from None
+
+
+def check_done_bytes(data: bytes, chunks: int) -> None:
+    if len(data) != chunks:
+        raise Damaged(f"it has {len(data)} byte(s), expected {chunks} (one per chunk of rows)")
+    if data.strip(b"\x00\x01"):
+        raise Damaged("it holds bytes other than 0 (to do) and 1 (done)")
+
+
 class FeatureStore:
     """A directory of cached features. Open with `create_or_open` (writers) or `open` (readers)."""
 
@@ -117,6 +161,7 @@ class FeatureStore:
         self.root = Path(root)
         self.manifest = manifest
         self._maps: dict[FeatureKey, np.memmap] = {}
+        self._rows_cache: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None  # checked labels, indices, dataset labels
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -146,7 +191,11 @@ class FeatureStore:
         """
         root = Path(root)
         manifest = {"format": FORMAT_VERSION, **manifest}
-        prints = _chunk_prints(row_prints, int(manifest["chunk_rows"])) if row_prints is not None else None
+
+        def chunk_prints(chunk_rows: int) -> list[str] | None:
+            return _chunk_prints(row_prints, chunk_rows) if row_prints is not None else None
+
+        prints = chunk_prints(int(manifest["chunk_rows"]))
         if root.exists() and not root.is_dir():
             raise DiffprobeError(f"--out {root} is a file, not a folder: choose a folder path")
         with output_errors(root, "--out"):
@@ -160,7 +209,13 @@ class FeatureStore:
                 elif not (root / "manifest.json").is_file():  # (another rank may have created it meanwhile)
                     raise DiffprobeError(f"{root} exists and is not a feature store: choose an empty or new --out")
             store = cls.open(root)  # existing, or created by another process (rank) just now
+            if store.manifest.get("chunk_rows") != manifest["chunk_rows"]:
+                # The chunk size is how the work is cut, not what is computed: a rerun with another
+                # --batch-size resumes in the store's own chunks (the caller says so) and keeps them.
+                manifest = {**manifest, "chunk_rows": store.manifest.get("chunk_rows")}
+                prints = chunk_prints(store.chunk_rows)
             store._check_identity(manifest, prints)
+            store._repair_row_files(labels, indices, dataset_labels)
         return store
 
     @staticmethod
@@ -245,11 +300,11 @@ class FeatureStore:
 
     @property
     def labels(self) -> np.ndarray:
-        return np.load(self.root / "labels.npy")
+        return self._row_files()[0]
 
     @property
     def indices(self) -> np.ndarray:
-        return np.load(self.root / "indices.npy")
+        return self._row_files()[1]
 
     def split(self, val_fraction: float = 0.1, seed: int = 0) -> np.ndarray:
         """Boolean mask of validation rows.
@@ -262,10 +317,77 @@ class FeatureStore:
         """
         from ..data import stratified_split
 
-        whole = self.root / "dataset_labels.npy"
-        if whole.is_file():
-            return stratified_split(np.load(whole), val_fraction, seed)[self.indices]
-        return stratified_split(self.labels, val_fraction, seed)
+        labels, indices, whole = self._row_files()
+        if whole is not None:
+            return stratified_split(whole, val_fraction, seed)[indices]
+        return stratified_split(labels, val_fraction, seed)
+
+    def _damaged(self, path: Path, problem: str) -> DiffprobeError:
+        return DiffprobeError(
+            f"{path} is damaged: {problem}. Rerun the extract command that made {self.root} to repair it "
+            "(finished chunks are kept), or pass --overwrite to start the store again"
+        )
+
+    def _row_files(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """labels.npy, indices.npy and dataset_labels.npy, checked against each other and the manifest:
+        a short, garbled, float or out-of-range file, or labels shuffled against the dataset's, would
+        otherwise train on wrong labels without a word."""
+        if self._rows_cache is not None:
+            return self._rows_cache
+        n_classes = len(self.manifest.get("data", {}).get("classes") or []) or None
+        size = self.manifest.get("data", {}).get("size")
+        arrays = {}
+        for name, length, bound in (("labels.npy", self.rows, n_classes), ("indices.npy", self.rows, size),
+                                    ("dataset_labels.npy", size, n_classes)):  # fmt: skip
+            path = self.root / name
+            if name == "dataset_labels.npy" and not path.is_file():
+                arrays[name] = None  # stores from before it existed
+                continue
+            try:
+                values = load_rows_file(path)
+                what = "class labels" if "labels" in name else "dataset indices"
+                if values.dtype.kind not in "iu":
+                    raise Damaged(f"it holds {values.dtype} values, expected integer {what}")
+                if values.ndim != 1 or (length is not None and len(values) != length):
+                    raise Damaged(f"it holds {values.size} values{'' if values.ndim == 1 else f' of shape {values.shape}'}, expected {length} {what}")
+                low = int(values.min()) if len(values) else 0
+                high = int(values.max()) if len(values) else 0
+                if low < 0 or (bound is not None and high >= bound):
+                    bad = low if low < 0 else high
+                    raise Damaged(f"it holds {bad}, expected {what} from 0 to {bound - 1 if bound else 'any'}")
+            except FileNotFoundError:
+                raise self._damaged(path, "the file is missing") from None
+            except Damaged as e:
+                raise self._damaged(path, str(e)) from None
+            arrays[name] = values.astype(np.int64)
+        labels, indices, whole = arrays["labels.npy"], arrays["indices.npy"], arrays["dataset_labels.npy"]
+        if whole is not None:
+            if len(indices) and int(indices.max()) >= len(whole):
+                raise self._damaged(self.root / "indices.npy", f"it holds {int(indices.max())}, beyond the {len(whole)} images of dataset_labels.npy")
+            wrong = np.flatnonzero(whole[indices] != labels)
+            if len(wrong):
+                r = int(wrong[0])
+                raise self._damaged(self.root / "labels.npy", f"it disagrees with dataset_labels.npy on {len(wrong)} of {len(labels)} rows "
+                                    f"(first: row {r}, image {int(indices[r])}: {int(labels[r])} vs {int(whole[indices[r]])})")  # fmt: skip
+        self._rows_cache = (labels, indices, whole)
+        return self._rows_cache
+
+    def _repair_row_files(self, labels: np.ndarray, indices: np.ndarray, dataset_labels: np.ndarray | None) -> None:
+        """A writer knows what these files must hold (its identity matched: same dataset, same rows),
+        so a damaged one is rewritten rather than refused."""
+        for name, values in (("labels.npy", labels), ("indices.npy", indices), ("dataset_labels.npy", dataset_labels)):
+            path = self.root / name
+            if values is None or (name == "dataset_labels.npy" and not path.is_file()):
+                continue
+            try:
+                stored = load_rows_file(path) if path.is_file() else None
+            except Damaged:
+                stored = None
+            same = stored is not None and stored.dtype == np.int64 and np.array_equal(stored, values.astype(np.int64))
+            if not same:
+                log.warning("%s was damaged (missing, unreadable or not what the dataset defines): rewritten from the dataset", path)
+                save_npy(path, values.astype(np.int64))
+        self._rows_cache = None
 
     @property
     def classes(self) -> list[str]:
@@ -281,21 +403,112 @@ class FeatureStore:
             return []
         return sorted(FeatureKey.parse(p.stem) for p in folder.glob("t*_b*_p*.npy"))
 
+    # ---------------------------------------------------------------- checking arrays
+    def _array_problem(self, key: FeatureKey, dim: int | None = None) -> tuple[str, int | None] | None:
+        """What is wrong with a feature array's file, if anything: (problem, bytes present) where the
+        header is sound but the data is cut short (those chunks can be kept), else (problem, None)."""
+        path = self._paths(key)[0]
+        try:
+            shape, dtype, offset = npy_header(path)
+        except Damaged as e:
+            return str(e), None
+        expected_dtype = np.dtype(self.manifest["dtype"])
+        if dtype != expected_dtype:
+            what = "Python objects (dtype object)" if dtype.hasobject else f"{dtype} values"
+            return f"it holds {what}, expected {expected_dtype} features", None
+        if len(shape) != 2 or shape[0] != self.rows or (dim is not None and shape[1] != dim):
+            want = f"({self.rows}, {dim if dim is not None else 'channels'})"
+            return f"it has shape {shape}, expected {want}", None
+        size, need = path.stat().st_size, offset + shape[0] * shape[1] * dtype.itemsize
+        if size < need:
+            return f"it is truncated ({size} of {need} bytes)", size
+        return None
+
+    def _done_problem(self, key: FeatureKey) -> str | None:
+        try:
+            check_done_bytes(self._paths(key)[1].read_bytes(), self.num_chunks)
+        except FileNotFoundError:
+            return None
+        except Damaged as e:
+            return str(e)
+        return None
+
+    def damage(self, key: FeatureKey) -> DiffprobeError | None:
+        """The one-line error for a damaged array or .done file of `key` (None if both are sound)."""
+        array_path, done_path = self._paths(key)
+        if array_path.exists() and (problem := self._array_problem(key)):
+            return self._damaged(array_path, problem[0])
+        if problem := self._done_problem(key):
+            return self._damaged(done_path, problem)
+        return None
+
     # ---------------------------------------------------------------- writing
+    def check_free_space(self, dims: dict[FeatureKey, int]) -> None:
+        """Refuse, before any array is created or mapped, what the disk cannot hold: a write into a
+        memory map on a full disk kills the process with SIGBUS, printing nothing. Counts the arrays
+        still to create and the unallocated holes of existing (sparse) ones."""
+        itemsize, need = np.dtype(self.manifest["dtype"]).itemsize, 0
+        for key, dim in dims.items():
+            path = self._paths(key)[0]
+            if path.exists():  # a sparse array's holes, but only as much as its unfinished chunks can fill
+                # (compressing file systems report fewer blocks than bytes for finished data too)
+                st, todo = path.stat(), int((~self.done_chunks(key)).sum()) * self.chunk_rows * dim * itemsize
+                need += min(max(0, st.st_size - st.st_blocks * 512), todo)
+            else:
+                need += self.rows * dim * itemsize + 4096  # + header and .done
+        free = shutil.disk_usage(self.root).free
+        if need > free:
+            raise DiffprobeError(
+                f"not enough free space for the features of {self.root}: they need {_size(need)}, the disk has "
+                f"{_size(free)} free. Free space (or choose another --out) and rerun the same command: finished chunks are kept"
+            )
+
     def ensure_array(self, key: FeatureKey, dim: int) -> None:
+        """Create the array and its .done file, or check them. Damage a rerun can undo is undone and
+        logged: a truncated array keeps its whole chunks and recomputes the rest; an unreadable one
+        is moved aside (NAME.npy.damaged, nothing deleted) and recomputed; a garbled .done cannot
+        say which chunks are finished, so all of them are recomputed."""
         array_path, done_path = self._paths(key)
         dtype = np.dtype(self.manifest["dtype"])
+        if array_path.exists() and (problem := self._array_problem(key, dim)):
+            reason, present = problem
+            if present is not None:
+                self._salvage_truncated(key, dim, present, reason)
+            else:
+                aside = array_path.with_name(array_path.name + ".damaged")
+                os.replace(array_path, aside)
+                done_path.unlink(missing_ok=True)
+                log.warning("%s was damaged (%s): moved aside to %s and recomputed", array_path, reason, aside.name)
+        if (reason := self._done_problem(key)) is not None:
+            log.warning("%s was damaged (%s): it cannot tell which chunks are finished, so %s is recomputed",
+                        done_path, reason, array_path.name)  # fmt: skip
+            atomic_write(done_path, lambda p: Path(p).write_bytes(bytes(self.num_chunks)))
         if not array_path.exists():
-            atomic_write(array_path, lambda p: np.lib.format.open_memmap(p, mode="w+", dtype=dtype, shape=(self.rows, dim)).flush(), exclusive=True)
+            done_path.unlink(missing_ok=True)  # marks of an array that is not there mean nothing
+            atomic_write(array_path, lambda p: _create_array(p, dtype, (self.rows, dim)), exclusive=True)
         if not done_path.exists():
             atomic_write(done_path, lambda p: Path(p).write_bytes(bytes(self.num_chunks)), exclusive=True)
-        shape = np.load(array_path, mmap_mode="r").shape
-        if shape != (self.rows, dim):
-            raise DiffprobeError(f"{array_path} has shape {shape}, expected {(self.rows, dim)}: the store is damaged")
+
+    def _salvage_truncated(self, key: FeatureKey, dim: int, present: int, reason: str) -> None:
+        """Extend a cut-short array to its size and unmark the chunks that reached past the cut."""
+        array_path, done_path = self._paths(key)
+        _, dtype, offset = npy_header(array_path)
+        row_bytes = dim * dtype.itemsize
+        done = bytearray(done_path.read_bytes()) if self._done_problem(key) is None and done_path.exists() else bytearray(self.num_chunks)
+        lost = [c for c in range(self.num_chunks) if done[c] and offset + self.chunk_slice(c).stop * row_bytes > present]
+        for c in lost:
+            done[c] = 0
+        atomic_write(done_path, lambda p: Path(p).write_bytes(bytes(done)))  # first: no chunk stays marked over zeros
+        os.truncate(array_path, offset + self.rows * row_bytes)
+        _reserve(array_path)  # the writer that repairs runs before any other rank writes (extract's barrier)
+        log.warning("%s was damaged (%s): %d finished chunk(s) past the cut are recomputed, the other %d kept",
+                    array_path, reason, len(lost), sum(done))  # fmt: skip
 
     def done_chunks(self, key: FeatureKey) -> np.ndarray:
+        """Which chunks are finished. A .done file of the wrong size or with other bytes than 0 and 1
+        (damaged) counts as none: it must never make an array look complete."""
         _, done_path = self._paths(key)
-        if not done_path.exists():
+        if not done_path.exists() or self._done_problem(key) is not None:
             return np.zeros(self.num_chunks, dtype=bool)
         return np.frombuffer(done_path.read_bytes(), dtype=np.uint8).astype(bool)
 
@@ -304,27 +517,40 @@ class FeatureStore:
         if key not in self._maps:
             self._maps[key] = np.load(self._paths(key)[0], mmap_mode="r+")
         target = self._maps[key]
-        target[self.chunk_slice(chunk)] = values
-        target.flush()
-        fd = os.open(self._paths(key)[1], os.O_WRONLY)
         try:
-            os.pwrite(fd, b"\x01", chunk)  # one byte per chunk: disjoint writers never overlap
-        finally:
-            os.close(fd)
+            target[self.chunk_slice(chunk)] = values
+            target.flush()
+            fd = os.open(self._paths(key)[1], os.O_WRONLY)
+            try:
+                os.pwrite(fd, b"\x01", chunk)  # one byte per chunk: disjoint writers never overlap
+            finally:
+                os.close(fd)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise DiffprobeError(f"no space left on the disk of {self.root} while writing {key.stem}: free space and rerun "
+                                 "the same command (finished chunks are kept; this one is recomputed)") from None  # fmt: skip
 
     # ---------------------------------------------------------------- reading
     def is_complete(self, key: FeatureKey) -> bool:
-        return self._paths(key)[0].exists() and bool(self.done_chunks(key).all())
+        return self._paths(key)[0].exists() and bool(self.done_chunks(key).all()) and self._array_problem(key) is None
 
     def complete_keys(self) -> list[FeatureKey]:
+        """The settings ready to read. A damaged file is an error naming it, not a setting quietly
+        left out: the reader would otherwise say only "no complete features"."""
+        for k in self.keys():
+            if error := self.damage(k):
+                raise error
         return [k for k in self.keys() if self.is_complete(k)]
 
     def load(self, key: FeatureKey, rows: np.ndarray | None = None) -> np.ndarray:
-        """Features as float32 [rows, dim]; an incomplete array is an error, never partial data."""
+        """Features as float32 [rows, dim]; an incomplete or damaged array is an error, never partial data."""
         array_path, _ = self._paths(key)
         if not array_path.exists():
             have = ", ".join(k.stem for k in self.complete_keys()) or "none"
             raise DiffprobeError(f"{self.root} has no features for t={key.t} block={key.block} pool={key.pool} (complete: {have})")
+        if error := self.damage(key):
+            raise error
         if not self.is_complete(key):
             missing = int((~self.done_chunks(key)).sum())
             raise DiffprobeError(f"{array_path.name} in {self.root} is incomplete ({missing} chunks missing): rerun the extraction to resume it")
@@ -344,6 +570,9 @@ class FeatureStore:
             keys = [FeatureKey.parse(stem) for stem in stems.split(",") if stem]
         except ValueError:
             raise DiffprobeError(f"settings {stems!r}: expected names like t0090_b24_p1, comma-separated") from None
+        for k in keys:
+            if self._paths(k)[0].exists() and (error := self.damage(k)):
+                raise error
         missing = [k.stem for k in keys if not self.is_complete(k)]
         if missing:
             have = ", ".join(k.stem for k in self.complete_keys()) or "none"
@@ -354,9 +583,38 @@ class FeatureStore:
         return {
             "root": str(self.root),
             "rows": self.rows,
-            "complete": [k.stem for k in self.complete_keys()],
+            "complete": [k.stem for k in self.keys() if self.is_complete(k)],
             "incomplete": [k.stem for k in self.keys() if not self.is_complete(k)],
+            "damaged": [str(e) for k in self.keys() if (e := self.damage(k))],
         }
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} bytes"  # unreachable
+
+
+def _create_array(path: str, dtype: np.dtype, shape: tuple[int, int]) -> None:
+    """A new .npy array with its blocks reserved: open_memmap alone makes a sparse file, whose
+    blocks are only found (or not: SIGBUS) when the memory map is written."""
+    np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()
+    _reserve(path)  # the file is still private (a temporary name): no other writer to race
+
+
+def _reserve(path: str | Path) -> None:
+    """Allocate a file's holes. Only on files no other process writes yet: where the file system
+    lacks fallocate, glibc emulates it by writing zero bytes into blocks it reads as zero."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise  # ENOSPC: the caller's output_errors makes it one line
+    finally:
+        os.close(fd)
 
 
 def feature_keys(timesteps: Iterable[int], blocks: Iterable[int], pools: Iterable[int]) -> list[FeatureKey]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Sequence
 
@@ -15,6 +16,30 @@ from ..precision import choose_compute
 from ..features.roles import REPORT_SHARE, store_roles
 from ..probing.intervals import Interval, compare
 from .sweep import fast_probe, figures, run_controls
+
+
+def distinct_names(specs: Sequence[str], names: Sequence[str]) -> list[str]:
+    """One store folder name per dataset. Names that collide (a/cifar and b/cifar are both "cifar")
+    take their parent folders' names in front until they differ: the stores would otherwise be one
+    folder holding two datasets' features, which no run could ever finish."""
+    specs = [str(s) for s in specs]
+    duplicates = sorted({s for s in specs if specs.count(s) > 1})
+    if duplicates:
+        raise DiffprobeError(f"--datasets lists {duplicates[0]} more than once: name each dataset once")
+    out = list(names)
+    for depth in range(1, 1 + max(len(Path(s).resolve().parts) for s in specs)):
+        clash = {n for n in out if out.count(n) > 1}
+        if not clash:
+            break
+        for i, (spec, name) in enumerate(zip(specs, names)):
+            if out[i] in clash and not spec.startswith("torchvision:"):
+                parents = Path(spec).resolve().parent.parts[-depth:]
+                out[i] = "-".join([*(p.strip("/") or "root" for p in parents), name])
+    clash = {n for n in out if out.count(n) > 1}
+    for i, spec in enumerate(specs):  # left over (say a folder named like a torchvision dataset): a short hash
+        if out[i] in clash:
+            out[i] = f"{out[i]}-{hashlib.sha256(spec.encode()).hexdigest()[:6]}"
+    return out
 
 
 def transfer(backbone: Backbone, datasets: Sequence[str], out: str | Path, plan: FeaturePlan,
@@ -35,20 +60,21 @@ def transfer(backbone: Backbone, datasets: Sequence[str], out: str | Path, plan:
     if options.augment_views:
         raise DiffprobeError("transfer scores centre-crop features: drop --augment-views")
     output_dir(out)
+    opened = [open_dataset(spec, root=data_root, split=split, download=download) for spec in datasets]
     rows = []
-    for spec in datasets:
-        data = open_dataset(spec, root=data_root, split=split, download=download)
-        store = extract(backbone, data, plan, out / data.name, options)
-        roles = store_roles(store, val_fraction, split_seed, report_share).check(f"transfer to {data.name}")
+    for data, name in zip(opened, distinct_names(datasets, [d.name for d in opened])):
+        store = extract(backbone, data, plan, out / name, options)
+        roles = store_roles(store, val_fraction, split_seed, report_share).check(f"transfer to {name}")
         score = fast_probe(probe, store.load(key), store.labels, roles, probe_device)
-        row = {"dataset": data.name, "images": store.rows, "classes": len(data.classes), "setting": key.stem,
+        row = {"dataset": name, "images": store.rows, "classes": len(data.classes), "setting": key.stem,
                "probe": probe, **figures(score.select.top1, score.report())}  # fmt: skip
         if controls:  # one setting: the controls have nothing to search either
-            ctrl = run_controls(backbone, data, store, plan, score, roles, out / data.name, probe, probe_device, options)
-            for name in ("pixels", "random_weights"):
-                row[f"{name}_top1"] = round(ctrl[name]["report"]["estimate"] if "report" in ctrl[name] else ctrl[name]["select_top1"], 2)
-                if "pretrained_minus_control" in ctrl[name]:
-                    row[f"vs_{name}"] = compare(key.stem, name.replace("_", " "), Interval(**ctrl[name]["pretrained_minus_control"]))
+            ctrl = run_controls(backbone, data, store, plan, score, roles, out / name, probe, probe_device, options)
+            for control in ("pixels", "random_weights"):
+                c = ctrl[control]
+                row[f"{control}_top1"] = round(c["report"]["estimate"] if "report" in c else c["select_top1"], 2)
+                if "pretrained_minus_control" in c:
+                    row[f"vs_{control}"] = compare(key.stem, control.replace("_", " "), Interval(**c["pretrained_minus_control"]))
         rows.append(row)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "transfer.csv", rows)
