@@ -663,6 +663,15 @@ def test_cka_b_weights_carrying_code_is_one_line(cifar_small, tmp_path, capsys):
     assert not marker.exists()
 
 
+def test_cka_b_weights_of_another_architecture_name_the_keys(cifar_small, tmp_path, capsys):
+    store = tmp_path / "store"
+    assert run(capsys, *extract_args(cifar_small, store, "--limit", "40"))[0] == 0
+    torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")
+    code, _, err = run(capsys, "cka", "--a", store, "--b", "torchvision:resnet18", "--b-weights", tmp_path / "other.pth",
+                       "--data", cifar_small, "--out", tmp_path / "cka")  # fmt: skip
+    assert_one_line_error(code, err, "other.pth does not match torchvision resnet18", "shapes differ", "keys missing")
+
+
 def _edit_unet_weights(folder, edit):
     from safetensors.torch import load_file, save_file
 
@@ -729,10 +738,16 @@ def test_a_copied_pipeline_is_the_same_backbone_and_other_weights_are_not(cifar_
     _edit_unet_weights(tmp_path / "other", lambda w: {k: v + 1e-3 if k == "conv_in.bias" else v for k, v in w.items()})
     with pytest.raises(DiffprobeError, match="its weights or flags differ"):
         Classifier(load_backbone(f"diffusers:{tmp_path / 'other'}"), None, Probe.load(tmp_path / "run"))
+    # `mv sd moved`: predict says how to point at it, and then predicts with it.
+    shutil.move(folder, tmp_path / "moved")
+    image = sorted((cifar_small / "cat").iterdir())[0]
+    assert_one_line_error(*run(capsys, "predict", tmp_path / "run", image)[::2], "if it moved, point to it with --backbone SPEC")
+    code, out, err = run(capsys, "predict", tmp_path / "run", image, "--backbone", f"diffusers:{tmp_path / 'moved'}", "--top-k", "1")
+    assert code == 0 and out.startswith(str(image)), err
+    assert_one_line_error(*run(capsys, "predict", tmp_path / "run", image, "--backbone", f"diffusers:{tmp_path / 'other'}")[::2],
+                          "its weights or flags differ")  # fmt: skip
 
 
-@pytest.mark.xfail(strict=True, reason="features/store.py compares the manifest's whole backbone section, source (the path) "
-                   "included; the fingerprint no longer holds the path (backbones/), the store's identity check still does")
 def test_a_store_resumes_with_a_copied_pipeline(cifar_small, tmp_path, capsys):
     # Old stores written with the path in the fingerprint are refused (the safe direction): their
     # fingerprint cannot be told from that of other weights, so they are re-extracted once.
@@ -992,3 +1007,17 @@ def test_every_subset_refuses_non_positive_limits(limit, cifar_small, tmp_path, 
     code, _, err = run(capsys, "baseline", "train", "--data", cifar_small, "--out", tmp_path / "b", "--limit", limit,
                        "--epochs", "1", "--device", "cpu")  # fmt: skip
     assert_one_line_error(code, err, f"a subset of {limit} images (--limit {limit}): expected at least 1")
+
+
+@pytest.mark.parametrize("data, kwargs, needle", [
+    ([1, 2, 3], {}, "data: expected a dataset spec .* got list"),
+    (None, {"limit": "50"}, "limit: expected an integer, got '50'"),
+    (None, {"batchsize": 8}, "unknown extract option\\(s\\) 'batchsize' \\(did you mean 'batch_size'\\?\\)"),
+    (None, {"options": "fast"}, "options: expected an ExtractOptions"),
+])  # fmt: skip
+def test_extract_from_python_names_a_wrong_argument(fixture_backbone, cifar_small, tmp_path, data, kwargs, needle):
+    from diffprobe import FeaturePlan, extract
+
+    with pytest.raises(DiffprobeError, match=needle):
+        extract(fixture_backbone, str(cifar_small) if data is None else data, FeaturePlan(t=90, blocks=13), tmp_path / "o", **kwargs)
+    assert not (tmp_path / "o").exists()

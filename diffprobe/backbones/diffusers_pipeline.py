@@ -235,6 +235,9 @@ def prediction_type(target: str, local: bool) -> str:
     return kind
 
 
+MAX_IMAGE_SIZE = 8192
+
+
 def check_image_size(requested: Any, native: int, factor: int, what: str) -> int:
     """The pixel image size: the pipeline's own, or `requested`, which `factor` must divide."""
     if requested is None:
@@ -243,6 +246,9 @@ def check_image_size(requested: Any, native: int, factor: int, what: str) -> int
         size = int(requested)
     except (TypeError, ValueError):
         raise DiffprobeError(f"image_size must be an integer number of pixels, got {requested!r}") from None
+    if size > MAX_IMAGE_SIZE:  # a typo, not a model: its latents alone would not fit in memory
+        raise DiffprobeError(f"image size {size}: expected at most {MAX_IMAGE_SIZE} pixels a side (released models read "
+                             "256 to 1024): choose a smaller size, or leave it out for the model's own")  # fmt: skip
     if size <= 0 or size % factor:
         raise DiffprobeError(
             f"image size {size} is not a multiple of {factor}, which this {what} needs: "

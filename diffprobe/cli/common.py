@@ -81,10 +81,10 @@ def add_backbone_args(p: argparse.ArgumentParser) -> None:
 
 # Checked before any model is built: 640000 px would first try to allocate a 640000² image
 # (a traceback from torch), and 0 or -64 read as "not a multiple of 4".
-MAX_IMAGE_SIZE = 8192
-
-
 def check_image_size(size: int | None) -> None:
+    """The flag's range, for every family, before a backbone loads (the latent models check it again, from Python too)."""
+    from ..backbones.diffusers_pipeline import MAX_IMAGE_SIZE
+
     if size is None:
         return
     if size < 1:

@@ -60,7 +60,7 @@ def describe_metrics(metrics: dict) -> str:
 def cmd_predict(args: argparse.Namespace) -> None:
     from ..probing.predict import predict_files
 
-    results = predict_files(args.run, args.images, args.top_k, args.device)
+    results = predict_files(args.run, args.images, args.top_k, args.device, backbone=args.backbone)
     if args.json:
         print(json.dumps(results, indent=1))
         return
@@ -140,5 +140,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", help="image files (any size or mode)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--backbone", help="the run's backbone where it lies now, if it moved (e.g. diffusers:NEW_FOLDER); "
+                   "it must be the same model (its fingerprint is checked)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_predict)

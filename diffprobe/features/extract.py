@@ -33,6 +33,7 @@ from ..data import (
     transform_description,
 )
 from ..errors import DiffprobeError
+from ..validate import known_keywords
 from ..precision import Compute, choose_compute
 from .distributed import Ranks, join, ranks
 from .featurize import featurize
@@ -124,9 +125,19 @@ def extract(backbone: Backbone, data: LabeledImages | str | Path, plan: FeatureP
     within an image), each with its own noise, so heads can train on augmented features
     without running the network every epoch.
     """
+    if options is not None and not isinstance(options, ExtractOptions):
+        raise DiffprobeError(f"options: expected an ExtractOptions (or its fields as keyword arguments), got {options!r}")
+    known_keywords(overrides, ExtractOptions.__dataclass_fields__, "extract option(s)")
     o = replace(options or ExtractOptions(), **overrides)
+    for name in ("limit", "batch_size", "subset_seed", "augment_views", "augment_seed", "workers", "class_label", "rank", "world_size"):
+        value = getattr(o, name)  # a type a user can get wrong ("50"): one error naming it, before any work
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+            raise DiffprobeError(f"{name}: expected an integer, got {value!r}")
     if isinstance(data, (str, Path)):
         data = open_dataset(data)
+    elif not isinstance(data, LabeledImages):
+        raise DiffprobeError(f"data: expected a dataset spec (folder, .tar(.gz), torchvision:NAME) or a LabeledImages from "
+                             f"open_dataset, got {type(data).__name__}")  # fmt: skip
     if o.dtype not in DTYPES:
         raise DiffprobeError(f"dtype {o.dtype!r}: expected float16 or float32")
     if backbone.num_classes is not None and o.class_label is None and backbone.default_class_label is None:

@@ -88,6 +88,8 @@ def _identity(manifest: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]
     """The fields that must match. Where both sides know the data's layout (names and labels),
     the content fingerprint is left to the per-chunk check; older stores compare it whole."""
     ident = {k: manifest.get(k) for k in IDENTITY_FIELDS}
+    if isinstance(ident.get("backbone"), dict):  # where the model lies is not what it is: a copied folder resumes
+        ident["backbone"] = {k: v for k, v in ident["backbone"].items() if k != "source"}
     data, other_data = ident.get("data"), other.get("data") or {}
     if isinstance(data, dict):
         data = dict(data)

@@ -63,17 +63,20 @@ class Classifier(nn.Module):
         self.transform = model_transform(backbone.image_size)
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, device: str = "auto") -> "Classifier":
-        """The backbone, plan and head of a saved probe run (`diffprobe probe --out RUN`)."""
+    def from_run(cls, run_dir: str | Path, device: str = "auto", backbone: str | None = None) -> "Classifier":
+        """The backbone, plan and head of a saved probe run (`diffprobe probe --out RUN`).
+        backbone: where the model lies now, when it moved since training (a spec, e.g.
+        diffusers:NEW_FOLDER); its fingerprint must still match the run's."""
         if (Path(run_dir) / "feedback.pt").is_file():
             raise DiffprobeError(f"{run_dir} is a DifFeed run (feedback.pt): serving it needs the second pass, which predict does not run yet")
         probe = Probe.load(run_dir)
         m = probe.fitted.store_manifest
-        spec = m.get("loaded_with", {}).get("spec") or m["backbone"]["source"]
+        spec = backbone or m.get("loaded_with", {}).get("spec") or m["backbone"]["source"]
         try:
             backbone = load_backbone(spec, **m.get("loaded_with", {}).get("options", {}))
         except DiffprobeError as e:
-            raise DiffprobeError(f"cannot load the backbone this run was trained on ({spec}): {e}") from None
+            hint = "" if backbone else " (if it moved, point to it with --backbone SPEC)"
+            raise DiffprobeError(f"cannot load the backbone this run was trained on ({spec}){hint}: {e}") from None
         return cls(backbone, None, probe, choose_compute(device))
 
     def to_batch(self, images: Sequence[ImageLike] | torch.Tensor) -> torch.Tensor:

@@ -10,9 +10,9 @@ from .classifier import Classifier
 
 
 def predict_files(run_dir: str | Path, images: Sequence[str | Path], top_k: int = 5, device: str = "auto",
-                  batch: int = 32) -> list[dict]:  # fmt: skip
+                  batch: int = 32, backbone: str | None = None) -> list[dict]:  # fmt: skip
     top_k = positive_int(top_k, "top-k (--top-k)")  # before the backbone loads: a bad flag costs nothing
-    model = Classifier.from_run(run_dir, device)
+    model = Classifier.from_run(run_dir, device, backbone)
     results = []
     for start in range(0, len(images), batch):
         chunk = list(images[start:start + batch])

@@ -25,6 +25,8 @@ from ..data import LabeledImages, images_uint8, model_transform, stratified_spli
 from .._io import output_dir
 from ..errors import DiffprobeError
 from ..precision import choose_compute
+from ..backbones.adm_config import check_state_dict
+from ..backbones.pickles import load_torch_file
 
 log = logging.getLogger(__name__)
 RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
@@ -150,7 +152,7 @@ class ModelSource:
                 raise DiffprobeError(f"{target} is not a baseline run (no baseline.json): run `diffprobe baseline train` first")
             info = json.loads(info_path.read_text())
             model = build_resnet(info["arch"], len(info["classes"]), info["image_size"])
-            model.load_state_dict(torch.load(Path(target) / "baseline.pt", map_location="cpu", weights_only=True))
+            load_checked(model, Path(target) / "baseline.pt", f"a {info['arch']} baseline", "run `diffprobe baseline train` again")
             self.image_size = info["image_size"]
             self.description = f"{info['arch']} trained by diffprobe on {info['data']} (val top-1 {info['val_top1']:.1f}%)"
         elif kind == "torchvision":
@@ -158,7 +160,7 @@ class ModelSource:
                 raise DiffprobeError(f"unknown torchvision model {target!r}")
             if weights and Path(weights).is_file():
                 model = getattr(tvm, target)(weights=None)
-                model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+                load_checked(model, weights, f"torchvision {target}", "pass the weights file of this architecture")
                 self.description = f"{target} with weights from {weights}"
             elif weights:
                 try:
@@ -214,3 +216,13 @@ class ModelSource:
     def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         outs = self._forward(images)
         return {s: F.adaptive_avg_pool2d(outs[s].float(), self.pool).flatten(1) for s in self.stages}
+
+
+def load_checked(model: nn.Module, path: str | Path, config: str, recover: str) -> None:
+    """Weights from a file into `model`: a pickle with code is refused, a damaged file or one of
+    another architecture is one line naming the file (and the keys or shapes that differ)."""
+    state = load_torch_file(path, "weights", recover)
+    if not isinstance(state, dict):
+        raise DiffprobeError(f"{path} holds a {type(state).__name__}, not a state dict of weights: {recover}")
+    check_state_dict(model, state, str(path), config, hint=recover[:1].upper() + recover[1:] + ".")
+    model.load_state_dict(state)
