@@ -154,3 +154,26 @@ def test_classifier_predict_can_give_indices(store, cifar_small):
     model = dp.Classifier(dp.load_backbone(FIXTURE_SPEC), dp.FeaturePlan(t=10, blocks=3, pools=2), clf)
     images = sorted((cifar_small / "ship").iterdir())[:2]
     assert [model.classes[i] for i in model.predict(images, indices=True)] == model.predict(images)
+
+
+def test_a_test_store_of_the_report_rows_from_the_cli(cifar_small, tmp_path, capsys):
+    """extract --rows report makes the test store a same-dataset study can use: the head reports
+    on it, and a store holding selection rows is refused."""
+    base = ["extract", FIXTURE_SPEC, "--data", str(cifar_small), "--blocks", "3", "--t", "10", "--device", "cpu"]
+    assert main([*base, "--out", str(tmp_path / "all")]) == 0
+    assert main([*base, "--out", str(tmp_path / "report"), "--rows", "report"]) == 0
+    assert main([*base, "--out", str(tmp_path / "held"), "--rows", "held-out"]) == 0
+    whole, test = dp.FeatureStore.open(tmp_path / "all"), dp.FeatureStore.open(tmp_path / "report")
+    assert sorted(test.indices) == sorted(whole.indices[store_roles(whole).report])
+    assert test.manifest["rows"]["role"] == {"role": "report", "split": [0.1, 0, 0.5]}
+    capsys.readouterr()
+    assert main(["probe", str(whole.root), "--t", "10", "--blocks", "3", "--epochs", "2", "--out", str(tmp_path / "run"),
+                 "--test-store", str(test.root)]) == 0  # fmt: skip
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["report"]["source"] == f"test store {test.root}" and metrics["report"]["rows"] == test.rows
+    assert f"test store {test.root}" in capsys.readouterr().out
+    assert main(["probe", str(whole.root), "--t", "10", "--blocks", "3", "--epochs", "1", "--out", str(tmp_path / "run2"),
+                 "--test-store", str(tmp_path / "held")]) == 2  # fmt: skip
+    assert "with the selection rows" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "none"), "--rows", "report", "--val-fraction", "0.01"]) == 2  # 0.3 a class
+    assert "no report rows among the 300 images" in capsys.readouterr().err

@@ -178,7 +178,8 @@ def extract_options_from(args: argparse.Namespace):
     return ExtractOptions(
         batch_size=args.batch_size, dtype=args.dtype, compute=compute_from(args), limit=args.limit,
         subset_seed=args.subset_seed, class_label=args.class_label, rank=args.rank, world_size=args.world_size,
-        dist_backend=args.dist_backend,
+        dist_backend=args.dist_backend, rows_role=getattr(args, "rows", None),
+        role_split=(getattr(args, "val_fraction", 0.1), getattr(args, "split_seed", 0), getattr(args, "report_share", 0.5)),
         workers=args.workers, overwrite=args.overwrite, augment_views=args.augment_views, augment_seed=args.augment_seed,
     )  # fmt: skip
 

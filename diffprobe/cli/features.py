@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import add_backbone_args, add_data_args, add_extract_args, extract_options_from, load_backbone_from, log, open_data, plan_from
+from .common import (add_backbone_args, add_data_args, add_extract_args, add_split_args, extract_options_from, load_backbone_from, log,
+                     open_data, plan_from)
 
 
 def cmd_blocks(args: argparse.Namespace) -> None:
@@ -65,6 +66,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_data_args(p)
     p.add_argument("--out", required=True, help="feature store directory")
     add_extract_args(p)
+    p.add_argument("--rows", choices=["train", "select", "report", "held-out"],
+                   help="only the images of this role in the dataset-wide split (--val-fraction, --split-seed, "
+                        "--report-share): e.g. a test store of the report rows for probe --test-store")  # fmt: skip
+    add_split_args(p)
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("store", help="describe a feature store")

@@ -40,6 +40,7 @@ from .featurize import featurize
 from .guard import check_finite
 from .latents import LatentCache
 from .plan import FeaturePlan
+from .roles import REPORT, REPORT_SHARE, SELECT, TRAIN, dataset_roles
 from .store import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ class ExtractOptions:
     compute: Compute | None = None  # default: this machine's fastest (choose_compute())
     limit: int | None = None  # a stratified subset of this many images
     subset_seed: int = 0
+    rows_role: str | None = None  # only the images of one role (features/roles.py): train, select, report or held-out
+    role_split: tuple[float, int, float] = (0.1, 0, REPORT_SHARE)  # the roles' val_fraction, split_seed, report_share
     class_label: int | None = None  # class-conditional models: the class to condition on
     rank: int | None = None  # this process writes chunks rank, rank + world_size, ... (default: torchrun's, or 0)
     world_size: int | None = None  # default: torchrun's, or $WORLD_SIZE, or 1
@@ -69,7 +72,9 @@ class ExtractOptions:
     def same_rows_as(self, store: FeatureStore) -> "ExtractOptions":
         """These options, selecting the rows `store` holds (for controls on the same images)."""
         rows = store.manifest["rows"]
-        return replace(self, limit=rows["limit"], subset_seed=rows["subset_seed"] or 0, overwrite=False)
+        role = rows.get("role") or {}
+        return replace(self, limit=rows["limit"], subset_seed=rows["subset_seed"] or 0, overwrite=False,
+                       rows_role=role.get("role"), role_split=tuple(role.get("split", self.role_split)))  # fmt: skip
 
 
 def build_manifest(backbone: Backbone, data: LabeledImages, rows: np.ndarray, plan: FeaturePlan,
@@ -89,6 +94,7 @@ def build_manifest(backbone: Backbone, data: LabeledImages, rows: np.ndarray, pl
             "selection": hashlib.sha256(rows.astype(np.int64).tobytes()).hexdigest()[:20],
             "limit": options.limit,
             "subset_seed": options.subset_seed if options.limit is not None else None,
+            "role": {"role": options.rows_role, "split": list(options.role_split)} if options.rows_role else None,
         },
         "transform": (augment_description(backbone.image_size, options.augment_views, options.augment_seed)
                       if options.augment_views else transform_description(backbone.image_size)),
@@ -112,6 +118,22 @@ def absolute_spec(spec: str) -> str:
     if sep and target != "random" and Path(target).exists():
         return f"{family}:{Path(target).resolve()}"
     return spec
+
+
+ROW_ROLES = {"train": (TRAIN,), "select": (SELECT,), "report": (REPORT,), "held-out": (SELECT, REPORT)}
+
+
+def rows_of_role(labels: np.ndarray, rows: np.ndarray, role: str, split: tuple[float, int, float]) -> np.ndarray:
+    """The rows whose images have this role in the whole dataset: e.g. a test store of the report
+    rows, which a head trained on a store of the same dataset never chose on."""
+    if role not in ROW_ROLES:
+        raise DiffprobeError(f"--rows {role!r}: expected one of {', '.join(ROW_ROLES)}")
+    roles = dataset_roles(np.asarray(labels), *split)
+    kept = rows[np.isin(roles[rows], ROW_ROLES[role])]
+    if not len(kept):
+        raise DiffprobeError(f"no {role} rows among the {len(rows)} images selected (val fraction {split[0]}, report share "
+                             f"{split[2]}): use more images or another split")  # fmt: skip
+    return kept
 
 
 def extract(backbone: Backbone, data: LabeledImages | str | Path, plan: FeaturePlan, out: str | Path,
@@ -161,6 +183,8 @@ def extract(backbone: Backbone, data: LabeledImages | str | Path, plan: FeatureP
     share = ranks(o.rank, o.world_size)
     plan = plan.resolve(backbone)
     rows = stratified_subset(data.labels, o.limit, o.subset_seed) if o.limit is not None else np.arange(len(data))
+    if o.rows_role:
+        rows = rows_of_role(data.labels, rows, o.rows_role, o.role_split)
     views = np.tile(np.arange(max(o.augment_views, 1)), len(rows))
     if o.augment_views:
         rows = np.repeat(rows, o.augment_views)

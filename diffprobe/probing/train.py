@@ -227,24 +227,21 @@ def _same_images(a: FeatureStore, b: FeatureStore) -> bool:
     return da.get("fingerprint") == db.get("fingerprint")
 
 
-def check_held_out(store: FeatureStore, test_store: FeatureStore, train_rows: np.ndarray, val_rows: np.ndarray) -> None:
-    """A test store of the same dataset must not score the head on images it was trained on
-    (an inflated number with no warning); overlap with the validation rows, which chose the
-    epoch and weight decay, is only warned about."""
+def check_held_out(store: FeatureStore, test_store: FeatureStore, train_rows: np.ndarray, select_rows: np.ndarray) -> None:
+    """A test store of the same dataset must hold none of the images the head was trained on or
+    chose its epoch and rates on: a score on them would be inflated with no warning. (Make one with
+    `extract --rows report`: the report rows, which neither role touches.)"""
     if not _same_images(store, test_store):
         return
     test = set(test_store.indices.tolist())
-    trained = test & set(store.indices[train_rows].tolist())
-    if trained:
-        raise DiffprobeError(
-            f"test store {test_store.root} shares {len(trained)} of its {test_store.rows} images with the training rows of "
-            f"{store.root} (same dataset): a test score on them would be inflated; extract the test store from held-out "
-            "images (another split, e.g. --split test, or only the validation rows)"
-        )
-    validated = test & set(store.indices[val_rows].tolist())
-    if validated:
-        log.warning("test store %s: %d of its %d images are validation rows, which chose the epoch and weight decay",
-                    test_store.root, len(validated), test_store.rows)  # fmt: skip
+    for rows, role in ((train_rows, "training"), (select_rows, "selection")):
+        shared = test & set(store.indices[rows].tolist())
+        if shared:
+            raise DiffprobeError(
+                f"test store {test_store.root} shares {len(shared)} of its {test_store.rows} images with the {role} rows of "
+                f"{store.root} (same dataset): a test score on them would be inflated; extract the test store from the "
+                "report rows (extract --rows report, same --val-fraction/--split-seed) or from another split (--split test)"
+            )
 
 
 @dataclass
@@ -428,8 +425,9 @@ def probe(store: FeatureStore, keys: Sequence[FeatureKey], out: str | Path, conf
     config = config or ProbeConfig()
     if test_store is not None:  # checked before any training, so a bad test store costs nothing
         check_same_backbone(store, test_store)
-        config = replace(config, report_share=0.0)  # the test store reports: every held-out row selects
-        roles = store_roles(store, config.val_fraction, config.split_seed, 0.0)
+        if not _same_images(store, test_store):  # another dataset reports: every held-out row selects
+            config = replace(config, report_share=0.0)
+        roles = store_roles(store, config.val_fraction, config.split_seed, config.report_share)
         check_held_out(store, test_store, roles.train, roles.select)
     if ranks().is_main:
         output_dir(out)  # before any training: an unusable --out costs nothing
