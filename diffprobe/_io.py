@@ -170,3 +170,17 @@ def publish_dir(tmp: Path, final: str | Path) -> bool:
         if Path(final).is_dir() and any(Path(final).iterdir()):
             return False
         raise DiffprobeError(f"{describe_os_error(final, e)}: choose another output location (a writable folder)") from None
+
+
+def read_json_object(path: str | Path, fix: str) -> dict[str, Any]:
+    """A JSON object from a file, or one DiffprobeError naming the file and `fix` (a hand-edited,
+    truncated or missing file is the user's to repair, never a traceback)."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise DiffprobeError(f"{describe_os_error(path, e, 'read')}: {fix}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DiffprobeError(f"{path} is not valid JSON ({e}): {fix}") from None
+    if not isinstance(value, dict):
+        raise DiffprobeError(f"{path} holds a JSON {type(value).__name__}, not an object: {fix}")
+    return value

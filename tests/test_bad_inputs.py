@@ -399,7 +399,7 @@ def _damaged_copy(saved_run, tmp_path, name: str, damage) -> object:
     ("head.pt", lambda p: p.write_bytes(b""), ["head.pt", "damaged"]),
     ("head.pt", lambda p: p.write_bytes(p.read_bytes()[:100]), ["head.pt", "damaged"]),
     ("config.json", lambda p: p.write_text("{not json"), ["config.json is not valid JSON"]),
-    ("config.json", lambda p: p.write_text("[1, 2]"), ["not a JSON object"]),
+    ("config.json", lambda p: p.write_text("[1, 2]"), ["holds a JSON list, not an object"]),
     ("metrics.json", lambda p: p.write_text("{"), ["metrics.json is not valid JSON"]),
     ("config.json", lambda p: p.write_text(p.read_text().replace('"input_shapes"', '"shapes"')), ["lacks the key 'input_shapes'"]),
     ("config.json", lambda p: p.write_text(p.read_text().replace('"keys"', '"kees"')), ["lacks the key 'keys'"]),
@@ -514,7 +514,7 @@ def test_classifier_says_which_pixel_range_it_expects(saved_run, cifar_small, ca
 
 @pytest.mark.parametrize("demo, needle", [
     ("[1, 2]", "holds a JSON list, not an object"),
-    ("{not json", "cannot read"),
+    ("{not json", "is not valid JSON"),
     ('{"checkpoint": "x.pt"}', "is not a demo result (no data, sweep"),
 ])  # fmt: skip
 def test_card_with_a_bad_demo_result_is_one_line(cifar_small, tmp_path, capsys, demo, needle):

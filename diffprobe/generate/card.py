@@ -33,7 +33,7 @@ from ..features.store import FeatureKey
 from ..features.extract import ExtractOptions
 from ..features.plan import FeaturePlan
 from ..precision import choose_compute
-from .._io import output_dir, torch_save, write_csv, write_text
+from .._io import output_dir, read_json_object, torch_save, write_csv, write_text
 from ..report import loss_curve
 from .fid import INCEPTION_FILE
 from .pretrain import CHECKPOINT_NAME, file_sha256, training_segments
@@ -263,17 +263,6 @@ def refresh_card(dest: str | Path, demo: str | Path | None = None, fid: str | Pa
         what = f"lacks the key {e.args[0]!r}" if isinstance(e, KeyError) else f"is damaged ({type(e).__name__}: {e})"
         raise DiffprobeError(f"{path} (or its ema.json, loss.csv) {what}: restore it, or export the folder again (diffprobe export)") from None
     return card
-
-
-def read_json_object(path: Path, fix: str) -> dict[str, Any]:
-    """A JSON object from a file, or one error naming the file and `fix`."""
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise DiffprobeError(f"cannot read {path} ({type(e).__name__}: {e}): {fix}") from None
-    if not isinstance(value, dict):
-        raise DiffprobeError(f"{path} holds a JSON {type(value).__name__}, not an object: {fix}")
-    return value
 
 
 def _same_checkpoint(path: str, sha: str, what: str) -> None:

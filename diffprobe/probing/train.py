@@ -11,7 +11,6 @@ A run directory holds:
 from __future__ import annotations
 
 import copy
-import json
 import math
 import logging
 from dataclasses import asdict, dataclass, replace
@@ -27,7 +26,7 @@ from .. import __version__
 from ..errors import DiffprobeError
 from .fastprobe import Standardizer, topk
 from .heads import build_head, head_options
-from .._io import output_dir, output_errors, torch_save, write_json
+from .._io import output_dir, output_errors, read_json_object, torch_save, write_json
 from ..features.distributed import join, ranks
 from ..features.plan import FeaturePlan
 from ..features.roles import store_roles
@@ -445,13 +444,7 @@ def read_run_json(path: Path, required: bool = True) -> dict:
         if required:
             raise DiffprobeError(f"{path.parent} is not a probe run (expected {path.name}): run `diffprobe probe` first")
         return {}
-    try:
-        value = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise DiffprobeError(f"{path} is not valid JSON ({e}): restore it from the run, or train the run again") from None
-    if not isinstance(value, dict):
-        raise DiffprobeError(f"{path} holds a {type(value).__name__}, not a JSON object: restore it, or train the run again")
-    return value
+    return read_json_object(path, "restore it from the run, or train the run again")
 
 
 def load_run(run_dir: str | Path) -> tuple[dict, FeatureHead]:
