@@ -184,10 +184,14 @@ def extract_options_from(args: argparse.Namespace):
     )  # fmt: skip
 
 
-def add_split_args(p: argparse.ArgumentParser) -> None:
+def add_split_args(p: argparse.ArgumentParser, report: bool = True) -> None:
+    """--val-fraction and --split-seed (the dataset-wide held-out split); with report, --report-share
+    (commands that choose and report: probes, sweeps, studies; not pretrain, fid or baselines)."""
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="stratified held-out share of the dataset (the dataset-wide split, also what pretrain leaves out)")
     p.add_argument("--split-seed", type=int, default=0)
+    if not report:
+        return
     p.add_argument("--report-share", type=float, default=0.5,
                    help="of the held-out images, the stratified share kept for reporting: choices (epoch, rates, cells) "
                         "are made on the rest and never see them; 0: report on the selection rows (optimistic)")

@@ -94,7 +94,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--snr-gamma", type=float, default=5.0, help="γ of --loss-weighting min-snr")
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
     p.add_argument("--seed", type=int, default=0, help="initialisation and every random draw of training")
-    add_split_args(p)  # the validation split left out of training: the one probes score on
+    add_split_args(p, report=False)  # the validation split left out of training: the one probes score on
     deprecated(p, "--holdout-fraction", "--val-fraction", dest="val_fraction", type=float)
     deprecated(p, "--holdout-seed", "--split-seed", dest="split_seed", type=int)
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (also on SIGTERM / Ctrl-C)")
@@ -122,7 +122,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_data_source_args(p)
     p.add_argument("--val-only", action="store_true", help="real images: only the validation split (--val-fraction, "
                    "--split-seed: the images pretrain leaves out; what a model card's FID uses)")
-    add_split_args(p)
+    add_split_args(p, report=False)
     p.add_argument("--real-limit", type=int, help="a stratified subset of this many real images (of the split)")
     p.add_argument("--inception-weights", help="TF-FID Inception weights file (pt_inception-2015-12-05); default: download")
     p.add_argument("--batch-size", type=int, default=100)
