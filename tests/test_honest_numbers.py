@@ -72,21 +72,6 @@ def test_the_reported_score_of_a_lucky_cell_comes_from_the_report_rows(tmp_path)
     assert report.rows == len(roles.report) == 100 and report.low <= 25 <= report.high  # honest: chance is inside
 
 
-def test_sweep_controls_search_their_own_cells(cifar_small, tmp_path, capsys):
-    out = tmp_path / "sweep"
-    assert main(["sweep", FIXTURE_SPEC, "--data", str(cifar_small), "--blocks", "3,13,25", "--t", "10,300", "--out", str(out),
-                 "--report-share", "0.5"]) == 0  # fmt: skip
-    summary = json.loads((out / "summary.json").read_text())
-    random = summary["controls"]["random_weights"]
-    cells = random["cells"]
-    assert len(cells) == len(summary["cells"]) == 6  # every cell the pre-trained model was searched over
-    own_best = max(cells, key=lambda r: (r["select_top1"], r["select_top5"]))
-    assert random["setting"] == dp.FeatureKey(own_best["t"], own_best["block"], own_best["pool"]).stem
-    assert random["report_top1"] == own_best["report_top1"]  # reported at its own choice, on the same report rows
-    text = capsys.readouterr().out
-    assert "controls, each with its own search" in text and ("beats" in text or "not separable at this size" in text)
-
-
 @pytest.mark.parametrize("low, high, verdict", [(0.5, 4.0, "holds"), (-3.0, 2.0, "not separable at this size"),
                                                 (-4.0, -0.5, "does not hold")])  # fmt: skip
 def test_a_finding_holds_only_when_the_paired_interval_excludes_zero(low, high, verdict):

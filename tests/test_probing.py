@@ -19,13 +19,13 @@ from diffprobe.probing.fastprobe import knn, logistic_regression
 from diffprobe.features.plan import FeaturePlan
 from diffprobe.features.extract import extract
 from diffprobe.probing.heads import HEADS, build_head
-from diffprobe.precision import Compute
+from diffprobe.precision import choose_compute
 from diffprobe.probing.config import ProbeConfig, search_grid
 from diffprobe.probing.train import probe
 from diffprobe.features.roles import store_roles
 from diffprobe.features.store import FeatureKey, FeatureStore
 
-CPU = Compute(torch.device("cpu"), "bf16", True)
+CPU = choose_compute("cpu")  # what this CPU runs fast: bf16 where it is native, fp32 on AVX2-only CPUs (bf16 ~40× slower there)
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +191,12 @@ def test_sweep_writes_csv_heatmaps_best_and_controls(cifar_small, tmp_path, caps
     controls = summary["controls"]
     assert 0 <= controls["pixels"]["report"]["estimate"] <= 100 and len(controls["random_weights"]["cells"]) == 12
     assert controls["random_weights"]["pretrained_minus_control"]["rows"] == 20
+    # The random-weights control searched the same 12 cells itself and is reported at its own choice (issue 20).
+    random = controls["random_weights"]
+    own_best = max(random["cells"], key=lambda r: (r["select_top1"], r["select_top5"]))
+    assert random["setting"] == FeatureKey(own_best["t"], own_best["block"], own_best["pool"]).stem
+    assert random["report_top1"] == own_best["report_top1"]
+    assert "beats" in text or "not separable at this size" in text
 
 
 def test_transfer_writes_one_table(cifar_small, tmp_path, capsys):
