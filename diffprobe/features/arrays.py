@@ -19,7 +19,8 @@ from .store import FeatureKey
 class ArrayFeatures:
     """One [N, D] float array per setting (several for a fusion head) and N labels."""
 
-    root = Path("<arrays>")  # no files: roles come from the labels themselves
+    root = Path("<arrays>")  # no files, named in messages
+    dataset_labels = None  # no dataset behind the rows: roles come from the labels themselves
 
     def __init__(self, xs: Sequence[Any], y: Any, classes: Sequence[Any] | None = None):
         self.arrays = [np.asarray(x, dtype=np.float32) for x in xs]

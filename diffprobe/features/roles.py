@@ -78,9 +78,9 @@ class Roles:
 def store_roles(store: "FeatureStore", val_fraction: float = 0.1, split_seed: int = 0, report_share: float = REPORT_SHARE) -> Roles:
     """The roles of a store's rows: its images' roles in the whole dataset (dataset_labels.npy);
     stores written before that file existed split their own rows."""
-    whole = store.root / "dataset_labels.npy"
-    if whole.is_file():
-        roles = dataset_roles(np.load(whole, allow_pickle=False), val_fraction, split_seed, report_share)[store.indices]
+    whole = store.dataset_labels  # checked against the store's own labels, as every reader's are
+    if whole is not None:
+        roles = dataset_roles(whole, val_fraction, split_seed, report_share)[store.indices]
     else:
         roles = dataset_roles(store.labels, val_fraction, split_seed, report_share)
     return Roles.from_roles(roles, val_fraction, split_seed, report_share)

@@ -308,6 +308,12 @@ class FeatureStore:
     def indices(self) -> np.ndarray:
         return self._row_files()[1]
 
+    @property
+    def dataset_labels(self) -> np.ndarray | None:
+        """The label of every image of the dataset (checked against labels.npy), or None for stores
+        written before dataset_labels.npy existed."""
+        return self._row_files()[2]
+
     def split(self, val_fraction: float = 0.1, seed: int = 0) -> np.ndarray:
         """Boolean mask of validation rows.
 
