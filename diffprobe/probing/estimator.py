@@ -209,7 +209,7 @@ class Probe(ClassifierMixin, BaseEstimator):
             raise DiffprobeError(f"rows={rows!r}: expected 'report', 'select', 'train', 'all' or row indices")
         picked = getattr(roles, chosen)
         if not len(picked):
-            raise DiffprobeError(f"{store.root} has no report rows under report_share {cfg.report_share}: score a test store, "
+            raise DiffprobeError(f"{store.root} has no {chosen} rows under report_share {cfg.report_share}: score a test store, "
                                  "or pass rows='select' for the (optimistic) selection score")  # fmt: skip
         if chosen != "report":
             log.warning("scoring the %s rows of %s: %s", chosen, store.root,

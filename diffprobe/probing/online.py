@@ -35,9 +35,8 @@ from ..precision import Compute, choose_compute
 from .config import ProbeConfig
 from .diffeed import DifFeed
 from .heads import build_head
-from .intervals import accuracy_interval
-from .train import (FeatureHead, FittedHead, _evaluate, _lr_at, check_two_classes, divergence, per_class_report, save_run,
-                    warn_if_one_token)
+from .train import (FeatureHead, FittedHead, _evaluate, _lr_at, check_two_classes, divergence, per_class_report,
+                    report_from_logits, save_run, warn_if_one_token)
 
 log = logging.getLogger(__name__)
 
@@ -195,11 +194,9 @@ def train_online(backbone: Backbone, data: LabeledImages, plan: FeaturePlan, con
                "chosen": {"epoch": best_epoch, "weight_decay": config.weight_decays[0], "lr": recipe.lr}, "train_rows": int(n),
                "roles": roles.describe(), "history": history, "online": True, "world_size": share.world_size}  # fmt: skip
     if len(report_idx):  # the chosen epoch's head, once, on images no choice saw
-        _, top1, top5, rep_logits, rep_y = evaluate(report_idx)
-        per_class, matrix = per_class_report(rep_logits, rep_y, data.classes)
-        metrics["report"] = {"top1": top1, "top5": top5, "rows": int(len(report_idx)), "per_class_top1": per_class,
-                             "interval": accuracy_interval((rep_logits.argmax(1).cpu() == rep_y.cpu()).numpy()).to_dict(),
-                             "source": f"held-out report rows of {data.name}"}  # fmt: skip
+        *_, rep_logits, rep_y = evaluate(report_idx)
+        report, matrix = report_from_logits(rep_logits, rep_y, data.classes)
+        metrics["report"] = {**report, "source": f"held-out report rows of {data.name}"}
     else:
         per_class, matrix = per_class_report(val_logits, val_y, data.classes)
         metrics["select"]["per_class_top1"] = per_class

@@ -333,22 +333,28 @@ def fit_head(store: FeatureStore, keys: Sequence[FeatureKey], config: ProbeConfi
         "history": history,
     }
     shown = roles.report if roles.has_report else val_rows  # the confusion matrix of the rows that report, if any
-    report, logits = report_metrics(model, load_inputs(store, keys, shown), labels[shown], store.classes)
+    report, matrix = report_metrics(model, load_inputs(store, keys, shown), labels[shown], store.classes)
     if roles.has_report:
         metrics["report"] = {**report, "source": f"held-out report rows of {store.root}"}
     else:
         metrics["select"]["per_class_top1"] = report["per_class_top1"]
-    matrix = per_class_report(logits, labels[shown], store.classes)[1]
     return FittedHead(model, keys, config, metrics, matrix, input_shapes(store, keys), store.classes, store.manifest,
                       str(store.root), str(augmented.root) if augmented is not None else None)  # fmt: skip
 
 
-def report_metrics(model: FeatureHead, xs: list[torch.Tensor], y: torch.Tensor, classes: Sequence[str]) -> tuple[dict[str, Any], torch.Tensor]:
-    """Top-1 with its bootstrap interval, top-5 and per-class top-1 on rows no choice saw; the logits."""
-    _, top1, top5, logits = _evaluate(model, xs, y)
-    per_class, _ = per_class_report(logits, y, classes)
+def report_metrics(model: FeatureHead, xs: list[torch.Tensor], y: torch.Tensor, classes: Sequence[str]) -> tuple[dict[str, Any], np.ndarray]:
+    """A head's figures on rows no choice saw (see report_from_logits) and their confusion matrix."""
+    return report_from_logits(_evaluate(model, xs, y)[3], y, classes)
+
+
+def report_from_logits(logits: torch.Tensor, y: torch.Tensor, classes: Sequence[str]) -> tuple[dict[str, Any], np.ndarray]:
+    """Top-1 with its bootstrap interval, top-5 and per-class top-1; the confusion matrix."""
+    logits, y = logits.cpu(), y.cpu()
+    per_class, matrix = per_class_report(logits, y, classes)
     interval = accuracy_interval((logits.argmax(1) == y).numpy())
-    return {"top1": top1, "top5": top5, "rows": int(len(y)), "interval": interval.to_dict(), "per_class_top1": per_class}, logits
+    figures = {"top1": topk(logits, y, 1), "top5": topk(logits, y, 5), "rows": int(len(y)), "interval": interval.to_dict(),
+               "per_class_top1": per_class}  # fmt: skip
+    return figures, matrix
 
 
 def head_hits(fitted: FittedHead, store: FeatureStore, rows: np.ndarray) -> np.ndarray:

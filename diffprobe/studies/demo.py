@@ -128,8 +128,13 @@ def judge_findings(store: FeatureStore, roles: Roles, summary: dict[str, Any], h
         return []
     cells = summary["cells"]
 
-    def cell_hits(row: dict) -> np.ndarray:
-        return fast_probe(summary["probe"], store.load(cell_key(row)), store.labels, roles, device).report_hits
+    probed: dict[FeatureKey, np.ndarray] = {}
+
+    def cell_hits(row: dict) -> np.ndarray:  # each cell probed once (the best cell is usually also a side's best)
+        key = cell_key(row)
+        if key not in probed:
+            probed[key] = fast_probe(summary["probe"], store.load(key), store.labels, roles, device).report_hits
+        return probed[key]
 
     best = summary["best"]
     best_hits = cell_hits(best)
