@@ -33,15 +33,19 @@ def isolated_cache(tmp_path_factory):
         os.environ["DIFFPROBE_CACHE"] = old
 
 
-def _cut_cifar(dest: Path, per_class: int) -> Path:
-    """The first `per_class` images of each class of the shared archive, as an ImageFolder."""
+def _cut_cifar(dest: Path, per_class: int, skip: int = 0) -> Path:
+    """`per_class` images of each class of the shared archive (after the first `skip`), as an ImageFolder."""
     counts: dict[str, int] = {}
+    skipped: dict[str, int] = {}
     with tarfile.open(CIFAR_TAR) as tar:
         for member in tar:
             parts = Path(member.name).parts
             if not member.isfile() or len(parts) < 2:
                 continue
             cls = parts[-2]
+            if skipped.get(cls, 0) < skip:
+                skipped[cls] = skipped.get(cls, 0) + 1
+                continue
             if counts.get(cls, 0) >= per_class:
                 continue
             counts[cls] = counts.get(cls, 0) + 1
@@ -56,6 +60,17 @@ def _cut_cifar(dest: Path, per_class: int) -> Path:
 def cifar_small(tmp_path_factory) -> Path:
     """30 real CIFAR-10 images per class (300 in all)."""
     return _cut_cifar(tmp_path_factory.mktemp("cifar_small") / "cifar", 30)
+
+
+@pytest.fixture(scope="session")
+def cifar_with_test(cifar_small, tmp_path_factory) -> Path:
+    """A dataset with two splits: train/ (cifar_small's 300 images) and test/ (8 other images a class)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("cifar_split") / "cifar"
+    shutil.copytree(cifar_small, root / "train")
+    _cut_cifar(root / "test", 8, skip=30)
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -100,6 +100,27 @@ def test_card_says_not_measured_then_takes_the_demo_and_fid_of_this_checkpoint(c
         refresh_card(ckpt, fid=tmp_path / "fid2.json")
     assert json.loads((ckpt / "card.json").read_text())["fid"]["fid"] == 42.5  # a refused update leaves the card as it was
 
+    # The probe figures of a sweep under the three roles: the reported score and its interval, never a selection score.
+    interval = {"estimate": 41.2, "low": 36.0, "high": 46.4, "rows": 300}
+    sweep = {"backbone": f"adm:{ckpt / 'ema.pt'}", "data": "cifar", "rows": 2000, "val_fraction": 0.1, "split_seed": 0,
+             "roles": {"train": 1400, "select": 300, "report": 300},
+             "best": {"t": 10, "block": 5, "pool": 1, "select_top1": 44.0, "report": interval},
+             "controls": {"random_weights": {"select_top1": 30.0, "report": {**interval, "estimate": 28.1}},
+                          "pixels": {"select_top1": 25.0, "report": {**interval, "estimate": 24.0}}}}  # fmt: skip
+    (tmp_path / "summary.json").write_text(json.dumps(sweep))
+    assert main(["card", str(ckpt), "--probe", str(tmp_path / "summary.json")]) == 0
+    facts = json.loads((ckpt / "card.json").read_text())["facts"]
+    assert facts["probe (validation split)"].startswith("logistic regression on 1400 training images, best t=10 block 5 pool 1 "
+                                                        "chosen on 300 selection images (44.00%): 41.20% top-1 [36.00, 46.40] on 300 report images")  # fmt: skip
+    assert facts["controls"].startswith("random weights 28.10% top-1 [36.00, 46.40]")
+    selection_only = {**sweep, "best": {k: v for k, v in sweep["best"].items() if k != "report"}}
+    (tmp_path / "summary2.json").write_text(json.dumps(selection_only))
+    with pytest.raises(DiffprobeError, match="has no report rows"):
+        refresh_card(ckpt, probe=tmp_path / "summary2.json")
+    (tmp_path / "summary3.json").write_text(json.dumps({**sweep, "backbone": f"adm:{other}"}))
+    with pytest.raises(DiffprobeError, match="not this checkpoint's ema.pt"):
+        refresh_card(ckpt, probe=tmp_path / "summary3.json")
+
 
 def test_fid_against_the_validation_split_reads_only_those_images(cifar_small, tmp_path, monkeypatch):
     from diffprobe.generate import fid as F

@@ -12,6 +12,7 @@ import pytest
 import diffprobe as dp
 from conftest import FIXTURE_SPEC
 from diffprobe.cli import main
+from diffprobe.features.reporting import Reporting
 from diffprobe.features.roles import REPORT, SELECT, TRAIN, dataset_roles, store_roles
 from diffprobe.probing.intervals import Interval
 from diffprobe.studies.demo import claim
@@ -61,7 +62,7 @@ def test_the_reported_score_of_a_lucky_cell_comes_from_the_report_rows(tmp_path)
         store.ensure_array(key, 8)
         store.write_chunk(key, 0, rng.normal(size=(400, 8)).astype(np.float32))
         keys.append(key)
-    rows, cells = score_store(store, keys, "logreg", roles)
+    rows, cells = score_store(Reporting(store, roles), keys, "logreg")
     best = max(rows, key=lambda r: (r["select_top1"], r["select_top5"]))
     key = dp.FeatureKey(best["t"], best["block"], best["pool"])
     assert best["select_top1"] > 25 + 5  # the winner of 20 noisy cells looks better than chance (25%) ...
@@ -162,3 +163,73 @@ def test_a_test_store_of_the_report_rows_from_the_cli(cifar_small, tmp_path, cap
     assert "with the selection rows" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "none"), "--rows", "report", "--val-fraction", "0.01"]) == 2  # 0.3 a class
     assert "no report rows among the 300 images" in capsys.readouterr().err
+
+
+def test_sweep_and_transfer_report_on_a_test_split(cifar_with_test, tmp_path, capsys):
+    """--test-data: every choice on the held-out rows of the training split (all of them select),
+    every reported number, the controls' too, on the test split; a test set that is the training
+    images themselves is refused before any work."""
+    sweep = ["sweep", FIXTURE_SPEC, "--data", str(cifar_with_test), "--blocks", "2,3", "--t", "10", "--pool", "1",
+             "--device", "cpu", "--out", str(tmp_path / "sweep")]  # fmt: skip
+    assert main([*sweep, "--test-data", str(cifar_with_test)]) == 0
+    summary = json.loads((tmp_path / "sweep" / "summary.json").read_text())
+    roles, best = summary["roles"], summary["best"]
+    assert roles["report"] == 0 and roles["select"] == 30 and roles["report_images"] == 80
+    assert roles["reported_on"].startswith(f"test store {tmp_path / 'sweep' / 'test-features'}")
+    store, test = dp.FeatureStore.open(tmp_path / "sweep" / "features"), dp.FeatureStore.open(tmp_path / "sweep" / "test-features")
+    key = dp.FeatureKey(best["t"], best["block"], best["pool"])
+    hand = fast_probe("logreg", store.load(key), store.labels, store_roles(store, report_share=0.0), report=(test.load(key), test.labels))
+    assert best["report"]["rows"] == 80 and best["report"]["estimate"] == pytest.approx(100 * hand.report_hits.mean())
+    for control in ("random_weights", "pixels"):
+        assert summary["controls"][control]["report"]["rows"] == 80
+    assert "on 80 report images" in capsys.readouterr().out
+
+    transfer = ["transfer", FIXTURE_SPEC, "--datasets", str(cifar_with_test), "--blocks", "3", "--t", "10", "--pool", "1",
+                "--device", "cpu", "--no-controls", "--out", str(tmp_path / "transfer")]  # fmt: skip
+    assert main([*transfer, "--test-split", "test"]) == 0
+    table = (tmp_path / "transfer" / "transfer.md").read_text()
+    assert "| 80 test images |" in table and "'test' split reports" in table
+
+    plain = tmp_path / "plain"  # one split only: the "test split" would be the training images
+    plain.symlink_to(cifar_with_test / "train")
+    capsys.readouterr()
+    assert main([*transfer, "--datasets", str(plain), "--test-split", "test", "--out", str(tmp_path / "t2")]) == 2
+    assert "the test data is the same images as the data" in capsys.readouterr().err
+    assert not (tmp_path / "t2").exists()
+
+
+def test_compare_heads_reports_on_a_test_store(store, cifar_with_test, tmp_path):
+    from diffprobe.data import open_dataset
+    from diffprobe.studies.heads import compare_heads
+
+    key = store.complete_keys()[0]
+    test_split = open_dataset(cifar_with_test, split="test")
+    test = dp.extract(dp.load_backbone(FIXTURE_SPEC), test_split, dp.FeaturePlan(t=10, blocks=3, pools=2), tmp_path / "test", progress=False)
+    rows = compare_heads(store, key, tmp_path / "heads", ["linear"], ["modern"], test_store=test)
+    logreg, linear = rows
+    assert logreg["scored_on"] == linear["scored_on"] == f"{test.rows} test images" and "vs_logreg" in linear
+    metrics = json.loads((tmp_path / "heads" / "linear-modern" / "metrics.json").read_text())
+    assert metrics["report"]["source"].startswith(f"test store {test.root}") and linear["top1"] == round(metrics["report"]["top1"], 2)
+    assert json.loads((tmp_path / "heads" / "heads.json").read_text())["roles"]["report"] == 0  # every held-out row selected
+    partial = dp.extract(dp.load_backbone(FIXTURE_SPEC), test_split, dp.FeaturePlan(t=20, blocks=3, pools=2), tmp_path / "other-t",
+                         progress=False)  # fmt: skip
+    with pytest.raises(dp.DiffprobeError, match="lacks t0010_b03_p2"):
+        compare_heads(store, key, tmp_path / "h2", ["linear"], ["modern"], test_store=partial)
+
+
+def test_held_out_adds_held_out_images_to_a_training_subset():
+    """--limit N --held-out M: N training images and M held-out ones, each stratified, so a small
+    study reports on many images; the roles of those images are their dataset roles."""
+    from diffprobe.features.extract import ExtractOptions, select_rows
+
+    labels = np.repeat(np.arange(10), 500)
+    roles = dataset_roles(labels, 0.1, 0)
+    rows = select_rows(labels, ExtractOptions(limit=1000, held_out=300))
+    assert (roles[rows] == TRAIN).sum() == 1000 and (roles[rows] != TRAIN).sum() == 300
+    assert np.bincount(labels[rows[roles[rows] != TRAIN]]).tolist() == [30] * 10  # stratified
+    plain = select_rows(labels, ExtractOptions(limit=1300))
+    assert (roles[plain] != TRAIN).sum() < 200  # a 10% split of one subset: 130 or so
+    everything = select_rows(labels, ExtractOptions(held_out=10**6))  # all of both
+    assert len(everything) == len(labels)
+    only_report = select_rows(labels, ExtractOptions(limit=1000, held_out=300, rows_role="report"))
+    assert set(roles[only_report]) == {REPORT} and set(only_report) <= set(rows)

@@ -13,7 +13,7 @@ from diffprobe.cli import main
 FLAGS = "--image_size 16 --num_channels 32 --channel_mult 1,2 --num_res_blocks 1 --attention_resolutions 8 --diffusion_steps 50"
 
 
-def test_pretrain_sample_extract_probe_export_demo(cifar_small, tmp_path, capsys):
+def test_pretrain_sample_extract_probe_export_demo(cifar_small, cifar_with_test, tmp_path, capsys):
     run = tmp_path / "run"
     common = ["pretrain", "--data", str(cifar_small), "--out", str(run), "--model-flags", FLAGS, "--batch-size", "8",
               "--save-every", "2", "--warmup", "2"]  # fmt: skip
@@ -62,6 +62,17 @@ def test_pretrain_sample_extract_probe_export_demo(cifar_small, tmp_path, capsys
     for f in judged:
         d = f["difference"]
         assert f["verdict"] == ("holds" if d["low"] > 0 else "does not hold" if d["high"] < 0 else "not separable at this size")
+
+    # With a test split, every number of the demo (cells, controls, heads, findings) is the test split's.
+    out = tmp_path / "demo-test"
+    assert main(["demo", "--data", str(cifar_with_test), "--test-data", str(cifar_with_test), "--checkpoint", str(ckpt / "ema.pt"),
+                 "--out", str(out), "--blocks", "3,5", "--t", "10,30", "--head-epochs", "1", "--samples", "1"]) == 0  # fmt: skip
+    demo = json.loads((out / "demo.json").read_text())
+    sweep = demo["sweep"]
+    assert sweep["roles"]["report"] == 0 and sweep["roles"]["report_images"] == 80
+    assert all(h["report"]["rows"] == 80 for h in sweep["heads"].values())
+    assert all(f["difference"]["rows"] == 80 for f in sweep["findings"]) and sweep["findings"]
+    assert "computed on a test set that no choice saw: test store" in (out / "REPORT.md").read_text()
 
 
 def test_fid_command_without_weights_fails_clearly(cifar_small, tmp_path, capsys, monkeypatch):

@@ -123,6 +123,26 @@ def open_data(args: argparse.Namespace, spec: str | None = None):
     return open_dataset(spec or args.data, root=args.data_root, split=args.split, download=args.download)
 
 
+def add_test_data_args(p: argparse.ArgumentParser) -> None:
+    """A test set that reports instead of the held-out report rows (features/reporting.py)."""
+    p.add_argument("--test-data", help="a test set no choice sees, which then reports every result: a folder, an archive, "
+                   "or torchvision:NAME (its --test-split); default: the held-out report rows of --data")  # fmt: skip
+    p.add_argument("--test-split", default="test", help="the test set's split (torchvision) or sub-folder; default test")
+    p.add_argument("--test-limit", type=int, help="a stratified subset of this many test images (default: all)")
+
+
+def open_test_data(args: argparse.Namespace):
+    """The --test-data set, or None."""
+    from ..data import open_dataset
+    from ..validate import positive_int
+
+    if not args.test_data:
+        return None
+    if args.test_limit is not None:
+        positive_int(args.test_limit, "--test-limit")
+    return open_dataset(args.test_data, root=args.data_root, split=args.test_split, download=args.download)
+
+
 # ------------------------------------------------------------------ compute
 def add_compute_args(p: argparse.ArgumentParser, precisions: Sequence[str] = ("auto", "fp32", "bf16", "fp16")) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if a GPU is visible, else cpu), cpu, cuda, cuda:1 ...")
@@ -156,7 +176,9 @@ def plan_from(args: argparse.Namespace):
 
 def add_extract_args(p: argparse.ArgumentParser, blocks_required: bool = True) -> None:
     add_plan_args(p, blocks_required)
-    p.add_argument("--limit", type=int, help="a stratified subset of this many images")
+    p.add_argument("--limit", type=int, help="a stratified subset of this many images (with --held-out: of the training images)")
+    p.add_argument("--held-out", type=int, help="also a stratified subset of this many of the dataset's held-out images "
+                   "(--val-fraction, --split-seed), apart from --limit's: more images to select and report on")  # fmt: skip
     p.add_argument("--subset-seed", type=int, default=0)
     p.add_argument("--class-label", type=int, help="class to condition on (class-conditional models only)")
     p.add_argument("--batch-size", type=int, default=64, help="images per pass; also the store's chunk size")
@@ -177,7 +199,7 @@ def extract_options_from(args: argparse.Namespace):
 
     return ExtractOptions(
         batch_size=args.batch_size, dtype=args.dtype, compute=compute_from(args), limit=args.limit,
-        subset_seed=args.subset_seed, class_label=args.class_label, rank=args.rank, world_size=args.world_size,
+        held_out=args.held_out, subset_seed=args.subset_seed, class_label=args.class_label, rank=args.rank, world_size=args.world_size,
         dist_backend=args.dist_backend, rows_role=getattr(args, "rows", None),
         role_split=(getattr(args, "val_fraction", 0.1), getattr(args, "split_seed", 0), getattr(args, "report_share", 0.5)),
         workers=args.workers, overwrite=args.overwrite, augment_views=args.augment_views, augment_seed=args.augment_seed,

@@ -65,7 +65,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_card(args: argparse.Namespace) -> None:
     from ..generate.card import refresh_card
 
-    card = refresh_card(args.folder, demo=args.demo, fid=args.fid)
+    card = refresh_card(args.folder, demo=args.demo, fid=args.fid, probe=args.probe)
     for key, value in card["facts"].items():
         print(f"{key}: {value}")
     print(f"model card: {args.folder}/MODEL_CARD.md")
@@ -142,8 +142,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("card", help="rewrite a checkpoint folder's model card from its card.json (no rerun), adding the "
-                       "demo's attention head or a FID")
+                       "demo's attention head, a FID or a sweep's probe figures")
     p.add_argument("folder", help="a checkpoint folder from diffprobe export (card.json, ema.pt)")
     p.add_argument("--demo", help="runs/demo/demo.json of `diffprobe demo --checkpoint FOLDER/ema.pt`: its attention head's top-1")
     p.add_argument("--fid", help="the --out JSON of `diffprobe fid SAMPLES.npz --val-only` on samples of FOLDER/ema.pt")
+    p.add_argument("--probe", help="the summary.json of `diffprobe sweep adm:FOLDER/ema.pt` (report rows, controls): the card's probe figures")
     p.set_defaults(func=cmd_card)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..features.distributed import ranks
+from ..validate import positive_int
 from .common import (
     add_backbone_args,
     add_data_args,
@@ -12,11 +13,13 @@ from .common import (
     add_extract_args,
     add_fast_probe_args,
     add_split_args,
+    add_test_data_args,
     check_image_size,
     int_list,
     extract_options_from,
     load_backbone_from,
     open_data,
+    open_test_data,
     plan_from,
 )
 
@@ -27,7 +30,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     summary = sweep(load_backbone_from(args), open_data(args), args.out, plan_from(args), extract_options_from(args),
                     probe=args.probe, val_fraction=args.val_fraction, split_seed=args.split_seed,
                     controls=not args.no_controls, train_heads=args.head, head_epochs=args.head_epochs,
-                    report_share=args.report_share)  # fmt: skip
+                    report_share=args.report_share, test_data=open_test_data(args), test_limit=args.test_limit)  # fmt: skip
     if ranks().is_main:  # under torchrun, one report
         print(describe_summary(summary))
         print(f"report: {args.out}/sweep.csv, {args.out}/heatmap_pool*.png, {args.out}/summary.json")
@@ -39,7 +42,8 @@ def cmd_transfer(args: argparse.Namespace) -> None:
     rows = transfer(load_backbone_from(args), args.datasets, args.out, plan_from(args), extract_options_from(args),
                     probe=args.probe, val_fraction=args.val_fraction, split_seed=args.split_seed, data_root=args.data_root,
                     download=args.download, split=args.split, controls=not args.no_controls,
-                    report_share=args.report_share)  # fmt: skip
+                    report_share=args.report_share, test_split=args.test_split,
+                    test_limit=positive_int(args.test_limit, "--test-limit") if args.test_limit is not None else None)  # fmt: skip
     for r in rows:
         ctrl = f"  (pixels {r['pixels_top1']:.2f}%, random weights {r['random_weights_top1']:.2f}%)" if "pixels_top1" in r else ""
         ci = f" [{r['low']:.2f}, {r['high']:.2f}]" if r["low"] is not None else ""
@@ -76,17 +80,20 @@ def cmd_compare_heads(args: argparse.Namespace) -> None:
 
     key = FeatureKey(args.t, args.block, args.pool)
     rows = compare_heads(FeatureStore.open(args.store), key, args.out, args.head, args.recipe, args.fusion_t,
-                         args.val_fraction, args.split_seed, args.seed, str(resolve_device(args.device)), args.report_share)  # fmt: skip
+                         args.val_fraction, args.split_seed, args.seed, str(resolve_device(args.device)), args.report_share,
+                         FeatureStore.open(args.test_store) if args.test_store else None)  # fmt: skip
     print(markdown_table(rows))
     print(f"report: {args.out}/heads.csv, heads.json, heads.png; one run directory per head and recipe")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from ..studies.demo import DEFAULT_CHECKPOINT, run_demo
+    from ..studies.demo import DEFAULT_CHECKPOINT, HELD_OUT_IMAGES, TRAIN_IMAGES, run_demo
     from ..studies.sweep import describe_summary
 
-    result = run_demo(open_data(args), args.out, args.checkpoint or DEFAULT_CHECKPOINT, limit=args.limit, blocks=args.blocks,
-                      timesteps=args.t, head_epochs=args.head_epochs, samples=args.samples)  # fmt: skip
+    result = run_demo(open_data(args), args.out, args.checkpoint or DEFAULT_CHECKPOINT, limit=TRAIN_IMAGES if args.limit is None else args.limit,
+                      held_out=HELD_OUT_IMAGES if args.held_out is None else args.held_out, blocks=args.blocks,
+                      timesteps=args.t, head_epochs=args.head_epochs, samples=args.samples, test_data=open_test_data(args),
+                      test_limit=args.test_limit)  # fmt: skip
     print(describe_summary(result["sweep"]))
     print(f"report: {args.out}/REPORT.md ({result['wall_seconds'] / 60:.1f} min)")
 
@@ -98,6 +105,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="sweep directory (features/ store, sweep.csv, heatmaps, summary.json)")
     add_extract_args(p)
     add_fast_probe_args(p)
+    add_test_data_args(p)
     p.add_argument("--head", action="append", default=[], choices=["linear", "mlp", "cnn", "attention"],
                    help="also train this head on the best setting (repeatable)")
     p.add_argument("--head-epochs", type=int, help="epochs for those heads (default: the modern recipe's 30)")
@@ -111,6 +119,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True)
     add_extract_args(p)
     add_fast_probe_args(p)
+    p.add_argument("--test-split", help="report on each dataset's split of this name (e.g. test) instead of its held-out "
+                   "report rows; every held-out row then selects")  # fmt: skip
+    p.add_argument("--test-limit", type=int, help="a stratified subset of this many images of each test split (default: all)")
     p.set_defaults(func=cmd_transfer)
 
     p = sub.add_parser("cka", help="minibatch linear CKA between the features of two stores (or a store and itself)")
@@ -149,6 +160,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--block", type=int, required=True)
     p.add_argument("--pool", type=int, required=True, help="the stored pool size; spatial heads want ≥ 2 (e.g. 4)")
     p.add_argument("--fusion-t", type=int, help="the fusion head's second timestep (same block and pool)")
+    p.add_argument("--test-store", help="a store of test images no choice sees (same backbone; e.g. from extract --split "
+                   "test, or extract --rows report), which then reports instead of the held-out report rows")  # fmt: skip
     p.add_argument("--head", type=lambda s: s.split(","), default=["linear", "mlp", "cnn", "attention", "fusion"])
     p.add_argument("--recipe", type=lambda s: s.split(","), default=["modern", "paper"])
     p.add_argument("--seed", type=int, default=0)
@@ -160,10 +173,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_data_args(p)
     p.add_argument("--out", required=True)
     p.add_argument("--checkpoint", help="an ADM checkpoint with its .json flags (default: the shipped CIFAR-10 one)")
-    p.add_argument("--limit", type=int, default=4000, help="images used (a stratified subset)")
+    p.add_argument("--limit", type=int, help="training images used (a stratified subset; default 1500)")
+    p.add_argument("--held-out", type=int, help="held-out images used (a stratified subset, half selecting and half "
+                   "reporting; default 600)")  # fmt: skip
     p.add_argument("--blocks", type=int_list, default=[8, 13, 18, 20], help="default: encoder 8×8, bottleneck, decoder 8×8 and 16×16")
     p.add_argument("--t", type=int_list, default=[10, 100], help="timesteps (the fusion head fuses the best block at two)")
     p.add_argument("--head-epochs", type=int, help="one epoch count for every head (default: each head's demo setting)")
-    p.add_argument("--samples", type=int, default=36)
+    p.add_argument("--samples", type=int, default=16, help="DDIM samples in the grid")
+    add_test_data_args(p)
     p.set_defaults(func=cmd_demo)
 

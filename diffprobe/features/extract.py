@@ -55,7 +55,8 @@ class ExtractOptions:
     batch_size: int = 64  # images per pass; also the store's chunk size
     dtype: str = "float16"  # stored feature dtype
     compute: Compute | None = None  # default: this machine's fastest (choose_compute())
-    limit: int | None = None  # a stratified subset of this many images
+    limit: int | None = None  # a stratified subset of this many images (with held_out: of the training images)
+    held_out: int | None = None  # a stratified subset of this many of the held-out images, apart from limit's
     subset_seed: int = 0
     rows_role: str | None = None  # only the images of one role (features/roles.py): train, select, report or held-out
     role_split: tuple[float, int, float] = (0.1, 0, REPORT_SHARE)  # the roles' val_fraction, split_seed, report_share
@@ -73,7 +74,7 @@ class ExtractOptions:
         """These options, selecting the rows `store` holds (for controls on the same images)."""
         rows = store.manifest["rows"]
         role = rows.get("role") or {}
-        return replace(self, limit=rows["limit"], subset_seed=rows["subset_seed"] or 0, overwrite=False,
+        return replace(self, limit=rows["limit"], held_out=rows.get("held_out"), subset_seed=rows["subset_seed"] or 0, overwrite=False,
                        rows_role=role.get("role"), role_split=tuple(role.get("split", self.role_split)))  # fmt: skip
 
 
@@ -93,7 +94,8 @@ def build_manifest(backbone: Backbone, data: LabeledImages, rows: np.ndarray, pl
             "count": len(rows),
             "selection": hashlib.sha256(rows.astype(np.int64).tobytes()).hexdigest()[:20],
             "limit": options.limit,
-            "subset_seed": options.subset_seed if options.limit is not None else None,
+            "subset_seed": options.subset_seed if options.limit is not None or options.held_out is not None else None,
+            **({"held_out": options.held_out} if options.held_out is not None else {}),
             "role": {"role": options.rows_role, "split": list(options.role_split)} if options.rows_role else None,
         },
         "transform": (augment_description(backbone.image_size, options.augment_views, options.augment_seed)
@@ -136,6 +138,24 @@ def rows_of_role(labels: np.ndarray, rows: np.ndarray, role: str, split: tuple[f
     return kept
 
 
+def select_rows(labels: np.ndarray, o: ExtractOptions) -> np.ndarray:
+    """The dataset rows a store holds: all, a stratified `limit` of them, or (with `held_out`) a
+    stratified `limit` of the training images and `held_out` of the held-out ones, so a study can
+    report on many more images than a 10% split of its subset would give; then only one role's,
+    if asked."""
+    if o.held_out is None:
+        rows = stratified_subset(labels, o.limit, o.subset_seed) if o.limit is not None else np.arange(len(labels))
+    else:
+        held = dataset_roles(labels, *o.role_split) != TRAIN
+        parts = []
+        for where, n in ((np.flatnonzero(~held), o.limit), (np.flatnonzero(held), o.held_out)):
+            parts.append(where[stratified_subset(labels[where], n, o.subset_seed)] if n is not None and len(where) else where)
+        rows = np.sort(np.concatenate(parts))
+    if o.rows_role:
+        rows = rows_of_role(labels, rows, o.rows_role, o.role_split)
+    return rows
+
+
 def extract(backbone: Backbone, data: LabeledImages | str | Path, plan: FeaturePlan, out: str | Path,
             options: ExtractOptions | None = None, **overrides) -> FeatureStore:  # fmt: skip
     """Extract the plan's pooled block features of `data` into the store at `out` (resuming if present).
@@ -151,7 +171,7 @@ def extract(backbone: Backbone, data: LabeledImages | str | Path, plan: FeatureP
         raise DiffprobeError(f"options: expected an ExtractOptions (or its fields as keyword arguments), got {options!r}")
     known_keywords(overrides, ExtractOptions.__dataclass_fields__, "extract option(s)")
     o = replace(options or ExtractOptions(), **overrides)
-    for name in ("limit", "batch_size", "subset_seed", "augment_views", "augment_seed", "workers", "class_label", "rank", "world_size"):
+    for name in ("limit", "held_out", "batch_size", "subset_seed", "augment_views", "augment_seed", "workers", "class_label", "rank", "world_size"):
         value = getattr(o, name)  # a type a user can get wrong ("50"): one error naming it, before any work
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
             raise DiffprobeError(f"{name}: expected an integer, got {value!r}")
@@ -182,9 +202,9 @@ def extract(backbone: Backbone, data: LabeledImages | str | Path, plan: FeatureP
     join(o.dist_backend, compute.device)
     share = ranks(o.rank, o.world_size)
     plan = plan.resolve(backbone)
-    rows = stratified_subset(data.labels, o.limit, o.subset_seed) if o.limit is not None else np.arange(len(data))
-    if o.rows_role:
-        rows = rows_of_role(data.labels, rows, o.rows_role, o.role_split)
+    if o.held_out is not None and o.held_out < 1:
+        raise DiffprobeError(f"held-out images {o.held_out}: expected at least 1")
+    rows = select_rows(data.labels, o)
     views = np.tile(np.arange(max(o.augment_views, 1)), len(rows))
     if o.augment_views:
         rows = np.repeat(rows, o.augment_views)

@@ -168,6 +168,17 @@ def scored(entry: dict[str, Any]) -> str:
     return f"{entry['top1']:.2f}% top-1 (chosen and scored on the same validation rows, so optimistic)"
 
 
+def probe_fact(summary: dict[str, Any]) -> str:
+    """The card's probe line: the cell, chosen where, and its score where no choice was made."""
+    best, roles = summary["best"], summary.get("roles")
+    cell = f"best t={best['t']} block {best['block']} pool {best['pool']}"
+    if not roles or "report" not in best:
+        return f"logistic regression on {summary['rows']} images: {cell}: {scored(best)}"
+    where = f" ({summary['source']})" if summary.get("source") else ""
+    return (f"logistic regression on {roles['train']} training images, {cell} chosen on {roles['select']} selection images "
+            f"({best['select_top1']:.2f}%): {scored(best)}{where}")  # fmt: skip
+
+
 def attention_fact(attention: dict[str, Any] | None) -> str:
     if not attention:
         return "not measured yet (`diffprobe demo` trains it; add it with `diffprobe card FOLDER --demo runs/demo/demo.json`)"
@@ -198,7 +209,7 @@ def card_facts(dest: Path, card: dict[str, Any]) -> dict[str, str]:
     weights = torch.load(dest / "ema.pt", map_location="cpu", weights_only=True, mmap=True)
     params = sum(v.numel() for v in weights.values())
     last = read_csv_rows(dest / "loss.csv")[-1]
-    best, controls = summary["best"], summary["controls"]
+    controls = summary["controls"]
     facts = {
         "architecture": "ADM U-Net (guided-diffusion layout), " + ", ".join(f"{k}={v}" for k, v in side["flags"].items()),
         "parameters": f"{params / 1e6:.2f}M, stored as {side['stored_dtype']} ({(dest / 'ema.pt').stat().st_size / 2**20:.1f} MiB, "
@@ -211,8 +222,7 @@ def card_facts(dest: Path, card: dict[str, Any]) -> dict[str, str]:
                      f"random flips {config['hflip']}",
         **training_facts(card["training"], config["train_rows"]),
         "final training loss": f"{float(last['loss']):.4f} (loss.csv's last row, step {last['step']}: the mean since the row before; curve: loss.png)",
-        "probe (validation split)": f"logistic regression on {summary['rows']} images: best t={best['t']} block {best['block']} "
-                                    f"pool {best['pool']}: {scored(best)}",
+        "probe (validation split)": probe_fact(summary),
         "controls": f"random weights {scored(controls['random_weights'])}, raw pixels {scored(controls['pixels'])}",
         "attention head (validation split)": attention_fact(card.get("attention")),
         "FID (validation split)": fid_fact(card.get("fid")),
@@ -236,10 +246,12 @@ def write_card(dest: Path, card: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------ `diffprobe card`: refresh
 
 
-def refresh_card(dest: str | Path, demo: str | Path | None = None, fid: str | Path | None = None) -> dict[str, Any]:
+def refresh_card(dest: str | Path, demo: str | Path | None = None, fid: str | Path | None = None,
+                 probe: str | Path | None = None) -> dict[str, Any]:  # fmt: skip
     """Rewrite a checkpoint folder's card from its card.json, adding the attention head of a
-    `diffprobe demo` run (its demo.json) and a `diffprobe fid --val-only` result, each checked to
-    be of this checkpoint and this validation split."""
+    `diffprobe demo` run (its demo.json), a `diffprobe fid --val-only` result and the probe
+    figures of a `diffprobe sweep` (its summary.json), each checked to be of this checkpoint and
+    this validation split."""
     dest = Path(dest)
     path = dest / "card.json"
     if not path.is_file() or not (dest / "ema.pt").is_file():
@@ -258,6 +270,8 @@ def refresh_card(dest: str | Path, demo: str | Path | None = None, fid: str | Pa
             card["attention"] = attention_from_demo(Path(demo), sha, split)
         if fid is not None:
             card["fid"] = fid_result(Path(fid), sha, split, config["data_fingerprint"])
+        if probe is not None:
+            card["probe"] = probe_from_sweep(Path(probe), sha, split)
         write_card(dest, card)
     except (KeyError, TypeError, AttributeError, IndexError) as e:  # a hand-edited or truncated card.json / ema.json
         what = f"lacks the key {e.args[0]!r}" if isinstance(e, KeyError) else f"is damaged ({type(e).__name__}: {e})"
@@ -270,6 +284,26 @@ def _same_checkpoint(path: str, sha: str, what: str) -> None:
         raise DiffprobeError(f"cannot check that {what} is of this checkpoint: {path} is not on this machine (run it here)")
     if file_sha256(path) != sha:
         raise DiffprobeError(f"{what} was made with {path}, not this checkpoint's ema.pt (sha256 differs)")
+
+
+def probe_from_sweep(path: Path, sha: str, split: tuple[Any, Any]) -> dict[str, Any]:
+    """A sweep's summary.json as the card's probe: of this checkpoint, on its validation split,
+    reported on rows no choice saw (a selection score never goes on a card as a result)."""
+    summary = read_json_object(path, "pass the summary.json written by diffprobe sweep")
+    missing = [k for k in ("backbone", "data", "rows", "val_fraction", "split_seed", "best", "controls") if k not in summary]
+    if missing:
+        raise DiffprobeError(f"{path} is not a sweep summary with its controls (no {', '.join(missing)}): pass the "
+                             "summary.json of `diffprobe sweep` run without --no-controls")  # fmt: skip
+    family, _, target = str(summary["backbone"]).partition(":")
+    if family != "adm":
+        raise DiffprobeError(f"{path} is a sweep of {summary['backbone']}, not of an ADM checkpoint")
+    _same_checkpoint(target, sha, f"the sweep {path}")
+    if (summary["val_fraction"], summary["split_seed"]) != tuple(split):
+        raise DiffprobeError(f"{path} held out another split (fraction {summary['val_fraction']}, seed {summary['split_seed']}; "
+                             f"the checkpoint left out fraction {split[0]}, seed {split[1]}): its rows may include training images")  # fmt: skip
+    if "report" not in summary["best"]:
+        raise DiffprobeError(f"{path} has no report rows (a selection score, optimistic): sweep with --report-share > 0 or --test-data")
+    return {**summary, "source": str(path)}
 
 
 def attention_from_demo(demo: Path, sha: str, split: tuple[Any, Any]) -> dict[str, Any]:

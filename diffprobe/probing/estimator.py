@@ -28,8 +28,8 @@ from ..features.store import FeatureKey, FeatureStore
 from ..precision import resolve_device
 from .config import ProbeConfig
 from .heads import HEAD_OPTIONS
-from .train import (FeatureHead, FittedHead, check_held_out, check_same_backbone_manifest, evaluate_store, fit_head, load_run,
-                    read_run_json, save_run)
+from ..features.reporting import check_held_out, check_same_backbone_manifest
+from .train import FeatureHead, FittedHead, evaluate_store, fit_head, load_run, read_run_json, save_run
 
 
 log = logging.getLogger("diffprobe")

@@ -29,6 +29,7 @@ from .heads import build_head, head_options
 from .._io import output_dir, output_errors, read_json_object, torch_save, write_json
 from ..features.distributed import join, ranks
 from ..features.plan import FeaturePlan
+from ..features.reporting import Reporting, check_same_backbone, check_same_backbone_manifest
 from ..features.roles import store_roles
 from .intervals import accuracy_interval
 from ..precision import resolve_device
@@ -206,41 +207,6 @@ def per_class_report(logits: torch.Tensor, y: torch.Tensor, classes: Sequence[st
     np.add.at(matrix, (truth, pred), 1)
     per_class = {c: (100.0 * matrix[i, i] / matrix[i].sum() if matrix[i].sum() else None) for i, c in enumerate(classes)}
     return per_class, matrix
-
-
-def check_same_backbone_manifest(manifest: dict, root: str | Path, b: FeatureStore, role: str = "test") -> None:
-    if manifest["backbone"]["fingerprint"] != b.manifest["backbone"]["fingerprint"] or manifest["noise"] != b.manifest["noise"]:
-        raise DiffprobeError(f"{role} store {b.root} was made with another backbone or noise setting than {root}")
-
-
-def check_same_backbone(a: FeatureStore, b: FeatureStore, role: str = "test") -> None:
-    check_same_backbone_manifest(a.manifest, a.root, b, role)
-    if a.classes != b.classes:
-        raise DiffprobeError(f"{role} store {b.root} has other classes than {a.root}")
-
-
-def _same_images(a: FeatureStore, b: FeatureStore) -> bool:
-    da, db = a.manifest["data"], b.manifest["data"]
-    if "layout" in da and "layout" in db:
-        return da["layout"] == db["layout"]
-    return da.get("fingerprint") == db.get("fingerprint")
-
-
-def check_held_out(store: FeatureStore, test_store: FeatureStore, train_rows: np.ndarray, select_rows: np.ndarray) -> None:
-    """A test store of the same dataset must hold none of the images the head was trained on or
-    chose its epoch and rates on: a score on them would be inflated with no warning. (Make one with
-    `extract --rows report`: the report rows, which neither role touches.)"""
-    if not _same_images(store, test_store):
-        return
-    test = set(test_store.indices.tolist())
-    for rows, role in ((train_rows, "training"), (select_rows, "selection")):
-        shared = test & set(store.indices[rows].tolist())
-        if shared:
-            raise DiffprobeError(
-                f"test store {test_store.root} shares {len(shared)} of its {test_store.rows} images with the {role} rows of "
-                f"{store.root} (same dataset): a test score on them would be inflated; extract the test store from the "
-                "report rows (extract --rows report, same --val-fraction/--split-seed) or from another split (--split test)"
-            )
 
 
 @dataclass
@@ -429,11 +395,8 @@ def probe(store: FeatureStore, keys: Sequence[FeatureKey], out: str | Path, conf
     """`diffprobe probe`: fit a head, score the test store if given, save the run; its metrics."""
     config = config or ProbeConfig()
     if test_store is not None:  # checked before any training, so a bad test store costs nothing
-        check_same_backbone(store, test_store)
-        if not _same_images(store, test_store):  # another dataset reports: every held-out row selects
-            config = replace(config, report_share=0.0)
-        roles = store_roles(store, config.val_fraction, config.split_seed, config.report_share)
-        check_held_out(store, test_store, roles.train, roles.select)
+        reporting = Reporting.of(store, config.val_fraction, config.split_seed, config.report_share, test_store, f"a head on {store.root}")
+        config = replace(config, report_share=reporting.roles.report_share)
     if ranks().is_main:
         output_dir(out)  # before any training: an unusable --out costs nothing
     fitted = fit_head(store, keys, config, str(resolve_device(device)), progress, augmented)

@@ -14,16 +14,18 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from .._io import output_dir, write_csv, write_json
 from ..errors import DiffprobeError
 from ..features.store import FeatureKey, FeatureStore
-from ..features.roles import REPORT_SHARE, store_roles
+from ..features.reporting import Reporting
+from ..features.roles import REPORT_SHARE
 from ..probing.config import ProbeConfig
 from ..probing.intervals import Interval, compare, paired_difference
 from ..report import head_bars
-from .sweep import fast_probe, figures
+from .sweep import cell_score, figures
 
 HEAD_KINDS = ("linear", "mlp", "cnn", "attention", "fusion")
 RECIPES = ("modern", "paper")
@@ -31,40 +33,48 @@ RECIPES = ("modern", "paper")
 
 def compare_heads(store: FeatureStore, key: FeatureKey, out: str | Path, heads: Sequence[str] = HEAD_KINDS,
                   recipes: Sequence[str] = RECIPES, fusion_t: int | None = None, val_fraction: float = 0.1,
-                  split_seed: int = 0, seed: int = 0, device: str = "cpu", report_share: float = REPORT_SHARE) -> list[dict[str, Any]]:  # fmt: skip
+                  split_seed: int = 0, seed: int = 0, device: str = "cpu", report_share: float = REPORT_SHARE,
+                  test_store: FeatureStore | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """Train each head in each recipe on `key` (fusion: `key` + the same block at `fusion_t`),
-    each choosing on the selection rows and reported on the report rows with its interval and
-    its paired difference against logistic regression; write heads.csv, heads.json, heads.png
-    and one run directory per (head, recipe)."""
-    from ..probing.train import fit_head, head_hits, save_run
+    each choosing on the selection rows and reported on the report rows (or `test_store`) with
+    its interval and its paired difference against logistic regression; write heads.csv,
+    heads.json, heads.png and one run directory per (head, recipe)."""
+    from ..probing.train import evaluate_store, fit_head, head_hits, save_run
 
-    out = output_dir(out)
     if "fusion" in heads and fusion_t is None:
         raise DiffprobeError("the fusion head needs a second timestep: give --fusion-t")
-    roles = store_roles(store, val_fraction, split_seed, report_share).check("compare-heads")
+    reporting = Reporting.of(store, val_fraction, split_seed, report_share, test_store, "compare-heads")
+    roles = reporting.roles
+    reporting.require([key] + ([FeatureKey(fusion_t, key.block, key.pool)] if "fusion" in heads else []))
+    out = output_dir(out)
     started = time.time()
-    reference = fast_probe("logreg", store.load(key), store.labels, roles, device)
-    rows = [{"head": "logistic regression (L-BFGS)", "recipe": "-", "inputs": key.stem, **figures(reference.select.top1, reference.report()),
+    reference = cell_score("logreg", reporting, key, device)
+    rows = [{"head": "logistic regression (L-BFGS)", "recipe": "-", "inputs": key.stem, **figures(reference.select.top1, reference.report(), reporting.unit),
              "chosen": f"C={reference.select.params['C']:.3g}", "seconds": round(time.time() - started, 1)}]  # fmt: skip
     jobs = [(kind, recipe) for kind in heads for recipe in recipes]
     for kind, recipe in tqdm(jobs, desc="heads", unit="run"):
         keys = [key] + ([FeatureKey(fusion_t, key.block, key.pool)] if kind == "fusion" else [])
         started = time.time()
-        config = ProbeConfig(kind, recipe, val_fraction=val_fraction, split_seed=split_seed, seed=seed, report_share=report_share)
+        config = ProbeConfig(kind, recipe, val_fraction=val_fraction, split_seed=split_seed, seed=seed, report_share=roles.report_share)
         fitted = fit_head(store, keys, config, device, progress=False)
+        if test_store is not None:
+            fitted.metrics["report"] = {**evaluate_store(fitted, test_store), "source": reporting.source()}
         save_run(fitted, out / f"{kind}-{recipe}")
         chosen = fitted.metrics["chosen"]
         row = {"head": kind, "recipe": recipe, "inputs": ", ".join(k.stem for k in keys),
-               **figures(fitted.metrics["select"]["top1"], Interval(**fitted.metrics["report"]["interval"]) if roles.has_report else None),
+               **figures(fitted.metrics["select"]["top1"], Interval(**fitted.metrics["report"]["interval"]) if reporting.reports else None,
+                         reporting.unit),
                "chosen": f"lr={chosen['lr']:g} wd={chosen['weight_decay']:g} epoch={chosen['epoch']}/{chosen['epochs_trained']}",
                "seconds": round(time.time() - started, 1)}  # fmt: skip
-        if roles.has_report:
-            diff = paired_difference(head_hits(fitted, store, roles.report), reference.report_hits)
+        if reporting.reports:
+            hits = head_hits(fitted, test_store, np.arange(test_store.rows)) if test_store is not None else head_hits(fitted, store, roles.report)
+            diff = paired_difference(hits, reference.report_hits)
             row["vs_logreg"] = compare(f"{kind} ({recipe})", "logistic regression", diff)
         rows.append(row)
     write_csv(out / "heads.csv", rows)
-    write_json(out / "heads.json", {"store": str(store.root), "rows": store.rows, "roles": roles.describe(), "results": rows})
-    shown = f"{len(roles.report)} report images" if roles.has_report else f"{len(roles.select)} selection images, optimistic"
+    write_json(out / "heads.json", {"store": str(store.root), "rows": store.rows, "roles": reporting.describe(), "results": rows})
+    shown = (f"{reporting.rows} {'test' if test_store is not None else 'report'} images" if reporting.reports
+             else f"{len(roles.select)} selection images, optimistic")  # fmt: skip
     head_bars(out / "heads.png", rows, f"heads on {key.stem} (top-1 on {shown})")
     return rows
 

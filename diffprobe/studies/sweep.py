@@ -12,7 +12,7 @@ difference.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,7 +31,8 @@ from ..probing.intervals import Interval, accuracy_interval, compare, paired_dif
 from ..features.extract import ExtractOptions, extract
 from ..features.distributed import ranks
 from ..features.plan import FeaturePlan
-from ..features.roles import REPORT_SHARE, Roles, store_roles
+from ..features.reporting import Reporting, check_test_data
+from ..features.roles import REPORT_SHARE, Roles
 from .._io import output_dir, write_csv, write_json
 from ..report import heatmap, short_source
 from ..features.store import FeatureKey, FeatureStore
@@ -59,12 +60,13 @@ class CellScore:
         return accuracy_interval(self.report_hits) if len(self.report_hits) else None
 
 
-def fast_probe(kind: str, features: np.ndarray, labels: np.ndarray, roles: Roles, device: str = "cpu") -> CellScore:
+def fast_probe(kind: str, features: np.ndarray, labels: np.ndarray, roles: Roles, device: str = "cpu",
+               report: tuple[np.ndarray, np.ndarray] | None = None) -> CellScore:  # fmt: skip
     """Train on roles.train, choose (logreg's C) and score on roles.select, then score the
-    chosen model once on roles.report."""
+    chosen model once on roles.report, or on `report` (a test set's features and labels)."""
     x_train, y_train = features[roles.train], labels[roles.train]
     x_sel, y_sel = features[roles.select], labels[roles.select]
-    x_rep, y_rep = features[roles.report], labels[roles.report]
+    x_rep, y_rep = report if report is not None else (features[roles.report], labels[roles.report])
     num_classes = int(labels.max()) + 1
     if kind == "logreg":
         score, model = logistic_regression(x_train, y_train, x_sel, y_sel, device=device)
@@ -80,16 +82,23 @@ def fast_probe(kind: str, features: np.ndarray, labels: np.ndarray, roles: Roles
     return CellScore(score, (logits.argmax(1) == y).numpy(), topk(logits, y, 5))
 
 
-def score_store(store: FeatureStore, keys: Sequence[FeatureKey] | None, probe: str, roles: Roles,
+def cell_score(probe: str, reporting: Reporting, key: FeatureKey, device: str = "cpu") -> CellScore:
+    """The fast probe on one cell of the store, reported where `reporting` says."""
+    store = reporting.store
+    report = reporting.features(key) if reporting.test is not None else None
+    return fast_probe(probe, store.load(key), store.labels, reporting.roles, device, report)
+
+
+def score_store(reporting: Reporting, keys: Sequence[FeatureKey] | None, probe: str,
                 device: str = "cpu") -> tuple[list[dict], dict[FeatureKey, CellScore]]:  # fmt: skip
     """One row per (t, block, pool): the fast probe's selection and report scores; and each cell's CellScore."""
+    store = reporting.store
     keys = list(keys) if keys is not None else store.complete_keys()
     if not keys:
         raise DiffprobeError(f"{store.root} holds no complete features to probe: run the extraction first")
-    labels = store.labels
     rows, cells = [], {}
     for key in tqdm(keys, desc=f"{probe} probes", unit="cell"):
-        cells[key] = fast_probe(probe, store.load(key), labels, roles, device)
+        cells[key] = cell_score(probe, reporting, key, device)
         rows.append({"t": key.t, "block": key.block, "pool": key.pool, **cells[key].row()})
     return rows, cells
 
@@ -133,28 +142,43 @@ def pixel_features(data: LabeledImages, rows: np.ndarray, image_size: int, side:
     return out
 
 
-def run_controls(backbone: Backbone, data: LabeledImages, store: FeatureStore, plan: FeaturePlan, best: CellScore,
-                 roles: Roles, out: str | Path, probe: str = "logreg", device: str = "cpu",
-                 options: ExtractOptions | None = None) -> dict:  # fmt: skip
+def cached_pixels(data: LabeledImages, store: FeatureStore, image_size: int, cache: Path) -> np.ndarray:
+    """The pixels control's features of a store's images, computed once (cache: an .npy file)."""
+    if cache.is_file() and np.load(cache, mmap_mode="r").shape[0] == store.rows:
+        return np.load(cache)
+    pixels = pixel_features(data, store.indices, image_size)
+    np.save(cache, pixels)
+    return pixels
+
+
+def run_controls(backbone: Backbone, data: LabeledImages, reporting: Reporting, plan: FeaturePlan, best: CellScore,
+                 out: str | Path, probe: str = "logreg", device: str = "cpu", options: ExtractOptions | None = None,
+                 test_data: LabeledImages | None = None) -> dict:  # fmt: skip
     """The pixels and random-weights controls, searched as the pre-trained model was: the same
     architecture with random weights over every cell of `plan`, its own best chosen on the
-    selection rows; both reported on the same report rows, each against the pre-trained best
-    as a paired difference. Under torchrun every rank extracts its share; rank 0 scores."""
+    selection rows; both reported on the same report rows (or test set: `test_data`, the images
+    of reporting.test), each against the pre-trained best as a paired difference. Under torchrun
+    every rank extracts its share; rank 0 scores."""
     out = Path(out)
-    random_store = extract(backbone.random_like(seed=0), data, plan, out / "control_random_weights",
-                           (options or ExtractOptions()).same_rows_as(store))  # fmt: skip
+    store, options = reporting.store, options or ExtractOptions()
+    random_backbone = backbone.random_like(seed=0)
+    random_store = extract(random_backbone, data, plan, out / "control_random_weights", options.same_rows_as(store))
+    random_test = None
+    if reporting.test is not None:
+        if test_data is None:
+            raise DiffprobeError("the controls on a test store need its images: give the test data")
+        random_test = extract(random_backbone, test_data, plan, out / "control_random_weights-test", options.same_rows_as(reporting.test))
     if not ranks().is_main:
         return {}
-    cache = out / "control_pixels.npy"
-    if cache.is_file() and np.load(cache, mmap_mode="r").shape[0] == store.rows:
-        pixels = np.load(cache)
-    else:
-        pixels = pixel_features(data, store.indices, backbone.image_size)
-        np.save(cache, pixels)
-    rows, cells = score_store(random_store, plan.keys, probe, roles, device)
+    pixels = cached_pixels(data, store, backbone.image_size, out / "control_pixels.npy")
+    pixel_report = None
+    if reporting.test is not None:
+        pixel_report = (cached_pixels(test_data, reporting.test, backbone.image_size, out / "control_pixels-test.npy"), reporting.test.labels)
+    random_reporting = Reporting(random_store, reporting.roles, random_test)
+    rows, cells = score_store(random_reporting, plan.keys, probe, device)
     random_best = choose_cell(rows)
     controls = {"random_weights": (cells[cell_key(random_best)], {"setting": cell_key(random_best).stem, "cells": rows}),
-                "pixels": (fast_probe(probe, pixels, store.labels, roles, device), {"features": int(pixels.shape[1])})}
+                "pixels": (fast_probe(probe, pixels, store.labels, reporting.roles, device, pixel_report), {"features": int(pixels.shape[1])})}
     result = {}
     for name, (score, extra) in controls.items():
         entry = {**score.row(), **extra}
@@ -169,11 +193,15 @@ def run_controls(backbone: Backbone, data: LabeledImages, store: FeatureStore, p
 def sweep(backbone: Backbone, data: LabeledImages, out: str | Path, plan: FeaturePlan, options: ExtractOptions | None = None,
           probe: str = "logreg", val_fraction: float = 0.1, split_seed: int = 0, controls: bool = True,
           train_heads: Sequence[str] = (), head_epochs: int | None = None,
-          score_pools: Sequence[int] | None = None, report_share: float = REPORT_SHARE) -> dict:  # fmt: skip
+          score_pools: Sequence[int] | None = None, report_share: float = REPORT_SHARE,
+          test_data: LabeledImages | None = None, test_limit: int | None = None) -> dict:  # fmt: skip
     """Extract (resuming), score every cell, choose the best on the selection rows and report it
     on the report rows with its interval (features/roles.py), run the controls with their own
     search, train each head in `train_heads` on the chosen setting (run directories head-<kind>/),
     and write the report files.
+    `test_data`: a test set (say the dataset's test split; `test_limit` images of it, stratified)
+    extracted with the same plan into test-features/, which then reports instead of the
+    report rows; with another dataset every held-out row selects.
     `score_pools`: only these pool sizes are scored (the others are extracted in the same pass
     for heads that read maps, but a fast probe on them would cost more than it tells).
     Fast probes and heads run on the extraction's device."""
@@ -187,18 +215,25 @@ def sweep(backbone: Backbone, data: LabeledImages, out: str | Path, plan: Featur
     scored = [k for k in plan.keys if score_pools is None or k.pool in score_pools]
     if not scored:
         raise DiffprobeError(f"none of the pools {list(plan.pools)} is among the pools to score {list(score_pools or [])}")
+    if test_data is not None:
+        check_test_data(data, test_data)
     output_dir(out)  # before any work: an unusable --out costs nothing
     store = extract(backbone, data, plan, out / "features", options)
-    roles = store_roles(store, val_fraction, split_seed, report_share).check("sweep")
+    test_store = None
+    if test_data is not None:
+        test_store = extract(backbone, test_data, plan, out / "test-features", replace(options, limit=test_limit, rows_role=None))
+    reporting = Reporting.of(store, val_fraction, split_seed, report_share, test_store, "sweep")
+    report_share = reporting.roles.report_share
     probe_device = str((options.compute or choose_compute()).device)
     share = ranks()  # under torchrun: every rank extracts, rank 0 scores, writes and trains heads
     best, cells = None, {}
     if share.is_main:
-        rows, cells = score_store(store, scored, probe, roles, probe_device)
+        rows, cells = score_store(reporting, scored, probe, probe_device)
         best = write_sweep(out, rows, f"{short_source(backbone.source)} on {data.name}: {probe} top-1 (selection rows)")
     best = share.broadcast(best if share.is_main else None)
-    summary = {"backbone": backbone.source, "data": data.name, "rows": store.rows, "probe": probe, "roles": roles.describe(),
-               "val_fraction": val_fraction, "split_seed": split_seed, "best": best}  # fmt: skip
+    summary = {"backbone": backbone.source, "data": data.name, "rows": store.rows, "probe": probe, "roles": reporting.describe(),
+               "val_fraction": val_fraction, "split_seed": split_seed, "report_share": report_share,
+               "test_store": str(test_store.root) if test_store is not None else None, "best": best}  # fmt: skip
     if share.is_main:
         summary["cells"] = rows  # every scored cell (also in sweep.csv)
         report = cells[cell_key(best)].report()
@@ -207,7 +242,8 @@ def sweep(backbone: Backbone, data: LabeledImages, out: str | Path, plan: Featur
         write_json(out / "best.json", best)
     if controls:
         control_plan = FeaturePlan.from_keys(scored, plan.noise_seed, plan.draws)
-        control = run_controls(backbone, data, store, control_plan, cells.get(cell_key(best)), roles, out, probe, probe_device, options)
+        control = run_controls(backbone, data, reporting, control_plan, cells.get(cell_key(best)), out, probe, probe_device,
+                               options, test_data)  # fmt: skip
         if control:  # rank 0's scores (other ranks only helped extract)
             summary["controls"] = control
     if not share.is_main:
@@ -219,19 +255,20 @@ def sweep(backbone: Backbone, data: LabeledImages, out: str | Path, plan: Featur
         summary["heads"] = {}
         for kind in train_heads:
             config = ProbeConfig(kind, epochs=head_epochs, val_fraction=val_fraction, split_seed=split_seed, report_share=report_share)
-            metrics = train_probe(store, [cell_key(best)], out / f"head-{kind}", config, device=probe_device)
+            metrics = train_probe(store, [cell_key(best)], out / f"head-{kind}", config, test_store, device=probe_device)
             summary["heads"][kind] = head_summary(metrics, out / f"head-{kind}")
     write_json(out / "summary.json", summary)
     return summary
 
 
-def figures(select_top1: float, report: Interval | None) -> dict[str, Any]:
-    """A row's figures: the reported top-1 with its interval (or the selection score, said so)."""
+def figures(select_top1: float, report: Interval | None, where: str = "report rows") -> dict[str, Any]:
+    """A row's figures: the reported top-1 with its interval (or the selection score, said so);
+    `where`: what the report rows are (Reporting.unit)."""
     if report is None:
         return {"top1": round(select_top1, 2), "low": None, "high": None, "scored_on": "selection rows (optimistic)",
                 "select_top1": round(select_top1, 2)}  # fmt: skip
     return {"top1": round(report.estimate, 2), "low": round(report.low, 2), "high": round(report.high, 2),
-            "scored_on": f"{report.rows} report rows", "select_top1": round(select_top1, 2)}  # fmt: skip
+            "scored_on": f"{report.rows} {where}", "select_top1": round(select_top1, 2)}  # fmt: skip
 
 
 def head_summary(metrics: dict, run: Path) -> dict:
@@ -266,6 +303,6 @@ def describe_summary(summary: dict) -> str:
     for kind, h in summary.get("heads", {}).items():
         where = f"on {', '.join(h['inputs'])}" if h.get("inputs") else "at the best cell"
         lines.append(f"{kind} head {where}: top-1 {headline(h)} (run: {h['run']})")
-    if not roles["report"]:
+    if not roles.get("report_images", roles["report"]):
         lines.append("no report rows: every figure above is a selection score; give --report-share > 0 or a test set for unbiased ones")
     return "\n".join(lines)

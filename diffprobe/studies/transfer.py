@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -13,9 +14,10 @@ from ..features.extract import ExtractOptions, extract
 from ..features.plan import FeaturePlan
 from .._io import output_dir, write_csv
 from ..precision import choose_compute
-from ..features.roles import REPORT_SHARE, store_roles
+from ..features.reporting import Reporting, check_test_data
+from ..features.roles import REPORT_SHARE
 from ..probing.intervals import Interval, compare
-from .sweep import fast_probe, figures, run_controls
+from .sweep import cell_score, figures, run_controls
 
 
 def distinct_names(specs: Sequence[str], names: Sequence[str]) -> list[str]:
@@ -45,11 +47,13 @@ def distinct_names(specs: Sequence[str], names: Sequence[str]) -> list[str]:
 def transfer(backbone: Backbone, datasets: Sequence[str], out: str | Path, plan: FeaturePlan,
              options: ExtractOptions | None = None, probe: str = "logreg", val_fraction: float = 0.1, split_seed: int = 0,
              data_root: str | None = None, download: bool = False, split: str = "train",
-             controls: bool = True, report_share: float = REPORT_SHARE) -> list[dict]:  # fmt: skip
+             controls: bool = True, report_share: float = REPORT_SHARE, test_split: str | None = None,
+             test_limit: int | None = None) -> list[dict]:  # fmt: skip
     """Extract the plan's one setting on each dataset (stores under out/<name>/), score it with the
-    fast probe (C chosen on the selection rows, top-1 with its interval on the report rows; with
-    the pixels and random-weight controls, each against the setting as a paired difference), and
-    write transfer.csv and transfer.md."""
+    fast probe (C chosen on the selection rows, top-1 with its interval on the report rows, or on
+    each dataset's `test_split` (stores out/<name>-test/, `test_limit` images each) when given;
+    with the pixels and random-weight controls, each against the setting as a paired
+    difference), and write transfer.csv and transfer.md."""
     out = Path(out)
     options = options or ExtractOptions()
     plan = plan.resolve(backbone)
@@ -59,17 +63,25 @@ def transfer(backbone: Backbone, datasets: Sequence[str], out: str | Path, plan:
     probe_device = str((options.compute or choose_compute()).device)
     if options.augment_views:
         raise DiffprobeError("transfer scores centre-crop features: drop --augment-views")
-    output_dir(out)
     opened = [open_dataset(spec, root=data_root, split=split, download=download) for spec in datasets]
+    tests: list = [None] * len(opened)
+    if test_split is not None:  # every test set opened and checked before anything is written
+        tests = [open_dataset(spec, root=data_root, split=test_split, download=download) for spec in datasets]
+        for data, test in zip(opened, tests):
+            check_test_data(data, test)
+    output_dir(out)
     rows = []
-    for data, name in zip(opened, distinct_names(datasets, [d.name for d in opened])):
+    for data, test_data, name in zip(opened, tests, distinct_names(datasets, [d.name for d in opened])):
         store = extract(backbone, data, plan, out / name, options)
-        roles = store_roles(store, val_fraction, split_seed, report_share).check(f"transfer to {name}")
-        score = fast_probe(probe, store.load(key), store.labels, roles, probe_device)
+        test_store = None
+        if test_data is not None:
+            test_store = extract(backbone, test_data, plan, out / f"{name}-test", replace(options, limit=test_limit, rows_role=None))
+        reporting = Reporting.of(store, val_fraction, split_seed, report_share, test_store, f"transfer to {name}")
+        score = cell_score(probe, reporting, key, probe_device)
         row = {"dataset": name, "images": store.rows, "classes": len(data.classes), "setting": key.stem,
-               "probe": probe, **figures(score.select.top1, score.report())}  # fmt: skip
+               "probe": probe, **figures(score.select.top1, score.report(), reporting.unit)}  # fmt: skip
         if controls:  # one setting: the controls have nothing to search either
-            ctrl = run_controls(backbone, data, store, plan, score, roles, out / name, probe, probe_device, options)
+            ctrl = run_controls(backbone, data, reporting, plan, score, out / name, probe, probe_device, options, test_data)
             for control in ("pixels", "random_weights"):
                 c = ctrl[control]
                 row[f"{control}_top1"] = round(c["report"]["estimate"] if "report" in c else c["select_top1"], 2)
@@ -78,9 +90,10 @@ def transfer(backbone: Backbone, datasets: Sequence[str], out: str | Path, plan:
         rows.append(row)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "transfer.csv", rows)
-    lines = [f"Transfer of {backbone.source} at {key.stem} ({probe} probe; its C chosen on the selection rows, top-1 on the "
-             f"report rows with a 95% bootstrap interval: a {val_fraction:.0%} stratified held-out split, "
-             f"{report_share:.0%} of it reporting)", "",
+    lines = [f"Transfer of {backbone.source} at {key.stem} ({probe} probe; its C chosen on the selection rows, top-1 with a "
+             f"95% bootstrap interval on rows no choice saw: a {val_fraction:.0%} stratified held-out split, "
+             + (f"all of it selecting; every dataset's '{test_split}' split reports)" if test_split else f"{report_share:.0%} of it reporting)"),
+             "",
              "| dataset | images | classes | top-1 % (95% interval) | scored on | raw pixels top-1 % | random weights top-1 % |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
