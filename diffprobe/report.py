@@ -136,3 +136,24 @@ def head_bars(path: str | Path, rows: Sequence[dict], title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def transfer_bars(path: str | Path, rows: Sequence[dict], title: str) -> None:
+    """Top-1 per dataset with its interval as an error bar, the controls (where run) as markers."""
+    names = [r["dataset"] for r in rows]
+    x = np.arange(len(rows))
+    values = [r["top1"] for r in rows]
+    errors = np.array([[r["top1"] - r["low"], r["high"] - r["top1"]] if r.get("low") is not None else [0, 0] for r in rows]).T
+    fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 2.5, 3.8))
+    bars = ax.bar(x, values, 0.6, yerr=errors, capsize=3, label="probe")
+    ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    for key, marker, label in (("random_weights_top1", "v", "random weights"), ("pixels_top1", "x", "raw pixels")):
+        if any(key in r for r in rows):
+            ax.plot(x, [r.get(key, np.nan) for r in rows], marker, color="k", ls="none", label=label)
+    ax.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("top-1 (%), 95% interval")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -19,6 +19,13 @@ FIXTURE_SPEC = f"adm:{FIXTURE_CKPT}"
 # Tests never touch the network; set before huggingface_hub is first imported (it reads this once).
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two pytest-xdist workers on a 2-core machine: one thread each, so they share the cores
+    # instead of fighting over them (a worker's torchrun children already run on one thread).
+    import torch
+
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory):

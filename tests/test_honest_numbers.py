@@ -188,7 +188,7 @@ def test_sweep_and_transfer_report_on_a_test_split(cifar_with_test, tmp_path, ca
                 "--device", "cpu", "--no-controls", "--out", str(tmp_path / "transfer")]  # fmt: skip
     assert main([*transfer, "--test-split", "test"]) == 0
     table = (tmp_path / "transfer" / "transfer.md").read_text()
-    assert "| 80 test images |" in table and "'test' split reports" in table
+    assert "| 80 test images |" in table and "'test' split reports" in table and (tmp_path / "transfer" / "transfer.png").is_file()
 
     plain = tmp_path / "plain"  # one split only: the "test split" would be the training images
     plain.symlink_to(cifar_with_test / "train")
@@ -205,16 +205,16 @@ def test_compare_heads_reports_on_a_test_store(store, cifar_with_test, tmp_path)
     key = store.complete_keys()[0]
     test_split = open_dataset(cifar_with_test, split="test")
     test = dp.extract(dp.load_backbone(FIXTURE_SPEC), test_split, dp.FeaturePlan(t=10, blocks=3, pools=2), tmp_path / "test", progress=False)
-    rows = compare_heads(store, key, tmp_path / "heads", ["linear"], ["modern"], test_store=test)
+    rows = compare_heads(store, key, tmp_path / "heads", ["mlp"], ["modern"], test_store=test)
     logreg, linear = rows
     assert logreg["scored_on"] == linear["scored_on"] == f"{test.rows} test images" and "vs_logreg" in linear
-    metrics = json.loads((tmp_path / "heads" / "linear-modern" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "heads" / "mlp-modern" / "metrics.json").read_text())
     assert metrics["report"]["source"].startswith(f"test store {test.root}") and linear["top1"] == round(metrics["report"]["top1"], 2)
     assert json.loads((tmp_path / "heads" / "heads.json").read_text())["roles"]["report"] == 0  # every held-out row selected
     partial = dp.extract(dp.load_backbone(FIXTURE_SPEC), test_split, dp.FeaturePlan(t=20, blocks=3, pools=2), tmp_path / "other-t",
                          progress=False)  # fmt: skip
     with pytest.raises(dp.DiffprobeError, match="lacks t0010_b03_p2"):
-        compare_heads(store, key, tmp_path / "h2", ["linear"], ["modern"], test_store=partial)
+        compare_heads(store, key, tmp_path / "h2", ["mlp"], ["modern"], test_store=partial)
 
 
 def test_held_out_adds_held_out_images_to_a_training_subset():

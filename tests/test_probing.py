@@ -172,8 +172,8 @@ def test_predict_refuses_a_changed_backbone(store, tmp_path, capsys):
 
 def test_sweep_writes_csv_heatmaps_best_and_controls(cifar_small, tmp_path, capsys):
     out = tmp_path / "sweep"
-    code = main(["sweep", FIXTURE_SPEC, "--data", str(cifar_small), "--blocks", "3,13,25", "--t", "10,300",
-                 "--pool", "1,2", "--out", str(out), "--head", "linear"])  # fmt: skip
+    code = main(["sweep", FIXTURE_SPEC, "--data", str(cifar_small), "--blocks", "3,8,13", "--t", "10,300",
+                 "--pool", "1,2", "--out", str(out), "--head", "linear", "--head-epochs", "3"])  # fmt: skip
     assert code == 0
     text = capsys.readouterr().out
     assert "linear head at the best cell: top-1" in text and (out / "head-linear" / "head.pt").is_file()
@@ -182,7 +182,8 @@ def test_sweep_writes_csv_heatmaps_best_and_controls(cifar_small, tmp_path, caps
     assert rows[0].startswith("t,block,pool,probe,select_top1,select_top5,report_top1,report_top5") and len(rows) == 1 + 12
     assert (out / "heatmap_pool1.png").is_file() and (out / "heatmap_pool2.png").is_file()
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["roles"] == {"train": 270, "select": 10, "report": 20, "val_fraction": 0.1, "split_seed": 0, "report_share": 0.5}
+    assert summary["roles"] == {"train": 270, "select": 10, "report": 20, "val_fraction": 0.1, "split_seed": 0, "report_share": 0.5,
+                                "reported_on": f"held-out report rows of {out / 'features'} (20 images)", "report_images": 20}  # fmt: skip
     assert summary["best"]["select_top1"] == max(float(r.split(",")[4]) for r in rows[1:])
     report = summary["best"]["report"]
     assert report["rows"] == 20 and report["low"] <= report["estimate"] <= report["high"]

@@ -48,7 +48,7 @@ def cmd_transfer(args: argparse.Namespace) -> None:
         ctrl = f"  (pixels {r['pixels_top1']:.2f}%, random weights {r['random_weights_top1']:.2f}%)" if "pixels_top1" in r else ""
         ci = f" [{r['low']:.2f}, {r['high']:.2f}]" if r["low"] is not None else ""
         print(f"{r['dataset']:<24} {r['images']:>7} images {r['classes']:>4} classes  top-1 {r['top1']:6.2f}%{ci} on {r['scored_on']}{ctrl}")
-    print(f"table: {args.out}/transfer.csv, {args.out}/transfer.md")
+    print(f"table: {args.out}/transfer.csv, {args.out}/transfer.md, {args.out}/transfer.png")
 
 
 def cmd_cka(args: argparse.Namespace) -> None:

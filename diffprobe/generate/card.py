@@ -79,9 +79,7 @@ def export_run(run: str | Path, dest: str | Path, data: LabeledImages, limit: in
     work = cache_dir() / "export" / f"{dest.resolve().name}-{state['step']}"
     summary = sweep(backbone, data, work / "sweep", FeaturePlan(t=timesteps, blocks=blocks, pools=pools),
                     ExtractOptions(limit=limit, compute=compute))  # fmt: skip
-    for name in ("sweep.csv", "heatmap_pool1.png", "heatmap_pool2.png", "summary.json"):
-        if (work / "sweep" / name).is_file():
-            shutil.copy(work / "sweep" / name, dest / f"probe_{name}")
+    copy_probe_files(work / "sweep", dest)
     shutil.copy(sample_grid(backbone, work / "samples", samples, 100, compute), dest / "samples.png")
 
     card = {"summary": f"ADM trained by diffprobe on CIFAR-10, {state['step']} steps", "config": config,
@@ -174,9 +172,8 @@ def probe_fact(summary: dict[str, Any]) -> str:
     cell = f"best t={best['t']} block {best['block']} pool {best['pool']}"
     if not roles or "report" not in best:
         return f"logistic regression on {summary['rows']} images: {cell}: {scored(best)}"
-    where = f" ({summary['source']})" if summary.get("source") else ""
     return (f"logistic regression on {roles['train']} training images, {cell} chosen on {roles['select']} selection images "
-            f"({best['select_top1']:.2f}%): {scored(best)}{where}")  # fmt: skip
+            f"({best['select_top1']:.2f}%): {scored(best)}")  # fmt: skip
 
 
 def attention_fact(attention: dict[str, Any] | None) -> str:
@@ -272,6 +269,7 @@ def refresh_card(dest: str | Path, demo: str | Path | None = None, fid: str | Pa
             card["fid"] = fid_result(Path(fid), sha, split, config["data_fingerprint"])
         if probe is not None:
             card["probe"] = probe_from_sweep(Path(probe), sha, split)
+            copy_probe_files(Path(probe).parent, dest)
         write_card(dest, card)
     except (KeyError, TypeError, AttributeError, IndexError) as e:  # a hand-edited or truncated card.json / ema.json
         what = f"lacks the key {e.args[0]!r}" if isinstance(e, KeyError) else f"is damaged ({type(e).__name__}: {e})"
@@ -284,6 +282,17 @@ def _same_checkpoint(path: str, sha: str, what: str) -> None:
         raise DiffprobeError(f"cannot check that {what} is of this checkpoint: {path} is not on this machine (run it here)")
     if file_sha256(path) != sha:
         raise DiffprobeError(f"{what} was made with {path}, not this checkpoint's ema.pt (sha256 differs)")
+
+
+PROBE_FILES = ("sweep.csv", "heatmap_pool1.png", "heatmap_pool2.png", "summary.json")  # shipped as probe_<name>
+
+
+def copy_probe_files(sweep_dir: Path, dest: Path) -> None:
+    """The sweep's table, heatmaps and summary beside the card (probe_*), replacing older ones."""
+    for name in PROBE_FILES:
+        (dest / f"probe_{name}").unlink(missing_ok=True)
+        if (sweep_dir / name).is_file():
+            shutil.copy(sweep_dir / name, dest / f"probe_{name}")
 
 
 def probe_from_sweep(path: Path, sha: str, split: tuple[Any, Any]) -> dict[str, Any]:
@@ -363,6 +372,8 @@ def write_model_card(dest: Path, card: dict[str, Any]) -> None:
     lines += ["", "## Loss", "", "![loss](loss.png) (`loss.csv`)", "",
               "## Samples (DDIM, 100 steps or the whole schedule if shorter, seed 0)", "", "![samples](samples.png)", "",
               "## Probes on the validation split (`probe_sweep.csv`, `probe_summary.json`)", "",
+              "The heatmaps show each cell's score on the rows that chose the best cell (selection rows where the "
+              "sweep had report rows); the figures in the table above are the chosen cell's on rows no choice saw.", "",
               "![pool 1](probe_heatmap_pool1.png) ![pool 2](probe_heatmap_pool2.png)", ""]  # fmt: skip
     if card.get("notes"):
         lines += ["## Notes", "", card["notes"], ""]

@@ -17,6 +17,7 @@ from ..precision import choose_compute
 from ..features.reporting import Reporting, check_test_data
 from ..features.roles import REPORT_SHARE
 from ..probing.intervals import Interval, compare
+from ..report import short_source, transfer_bars
 from .sweep import cell_score, figures, run_controls
 
 
@@ -53,7 +54,7 @@ def transfer(backbone: Backbone, datasets: Sequence[str], out: str | Path, plan:
     fast probe (C chosen on the selection rows, top-1 with its interval on the report rows, or on
     each dataset's `test_split` (stores out/<name>-test/, `test_limit` images each) when given;
     with the pixels and random-weight controls, each against the setting as a paired
-    difference), and write transfer.csv and transfer.md."""
+    difference), and write transfer.csv, transfer.md and transfer.png (bars with intervals)."""
     out = Path(out)
     options = options or ExtractOptions()
     plan = plan.resolve(backbone)
@@ -103,4 +104,6 @@ def transfer(backbone: Backbone, datasets: Sequence[str], out: str | Path, plan:
     verdicts = [f"- {r['dataset']}: {r[k]}" for r in rows for k in ("vs_random_weights", "vs_pixels") if r.get(k)]
     lines += [""] + verdicts if verdicts else []
     (out / "transfer.md").write_text("\n".join(lines) + "\n")
+    shown = f"{test_split} splits" if test_split else "report rows"
+    transfer_bars(out / "transfer.png", rows, f"{short_source(backbone.source)} at {key.stem}: {probe} top-1 on each dataset's {shown}")
     return rows
