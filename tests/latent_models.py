@@ -73,3 +73,47 @@ def save_dit(folder: Path, seed: int = 0, **overrides) -> str:
     vae(vae_channels).save_pretrained(folder / "vae")
     DDIMScheduler(beta_schedule="linear").save_pretrained(folder / "scheduler")
     return str(folder)
+
+
+def save_t5_tokenizer(folder: Path) -> None:
+    """A T5 tokenizer (transformers' Unigram model) whose vocabulary is the lowercase letters."""
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)] + [(ch, -3.0) for ch in string.ascii_lowercase]
+    T5TokenizerFast(vocab=vocab, extra_ids=0).save_pretrained(folder)
+
+
+def save_sd3(folder: Path, seed: int = 0, t5: bool = True, **overrides) -> str:
+    """An SD3-shaped pipeline: MMDiT transformer (latent 8×8, patch 2), 16-channel VAE with a shift
+    factor (factor 2: 16-px images), two CLIP encoders with projections and a T5 encoder."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    cfg = dict(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=8,
+               num_attention_heads=4, joint_attention_dim=48, caption_projection_dim=32, pooled_projection_dim=32,
+               pos_embed_max_size=16)  # fmt: skip
+    cfg.update(overrides)
+    SD3Transformer2DModel(**cfg).save_pretrained(folder / "transformer")
+    codec = vae((16, 32), latent_channels=16)
+    codec.register_to_config(shift_factor=0.06, scaling_factor=1.5)
+    codec.save_pretrained(folder / "vae")
+    for sub, width in (("text_encoder", 16), ("text_encoder_2", 24)):  # CLIP-L and CLIP-G: projections 16 + 16 = pooled 32
+        clip = CLIPTextConfig(vocab_size=54, hidden_size=width, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                              max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=16)  # fmt: skip
+        CLIPTextModelWithProjection(clip).save_pretrained(folder / sub)
+        save_tokenizer(folder / sub.replace("text_encoder", "tokenizer"))
+    if t5:  # T5's width is the joint width; CLIP's 16 + 24 are padded up to it
+        T5EncoderModel(T5Config(vocab_size=30, d_model=cfg["joint_attention_dim"], d_ff=37, d_kv=8, num_layers=2, num_heads=4,
+                                pad_token_id=0, eos_token_id=1)).save_pretrained(folder / "text_encoder_3")  # fmt: skip
+        save_t5_tokenizer(folder / "tokenizer_3")
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(folder / "scheduler")
+    parts = {"transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "text_encoder": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+             "text_encoder_3": ["transformers", "T5EncoderModel"] if t5 else [None, None],
+             "tokenizer_3": ["transformers", "T5TokenizerFast"] if t5 else [None, None],
+             "image_encoder": [None, None], "feature_extractor": [None, None]}  # fmt: skip
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline", **parts}))
+    return str(folder)

@@ -30,7 +30,8 @@ def test_blocks_table(capsys):
     code, out, _ = run(capsys, "blocks", FIXTURE_SPEC)
     assert code == 0
     assert "   13  middle_block                       64        4×4" in out
-    assert out.count("\n") == 27
+    assert "(ddpm)" in out and "t is the DDPM timestep in 0..999" in out
+    assert out.count("\n") == 28
 
 
 def test_blocks_of_the_paper_model_from_flags(capsys):

@@ -294,3 +294,27 @@ def test_v_prediction_comes_from_the_scheduler_config(sd_folder, tmp_path):
     assert bb.prediction_type == "v_prediction" and load_backbone(f"diffusers:{sd_folder}").prediction_type == "epsilon"
     scheduler = make_scheduler(bb, "ddim", bb.learned_sigma)
     assert scheduler.config.prediction_type == "v_prediction" and not scheduler.config.clip_sample
+
+
+def test_a_flow_model_samples_with_the_euler_flow_scheduler(dit_folder, monkeypatch):
+    """Sampling a flow-parameterized model: FlowMatchEulerDiscreteScheduler with the recorded
+    shift, real-valued timesteps handed to the denoiser, DDPM samplers refused in one line. (The
+    transformer here is DiT-shaped; only the schedule's wiring is under test.)"""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffprobe import DiffprobeError
+    from diffprobe.features.noise import FlowSchedule
+    from diffprobe.generate.sample import sample_images
+
+    backbone = load_backbone(f"diffusers:{dit_folder}")
+    backbone.schedule = FlowSchedule(1000, {"shift": 3.0})
+    seen = []
+    denoise = backbone.denoise
+    monkeypatch.setattr(type(backbone), "denoise", lambda self, x, t, y=None: seen.append(t[0].item()) or denoise(x, t, y)[:, :4])
+    images = sample_images(backbone, 2, "euler", 3, seed=1)
+    assert images.shape == (2, 3, backbone.image_size, backbone.image_size) and images.dtype == torch.uint8
+    expected = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    expected.set_timesteps(3)
+    assert seen == pytest.approx(expected.timesteps.tolist()) and seen[1] != int(seen[1])  # shifted, not rounded
+    with pytest.raises(DiffprobeError, match="a flow model samples with euler"):
+        sample_images(backbone, 1, "ddim", 3)

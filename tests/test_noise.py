@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diffprobe import DiffprobeError
-from diffprobe.features.noise import NoiseSchedule, image_noise
+from diffprobe.features.noise import FlowSchedule, NoiseSchedule, image_noise
 
 
 def test_linear_schedule_values_quoted_by_the_paper():
@@ -51,3 +51,30 @@ def test_timesteps_are_checked():
             sched.check_timesteps([bad])
     with pytest.raises(DiffprobeError, match="unknown noise schedule"):
         NoiseSchedule.named("sigmoid")
+
+
+def test_flow_noising_equals_the_flow_schedulers_own():
+    """Rectified flow: x_t = (1−σ)·x0 + σ·ε with σ = t/T, equal to FlowMatchEulerDiscreteScheduler.scale_noise
+    at the same t (shift 1: a probe reads σ = t/T; the sampling shift is recorded, not applied)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    schedule = FlowSchedule(1000, {"shift": 3.0})
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    x0, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    for t in (1, 10, 250, 999, 1000):
+        ours = schedule.q_sample(x0, t, eps)
+        theirs = scheduler.scale_noise(x0, torch.full((3,), float(t)), eps)
+        assert torch.allclose(ours, theirs, atol=1e-6), t
+    assert torch.equal(schedule.q_sample(x0, 0, eps), x0)  # t = 0: the clean latent
+    assert schedule.check_timesteps([0, 1000]) == [0, 1000]
+    with pytest.raises(DiffprobeError, match=r"expected an integer in \[0, 1000\]"):
+        schedule.check_timesteps([1001])
+    assert "σ = t/1000" in schedule.describe_t() and "shift=3.0" in schedule.describe_t()
+
+
+def test_the_parameterization_is_part_of_a_stores_identity():
+    from diffprobe.features.extract import parameterization
+
+    ddpm, flow = NoiseSchedule.named("linear", 1000), FlowSchedule(1000, {})
+    assert parameterization(ddpm) == {} and parameterization(flow) == {"parameterization": "flow"}
+    assert ddpm.identity() != flow.identity() and flow.name == "flow-1000"

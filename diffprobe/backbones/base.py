@@ -171,7 +171,7 @@ class Backbone(nn.Module):
         if self._fingerprint is None:
             h = hashlib.sha256()
             h.update(repr(sorted(self.config.items())).encode())
-            h.update(self.schedule.alphas_cumprod.tobytes())
+            h.update(self.schedule.identity())
             hash_tensors(h, self.model.state_dict())
             hash_tensors(h, self.extra_identity())
             self._fingerprint = h.hexdigest()[:20]

@@ -7,10 +7,12 @@ a bare model folder names it in its own `config.json`. That class picks the load
     UNet2DModel            pixel U-Net (diffusers_unet.py)
     UNet2DConditionModel   Stable Diffusion-style latent U-Net (diffusers_sd.py)
     DiTTransformer2DModel  DiT-style latent transformer (diffusers_dit.py)
+    SD3Transformer2DModel  Stable Diffusion 3/3.5 flow-matching transformer (diffusers_sd3.py)
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import re
@@ -27,6 +29,8 @@ SUPPORTED = {
     "UNet2DModel": "pixel-space U-Net (DDPM, ADM-style): unet/ or a bare model folder",
     "UNet2DConditionModel": "Stable Diffusion 1.x/2.x-style latent U-Net: unet/, vae/, text_encoder/, tokenizer/, scheduler/",
     "DiTTransformer2DModel": "DiT-style class-conditional latent transformer: transformer/, vae/, scheduler/",
+    "SD3Transformer2DModel": "Stable Diffusion 3/3.5 flow-matching transformer (MMDiT): transformer/, vae/, scheduler/, "
+                             "text_encoder/, text_encoder_2/, text_encoder_3/ (optional with -o t5=false), tokenizer*/",
 }
 
 
@@ -111,6 +115,10 @@ def load(target: str, device: str | torch.device = "cpu", **options: Any) -> Bac
         from .diffusers_dit import load_dit
 
         return _call(load_dit, name, target, local, device=device, **options)
+    if name == "SD3Transformer2DModel":
+        from .diffusers_sd3 import load_sd3
+
+        return _call(load_sd3, name, target, local, device=device, **options)
     raise _unsupported(name, f"{target}/{sub}" if sub else target)
 
 
@@ -168,6 +176,20 @@ def _quiet_loaders():
     return stack
 
 
+@contextlib.contextmanager
+def no_transformers_bars():
+    """transformers draws a progress bar per load; ours is the only one the CLI should show."""
+    from transformers.utils import logging as transformers_logging
+
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
+
+
 _SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from checkpoint, "
                             r"the shape in current model is torch\.Size\((\[[^\]]*\])\)")  # fmt: skip
 
@@ -217,18 +239,22 @@ def architecture_config(model: torch.nn.Module) -> dict[str, Any]:
     return config
 
 
-def prediction_type(target: str, local: bool) -> str:
-    """What the denoiser predicts, from the pipeline's scheduler config ("epsilon" when it says nothing)."""
+def read_scheduler_config(target: str, local: bool) -> dict | None:
+    """The pipeline's scheduler/scheduler_config.json, or None when it has none."""
     if local:
         path = Path(target) / "scheduler" / "scheduler_config.json"
-        config = read_json(path) if path.is_file() else {}
-    else:
-        from diffusers import DDPMScheduler
+        return read_json(path) if path.is_file() else None
+    return _hub_json(target, "scheduler/scheduler_config.json")
 
-        try:
-            config = DDPMScheduler.load_config(target, subfolder="scheduler")
-        except Exception:  # no scheduler config: the schedule loader has already refused or been told the schedule
-            config = {}
+
+def prediction_type(target: str, local: bool) -> str:
+    """What the denoiser predicts, from the pipeline's scheduler config ("epsilon" when it says nothing)."""
+    try:
+        config = read_scheduler_config(target, local) or {}
+    except DiffprobeError:
+        if local:
+            raise
+        config = {}  # a hub scheduler config out of reach: the schedule loader has already refused or been told the schedule
     kind = config.get("prediction_type", "epsilon")
     if kind not in ("epsilon", "v_prediction"):
         raise DiffprobeError(f"{target}: scheduler prediction_type {kind!r} is not supported (epsilon or v_prediction)")

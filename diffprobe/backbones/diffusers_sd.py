@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import DiffprobeError
 from .base import BlockInfo
-from .diffusers_pipeline import architecture_config, as_int, check_image_size, load_part, prediction_type
+from .diffusers_pipeline import architecture_config, as_int, check_image_size, load_part, no_transformers_bars, prediction_type
 from .diffusers_unet import _schedule, _units, walk_units
 from .vae import LatentBackbone, VaeCodec
 
@@ -113,17 +113,10 @@ class StableDiffusionBackbone(LatentBackbone):
 def encode_prompt(target: str, local: bool, prompt: str) -> torch.Tensor:
     """The CLIP text encoder's last hidden state for `prompt`, padded to the tokenizer's length, [1, L, D]."""
     from transformers import CLIPTextModel, CLIPTokenizer
-    from transformers.utils import logging as transformers_logging
 
-    # transformers draws a progress bar per load; ours is the only one the CLI should show.
-    bars = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()
-    try:
+    with no_transformers_bars():
         tokenizer = load_part(CLIPTokenizer, target, local, "tokenizer", WHAT)
         encoder = load_part(CLIPTextModel, target, local, "text_encoder", WHAT).eval()
-    finally:
-        if bars:
-            transformers_logging.enable_progress_bar()
     tokens = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
     mask = tokens.attention_mask if getattr(encoder.config, "use_attention_mask", False) else None
     with torch.no_grad():

@@ -14,12 +14,14 @@ def cmd_blocks(args: argparse.Namespace) -> None:
     rows = backbone.block_table()
     if args.json:
         print(json.dumps({"source": backbone.source, "image_size": backbone.image_size, "model_shape": list(backbone.model_shape),
+                          "parameterization": backbone.schedule.parameterization, "t": backbone.schedule.describe_t(),
                           "blocks": rows}, indent=1))  # fmt: skip
         return
     c, h, w = backbone.model_shape
     space = f", noised as {c}×{h}×{w} latents (channels and resolution below are latent-space)" if backbone.encodes_images else ""
     print(f"{backbone.source}: {backbone.family}, {backbone.image_size}×{backbone.image_size} input{space}, "
-          f"schedule {backbone.schedule.name}, {backbone.conditioning}")  # fmt: skip
+          f"schedule {backbone.schedule.name} ({backbone.schedule.parameterization}), {backbone.conditioning}")  # fmt: skip
+    print(backbone.schedule.describe_t())
     print(f"{'block':>5}  {'module':<28} {'channels':>8}  {'resolution':>10}")
     for r in rows:
         print(f"{r['index']:>5}  {r['name']:<28} {r['channels']:>8}  {r['resolution']:>7}×{r['resolution']}")

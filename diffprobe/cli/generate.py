@@ -25,12 +25,13 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from .._io import output_dir
-    from ..generate.sample import sample_images, sampling_steps, save_samples
+    from ..generate.sample import default_sampler, sample_images, sampling_steps, save_samples
     from ..precision import choose_compute
 
     output_dir(args.out)  # before any work: an unusable --out is one clear line
     backbone = load_backbone_from(args)
     compute = choose_compute(args.device, args.precision, "auto", False)
+    args.sampler = args.sampler or default_sampler(backbone)
     steps = sampling_steps(backbone, args.sampler, args.steps)
     images = sample_images(backbone, args.num, args.sampler, steps, args.seed, args.batch_size, args.eta, compute)
     info = {"source": backbone.source, "sampler": args.sampler, "steps": steps, "eta": args.eta, "seed": args.seed,
@@ -107,7 +108,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_backbone_args(p)
     p.add_argument("--out", required=True)
     p.add_argument("--num", type=int, default=64)
-    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
+    p.add_argument("--sampler", choices=["ddim", "ddpm", "euler"], help="default: ddim, or euler for flow models (SD3, FLUX)")
     p.add_argument("--steps", type=int, help="DDIM steps (default 100); DDPM always uses all of the schedule's")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η (0: deterministic)")
     p.add_argument("--seed", type=int, default=0, help="sampling noise seed")

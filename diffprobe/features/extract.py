@@ -100,7 +100,7 @@ def build_manifest(backbone: Backbone, data: LabeledImages, rows: np.ndarray, pl
         },
         "transform": (augment_description(backbone.image_size, options.augment_views, options.augment_seed)
                       if options.augment_views else transform_description(backbone.image_size)),
-        "noise": {"schedule": backbone.schedule.name, **plan.noise()},
+        "noise": {"schedule": backbone.schedule.name, **parameterization(backbone.schedule), **plan.noise()},
         "dtype": options.dtype,
         "precision": compute.precision,
         "chunk_rows": options.batch_size,
@@ -112,6 +112,11 @@ def build_manifest(backbone: Backbone, data: LabeledImages, rows: np.ndarray, pl
             "python": platform.python_version(),
         },
     }
+
+
+def parameterization(schedule) -> dict:
+    """A flow schedule says so in the store's identity; DDPM stores keep the identity they always had."""
+    return {"parameterization": "flow"} if schedule.parameterization == "flow" else {}
 
 
 def absolute_spec(spec: str) -> str:

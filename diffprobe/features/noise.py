@@ -1,8 +1,13 @@
-"""Noise schedules (ᾱ_t), deterministic per-image noise, and q_sample.
+"""Noise schedules, deterministic per-image noise, and q_sample, in two parameterizations.
 
-ᾱ is computed in float64 with guided-diffusion's formulas rather than taken from a
-diffusers scheduler, because diffusers builds betas in float32 and the ADM checkpoints
-were trained with float64 schedules (the fixture's `alphas_cumprod` is float64).
+- DDPM (`NoiseSchedule`): x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε. ᾱ is computed in float64 with
+  guided-diffusion's formulas rather than taken from a diffusers scheduler, because diffusers
+  builds betas in float32 and the ADM checkpoints were trained with float64 schedules (the
+  fixture's `alphas_cumprod` is float64).
+- Rectified flow (`FlowSchedule`, SD3 and FLUX): x_t = (1−σ)·x0 + σ·ε with σ = t / T.
+
+In both, `t` is what the denoiser receives, on the scheduler's 0..T scale, so one --t means
+the same thing in every family's store.
 """
 
 from __future__ import annotations
@@ -37,6 +42,14 @@ class NoiseSchedule:
 
     alphas_cumprod: np.ndarray  # float64, shape [T]
     name: str
+    parameterization = "ddpm"
+
+    def identity(self) -> bytes:
+        """What a backbone's fingerprint hashes of its schedule."""
+        return self.alphas_cumprod.tobytes()
+
+    def describe_t(self) -> str:
+        return f"t is the DDPM timestep in 0..{self.num_timesteps - 1}: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε"
 
     @classmethod
     def named(cls, name: str, steps: int = 1000) -> "NoiseSchedule":
@@ -83,3 +96,55 @@ def image_noise(indices: Sequence[int], seed: int, shape: Sequence[int], draw: i
         gen.manual_seed(int(state[0]) << 32 | int(state[1]))
         out[row] = torch.randn(tuple(shape), generator=gen)
     return out
+
+
+@dataclass(frozen=True, eq=False)
+class FlowSchedule:
+    """Rectified flow (diffusers' FlowMatchEulerDiscreteScheduler): x_t = (1−σ)·x0 + σ·ε, σ = t / T.
+
+    t is an integer in 0..T (T: pure noise), the value the transformer receives as its timestep.
+    The scheduler's shift and dynamic shifting move the sampling grid of σ; they are recorded
+    (`sampling`) and not applied when probing: a probe at t reads the model at σ = t / T.
+    """
+
+    num_train_timesteps: int
+    sampling: dict  # the scheduler's shift settings, for the record and for sampling
+    parameterization = "flow"
+
+    @property
+    def name(self) -> str:
+        return f"flow-{self.num_train_timesteps}"
+
+    @property
+    def num_timesteps(self) -> int:
+        """Timesteps a probe may ask for: 0..T, both ends included (σ = 0 clean, σ = 1 noise)."""
+        return self.num_train_timesteps + 1
+
+    def identity(self) -> bytes:
+        return np.array([self.num_train_timesteps], dtype=np.int64).tobytes()
+
+    def describe_t(self) -> str:
+        shift = ", ".join(f"{k}={v}" for k, v in self.sampling.items())
+        return (f"t is the flow timestep in 0..{self.num_train_timesteps}, σ = t/{self.num_train_timesteps}: "
+                f"x_t = (1−σ)·x0 + σ·ε (sampling settings recorded, not applied when probing: {shift or 'none'})")  # fmt: skip
+
+    def check_timesteps(self, ts: Sequence[int]) -> list[int]:
+        out = []
+        for t in ts:
+            if int(t) != t or not 0 <= int(t) <= self.num_train_timesteps:
+                raise DiffprobeError(f"timestep {t} is outside this flow model's schedule: expected an integer in "
+                                     f"[0, {self.num_train_timesteps}] (σ = t/{self.num_train_timesteps})")  # fmt: skip
+            out.append(int(t))
+        return out
+
+    def sigma(self, t: int | torch.Tensor) -> torch.Tensor:
+        """σ for each t, in float64."""
+        return torch.as_tensor(t, dtype=torch.float64).reshape(-1).cpu() / self.num_train_timesteps
+
+    def q_sample(self, x0: torch.Tensor, t: int | torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x_t = (1−σ)·x0 + σ·ε, σ in float64 then cast to x0's dtype."""
+        sigma = self.sigma(t)
+        if sigma.numel() == 1:
+            sigma = sigma.expand(x0.shape[0])
+        s = sigma.to(x0.device, x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
+        return (1 - s) * x0 + s * eps

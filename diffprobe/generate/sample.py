@@ -1,8 +1,10 @@
-"""`diffprobe sample`: images from a diffusion backbone with diffusers' DDPM or DDIM scheduler.
+"""`diffprobe sample`: images from a diffusion backbone with diffusers' schedulers.
 
-The schedulers get the backbone's own β_t (`trained_betas`), so any schedule the model was trained
-with is sampled exactly. Sample i is fully determined by (seed, batch size): each batch has its
-own generator seeded by (seed, batch number).
+DDPM-parameterized models sample with DDPM or DDIM, the schedulers given the backbone's own β_t
+(`trained_betas`), so any schedule the model was trained with is sampled exactly. Flow models
+(SD3, FLUX) sample with FlowMatchEulerDiscreteScheduler ("euler") and the pipeline's own shift
+settings, which probing records but does not apply. Sample i is fully determined by (seed, batch
+size): each batch has its own generator seeded by (seed, batch number).
 """
 
 from __future__ import annotations
@@ -20,9 +22,42 @@ from ..errors import DiffprobeError
 from ..precision import Compute
 
 
+SAMPLERS = {"ddpm": ("ddpm", "ddim"), "flow": ("euler",)}
+
+
+def default_sampler(backbone: Backbone) -> str:
+    return "euler" if backbone.schedule.parameterization == "flow" else "ddim"
+
+
+def check_sampler(backbone: Backbone, sampler: str) -> None:
+    kind = backbone.schedule.parameterization
+    if sampler not in SAMPLERS[kind]:
+        raise DiffprobeError(f"--sampler {sampler}: a {kind} model samples with {' or '.join(SAMPLERS[kind])}")
+
+
+def flow_scheduler(backbone: Backbone, steps: int):
+    """The pipeline's Euler flow scheduler with its shift; dynamic shifting takes μ from the
+    image's token count as the FLUX pipeline computes it."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    schedule = backbone.schedule
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=schedule.num_train_timesteps, **schedule.sampling)
+    if scheduler.config.use_dynamic_shifting:
+        c = scheduler.config
+        _, h, w = backbone.model_shape
+        tokens = (h // 2) * (w // 2)  # FLUX packs 2×2 latent patches into one token
+        slope = (c.max_shift - c.base_shift) / (c.max_image_seq_len - c.base_image_seq_len)
+        sigmas = np.linspace(1.0, 1 / steps, steps)  # FluxPipeline's default grid, before the shift
+        scheduler.set_timesteps(sigmas=sigmas.tolist(), mu=tokens * slope + c.base_shift - slope * c.base_image_seq_len)
+    else:
+        scheduler.set_timesteps(steps)
+    return scheduler
+
+
 def make_scheduler(backbone: Backbone, sampler: str, learned_sigma: bool):
     from diffusers import DDIMScheduler, DDPMScheduler
 
+    check_sampler(backbone, sampler)
     abar = backbone.schedule.alphas_cumprod
     betas = 1.0 - abar / np.append(1.0, abar[:-1])
     # x0 is clipped to [-1, 1] in pixel space only: latents have their own range.
@@ -42,7 +77,8 @@ DEFAULT_DDIM_STEPS = 100
 def sampling_steps(backbone: Backbone, sampler: str, steps: int | None) -> int:
     """The step count to sample with: None means the sampler's default; anything else is checked
     (0 is an error, never quietly the default)."""
-    total = backbone.schedule.num_timesteps
+    check_sampler(backbone, sampler)
+    total = getattr(backbone.schedule, "num_train_timesteps", backbone.schedule.num_timesteps)
     if steps is None:
         return total if sampler == "ddpm" else min(DEFAULT_DDIM_STEPS, total)
     if sampler == "ddpm" and steps != total:
@@ -79,8 +115,11 @@ def sample_images(backbone: Backbone, num: int, sampler: str = "ddim", steps: in
     compute = compute or Compute(torch.device("cpu"), "fp32", False, False)
     backbone = compute.prepare(backbone)  # a set-up copy; the caller's backbone is unchanged
     learned_sigma = backbone.learned_sigma
-    scheduler = make_scheduler(backbone, sampler, learned_sigma)
-    scheduler.set_timesteps(steps)
+    if sampler == "euler":
+        scheduler = flow_scheduler(backbone, steps)
+    else:
+        scheduler = make_scheduler(backbone, sampler, learned_sigma)
+        scheduler.set_timesteps(steps)
     images = []
     batches = range(0, num, batch_size)
     bar = tqdm(total=len(batches) * len(scheduler.timesteps), desc=f"sampling ({sampler}, {steps} steps)", unit="step", mininterval=2)
@@ -90,7 +129,9 @@ def sample_images(backbone: Backbone, num: int, sampler: str = "ddim", steps: in
         x = torch.randn((n, *backbone.model_shape), generator=gen)
         for t in scheduler.timesteps:
             with torch.no_grad(), compute.autocast():
-                out = backbone.denoise(compute.batch(x.to(compute.device)), torch.full((n,), int(t), device=compute.device)).float().cpu()
+                # Flow timesteps are real numbers (σ·T after the shift), DDPM's are integers.
+                t_in = torch.full((n,), float(t) if sampler == "euler" else int(t), device=compute.device)
+                out = backbone.denoise(compute.batch(x.to(compute.device)), t_in).float().cpu()
             if sampler == "ddim" and learned_sigma:
                 out = out[:, :backbone.in_channels]  # DDIM is deterministic: the variance channels are not used
             kwargs = {"eta": eta} if sampler == "ddim" else {}
@@ -123,8 +164,10 @@ def save_samples(images: torch.Tensor, out: str | Path, info: dict) -> dict[str,
 
 
 def sample_grid(backbone: Backbone, out: str | Path, num: int, steps: int, compute: Compute, seed: int = 0) -> Path:
-    """DDIM samples into out/ (grid.png, samples.npz, samples.json); returns the grid."""
+    """Samples with the model's default sampler (DDIM, or Euler for flow models) into out/
+    (grid.png, samples.npz, samples.json); returns the grid."""
+    sampler = default_sampler(backbone)
     steps = min(steps, backbone.schedule.num_timesteps)
-    images = sample_images(backbone, num, "ddim", steps, seed=seed, batch_size=num, compute=compute)
-    files = save_samples(images, out, {"source": backbone.source, "sampler": "ddim", "steps": steps, "seed": seed, "num": num})
+    images = sample_images(backbone, num, sampler, steps, seed=seed, batch_size=num, compute=compute)
+    files = save_samples(images, out, {"source": backbone.source, "sampler": sampler, "steps": steps, "seed": seed, "num": num})
     return Path(files["grid"])
