@@ -117,3 +117,33 @@ def save_sd3(folder: Path, seed: int = 0, t5: bool = True, **overrides) -> str:
              "image_encoder": [None, None], "feature_extractor": [None, None]}  # fmt: skip
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline", **parts}))
     return str(folder)
+
+
+def save_flux(folder: Path, seed: int = 0, guidance: bool = True, **overrides) -> str:
+    """A FLUX-shaped pipeline: one double- and two single-stream blocks, 4-channel VAE with a shift
+    factor (factor 2; 2×2 packing: 16 channels a token), CLIP and T5 text encoders, dynamic shifting."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    cfg = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+               joint_attention_dim=48, pooled_projection_dim=16, guidance_embeds=guidance, axes_dims_rope=(2, 2, 4))  # fmt: skip
+    cfg.update(overrides)
+    FluxTransformer2DModel(**cfg).save_pretrained(folder / "transformer")
+    codec = vae((16, 32), latent_channels=4)
+    codec.register_to_config(shift_factor=0.1, scaling_factor=0.4)
+    codec.save_pretrained(folder / "vae")
+    clip = CLIPTextConfig(vocab_size=54, hidden_size=16, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                          max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)  # fmt: skip
+    CLIPTextModel(clip).save_pretrained(folder / "text_encoder")
+    save_tokenizer(folder / "tokenizer")
+    T5EncoderModel(T5Config(vocab_size=30, d_model=48, d_ff=37, d_kv=8, num_layers=2, num_heads=4, pad_token_id=0,
+                            eos_token_id=1)).save_pretrained(folder / "text_encoder_2")  # fmt: skip
+    save_t5_tokenizer(folder / "tokenizer_2")
+    FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15).save_pretrained(folder / "scheduler")
+    parts = {"transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "text_encoder_2": ["transformers", "T5EncoderModel"],
+             "tokenizer_2": ["transformers", "T5TokenizerFast"], "image_encoder": [None, None], "feature_extractor": [None, None]}  # fmt: skip
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", **parts}))
+    return str(folder)

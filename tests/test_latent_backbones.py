@@ -254,9 +254,9 @@ def _error(argv, capsys) -> str:
 def test_bad_inputs_are_one_clear_line(sd_folder, dit_folder, tmp_path, capsys):
     other = tmp_path / "other" / "transformer"
     other.mkdir(parents=True)
-    (other / "config.json").write_text(json.dumps({"_class_name": "SD3Transformer2DModel"}))
+    (other / "config.json").write_text(json.dumps({"_class_name": "PixArtTransformer2DModel"}))
     err = _error(["blocks", f"diffusers:{other.parent}"], capsys)
-    assert "SD3Transformer2DModel" in err and "UNet2DConditionModel" in err and "DiTTransformer2DModel" in err
+    assert "PixArtTransformer2DModel" in err and "UNet2DConditionModel" in err and "SD3Transformer2DModel" in err
 
     no_vae = save_sd(tmp_path / "novae", vae_dir=False)
     no_text = save_sd(tmp_path / "notext", text_encoder=False)

@@ -8,6 +8,7 @@ a bare model folder names it in its own `config.json`. That class picks the load
     UNet2DConditionModel   Stable Diffusion-style latent U-Net (diffusers_sd.py)
     DiTTransformer2DModel  DiT-style latent transformer (diffusers_dit.py)
     SD3Transformer2DModel  Stable Diffusion 3/3.5 flow-matching transformer (diffusers_sd3.py)
+    FluxTransformer2DModel FLUX.1 flow-matching transformer (diffusers_flux.py)
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ SUPPORTED = {
     "DiTTransformer2DModel": "DiT-style class-conditional latent transformer: transformer/, vae/, scheduler/",
     "SD3Transformer2DModel": "Stable Diffusion 3/3.5 flow-matching transformer (MMDiT): transformer/, vae/, scheduler/, "
                              "text_encoder/, text_encoder_2/, text_encoder_3/ (optional with -o t5=false), tokenizer*/",
+    "FluxTransformer2DModel": "FLUX.1 flow-matching transformer (dev, schnell): transformer/, vae/, scheduler/, "
+                              "text_encoder/ (CLIP), text_encoder_2/ (T5), tokenizer/, tokenizer_2/",
 }
 
 
@@ -119,6 +122,10 @@ def load(target: str, device: str | torch.device = "cpu", **options: Any) -> Bac
         from .diffusers_sd3 import load_sd3
 
         return _call(load_sd3, name, target, local, device=device, **options)
+    if name == "FluxTransformer2DModel":
+        from .diffusers_flux import load_flux
+
+        return _call(load_flux, name, target, local, device=device, **options)
     raise _unsupported(name, f"{target}/{sub}" if sub else target)
 
 

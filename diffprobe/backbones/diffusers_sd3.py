@@ -101,14 +101,14 @@ class SD3Backbone(LatentBackbone):
                            self.schedule, config, source=f"{self.source} [random weights, seed {seed}]")  # fmt: skip
 
 
-def flow_schedule(target: str, local: bool, steps: int | None) -> FlowSchedule:
+def flow_schedule(target: str, local: bool, steps: int | None, what: str = WHAT) -> FlowSchedule:
     """The pipeline scheduler's T and shift settings; a scheduler that is not a flow scheduler is refused."""
     config = read_scheduler_config(target, local)
     if config is None:
-        raise DiffprobeError(f"{target} has no scheduler/scheduler_config.json: an SD3 pipeline folder needs it "
+        raise DiffprobeError(f"{target} has no scheduler/scheduler_config.json: a {what} pipeline folder needs it "
                              "(its FlowMatchEulerDiscreteScheduler says T and the sampling shift)")  # fmt: skip
     if config.get("_class_name") not in (None, "FlowMatchEulerDiscreteScheduler"):
-        raise DiffprobeError(f"{target}'s scheduler is a {config['_class_name']}; an SD3 transformer is read with its "
+        raise DiffprobeError(f"{target}'s scheduler is a {config['_class_name']}; a {what} is read with its "
                              "FlowMatchEulerDiscreteScheduler (rectified flow)")  # fmt: skip
     total = steps if steps is not None else int(config.get("num_train_timesteps", 1000))
     return FlowSchedule(total, {k: config[k] for k in SHIFT_KEYS if k in config})

@@ -1,0 +1,92 @@
+"""FLUX.1-shaped pipelines (issue 21): a tiny random FluxTransformer2DModel (double- and single-stream
+blocks, rotary position ids, guidance embedding) with CLIP and T5, read block by block against
+diffusers' own forward, conditioned as FluxPipeline.encode_prompt conditions it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT  # noqa: F401  (tests/ on the path: latent_models)
+from diffprobe import DiffprobeError, load_backbone
+from diffprobe.backbones.diffusers_flux import image_ids, pack, unpack
+from diffprobe.cli import main
+from latent_models import save_flux
+
+SIZE = "16"  # 16-px images: 8×8 latents, 4×4 packed tokens
+
+
+@pytest.fixture(scope="module")
+def flux_folder(tmp_path_factory):
+    return save_flux(tmp_path_factory.mktemp("flux") / "pipe")
+
+
+def test_packing_is_the_pipelines(flux_folder):
+    from diffusers import FluxPipeline
+
+    latents = torch.randn(2, 4, 8, 6)
+    assert torch.equal(pack(latents), FluxPipeline._pack_latents(latents, 2, 4, 8, 6))
+    assert torch.equal(unpack(pack(latents), 8, 6), latents)
+    assert torch.equal(image_ids(8, 6, torch.device("cpu"), torch.float32),
+                       FluxPipeline._prepare_latent_image_ids(2, 4, 3, torch.device("cpu"), torch.float32))  # fmt: skip
+
+
+def test_flux_blocks_equal_diffusers_own_forward(flux_folder):
+    """Double- then single-stream blocks: each block's image tokens, caught with hooks on
+    FluxTransformer2DModel's own forward (as FluxPipeline calls it: σ = t/1000, guidance 3.5), equal
+    diffprobe's maps within 1e-4 of the tensor's largest value; early exit equals the full walk."""
+    bb = load_backbone(f"diffusers:{flux_folder}", image_size=SIZE).eval()
+    model = bb.model
+    caught = {}
+    hooks = [model.x_embedder.register_forward_hook(lambda m, i, o: caught.__setitem__(1, o))]
+    for n, block in enumerate([*model.transformer_blocks, *model.single_transformer_blocks], start=2):
+        hooks.append(block.register_forward_hook(lambda m, i, o, n=n: caught.__setitem__(n, o[1])))
+    torch.manual_seed(0)
+    x_t, t = torch.randn(2, 4, 8, 8), torch.tensor([300.0, 300.0])
+    with torch.no_grad():
+        model(pack(x_t), timestep=t / 1000, guidance=torch.full((2,), 3.5), pooled_projections=bb.pooled_projections.expand(2, -1),
+              encoder_hidden_states=bb.prompt_embeds.expand(2, -1, -1), txt_ids=torch.zeros(bb.prompt_embeds.shape[1], 3),
+              img_ids=image_ids(8, 8, torch.device("cpu"), torch.float32))  # fmt: skip
+        ours = bb.forward_features(x_t, t, "all")
+    for h in hooks:
+        h.remove()
+    assert sorted(ours) == sorted(caught) == [1, 2, 3, 4]
+    assert [b.name for b in bb.blocks] == ["x_embedder", "transformer_blocks.0", "single_transformer_blocks.0", "single_transformer_blocks.1"]
+    for n, tokens in caught.items():
+        expected = tokens.transpose(1, 2).reshape(2, -1, 4, 4)
+        assert torch.allclose(ours[n], expected, atol=1e-4 * expected.abs().max().item()), n
+    with torch.no_grad():
+        assert torch.equal(bb.forward_features(x_t, t, [3])[3], ours[3])
+
+
+def test_flux_conditioning_is_the_pipelines_own_encode_prompt(flux_folder):
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(flux_folder)
+    embeds, pooled, _ = pipe.encode_prompt("a red boat", None)
+    bb = load_backbone(f"diffusers:{flux_folder}", prompt="a red boat", image_size=SIZE)
+    for ours, theirs in ((bb.prompt_embeds, embeds), (bb.pooled_projections, pooled)):
+        assert ours.shape == theirs.shape and torch.allclose(ours, theirs.detach(), atol=1e-4 * theirs.abs().max().item())
+    assert bb.guidance == 3.5 and load_backbone(f"diffusers:{flux_folder}", guidance="2", image_size=SIZE).guidance == 2.0
+    assert load_backbone(f"diffusers:{flux_folder}", guidance="2", image_size=SIZE).fingerprint() != bb.fingerprint()
+
+
+def test_flux_through_the_cli_and_bad_options(flux_folder, cifar_small, tmp_path, capsys):
+    spec = f"diffusers:{flux_folder}"
+    assert main(["blocks", spec, "-o", f"image_size={SIZE}"]) == 0
+    out = capsys.readouterr().out
+    assert "(flow)" in out and "use_dynamic_shifting=True" in out and "single_transformer_blocks.1" in out
+    sweep = tmp_path / "sweep"
+    assert main(["sweep", spec, "-o", f"image_size={SIZE}", "--data", str(cifar_small), "--blocks", "2,4", "--t", "200,700",
+                 "--pool", "1", "--limit", "100", "--out", str(sweep)]) == 0  # fmt: skip
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert summary["controls"]["random_weights"]["report"]["rows"] == summary["roles"]["report"] > 0
+    assert main(["sample", spec, "-o", f"image_size={SIZE}", "--out", str(tmp_path / "s"), "--num", "2", "--steps", "2"]) == 0
+    assert np.load(tmp_path / "s" / "samples.npz")["arr_0"].shape == (2, 16, 16, 3)
+    schnell = save_flux(tmp_path / "schnell", guidance=False)
+    with pytest.raises(DiffprobeError, match="has no guidance embedding"):
+        load_backbone(f"diffusers:{schnell}", guidance=3.5)
+    assert load_backbone(f"diffusers:{schnell}", image_size=SIZE).guidance is None
