@@ -79,6 +79,13 @@ def test_flux_through_the_cli_and_bad_options(flux_folder, cifar_small, tmp_path
     assert main(["blocks", spec, "-o", f"image_size={SIZE}"]) == 0
     out = capsys.readouterr().out
     assert "(flow)" in out and "use_dynamic_shifting=True" in out and "single_transformer_blocks.1" in out
+    assert "weights to here (bf16)" in out  # what each depth needs
+    bb = load_backbone(spec, image_size=SIZE)
+    head = sum(p.numel() for name in ("norm_out", "proj_out") for p in getattr(bb.model, name).parameters())
+    total = sum(p.numel() for p in bb.model.parameters())
+    assert bb.weights_to(4) == total - head and bb.weights_to(2) < bb.weights_to(3) < bb.weights_to(4)
+    block = sum(p.numel() for p in bb.model.single_transformer_blocks[1].parameters())
+    assert bb.weights_to(4) - bb.weights_to(3) == block
     sweep = tmp_path / "sweep"
     assert main(["sweep", spec, "-o", f"image_size={SIZE}", "--data", str(cifar_small), "--blocks", "2,4", "--t", "200,700",
                  "--pool", "1", "--limit", "100", "--out", str(sweep)]) == 0  # fmt: skip

@@ -181,8 +181,27 @@ class Backbone(nn.Module):
         """Tensors outside `self.model` that change the features (a VAE, an encoded prompt)."""
         return {}
 
+    # Stacked-transformer families name the modules that run only after their last block (the
+    # output head); their blocks then run in order, so what a block needs is known exactly.
+    tail_modules: tuple[str, ...] = ()
+
+    def weights_to(self, block: int) -> int | None:
+        """Parameters the denoiser needs to compute up to `block` (an upper bound for block 1,
+        which counts the timestep and text embedders), or None where blocks do not run in a chain."""
+        if not self.tail_modules:
+            return None
+        modules = dict(self.model.named_modules())
+        later = [b.name for b in self.blocks if b.index > block] + list(self.tail_modules)
+        skipped = sum(p.numel() for name in later if name in modules for p in modules[name].parameters())
+        return sum(p.numel() for p in self.model.parameters()) - skipped
+
     def block_table(self) -> list[dict[str, Any]]:
-        return [asdict(b) for b in self.blocks]
+        rows = [asdict(b) for b in self.blocks]
+        for row in rows:
+            needed = self.weights_to(row["index"])
+            if needed is not None:
+                row["weights_to_here"] = needed
+        return rows
 
 
 def hash_tensors(h: "hashlib._Hash", tensors: dict[str, torch.Tensor]) -> None:

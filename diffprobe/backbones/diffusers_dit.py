@@ -47,6 +47,7 @@ def _run(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, wa
 
 class DiTBackbone(LatentBackbone):
     family = "dit"
+    tail_modules = ("norm_out", "proj_out_1", "proj_out_2")  # the output head: only sampling runs it
 
     def __init__(self, model: nn.Module, codec: VaeCodec, class_label: int, blocks: list[BlockInfo], image_size: int,
                  schedule, config: dict[str, Any], source: str):  # fmt: skip

@@ -63,6 +63,7 @@ def _to_map(tokens: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 class FluxBackbone(LatentBackbone):
     family = "flux"
+    tail_modules = ("norm_out", "proj_out")  # the output head: only sampling runs it
 
     def __init__(self, model: nn.Module, codec: VaeCodec, prompt: torch.Tensor, pooled: torch.Tensor, guidance: float | None,
                  blocks: list[BlockInfo], image_size: int, schedule, config: dict[str, Any], source: str):  # fmt: skip

@@ -63,6 +63,7 @@ def _run(model: nn.Module, x: torch.Tensor, t: torch.Tensor, prompt: torch.Tenso
 
 class SD3Backbone(LatentBackbone):
     family = "stable-diffusion-3"
+    tail_modules = ("norm_out", "proj_out")  # the output head: only sampling runs it
 
     def __init__(self, model: nn.Module, codec: VaeCodec, prompt: torch.Tensor, pooled: torch.Tensor, blocks: list[BlockInfo],
                  image_size: int, schedule: FlowSchedule, config: dict[str, Any], source: str):  # fmt: skip

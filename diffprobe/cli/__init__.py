@@ -35,6 +35,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DiffprobeError as e:
         print(f"diffprobe: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `diffprobe blocks … | head`: the reader has what it wanted
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
+        return 0
     except OSError as e:  # a file system error no library check foresaw: still one line, never a traceback
         print(f"diffprobe: error: {describe_os_error(e.filename or '?', e, 'read or write')}", file=sys.stderr)
         return 2

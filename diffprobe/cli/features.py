@@ -22,9 +22,18 @@ def cmd_blocks(args: argparse.Namespace) -> None:
     print(f"{backbone.source}: {backbone.family}, {backbone.image_size}×{backbone.image_size} input{space}, "
           f"schedule {backbone.schedule.name} ({backbone.schedule.parameterization}), {backbone.conditioning}")  # fmt: skip
     print(backbone.schedule.describe_t())
-    print(f"{'block':>5}  {'module':<28} {'channels':>8}  {'resolution':>10}")
+    weights = all("weights_to_here" in r for r in rows)  # stacked transformers: what each depth needs
+    print(f"{'block':>5}  {'module':<28} {'channels':>8}  {'resolution':>10}" + ("  weights to here (bf16)" if weights else ""))
     for r in rows:
-        print(f"{r['index']:>5}  {r['name']:<28} {r['channels']:>8}  {r['resolution']:>7}×{r['resolution']}")
+        need = f"  {_count(r['weights_to_here'])} ({2 * r['weights_to_here'] / 1e9:.3g} GB)" if weights else ""
+        print(f"{r['index']:>5}  {r['name']:<28} {r['channels']:>8}  {r['resolution']:>7}×{r['resolution']}{need}")
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
 
 
 def cmd_presets(args: argparse.Namespace) -> None:
