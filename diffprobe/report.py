@@ -130,12 +130,7 @@ def head_bars(path: str | Path, rows: Sequence[dict], title: str) -> None:
     for r in reference:
         ax.axhline(r["top1"], ls="--", color="k", lw=1, label=f"{r['head']}: {r['top1']:.1f}")
     ax.set_xticks(np.arange(len(kinds)), kinds)
-    ax.set_ylabel("top-1 (%), 95% interval")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_top1_bars(fig, ax, path, title)
 
 
 def transfer_bars(path: str | Path, rows: Sequence[dict], title: str) -> None:
@@ -151,6 +146,11 @@ def transfer_bars(path: str | Path, rows: Sequence[dict], title: str) -> None:
         if any(key in r for r in rows):
             ax.plot(x, [r.get(key, np.nan) for r in rows], marker, color="k", ls="none", label=label)
     ax.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
+    _save_top1_bars(fig, ax, path, title)
+
+
+def _save_top1_bars(fig, ax, path: str | Path, title: str) -> None:
+    """The finish every top-1 bar chart shares: axis label, title, legend, PNG."""
     ax.set_ylabel("top-1 (%), 95% interval")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
