@@ -97,3 +97,14 @@ def test_flux_through_the_cli_and_bad_options(flux_folder, cifar_small, tmp_path
     with pytest.raises(DiffprobeError, match="has no guidance embedding"):
         load_backbone(f"diffusers:{schnell}", guidance=3.5)
     assert load_backbone(f"diffusers:{schnell}", image_size=SIZE).guidance is None
+
+
+def test_a_gated_hub_model_says_how_to_log_in():
+    from diffprobe.backbones.diffusers_pipeline import offline_error
+
+    class GatedRepoError(Exception):  # huggingface_hub's, by name (its constructor needs an HTTP response)
+        pass
+
+    error = offline_error("black-forest-labs/FLUX.1-dev", GatedRepoError("401 Client Error. Cannot access gated repo"))
+    assert "gated model" in str(error) and "huggingface-cli login" in str(error) and "diffusers:DIR" in str(error)
+    assert "\n" not in str(error)

@@ -43,6 +43,11 @@ def _unsupported(name: str, where: str) -> DiffprobeError:
 
 def offline_error(target: str, error: Exception) -> DiffprobeError:
     first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if type(error).__name__ == "GatedRepoError" or "gated repo" in str(error).lower():  # SD3, FLUX.1-dev
+        return DiffprobeError(
+            f"{target} is a gated model: accept its licence on its hub page, then `huggingface-cli login` (or set HF_TOKEN) "
+            f"where there is internet, or download it there (`huggingface-cli download {target} --local-dir DIR`) and pass diffusers:DIR"
+        )
     return DiffprobeError(
         f"cannot load diffusers model {target!r}: it is not a local folder, and the Hugging Face hub cannot serve it "
         f"(offline? {first[:160]}): "
