@@ -9,6 +9,10 @@ channels_last on CPUs with fast bf16, fp32 + channels_last on other CPUs; benchm
 Models (random weights, built with diffusers' constructors; the shapes matter, not the weights):
     SD-shaped U-Net, 64-px images -> 4×16×16 latents, early exit at up_blocks.1 (its last unit)
     DiT, 12 blocks, patch 2, early exit at the middle block (transformer_blocks.5)
+    SD3-shaped MMDiT, 12 joint blocks 384 wide, 16-channel VAE with a shift, early exit at transformer_blocks.5
+    FLUX-shaped, 4 double- + 8 single-stream blocks 384 wide, 2×2 packing, early exit at single_transformer_blocks.1
+The plain path of the flow models noises with (1−σ)·x0 + σ·ε and runs the pipeline-style forward
+(SD3: the joint transformer; FLUX: packed tokens, ids, guidance), catching the image stream.
 
     python benchmarks/latent.py                                    # 8 images × 4 timesteps (make bench)
     python benchmarks/latent.py --images 16 --repeats 2 --budget 300   # the README's earlier figures
@@ -26,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the pipeline builders the tests use
-from latent_models import save_dit, save_sd  # noqa: E402
+from latent_models import save_dit, save_flux, save_sd, save_sd3  # noqa: E402
 
 from diffprobe import load_backbone  # noqa: E402
 from diffprobe.features.featurize import pool_features  # noqa: E402
@@ -38,17 +42,23 @@ SD = dict(sample_size=16, block_out_channels=(64, 128, 128), layers_per_block=2,
           up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=32,
           attention_head_dim=8, vae_block_out_channels=(32, 64, 64))  # fmt: skip
 DIT = dict(num_attention_heads=6, attention_head_dim=64, num_layers=12, sample_size=16, vae_block_out_channels=(32, 64, 64))
+SD3 = dict(sample_size=32, num_layers=12, attention_head_dim=64, num_attention_heads=6, caption_projection_dim=384,
+           joint_attention_dim=64, pos_embed_max_size=16)  # fmt: skip
+FLUX = dict(num_layers=4, num_single_layers=8, attention_head_dim=64, num_attention_heads=6, axes_dims_rope=(16, 24, 24),
+            joint_attention_dim=64)  # fmt: skip
 
 
-def plain_features(bb, images, ts, noises, module_name, to_map):
-    """Encode every time, full fp32 forward, hook the block, pool."""
+def plain_features(bb, images, ts, noises, module_name, to_map, stream=0):
+    """Encode every time, full fp32 forward, hook the block (`stream`: which output of a block
+    that returns several: the joint transformers' image stream is 1), pool."""
     caught = {}
     module = bb.model.get_submodule(module_name)
-    handle = module.register_forward_hook(lambda m, i, o: caught.__setitem__("h", o[0] if isinstance(o, tuple) else o))
+    handle = module.register_forward_hook(lambda m, i, o: caught.__setitem__("h", o[stream] if isinstance(o, tuple) else o))
     vae, out = bb.codec.vae, []
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
     try:
         for t, eps in zip(ts, noises):
-            z = vae.encode(images).latent_dist.mean * vae.config.scaling_factor
+            z = (vae.encode(images).latent_dist.mean - shift) * vae.config.scaling_factor
             x_t = bb.schedule.q_sample(z, t, eps)
             tt = torch.full((len(images),), t)
             bb.denoise(x_t, tt)  # the model's full forward (the SD one with the prompt, DiT with the null class)
@@ -69,17 +79,17 @@ def diffprobe_features(bb, compute, images, ts, noises, block):
     return out
 
 
-def measure(name, spec, block, module_name, to_map, images, ts, repeats, compute, budget):
-    plain_bb = load_backbone(spec)
-    fast_bb = compute.prepare(load_backbone(spec))
+def measure(name, spec, block, module_name, to_map, images, ts, repeats, compute, budget, stream=0, options=None):
+    plain_bb = load_backbone(spec, **(options or {}))
+    fast_bb = compute.prepare(load_backbone(spec, **(options or {})))
     noises = [image_noise(range(len(images)), 0, plain_bb.model_shape, 0) for _ in ts]
     with torch.inference_mode():
-        plain_features(plain_bb, images[:2], ts[:1], [n[:2] for n in noises[:1]], module_name, to_map)  # warm-up
+        plain_features(plain_bb, images[:2], ts[:1], [n[:2] for n in noises[:1]], module_name, to_map, stream)  # warm-up
         diffprobe_features(fast_bb, compute, images[:2], ts[:1], [n[:2] for n in noises[:1]], block)
         timings = {"plain": [], "diffprobe": []}
         for _ in budget.repeats(repeats):  # interleaved, so both see the same machine load
             start = time.perf_counter()
-            ref = plain_features(plain_bb, images, ts, noises, module_name, to_map)
+            ref = plain_features(plain_bb, images, ts, noises, module_name, to_map, stream)
             timings["plain"].append(time.perf_counter() - start)
             start = time.perf_counter()
             got = diffprobe_features(fast_bb, compute, images, ts, noises, block)
@@ -125,6 +135,18 @@ def main() -> None:
 
         measure("DiT", dit_spec, middle + 1, f"transformer_blocks.{middle - 1}", tokens_to_map, images, ts, args.repeats,
                 compute, Budget(args.budget))  # fmt: skip
+
+        def tokens_to_map_16(h):  # 64-px images, VAE factor 2, patch (or 2×2 packing) 2: 16×16 tokens
+            return h.transpose(1, 2).reshape(h.shape[0], h.shape[2], 16, 16)
+
+        flow_ts = [min(t, 1000) for t in ts]  # flow t runs 0..1000 too: σ = t/1000
+        sd3_spec = f"diffusers:{save_sd3(Path(tmp) / 'sd3', **SD3)}"
+        measure("SD3-shaped MMDiT", sd3_spec, 7, "transformer_blocks.5", tokens_to_map_16, images, flow_ts, args.repeats, compute,
+                Budget(args.budget), stream=1)  # fmt: skip
+        flux_spec = f"diffusers:{save_flux(Path(tmp) / 'flux', **FLUX)}"
+        first_single = 2 + FLUX["num_layers"]  # block 1 is x_embedder, then the double-stream blocks
+        measure("FLUX-shaped", flux_spec, first_single + 1, "single_transformer_blocks.1", tokens_to_map_16, images, flow_ts,
+                args.repeats, compute, Budget(args.budget), stream=1, options={"image_size": 64})  # fmt: skip
 
 
 if __name__ == "__main__":

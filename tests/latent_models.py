@@ -137,8 +137,8 @@ def save_flux(folder: Path, seed: int = 0, guidance: bool = True, **overrides) -
                           max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)  # fmt: skip
     CLIPTextModel(clip).save_pretrained(folder / "text_encoder")
     save_tokenizer(folder / "tokenizer")
-    T5EncoderModel(T5Config(vocab_size=30, d_model=48, d_ff=37, d_kv=8, num_layers=2, num_heads=4, pad_token_id=0,
-                            eos_token_id=1)).save_pretrained(folder / "text_encoder_2")  # fmt: skip
+    T5EncoderModel(T5Config(vocab_size=30, d_model=cfg["joint_attention_dim"], d_ff=37, d_kv=8, num_layers=2, num_heads=4,
+                            pad_token_id=0, eos_token_id=1)).save_pretrained(folder / "text_encoder_2")  # fmt: skip
     save_t5_tokenizer(folder / "tokenizer_2")
     FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15).save_pretrained(folder / "scheduler")
     parts = {"transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
