@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import DiffprobeError
 from .base import BlockInfo
-from .diffusers_pipeline import architecture_config, as_int, check_image_size, load_part, no_transformers_bars
+from .diffusers_pipeline import architecture_config, as_int, check_image_size, check_prompt_model_options, load_part, no_transformers_bars
 from .diffusers_sd3 import flow_schedule
 from .vae import LatentBackbone, VaeCodec
 
@@ -161,10 +161,7 @@ def load_flux(target: str, local: bool, device: str | torch.device = "cpu", prom
               subfolder: str | None = None) -> FluxBackbone:  # fmt: skip
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
-    if class_label is not None:
-        raise DiffprobeError("FLUX is conditioned on a prompt, not a class label: drop class_label, use prompt=TEXT")
-    if subfolder not in (None, "transformer"):
-        raise DiffprobeError(f"subfolder={subfolder!r}: a FLUX pipeline folder keeps its transformer in transformer/")
+    check_prompt_model_options("FLUX", class_label, subfolder, "transformer")
     model = load_part(FluxTransformer2DModel, target, local, "transformer", WHAT, low_cpu_mem_usage=False)
     codec = VaeCodec(load_part(AutoencoderKL, target, local, "vae", WHAT, low_cpu_mem_usage=False))
     cfg = model.config

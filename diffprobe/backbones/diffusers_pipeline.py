@@ -251,6 +251,14 @@ def architecture_config(model: torch.nn.Module) -> dict[str, Any]:
     return config
 
 
+def check_prompt_model_options(family: str, class_label: Any, subfolder: str | None, denoiser: str) -> None:
+    """The load options a prompt-conditioned pipeline refuses: a class label, another denoiser subfolder."""
+    if class_label is not None:
+        raise DiffprobeError(f"{family} is conditioned on a prompt, not a class label: drop class_label, use prompt=TEXT")
+    if subfolder not in (None, denoiser):
+        raise DiffprobeError(f"subfolder={subfolder!r}: a {family} pipeline folder keeps its denoiser in {denoiser}/")
+
+
 def read_scheduler_config(target: str, local: bool) -> dict | None:
     """The pipeline's scheduler/scheduler_config.json, or None when it has none."""
     if local:

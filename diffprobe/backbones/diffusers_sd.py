@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import DiffprobeError
 from .base import BlockInfo
-from .diffusers_pipeline import architecture_config, as_int, check_image_size, load_part, no_transformers_bars, prediction_type
+from .diffusers_pipeline import architecture_config, as_int, check_image_size, check_prompt_model_options, load_part, no_transformers_bars, prediction_type
 from .diffusers_unet import _schedule, _units, walk_units
 from .vae import LatentBackbone, VaeCodec
 
@@ -128,10 +128,7 @@ def load_stable_diffusion(target: str, local: bool, device: str | torch.device =
                           class_label: Any = None, subfolder: str | None = None) -> StableDiffusionBackbone:  # fmt: skip
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    if class_label is not None:
-        raise DiffprobeError("a Stable Diffusion U-Net is conditioned on a prompt, not a class label: drop class_label, use prompt=TEXT")
-    if subfolder not in (None, "unet"):
-        raise DiffprobeError(f"subfolder={subfolder!r}: a Stable Diffusion pipeline folder keeps its U-Net in unet/")
+    check_prompt_model_options("Stable Diffusion", class_label, subfolder, "unet")
     unet = load_part(UNet2DConditionModel, target, local, "unet", WHAT, low_cpu_mem_usage=False)
     codec = VaeCodec(load_part(AutoencoderKL, target, local, "vae", WHAT, low_cpu_mem_usage=False))
     _check_supported(unet, codec.latent_channels)

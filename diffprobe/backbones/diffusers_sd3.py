@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import DiffprobeError
 from ..features.noise import FlowSchedule
 from .base import BlockInfo
-from .diffusers_pipeline import architecture_config, as_int, check_image_size, load_part, no_transformers_bars, read_scheduler_config
+from .diffusers_pipeline import architecture_config, as_int, check_image_size, check_prompt_model_options, load_part, no_transformers_bars, read_scheduler_config
 from .vae import LatentBackbone, VaeCodec
 
 WHAT = "SD3Transformer2DModel"
@@ -142,10 +142,7 @@ def load_sd3(target: str, local: bool, device: str | torch.device = "cpu", promp
              subfolder: str | None = None) -> SD3Backbone:  # fmt: skip
     from diffusers import AutoencoderKL, SD3Transformer2DModel
 
-    if class_label is not None:
-        raise DiffprobeError("Stable Diffusion 3 is conditioned on a prompt, not a class label: drop class_label, use prompt=TEXT")
-    if subfolder not in (None, "transformer"):
-        raise DiffprobeError(f"subfolder={subfolder!r}: an SD3 pipeline folder keeps its transformer in transformer/")
+    check_prompt_model_options("Stable Diffusion 3", class_label, subfolder, "transformer")
     use_t5 = as_bool(t5, "t5")
     model = load_part(SD3Transformer2DModel, target, local, "transformer", WHAT, low_cpu_mem_usage=False)
     codec = VaeCodec(load_part(AutoencoderKL, target, local, "vae", WHAT, low_cpu_mem_usage=False))
