@@ -88,6 +88,9 @@ def test_sd3_through_the_cli(sd3_folder, cifar_small, tmp_path, capsys):
     assert manifest["noise"]["parameterization"] == "flow" and manifest["noise"]["schedule"] == "flow-1000"
     assert main(["probe", str(sweep / "features"), "--t", "100", "--blocks", "3", "--pool", "1", "--epochs", "2",
                  "--out", str(tmp_path / "probe")]) == 0  # fmt: skip
+    image = sorted((cifar_small / "ship").iterdir())[0]
+    assert main(["predict", str(tmp_path / "probe"), str(image), "--top-k", "2"]) == 0  # the run reloads the SD3 backbone
+    assert f"{image}:" in capsys.readouterr().out
     assert main(["sample", spec, "--out", str(tmp_path / "samples"), "--num", "2", "--steps", "2"]) == 0
     info = json.loads((tmp_path / "samples" / "samples.json").read_text())
     assert info["sampler"] == "euler" and np.load(tmp_path / "samples" / "samples.npz")["arr_0"].shape == (2, 16, 16, 3)
