@@ -108,3 +108,26 @@ def test_a_gated_hub_model_says_how_to_log_in():
     error = offline_error("black-forest-labs/FLUX.1-dev", GatedRepoError("401 Client Error. Cannot access gated repo"))
     assert "gated model" in str(error) and "huggingface-cli login" in str(error) and "diffusers:DIR" in str(error)
     assert "\n" not in str(error)
+
+
+def test_loading_up_to_a_block_reads_only_what_it_needs(flux_folder, tmp_path):
+    """up_to_block=N builds nothing past block N: features and fingerprint equal the whole load's,
+    the parameters held are those blocks 1..N need, and deeper blocks or sampling are one line."""
+    whole = load_backbone(f"diffusers:{flux_folder}", image_size=SIZE).eval()
+    torch.manual_seed(1)
+    x_t, t = torch.randn(2, 4, 8, 8), torch.tensor([400, 400])
+    for deepest in (1, 2, 3):  # the token embedding, the double-stream block, the first single-stream block
+        part = load_backbone(f"diffusers:{flux_folder}", image_size=SIZE, up_to_block=str(deepest)).eval()
+        with torch.no_grad():
+            a, b = whole.forward_features(x_t, t, range(1, deepest + 1)), part.forward_features(x_t, t, range(1, deepest + 1))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert part.fingerprint() == whole.fingerprint()  # the same files: one identity, shared stores
+        held = sum(p.numel() for p in part.model.parameters())
+        assert held == whole.weights_to(deepest) < sum(p.numel() for p in whole.model.parameters())
+        assert part.block_table() == whole.block_table()  # the table still shows every depth
+    with pytest.raises(DiffprobeError, match=r"block 4 is deeper than this backbone was loaded \(up_to_block=3\)"):
+        part.forward_features(x_t, t, [4])
+    with pytest.raises(DiffprobeError, match="sampling needs the whole denoiser"):
+        part.denoise(x_t, t)
+    with pytest.raises(DiffprobeError, match="up_to_block=9: this model has blocks 1..4"):
+        load_backbone(f"diffusers:{flux_folder}", up_to_block=9)

@@ -114,3 +114,13 @@ def test_sd3_missing_parts_and_options_are_one_line(sd3_folder, tmp_path):
         load_backbone(f"diffusers:{sd3_folder}", t5="maybe")
     with pytest.raises(DiffprobeError, match="conditioned on a prompt, not a class label"):
         load_backbone(f"diffusers:{sd3_folder}", class_label=3)
+
+
+def test_sd3_loaded_up_to_a_block_gives_the_same_features(sd3_folder):
+    whole = load_backbone(f"diffusers:{sd3_folder}").eval()
+    part = load_backbone(f"diffusers:{sd3_folder}", up_to_block=2).eval()
+    x_t, t = torch.randn(2, 16, 8, 8), torch.tensor([600, 600])
+    with torch.no_grad():
+        assert torch.equal(whole.forward_features(x_t, t, [2])[2], part.forward_features(x_t, t, [2])[2])
+    assert part.fingerprint() == whole.fingerprint() and len(part.model.transformer_blocks) == 1
+    assert part.model.norm_out is None and sum(p.numel() for p in part.model.parameters()) == whole.weights_to(2)

@@ -128,8 +128,9 @@ class Backbone(nn.Module):
         """Sorted unique block numbers; 'all' means every block. Out-of-range is an error."""
         if isinstance(blocks, str):
             if blocks.strip().lower() == "all":
-                return list(range(1, self.num_blocks + 1))
-            blocks = [int(b) for b in blocks.split(",") if b.strip()]
+                blocks = range(1, self.num_blocks + 1)
+            else:
+                blocks = [int(b) for b in blocks.split(",") if b.strip()]
         chosen = sorted(set(int(b) for b in blocks))
         if not chosen:
             raise DiffprobeError("no blocks requested")
@@ -139,6 +140,9 @@ class Backbone(nn.Module):
                 f"block {bad[0]} is out of range: this {self.family} model has blocks 1..{self.num_blocks} "
                 f"(see `diffprobe blocks {self.source}`)"
             )
+        if self.loaded_to is not None and chosen[-1] > self.loaded_to:
+            raise DiffprobeError(f"block {chosen[-1]} is deeper than this backbone was loaded (up_to_block={self.loaded_to}): "
+                                 f"load it with up_to_block={chosen[-1]} or more, or whole")  # fmt: skip
         return chosen
 
     supports_feedback: bool = False  # run() takes `inject` (tensors added to encoder block outputs)
@@ -172,7 +176,12 @@ class Backbone(nn.Module):
             h = hashlib.sha256()
             h.update(repr(sorted(self.config.items())).encode())
             h.update(self.schedule.identity())
-            hash_tensors(h, self.model.state_dict())
+            if self.weight_files:  # one fingerprint for a partial and a whole load of the same files
+                from .partial import weights_hash
+
+                h.update(weights_hash(self.weight_files).encode())
+            else:
+                hash_tensors(h, self.model.state_dict())
             hash_tensors(h, self.extra_identity())
             self._fingerprint = h.hexdigest()[:20]
         return self._fingerprint
@@ -184,16 +193,23 @@ class Backbone(nn.Module):
     # Stacked-transformer families name the modules that run only after their last block (the
     # output head); their blocks then run in order, so what a block needs is known exactly.
     tail_modules: tuple[str, ...] = ()
+    loaded_to: int | None = None  # loaded only up to this block (backbones/partial.py): nothing deeper exists
+    weight_files: list | None = None  # the safetensors the denoiser was read from: the fingerprint hashes them as stored
+    depth_weights: dict[int, int] | None = None  # weights_to of every block, kept when the model was loaded partially
+
+    def require_whole(self, what: str) -> None:
+        if self.loaded_to is not None:
+            raise DiffprobeError(f"{what} needs the whole denoiser, and this one was loaded up to block {self.loaded_to} "
+                                 "(up_to_block): load it without up_to_block")  # fmt: skip
 
     def weights_to(self, block: int) -> int | None:
         """Parameters the denoiser needs to compute up to `block` (an upper bound for block 1,
         which counts the timestep and text embedders), or None where blocks do not run in a chain."""
+        if self.depth_weights is not None:
+            return self.depth_weights.get(block)
         if not self.tail_modules:
             return None
-        modules = dict(self.model.named_modules())
-        later = [b.name for b in self.blocks if b.index > block] + list(self.tail_modules)
-        skipped = sum(p.numel() for name in later if name in modules for p in modules[name].parameters())
-        return sum(p.numel() for p in self.model.parameters()) - skipped
+        return weights_to(self.model, self.blocks, self.tail_modules, block)
 
     def block_table(self) -> list[dict[str, Any]]:
         rows = [asdict(b) for b in self.blocks]
@@ -202,6 +218,14 @@ class Backbone(nn.Module):
             if needed is not None:
                 row["weights_to_here"] = needed
         return rows
+
+
+def weights_to(model: nn.Module, blocks: list[BlockInfo], tail: Iterable[str], block: int) -> int:
+    """Parameters of `model` outside the blocks after `block` and the tail modules (works on the meta device)."""
+    modules = dict(model.named_modules())
+    later = [b.name for b in blocks if b.index > block] + list(tail)
+    skipped = sum(p.numel() for name in later if name in modules for p in modules[name].parameters())
+    return sum(p.numel() for p in model.parameters()) - skipped
 
 
 def hash_tensors(h: "hashlib._Hash", tensors: dict[str, torch.Tensor]) -> None:

@@ -1,0 +1,105 @@
+"""Loading a stacked transformer only as deep as a probe reads it.
+
+A probe of FLUX.1-dev's block 10 needs a fraction of its 12B parameters. `load_up_to` builds the
+transformer on the meta device (no memory), reads from the safetensors shards only the tensors
+of the modules that run up to the deepest block (safe_open reads one tensor at a time), and
+drops the later blocks and the output head, so nothing past that block is ever materialised.
+`weights_hash` hashes the tensors as stored in those shards, one at a time, so a partial and a
+full load of the same files have one fingerprint (and share stores).
+
+diffusers' own loaders materialise every weight; accelerate's empty-weights context is not a
+dependency here; so this small reader is written by hand on safetensors' public API.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import DiffprobeError
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The denoiser's safetensors files: one file, or the shards its index names."""
+    index = folder / f"{WEIGHTS_NAME}.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / name for name in shards]
+    if (folder / WEIGHTS_NAME).is_file():
+        return [folder / WEIGHTS_NAME]
+    raise DiffprobeError(f"{folder} has no {WEIGHTS_NAME} (or its sharded index): loading up to a block reads safetensors only")
+
+
+def _later(name: str, dropped: Sequence[str]) -> bool:
+    return any(name == d or name.startswith(d + ".") for d in dropped)
+
+
+def load_up_to(cls: Any, folder: Path, dropped: Sequence[str], truncate: Callable[[nn.Module], None]) -> nn.Module:
+    """`cls` from `folder` with every tensor outside the `dropped` modules read from disk (float32,
+    as diffusers loads them) and the dropped modules removed by `truncate`."""
+    from safetensors import safe_open
+
+    config = cls.load_config(folder)
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    tensors: dict[str, torch.Tensor] = {}
+    for file in weight_files(folder):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if not _later(key, dropped):
+                    tensor = f.get_tensor(key)
+                    tensors[key] = tensor.float() if tensor.is_floating_point() else tensor
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    missing = [k for k in missing if not _later(k, dropped)]
+    if missing or unexpected:
+        raise DiffprobeError(f"{folder} does not fit its config: missing {', '.join(missing[:5]) or 'nothing'}; "
+                             f"unexpected {', '.join(unexpected[:5]) or 'nothing'}")  # fmt: skip
+    truncate(model)
+    still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if still_meta:
+        raise DiffprobeError(f"loading {folder} up to a block left {', '.join(still_meta[:5])} unread: load it whole (drop up_to_block)")
+    return model.eval()
+
+
+def weights_hash(files: Sequence[Path]) -> str:
+    """Names, shapes, dtypes and bytes of every stored tensor, in name order, one tensor in memory at a time."""
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    handles = [safe_open(str(f), framework="pt") for f in files]
+    owner = {key: handle for handle in handles for key in handle.keys()}
+    for key in sorted(owner):
+        tensor = owner[key].get_tensor(key)
+        h.update(key.encode() + str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
+        h.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def depth_table(model: nn.Module, blocks: list, tail: Sequence[str]) -> dict[int, int]:
+    """Every block's weights_to, from a meta copy of `model` (its config; no memory)."""
+    from .base import weights_to
+
+    with torch.device("meta"):
+        meta = type(model).from_config(model.config)
+    return {b.index: weights_to(meta, blocks, tail, b.index) for b in blocks}
+
+
+def check_depth(up_to_block: Any, local: bool, target: str, num_blocks: int) -> int:
+    """The deepest block to load, checked: a number of this model's blocks, of a local folder."""
+    if not local:
+        raise DiffprobeError(f"up_to_block reads a local folder's safetensors: download {target} first "
+                             f"(`huggingface-cli download {target} --local-dir DIR`) and pass diffusers:DIR")  # fmt: skip
+    try:
+        deepest = int(up_to_block)
+    except (TypeError, ValueError):
+        raise DiffprobeError(f"up_to_block must be a block number, got {up_to_block!r}") from None
+    if not 1 <= deepest <= num_blocks:
+        raise DiffprobeError(f"up_to_block={deepest}: this model has blocks 1..{num_blocks}")
+    return deepest
