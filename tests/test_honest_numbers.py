@@ -233,3 +233,7 @@ def test_held_out_adds_held_out_images_to_a_training_subset():
     assert len(everything) == len(labels)
     only_report = select_rows(labels, ExtractOptions(limit=1000, held_out=300, rows_role="report"))
     assert set(roles[only_report]) == {REPORT} and set(only_report) <= set(rows)
+    # A test set takes none of the training dataset's row choices: all of it, or its own --test-limit.
+    study = ExtractOptions(limit=1000, held_out=300, rows_role="report")
+    assert len(select_rows(labels, study.for_test_set(None))) == len(labels)
+    assert np.bincount(labels[select_rows(labels, study.for_test_set(200))]).tolist() == [20] * 10

@@ -20,7 +20,6 @@ guidance scale 3.5 (`guidance=...`), and is refused for models without one (schn
 from __future__ import annotations
 
 import gc
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,8 +28,8 @@ from torch import nn
 from ..errors import DiffprobeError
 from .base import BlockInfo
 from .diffusers_pipeline import architecture_config, as_int, check_image_size, check_prompt_model_options, load_part, no_transformers_bars
-from .diffusers_sd3 import finish_depth, flow_schedule
-from .partial import check_depth, load_up_to
+from .diffusers_sd3 import flow_schedule
+from .partial import finish_depth, load_up_to
 from .vae import LatentBackbone, VaeCodec
 
 WHAT = "FluxTransformer2DModel"
@@ -168,19 +167,8 @@ def load_flux(target: str, local: bool, device: str | torch.device = "cpu", prom
     check_prompt_model_options("FLUX", class_label, subfolder, "transformer")
     deepest = None
     if up_to_block is not None:
-        raw = FluxTransformer2DModel.load_config(Path(target) / "transformer") if local else {}
-        double, single = int(raw.get("num_layers", 0)), int(raw.get("num_single_layers", 0))
-        deepest = check_depth(up_to_block, local, target, 1 + double + single)
-        keep_double, keep_single = min(double, deepest - 1), max(0, deepest - 1 - double)
-
-        def truncate(m: nn.Module) -> None:
-            m.transformer_blocks = nn.ModuleList(list(m.transformer_blocks)[:keep_double])
-            m.single_transformer_blocks = nn.ModuleList(list(m.single_transformer_blocks)[:keep_single])
-            m.norm_out = m.proj_out = None
-
-        dropped = ([f"transformer_blocks.{i}" for i in range(keep_double, double)]
-                   + [f"single_transformer_blocks.{i}" for i in range(keep_single, single)] + list(FluxBackbone.tail_modules))  # fmt: skip
-        model = load_up_to(FluxTransformer2DModel, Path(target) / "transformer", dropped, truncate)
+        model, deepest = load_up_to(FluxTransformer2DModel, target, local, up_to_block,
+                                    ["transformer_blocks", "single_transformer_blocks"], FluxBackbone.tail_modules)  # fmt: skip
     else:
         model = load_part(FluxTransformer2DModel, target, local, "transformer", WHAT, low_cpu_mem_usage=False)
     codec = VaeCodec(load_part(AutoencoderKL, target, local, "vae", WHAT, low_cpu_mem_usage=False))
@@ -211,7 +199,7 @@ def load_flux(target: str, local: bool, device: str | torch.device = "cpu", prom
                        "shift_factor": codec.shift_factor, "encoding": "posterior mean"})  # fmt: skip
     backbone = FluxBackbone(model, codec, embeds, pooled, scale, blocks, size, schedule, config, source=f"diffusers:{target}")
     backbone.prediction_type = "flow"
-    finish_depth(backbone, local, Path(target) / "transformer", deepest)
+    finish_depth(backbone, local, target, deepest)
     return backbone.to(device)
 
 

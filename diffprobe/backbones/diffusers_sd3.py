@@ -19,7 +19,6 @@ parameters. The encoded prompt is part of the backbone's fingerprint.
 from __future__ import annotations
 
 import gc
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,8 +26,8 @@ from torch import nn
 
 from ..errors import DiffprobeError
 from ..features.noise import FlowSchedule
-from .base import Backbone, BlockInfo
-from .partial import check_depth, depth_table, load_up_to, weight_files
+from .base import BlockInfo
+from .partial import finish_depth, load_up_to
 from .diffusers_pipeline import architecture_config, as_int, check_image_size, check_prompt_model_options, load_part, no_transformers_bars, read_scheduler_config
 from .vae import LatentBackbone, VaeCodec
 
@@ -150,15 +149,7 @@ def load_sd3(target: str, local: bool, device: str | torch.device = "cpu", promp
     use_t5 = as_bool(t5, "t5")
     deepest = None
     if up_to_block is not None:
-        layers = int(SD3Transformer2DModel.load_config(Path(target) / "transformer")["num_layers"]) if local else 0
-        deepest = check_depth(up_to_block, local, target, layers + 1)
-
-        def truncate(m: nn.Module) -> None:
-            m.transformer_blocks = nn.ModuleList(list(m.transformer_blocks)[: deepest - 1])
-            m.norm_out = m.proj_out = None
-
-        dropped = [f"transformer_blocks.{i}" for i in range(deepest - 1, layers)] + list(SD3Backbone.tail_modules)
-        model = load_up_to(SD3Transformer2DModel, Path(target) / "transformer", dropped, truncate)
+        model, deepest = load_up_to(SD3Transformer2DModel, target, local, up_to_block, ["transformer_blocks"], SD3Backbone.tail_modules)
     else:
         model = load_part(SD3Transformer2DModel, target, local, "transformer", WHAT, low_cpu_mem_usage=False)
     codec = VaeCodec(load_part(AutoencoderKL, target, local, "vae", WHAT, low_cpu_mem_usage=False))
@@ -180,7 +171,7 @@ def load_sd3(target: str, local: bool, device: str | torch.device = "cpu", promp
                        "shift_factor": codec.shift_factor, "encoding": "posterior mean"})  # fmt: skip
     backbone = SD3Backbone(model, codec, embeds, pooled, blocks, size, schedule, config, source=f"diffusers:{target}")
     backbone.prediction_type = "flow"
-    finish_depth(backbone, local, Path(target) / "transformer", deepest)
+    finish_depth(backbone, local, target, deepest)
     return backbone.to(device)
 
 
@@ -194,17 +185,3 @@ def as_bool(value: Any, name: str) -> bool:
     if text in ("0", "false", "no", "off"):
         return False
     raise DiffprobeError(f"{name}={value!r}: expected true or false")
-
-
-def finish_depth(backbone: Backbone, local: bool, folder: Path, deepest: int | None) -> None:
-    """What a stacked transformer read from safetensors records: its files (the fingerprint hashes
-    them as stored, so a partial and a whole load agree), how deep it was loaded, and what each
-    depth needs (kept from the full config when later blocks were never built)."""
-    if local:
-        try:
-            backbone.weight_files = weight_files(folder)
-        except DiffprobeError:  # a .bin folder: the fingerprint hashes the loaded tensors instead
-            backbone.weight_files = None
-    if deepest is not None:
-        backbone.loaded_to = deepest
-        backbone.depth_weights = depth_table(backbone.model, backbone.blocks, backbone.tail_modules)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -41,14 +41,32 @@ def _later(name: str, dropped: Sequence[str]) -> bool:
     return any(name == d or name.startswith(d + ".") for d in dropped)
 
 
-def load_up_to(cls: Any, folder: Path, dropped: Sequence[str], truncate: Callable[[nn.Module], None]) -> nn.Module:
-    """`cls` from `folder` with every tensor outside the `dropped` modules read from disk (float32,
-    as diffusers loads them) and the dropped modules removed by `truncate`."""
+def load_up_to(cls: Any, target: str, local: bool, up_to_block: Any, chain: Sequence[str], tail: Sequence[str]) -> tuple[nn.Module, int]:
+    """`cls` from `target`/transformer/ as deep as block `up_to_block` and no deeper; and that block.
+
+    Block 1 is the embedding; blocks 2, 3, ... run the ModuleLists named in `chain`, in order.
+    Every tensor outside the later blocks and the `tail` (the output head) is read from disk,
+    float32 as diffusers loads it; the later blocks and the tail are never built."""
     from safetensors import safe_open
 
-    config = cls.load_config(folder)
+    if not local:
+        raise DiffprobeError(f"up_to_block reads a local folder's safetensors: download {target} first "
+                             f"(`huggingface-cli download {target} --local-dir DIR`) and pass diffusers:DIR")  # fmt: skip
+    folder = Path(target) / "transformer"
     with torch.device("meta"):
-        model = cls.from_config(config)
+        model = cls.from_config(cls.load_config(folder))
+    lengths = [len(getattr(model, name)) for name in chain]
+    try:
+        deepest = int(up_to_block)
+    except (TypeError, ValueError):
+        raise DiffprobeError(f"up_to_block must be a block number, got {up_to_block!r}") from None
+    if not 1 <= deepest <= 1 + sum(lengths):
+        raise DiffprobeError(f"up_to_block={deepest}: this model has blocks 1..{1 + sum(lengths)}")
+    keep, left = [], deepest - 1  # how many of each chained list's blocks run up to `deepest`
+    for length in lengths:
+        keep.append(min(length, left))
+        left -= keep[-1]
+    dropped = [f"{name}.{i}" for name, length, k in zip(chain, lengths, keep) for i in range(k, length)] + list(tail)
     tensors: dict[str, torch.Tensor] = {}
     for file in weight_files(folder):
         with safe_open(str(file), framework="pt") as f:
@@ -61,11 +79,14 @@ def load_up_to(cls: Any, folder: Path, dropped: Sequence[str], truncate: Callabl
     if missing or unexpected:
         raise DiffprobeError(f"{folder} does not fit its config: missing {', '.join(missing[:5]) or 'nothing'}; "
                              f"unexpected {', '.join(unexpected[:5]) or 'nothing'}")  # fmt: skip
-    truncate(model)
+    for name, k in zip(chain, keep):
+        setattr(model, name, nn.ModuleList(list(getattr(model, name))[:k]))
+    for name in tail:
+        setattr(model, name, None)
     still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if still_meta:
         raise DiffprobeError(f"loading {folder} up to a block left {', '.join(still_meta[:5])} unread: load it whole (drop up_to_block)")
-    return model.eval()
+    return model.eval(), deepest
 
 
 def weights_hash(files: Sequence[Path]) -> str:
@@ -89,15 +110,15 @@ def depth_table(model: nn.Module, blocks: list, tail: Sequence[str]) -> dict[int
     return {b.index: weights_to(meta, blocks, tail, b.index) for b in blocks}
 
 
-def check_depth(up_to_block: Any, local: bool, target: str, num_blocks: int) -> int:
-    """The deepest block to load, checked: a number of this model's blocks, of a local folder."""
-    if not local:
-        raise DiffprobeError(f"up_to_block reads a local folder's safetensors: download {target} first "
-                             f"(`huggingface-cli download {target} --local-dir DIR`) and pass diffusers:DIR")  # fmt: skip
-    try:
-        deepest = int(up_to_block)
-    except (TypeError, ValueError):
-        raise DiffprobeError(f"up_to_block must be a block number, got {up_to_block!r}") from None
-    if not 1 <= deepest <= num_blocks:
-        raise DiffprobeError(f"up_to_block={deepest}: this model has blocks 1..{num_blocks}")
-    return deepest
+def finish_depth(backbone: Any, local: bool, target: str, deepest: int | None) -> None:
+    """What a stacked transformer read from safetensors records: its files (the fingerprint hashes
+    them as stored, so a partial and a whole load agree), how deep it was loaded, and what each
+    depth needs (kept from the full config when later blocks were never built)."""
+    if local:
+        try:
+            backbone.weight_files = weight_files(Path(target) / "transformer")
+        except DiffprobeError:  # a .bin folder: the fingerprint hashes the loaded tensors instead
+            backbone.weight_files = None
+    if deepest is not None:
+        backbone.loaded_to = deepest
+        backbone.depth_weights = depth_table(backbone.model, backbone.blocks, backbone.tail_modules)

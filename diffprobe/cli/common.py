@@ -131,15 +131,20 @@ def add_test_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-limit", type=int, help="a stratified subset of this many test images (default: all)")
 
 
+def test_limit_from(args: argparse.Namespace) -> int | None:
+    """--test-limit, checked (a count of test images, at least 1), or None for all of them."""
+    from ..validate import positive_int
+
+    return positive_int(args.test_limit, "--test-limit") if args.test_limit is not None else None
+
+
 def open_test_data(args: argparse.Namespace):
     """The --test-data set, or None."""
     from ..data import open_dataset
-    from ..validate import positive_int
 
     if not args.test_data:
         return None
-    if args.test_limit is not None:
-        positive_int(args.test_limit, "--test-limit")
+    test_limit_from(args)  # checked before the test set is opened (a torchvision download, an archive to unpack)
     return open_dataset(args.test_data, root=args.data_root, split=args.test_split, download=args.download)
 
 

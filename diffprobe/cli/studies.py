@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from ..features.distributed import ranks
-from ..validate import positive_int
 from .common import (
     add_backbone_args,
     add_data_args,
@@ -21,6 +20,7 @@ from .common import (
     open_data,
     open_test_data,
     plan_from,
+    test_limit_from,
 )
 
 
@@ -42,8 +42,7 @@ def cmd_transfer(args: argparse.Namespace) -> None:
     rows = transfer(load_backbone_from(args), args.datasets, args.out, plan_from(args), extract_options_from(args),
                     probe=args.probe, val_fraction=args.val_fraction, split_seed=args.split_seed, data_root=args.data_root,
                     download=args.download, split=args.split, controls=not args.no_controls,
-                    report_share=args.report_share, test_split=args.test_split,
-                    test_limit=positive_int(args.test_limit, "--test-limit") if args.test_limit is not None else None)  # fmt: skip
+                    report_share=args.report_share, test_split=args.test_split, test_limit=test_limit_from(args))  # fmt: skip
     for r in rows:
         ctrl = f"  (pixels {r['pixels_top1']:.2f}%, random weights {r['random_weights_top1']:.2f}%)" if "pixels_top1" in r else ""
         ci = f" [{r['low']:.2f}, {r['high']:.2f}]" if r["low"] is not None else ""

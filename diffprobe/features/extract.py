@@ -77,6 +77,11 @@ class ExtractOptions:
         return replace(self, limit=rows["limit"], held_out=rows.get("held_out"), subset_seed=rows["subset_seed"] or 0, overwrite=False,
                        rows_role=role.get("role"), role_split=tuple(role.get("split", self.role_split)))  # fmt: skip
 
+    def for_test_set(self, limit: int | None) -> "ExtractOptions":
+        """These options for a test set: `limit` of its images (stratified) or all; the row choices
+        that pick roles of the training dataset (--held-out, --rows) do not apply to it."""
+        return replace(self, limit=limit, held_out=None, rows_role=None)
+
 
 def build_manifest(backbone: Backbone, data: LabeledImages, rows: np.ndarray, plan: FeaturePlan,
                    options: ExtractOptions, compute: Compute) -> dict:  # fmt: skip
@@ -199,6 +204,8 @@ def extract(backbone: Backbone, data: LabeledImages | str | Path, plan: FeatureP
     # (a 193-row store of 200 images) and 0 made an empty store reported complete.
     if o.limit is not None and o.limit < 1:
         raise DiffprobeError(f"--limit {o.limit}: expected a number of images, at least 1 (omit --limit for the whole dataset)")
+    if o.held_out is not None and o.held_out < 1:
+        raise DiffprobeError(f"--held-out {o.held_out}: expected a number of held-out images, at least 1 (omit --held-out for none beyond --limit's)")
     if o.batch_size < 1:
         raise DiffprobeError(f"--batch-size {o.batch_size}: expected a number of images per pass, at least 1 (default 64)")
     if o.workers is not None and o.workers < 0:
@@ -207,8 +214,6 @@ def extract(backbone: Backbone, data: LabeledImages | str | Path, plan: FeatureP
     join(o.dist_backend, compute.device)
     share = ranks(o.rank, o.world_size)
     plan = plan.resolve(backbone)
-    if o.held_out is not None and o.held_out < 1:
-        raise DiffprobeError(f"held-out images {o.held_out}: expected at least 1")
     rows = select_rows(data.labels, o)
     views = np.tile(np.arange(max(o.augment_views, 1)), len(rows))
     if o.augment_views:

@@ -63,6 +63,11 @@ class NoiseSchedule:
     def num_timesteps(self) -> int:
         return len(self.alphas_cumprod)
 
+    @property
+    def num_train_timesteps(self) -> int:
+        """T, the scheduler's num_train_timesteps (here every t a probe may ask for is below it)."""
+        return len(self.alphas_cumprod)
+
     def check_timesteps(self, ts: Sequence[int]) -> list[int]:
         out = []
         for t in ts:

@@ -127,7 +127,7 @@ class Reporting:
 
     def source(self) -> str:
         if self.test is not None:
-            return f"test store {self.test.root} ({self.test.rows} images)"
+            return f"test store {self.test.root}"  # its size is in each report's "rows"
         if self.roles.has_report:
             return f"held-out report rows of {self.store.root} ({len(self.roles.report)} images)"
         return "none: every figure is a selection score (optimistic)"

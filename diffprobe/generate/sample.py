@@ -78,7 +78,7 @@ def sampling_steps(backbone: Backbone, sampler: str, steps: int | None) -> int:
     """The step count to sample with: None means the sampler's default; anything else is checked
     (0 is an error, never quietly the default)."""
     check_sampler(backbone, sampler)
-    total = getattr(backbone.schedule, "num_train_timesteps", backbone.schedule.num_timesteps)
+    total = backbone.schedule.num_train_timesteps
     if steps is None:
         return total if sampler == "ddpm" else min(DEFAULT_DDIM_STEPS, total)
     if sampler == "ddpm" and steps != total:
@@ -167,7 +167,7 @@ def sample_grid(backbone: Backbone, out: str | Path, num: int, steps: int, compu
     """Samples with the model's default sampler (DDIM, or Euler for flow models) into out/
     (grid.png, samples.npz, samples.json); returns the grid."""
     sampler = default_sampler(backbone)
-    steps = min(steps, backbone.schedule.num_timesteps)
+    steps = min(steps, backbone.schedule.num_train_timesteps)
     images = sample_images(backbone, num, sampler, steps, seed=seed, batch_size=num, compute=compute)
     files = save_samples(images, out, {"source": backbone.source, "sampler": sampler, "steps": steps, "seed": seed, "num": num})
     return Path(files["grid"])

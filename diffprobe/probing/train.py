@@ -323,23 +323,35 @@ def report_from_logits(logits: torch.Tensor, y: torch.Tensor, classes: Sequence[
     return figures, matrix
 
 
-def head_hits(fitted: FittedHead, store: FeatureStore, rows: np.ndarray) -> np.ndarray:
-    """Whether the head's top-1 is right on each of these rows (for paired comparisons of heads)."""
+def _scored(fitted: FittedHead, store: FeatureStore, rows: np.ndarray | None) -> tuple[dict[str, Any], np.ndarray]:
+    """One pass of a fitted head over rows of a store of its backbone and noise (default: all):
+    its figures (top-1 with its interval, top-5, per class) and each row's top-1 hit."""
+    check_same_backbone_manifest(fitted.store_manifest, fitted.store_root, store)
+    if store.classes != fitted.classes:
+        raise DiffprobeError(f"store {store.root} has other classes than the one the head was trained on")
+    rows = np.arange(store.rows) if rows is None else np.asarray(rows)
     labels = torch.from_numpy(store.labels)[rows]
-    _, _, _, logits = _evaluate(fitted.model, load_inputs(store, fitted.keys, rows), labels)
-    return (logits.argmax(1) == labels).numpy()
+    logits = _evaluate(fitted.model, load_inputs(store, fitted.keys, rows), labels)[3]
+    return report_from_logits(logits, labels, store.classes)[0], (logits.argmax(1) == labels.to(logits.device)).cpu().numpy()
 
 
 def evaluate_store(fitted: FittedHead, store: FeatureStore, rows: np.ndarray | None = None) -> dict[str, Any]:
     """Top-1 (with its interval) and top-5 of a fitted head on rows of another store of the same
     backbone and noise (default: all of them)."""
-    check_same_backbone_manifest(fitted.store_manifest, fitted.store_root, store)
-    if store.classes != fitted.classes:
-        raise DiffprobeError(f"store {store.root} has other classes than the one the head was trained on")
-    labels = torch.from_numpy(store.labels)
-    rows = np.arange(store.rows) if rows is None else np.asarray(rows)
-    result, _ = report_metrics(fitted.model, load_inputs(store, fitted.keys, rows), labels[rows], store.classes)
-    return result
+    return _scored(fitted, store, rows)[0]
+
+
+def report_head(fitted: FittedHead, reporting: Reporting) -> np.ndarray:
+    """Score a fitted head where `reporting` says, in one pass: a test store's figures replace
+    metrics["report"] (fit_head computed the report rows' own); each reporting row's top-1 hit,
+    for paired comparisons (empty when nothing reports)."""
+    if reporting.test is not None:
+        figures, hits = _scored(fitted, reporting.test, None)
+        fitted.metrics["report"] = {**figures, "source": reporting.source()}
+        return hits
+    if not reporting.roles.has_report:
+        return np.zeros(0, dtype=bool)
+    return _scored(fitted, reporting.store, reporting.roles.report)[1]
 
 
 def shown_score(metrics: dict[str, Any]) -> str:
@@ -401,7 +413,7 @@ def probe(store: FeatureStore, keys: Sequence[FeatureKey], out: str | Path, conf
         output_dir(out)  # before any training: an unusable --out costs nothing
     fitted = fit_head(store, keys, config, str(resolve_device(device)), progress, augmented)
     if test_store is not None:
-        fitted.metrics["report"] = {**evaluate_store(fitted, test_store), "source": f"test store {test_store.root}"}
+        report_head(fitted, reporting)
     if ranks().is_main:  # under torchrun every rank holds the same head; one writes the run
         save_run(fitted, out)
     return fitted.metrics

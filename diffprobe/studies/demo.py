@@ -110,13 +110,13 @@ def train_map_heads(reporting: Reporting, out: Path, summary: dict[str, Any], he
     scored next on the selection rows. `epochs` None: each head's demo setting (DEMO_HEADS).
     Returns each head's summary and its hits on the report rows or test store (for paired comparisons)."""
     from ..probing.config import ProbeConfig
-    from ..probing.train import evaluate_store, fit_head, head_hits, save_run
+    from ..probing.train import fit_head, report_head, save_run
     from .sweep import head_summary
 
     best = summary["best"]
     block, t_best = int(best["block"]), int(best["t"])
     others = sorted((r for r in summary["cells"] if r["block"] == block and r["t"] != t_best), key=lambda r: -r["select_top1"])
-    store, roles, test = reporting.store, reporting.roles, reporting.test
+    store, roles = reporting.store, reporting.roles
     results: dict[str, Any] = {}
     hits: dict[str, np.ndarray] = {}
     for kind in heads:
@@ -130,14 +130,11 @@ def train_map_heads(reporting: Reporting, out: Path, summary: dict[str, Any], he
         config = ProbeConfig(kind, options=settings.pop("options", {}), val_fraction=summary["val_fraction"],
                              split_seed=summary["split_seed"], report_share=roles.report_share, **settings)  # fmt: skip
         fitted = fit_head(store, keys, config, device)
-        if test is not None:
-            fitted.metrics["report"] = {**evaluate_store(fitted, test), "source": reporting.source()}
+        scored = report_head(fitted, reporting)  # a test store's figures go into the run's metrics
         save_run(fitted, out / kind)
         results[kind] = {**head_summary(fitted.metrics, out / kind), "inputs": [k.stem for k in keys]}
-        if test is not None:
-            hits[kind] = head_hits(fitted, test, np.arange(test.rows))
-        elif roles.has_report:
-            hits[kind] = head_hits(fitted, store, roles.report)
+        if reporting.reports:
+            hits[kind] = scored
     return results, hits
 
 

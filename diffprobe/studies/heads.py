@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from .._io import output_dir, write_csv, write_json
@@ -39,7 +38,7 @@ def compare_heads(store: FeatureStore, key: FeatureKey, out: str | Path, heads: 
     each choosing on the selection rows and reported on the report rows (or `test_store`) with
     its interval and its paired difference against logistic regression; write heads.csv,
     heads.json, heads.png and one run directory per (head, recipe)."""
-    from ..probing.train import evaluate_store, fit_head, head_hits, save_run
+    from ..probing.train import fit_head, report_head, save_run
 
     if "fusion" in heads and fusion_t is None:
         raise DiffprobeError("the fusion head needs a second timestep: give --fusion-t")
@@ -57,8 +56,7 @@ def compare_heads(store: FeatureStore, key: FeatureKey, out: str | Path, heads: 
         started = time.time()
         config = ProbeConfig(kind, recipe, val_fraction=val_fraction, split_seed=split_seed, seed=seed, report_share=roles.report_share)
         fitted = fit_head(store, keys, config, device, progress=False)
-        if test_store is not None:
-            fitted.metrics["report"] = {**evaluate_store(fitted, test_store), "source": reporting.source()}
+        hits = report_head(fitted, reporting)  # a test store's figures go into the run's metrics
         save_run(fitted, out / f"{kind}-{recipe}")
         chosen = fitted.metrics["chosen"]
         row = {"head": kind, "recipe": recipe, "inputs": ", ".join(k.stem for k in keys),
@@ -67,14 +65,12 @@ def compare_heads(store: FeatureStore, key: FeatureKey, out: str | Path, heads: 
                "chosen": f"lr={chosen['lr']:g} wd={chosen['weight_decay']:g} epoch={chosen['epoch']}/{chosen['epochs_trained']}",
                "seconds": round(time.time() - started, 1)}  # fmt: skip
         if reporting.reports:
-            hits = head_hits(fitted, test_store, np.arange(test_store.rows)) if test_store is not None else head_hits(fitted, store, roles.report)
             diff = paired_difference(hits, reference.report_hits)
             row["vs_logreg"] = compare(f"{kind} ({recipe})", "logistic regression", diff)
         rows.append(row)
     write_csv(out / "heads.csv", rows)
     write_json(out / "heads.json", {"store": str(store.root), "rows": store.rows, "roles": reporting.describe(), "results": rows})
-    shown = (f"{reporting.rows} {'test' if test_store is not None else 'report'} images" if reporting.reports
-             else f"{len(roles.select)} selection images, optimistic")  # fmt: skip
+    shown = f"{reporting.rows} {reporting.unit}" if reporting.reports else f"{len(roles.select)} selection images, optimistic"
     head_bars(out / "heads.png", rows, f"heads on {key.stem} (top-1 on {shown})")
     return rows
 

@@ -12,7 +12,7 @@ difference.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -221,7 +221,7 @@ def sweep(backbone: Backbone, data: LabeledImages, out: str | Path, plan: Featur
     store = extract(backbone, data, plan, out / "features", options)
     test_store = None
     if test_data is not None:
-        test_store = extract(backbone, test_data, plan, out / "test-features", replace(options, limit=test_limit, rows_role=None))
+        test_store = extract(backbone, test_data, plan, out / "test-features", options.for_test_set(test_limit))
     reporting = Reporting.of(store, val_fraction, split_seed, report_share, test_store, "sweep")
     report_share = reporting.roles.report_share
     probe_device = str((options.compute or choose_compute()).device)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -76,7 +75,7 @@ def transfer(backbone: Backbone, datasets: Sequence[str], out: str | Path, plan:
         store = extract(backbone, data, plan, out / name, options)
         test_store = None
         if test_data is not None:
-            test_store = extract(backbone, test_data, plan, out / f"{name}-test", replace(options, limit=test_limit, rows_role=None))
+            test_store = extract(backbone, test_data, plan, out / f"{name}-test", options.for_test_set(test_limit))
         reporting = Reporting.of(store, val_fraction, split_seed, report_share, test_store, f"transfer to {name}")
         score = cell_score(probe, reporting, key, probe_device)
         row = {"dataset": name, "images": store.rows, "classes": len(data.classes), "setting": key.stem,
