@@ -1,10 +1,11 @@
 """Memory that grows with the depth read: a FLUX-shaped transformer saved in safetensors shards,
-loaded whole (the plain path: what diffusers' from_pretrained holds) and up to an early, a middle
-and the last block (`-o up_to_block=N`, backbones/partial.py), each in a fresh process.
+read whole (every block and the output head, as sampling or a plain from_pretrained holds it) and
+as a probe of an early, a middle and the last block reads it (blocks are read from the shards as
+a pass first needs them, backbones/partial.py), each in a fresh process.
 
 Each process loads the pipeline, extracts one batch's features at its block and reports its peak
-resident memory (ru_maxrss on CPU; max allocated on a GPU with --device cuda). Random weights:
-the shapes matter, not the weights.
+resident memory (VmHWM on CPU; max allocated on a GPU with --device cuda). Random weights: the
+shapes matter, not the weights.
 
     python benchmarks/depth_memory.py                 # 8 double + 16 single blocks, 768 wide (~0.3B parameters)
     python benchmarks/depth_memory.py --width 1536    # ~1.2B parameters
@@ -37,11 +38,12 @@ def peak_rss() -> int:
 
 
 def child(folder: str, deepest: int | None, device: str) -> None:
-    """One measurement, in its own process: load (whole or up to `deepest`), one forward, peak memory."""
+    """One measurement, in its own process: load, read whole or as deep as `deepest`, one forward, peak memory."""
     from diffprobe import load_backbone
 
-    options = {"image_size": 64} if deepest is None else {"image_size": 64, "up_to_block": deepest}
-    bb = load_backbone(f"diffusers:{folder}", **options).to(device).eval()
+    bb = load_backbone(f"diffusers:{folder}", image_size=64).to(device).eval()
+    if deepest is None:
+        bb.require_whole("the whole-model reference")  # every block and the output head, read now
     block = deepest or bb.num_blocks
     with torch.no_grad():
         bb.forward_features(torch.randn(4, *bb.model_shape, device=device), torch.full((4,), 500, device=device), [block])
@@ -80,11 +82,11 @@ def main() -> None:
                                  capture_output=True, text=True, check=True)  # fmt: skip
             results[deepest] = json.loads(out.stdout.strip().splitlines()[-1])
         whole = results.pop("whole")
-        print(f"  whole load (plain from_pretrained), block {whole['block']}: {whole['parameters'] / 1e6:.0f}M parameters held, "
+        print(f"  whole model read (as sampling holds it), block {whole['block']}: {whole['parameters'] / 1e6:.0f}M parameters held, "
               f"peak {whole['peak_bytes'] / 2**20:.0f} MiB")  # fmt: skip
         for deepest, r in results.items():
-            print(f"  up_to_block={deepest:>3}: {r['parameters'] / 1e6:6.0f}M parameters held, peak {r['peak_bytes'] / 2**20:6.0f} MiB "
-                  f"({r['peak_bytes'] / whole['peak_bytes']:.2f} of the whole load's)")  # fmt: skip
+            print(f"  probe of block {deepest:>3}: {r['parameters'] / 1e6:6.0f}M parameters held, peak {r['peak_bytes'] / 2**20:6.0f} MiB "
+                  f"({r['peak_bytes'] / whole['peak_bytes']:.2f} of the whole model's)")  # fmt: skip
 
 
 if __name__ == "__main__":

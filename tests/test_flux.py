@@ -37,9 +37,12 @@ def test_packing_is_the_pipelines(flux_folder):
 def test_flux_blocks_equal_diffusers_own_forward(flux_folder):
     """Double- then single-stream blocks: each block's image tokens, caught with hooks on
     FluxTransformer2DModel's own forward (as FluxPipeline calls it: σ = t/1000, guidance 3.5), equal
-    diffprobe's maps within 1e-4 of the tensor's largest value; early exit equals the full walk."""
+    diffprobe's maps within 1e-4 of the tensor's largest value; early exit equals the full walk. The
+    reference is diffusers' own from_pretrained (diffprobe reads the same files block by block)."""
+    from diffusers import FluxTransformer2DModel
+
     bb = load_backbone(f"diffusers:{flux_folder}", image_size=SIZE).eval()
-    model = bb.model
+    model = FluxTransformer2DModel.from_pretrained(flux_folder, subfolder="transformer").eval()
     caught = {}
     hooks = [model.x_embedder.register_forward_hook(lambda m, i, o: caught.__setitem__(1, o))]
     for n, block in enumerate([*model.transformer_blocks, *model.single_transformer_blocks], start=2):
@@ -81,6 +84,7 @@ def test_flux_through_the_cli_and_bad_options(flux_folder, cifar_small, tmp_path
     assert "(flow)" in out and "use_dynamic_shifting=True" in out and "single_transformer_blocks.1" in out
     assert "weights to here (bf16)" in out  # what each depth needs
     bb = load_backbone(spec, image_size=SIZE)
+    bb.require_whole("counting")  # read every block and the head
     head = sum(p.numel() for name in ("norm_out", "proj_out") for p in getattr(bb.model, name).parameters())
     total = sum(p.numel() for p in bb.model.parameters())
     assert bb.weights_to(4) == total - head and bb.weights_to(2) < bb.weights_to(3) < bb.weights_to(4)
@@ -110,24 +114,50 @@ def test_a_gated_hub_model_says_how_to_log_in():
     assert "\n" not in str(error)
 
 
-def test_loading_up_to_a_block_reads_only_what_it_needs(flux_folder, tmp_path):
-    """up_to_block=N builds nothing past block N: features and fingerprint equal the whole load's,
-    the parameters held are those blocks 1..N need, and deeper blocks or sampling are one line."""
-    whole = load_backbone(f"diffusers:{flux_folder}", image_size=SIZE).eval()
+def test_blocks_are_read_only_as_deep_as_a_pass_goes(flux_folder, tmp_path):
+    """A pass to block N reads blocks 1..N from the shards and nothing deeper: the parameters held
+    are those blocks 1..N need, and the features equal diffusers' own whole load's. up_to_block=N
+    caps the depth: deeper blocks and sampling are one line. One fingerprint for every depth."""
+    from diffusers import FluxTransformer2DModel
+
+    reference = FluxTransformer2DModel.from_pretrained(flux_folder, subfolder="transformer").eval()
+    total = sum(p.numel() for p in reference.parameters())
+    lazy = load_backbone(f"diffusers:{flux_folder}", image_size=SIZE).eval()
     torch.manual_seed(1)
     x_t, t = torch.randn(2, 4, 8, 8), torch.tensor([400, 400])
-    for deepest in (1, 2, 3):  # the token embedding, the double-stream block, the first single-stream block
-        part = load_backbone(f"diffusers:{flux_folder}", image_size=SIZE, up_to_block=str(deepest)).eval()
+    for deepest in (1, 2, 3, 4):  # the token embedding, the double-stream block, the single-stream blocks
         with torch.no_grad():
-            a, b = whole.forward_features(x_t, t, range(1, deepest + 1)), part.forward_features(x_t, t, range(1, deepest + 1))
-        assert all(torch.equal(a[k], b[k]) for k in a)
-        assert part.fingerprint() == whole.fingerprint()  # the same files: one identity, shared stores
-        held = sum(p.numel() for p in part.model.parameters())
-        assert held == whole.weights_to(deepest) < sum(p.numel() for p in whole.model.parameters())
-        assert part.block_table() == whole.block_table()  # the table still shows every depth
-    with pytest.raises(DiffprobeError, match=r"block 4 is deeper than this backbone was loaded \(up_to_block=3\)"):
-        part.forward_features(x_t, t, [4])
+            ours = lazy.forward_features(x_t, t, [deepest])[deepest]
+        held = sum(p.numel() for p in lazy.model.parameters())
+        assert held == lazy.weights_to(deepest) < total, deepest
+    reference_bb = lazy.random_like()  # the same backbone class around diffusers' own whole load
+    reference_bb.model = reference
+    with torch.no_grad():
+        assert torch.equal(reference_bb.forward_features(x_t, t, [4])[4], ours)
+    capped = load_backbone(f"diffusers:{flux_folder}", image_size=SIZE, up_to_block="3").eval()
+    assert capped.fingerprint() == lazy.fingerprint()  # the same files: one identity, shared stores
+    assert capped.block_table() == lazy.block_table()  # the table shows every depth
+    with pytest.raises(DiffprobeError, match=r"block 4 is deeper than this backbone may read \(up_to_block=3\)"):
+        capped.forward_features(x_t, t, [4])
     with pytest.raises(DiffprobeError, match="sampling needs the whole denoiser"):
-        part.denoise(x_t, t)
+        capped.denoise(x_t, t)
     with pytest.raises(DiffprobeError, match="up_to_block=9: this model has blocks 1..4"):
         load_backbone(f"diffusers:{flux_folder}", up_to_block=9)
+
+
+def test_a_shard_that_does_not_fit_the_config_is_one_line(flux_folder, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(flux_folder, broken)
+    weights = broken / "transformer" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    tensors["single_transformer_blocks.1.proj_out.weight"] = tensors["single_transformer_blocks.1.proj_out.weight"][:, :-1].contiguous()
+    del tensors["single_transformer_blocks.0.norm.linear.bias"]
+    save_file(tensors, weights)
+    bb = load_backbone(f"diffusers:{broken}", image_size=SIZE)  # the embeddings fit: loading succeeds
+    x_t, t = torch.randn(1, 4, 8, 8), torch.tensor([400])
+    with pytest.raises(DiffprobeError, match=r"does not fit its config: it lacks single_transformer_blocks\.0\.norm\.linear\.bias"):
+        bb.forward_features(x_t, t, [3])

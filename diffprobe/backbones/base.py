@@ -141,8 +141,8 @@ class Backbone(nn.Module):
                 f"(see `diffprobe blocks {self.source}`)"
             )
         if self.loaded_to is not None and chosen[-1] > self.loaded_to:
-            raise DiffprobeError(f"block {chosen[-1]} is deeper than this backbone was loaded (up_to_block={self.loaded_to}): "
-                                 f"load it with up_to_block={chosen[-1]} or more, or whole")  # fmt: skip
+            raise DiffprobeError(f"block {chosen[-1]} is deeper than this backbone may read (up_to_block={self.loaded_to}): "
+                                 f"load it with up_to_block={chosen[-1]} or more, or without it")  # fmt: skip
         return chosen
 
     supports_feedback: bool = False  # run() takes `inject` (tensors added to encoder block outputs)
@@ -159,6 +159,8 @@ class Backbone(nn.Module):
         if t_tensor.numel() == 1:
             t_tensor = t_tensor.expand(x_t.shape[0])
         self.schedule.check_timesteps(sorted(set(t_tensor.tolist())))
+        if self.lazy is not None:  # blocks not read yet come off the disk now, outside any compiled code
+            self.lazy.read_to(self.model, wanted[-1])
         if inject:
             if not self.supports_feedback:
                 raise DiffprobeError(f"feeding features back (DifFeed) is implemented for ADM U-Nets; {self.family} backbones do not support it")
@@ -193,14 +195,18 @@ class Backbone(nn.Module):
     # Stacked-transformer families name the modules that run only after their last block (the
     # output head); their blocks then run in order, so what a block needs is known exactly.
     tail_modules: tuple[str, ...] = ()
-    loaded_to: int | None = None  # loaded only up to this block (backbones/partial.py): nothing deeper exists
-    weight_files: list | None = None  # the safetensors the denoiser was read from: the fingerprint hashes them as stored
-    depth_weights: dict[int, int] | None = None  # weights_to of every block, kept when the model was loaded partially
+    lazy: Any = None  # backbones/partial.LazyDepth: reads blocks from safetensors as passes first need them
+    loaded_to: int | None = None  # up_to_block: no block deeper than this is ever read (backbones/partial.py)
+    weight_files: list | None = None  # the safetensors the denoiser is read from: the fingerprint hashes them as stored
+    depth_weights: dict[int, int] | None = None  # weights_to of every block, from the full config (blocks may be unread)
 
     def require_whole(self, what: str) -> None:
+        """Read every block and the output head that are not read yet; refused under up_to_block."""
         if self.loaded_to is not None:
-            raise DiffprobeError(f"{what} needs the whole denoiser, and this one was loaded up to block {self.loaded_to} "
+            raise DiffprobeError(f"{what} needs the whole denoiser, and this one may read only up to block {self.loaded_to} "
                                  "(up_to_block): load it without up_to_block")  # fmt: skip
+        if self.lazy is not None:
+            self.lazy.read_all(self.model)
 
     def weights_to(self, block: int) -> int | None:
         """Parameters the denoiser needs to compute up to `block` (an upper bound for block 1,

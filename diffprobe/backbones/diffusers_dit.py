@@ -20,6 +20,7 @@ from ..errors import DiffprobeError
 from .base import BlockInfo
 from .diffusers_pipeline import architecture_config, as_int, check_image_size, load_part, prediction_type
 from .diffusers_unet import _schedule
+from .partial import finish_depth, load_transformer
 from .vae import LatentBackbone, VaeCodec
 
 WHAT = "DiTTransformer2DModel"
@@ -69,6 +70,7 @@ class DiTBackbone(LatentBackbone):
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The raw output: ε and, for learned-sigma DiTs (out_channels = 2·in), the variance channels."""
+        self.require_whole("sampling")
         return self.model(x_t, timestep=t, class_labels=self.labels(y, x_t.shape[0], x_t.device)).sample
 
     @property
@@ -94,7 +96,9 @@ class DiTBackbone(LatentBackbone):
 
 def load_dit(target: str, local: bool, device: str | torch.device = "cpu", class_label: Any = None, prompt: Any = None,
              image_size: Any = None, schedule: str | None = None, num_train_timesteps: Any = None,
-             subfolder: str | None = None) -> DiTBackbone:  # fmt: skip
+             subfolder: str | None = None, up_to_block: Any = None) -> DiTBackbone:  # fmt: skip
+    """Blocks are read from the safetensors as passes first need them (backbones/partial.py);
+    up_to_block=N: never read past block N."""
     from diffusers import AutoencoderKL, DiTTransformer2DModel
 
     if prompt is not None:
@@ -104,7 +108,8 @@ def load_dit(target: str, local: bool, device: str | torch.device = "cpu", class
         )
     if subfolder not in (None, "transformer"):
         raise DiffprobeError(f"subfolder={subfolder!r}: a DiT pipeline folder keeps its transformer in transformer/")
-    model = load_part(DiTTransformer2DModel, target, local, "transformer", WHAT, low_cpu_mem_usage=False)
+    model, lazy, deepest = load_transformer(DiTTransformer2DModel, target, local, up_to_block, ["transformer_blocks"],
+                                            DiTBackbone.tail_modules, WHAT)  # fmt: skip
     codec = VaeCodec(load_part(AutoencoderKL, target, local, "vae", WHAT, low_cpu_mem_usage=False))
     cfg = model.config
     if cfg.in_channels != codec.latent_channels:
@@ -126,4 +131,5 @@ def load_dit(target: str, local: bool, device: str | torch.device = "cpu", class
                        "shift_factor": codec.shift_factor, "encoding": "posterior mean"})  # fmt: skip
     backbone = DiTBackbone(model, codec, label, blocks, size, sched, config, source=f"diffusers:{target}")
     backbone.prediction_type = config["prediction_type"] = prediction_type(target, local)
+    finish_depth(backbone, lazy, deepest)
     return backbone.to(device)

@@ -29,7 +29,7 @@ from ..errors import DiffprobeError
 from .base import BlockInfo
 from .diffusers_pipeline import architecture_config, as_int, check_image_size, check_prompt_model_options, load_part, no_transformers_bars
 from .diffusers_sd3 import flow_schedule
-from .partial import finish_depth, load_up_to
+from .partial import finish_depth, load_transformer
 from .vae import LatentBackbone, VaeCodec
 
 WHAT = "FluxTransformer2DModel"
@@ -161,16 +161,13 @@ def encode_prompt(target: str, local: bool, prompt: str) -> tuple[torch.Tensor, 
 def load_flux(target: str, local: bool, device: str | torch.device = "cpu", prompt: str = "", guidance: Any = None,
               image_size: Any = None, num_train_timesteps: Any = None, class_label: Any = None,
               subfolder: str | None = None, up_to_block: Any = None) -> FluxBackbone:  # fmt: skip
-    """up_to_block=N: read only the weights blocks 1..N need (backbones/partial.py); a local folder's."""
+    """Blocks are read from the safetensors as passes first need them (backbones/partial.py);
+    up_to_block=N: never read past block N."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
     check_prompt_model_options("FLUX", class_label, subfolder, "transformer")
-    deepest = None
-    if up_to_block is not None:
-        model, deepest = load_up_to(FluxTransformer2DModel, target, local, up_to_block,
-                                    ["transformer_blocks", "single_transformer_blocks"], FluxBackbone.tail_modules)  # fmt: skip
-    else:
-        model = load_part(FluxTransformer2DModel, target, local, "transformer", WHAT, low_cpu_mem_usage=False)
+    model, lazy, deepest = load_transformer(FluxTransformer2DModel, target, local, up_to_block,
+                                            ["transformer_blocks", "single_transformer_blocks"], FluxBackbone.tail_modules, WHAT)  # fmt: skip
     codec = VaeCodec(load_part(AutoencoderKL, target, local, "vae", WHAT, low_cpu_mem_usage=False))
     cfg = model.config
     if cfg.in_channels != 4 * codec.latent_channels:
@@ -199,7 +196,7 @@ def load_flux(target: str, local: bool, device: str | torch.device = "cpu", prom
                        "shift_factor": codec.shift_factor, "encoding": "posterior mean"})  # fmt: skip
     backbone = FluxBackbone(model, codec, embeds, pooled, scale, blocks, size, schedule, config, source=f"diffusers:{target}")
     backbone.prediction_type = "flow"
-    finish_depth(backbone, local, target, deepest)
+    finish_depth(backbone, lazy, deepest)
     return backbone.to(device)
 
 

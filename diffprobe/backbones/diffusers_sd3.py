@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import DiffprobeError
 from ..features.noise import FlowSchedule
 from .base import BlockInfo
-from .partial import finish_depth, load_up_to
+from .partial import finish_depth, load_transformer
 from .diffusers_pipeline import architecture_config, as_int, check_image_size, check_prompt_model_options, load_part, no_transformers_bars, read_scheduler_config
 from .vae import LatentBackbone, VaeCodec
 
@@ -142,16 +142,14 @@ def encode_prompt(target: str, local: bool, prompt: str, t5: bool, transformer: 
 def load_sd3(target: str, local: bool, device: str | torch.device = "cpu", prompt: str = "", t5: Any = True,
              image_size: Any = None, num_train_timesteps: Any = None, class_label: Any = None,
              subfolder: str | None = None, up_to_block: Any = None) -> SD3Backbone:  # fmt: skip
-    """up_to_block=N: read only the weights blocks 1..N need (backbones/partial.py); a local folder's."""
+    """Blocks are read from the safetensors as passes first need them (backbones/partial.py);
+    up_to_block=N: never read past block N."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
 
     check_prompt_model_options("Stable Diffusion 3", class_label, subfolder, "transformer")
     use_t5 = as_bool(t5, "t5")
-    deepest = None
-    if up_to_block is not None:
-        model, deepest = load_up_to(SD3Transformer2DModel, target, local, up_to_block, ["transformer_blocks"], SD3Backbone.tail_modules)
-    else:
-        model = load_part(SD3Transformer2DModel, target, local, "transformer", WHAT, low_cpu_mem_usage=False)
+    model, lazy, deepest = load_transformer(SD3Transformer2DModel, target, local, up_to_block, ["transformer_blocks"],
+                                            SD3Backbone.tail_modules, WHAT)  # fmt: skip
     codec = VaeCodec(load_part(AutoencoderKL, target, local, "vae", WHAT, low_cpu_mem_usage=False))
     cfg = model.config
     if cfg.in_channels != codec.latent_channels:
@@ -171,7 +169,7 @@ def load_sd3(target: str, local: bool, device: str | torch.device = "cpu", promp
                        "shift_factor": codec.shift_factor, "encoding": "posterior mean"})  # fmt: skip
     backbone = SD3Backbone(model, codec, embeds, pooled, blocks, size, schedule, config, source=f"diffusers:{target}")
     backbone.prediction_type = "flow"
-    finish_depth(backbone, local, target, deepest)
+    finish_depth(backbone, lazy, deepest)
     return backbone.to(device)
 
 
