@@ -8,6 +8,8 @@ channels_last on CPUs with fast bf16, fp32 + channels_last on other CPUs; benchm
 
 Models (random weights, built with diffusers' constructors; the shapes matter, not the weights):
     SD-shaped U-Net, 64-px images -> 4×16×16 latents, early exit at up_blocks.1 (its last unit)
+    the same U-Net tapped inside a block (up_blocks.1's first self-attention, by module path)
+    SDXL-shaped U-Net (text_time added conditioning, 1/2/2 transformer layers), early exit at up_blocks.1
     DiT, 12 blocks, patch 2, early exit at the middle block (transformer_blocks.5)
     SD3-shaped MMDiT, 12 joint blocks 384 wide, 16-channel VAE with a shift, early exit at transformer_blocks.5
     FLUX-shaped, 4 double- + 8 single-stream blocks 384 wide, 2×2 packing, early exit at single_transformer_blocks.1
@@ -30,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the pipeline builders the tests use
-from latent_models import save_dit, save_flux, save_sd, save_sd3  # noqa: E402
+from latent_models import save_dit, save_flux, save_sd, save_sd3, save_sdxl  # noqa: E402
 
 from diffprobe import load_backbone  # noqa: E402
 from diffprobe.features.featurize import pool_features  # noqa: E402
@@ -41,6 +43,10 @@ SD = dict(sample_size=16, block_out_channels=(64, 128, 128), layers_per_block=2,
           down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
           up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=32,
           attention_head_dim=8, vae_block_out_channels=(32, 64, 64))  # fmt: skip
+SDXL = dict(sample_size=16, block_out_channels=(64, 128, 128), layers_per_block=2, transformer_layers_per_block=(1, 2, 2),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4, 4), norm_num_groups=32,
+            vae_block_out_channels=(32, 64, 64))  # fmt: skip
 DIT = dict(num_attention_heads=6, attention_head_dim=64, num_layers=12, sample_size=16, vae_block_out_channels=(32, 64, 64))
 SD3 = dict(sample_size=32, num_layers=12, attention_head_dim=64, num_attention_heads=6, caption_projection_dim=384,
            joint_attention_dim=64, pos_embed_max_size=16)  # fmt: skip
@@ -81,6 +87,7 @@ def diffprobe_features(bb, compute, images, ts, noises, block):
 
 def measure(name, spec, block, module_name, to_map, images, ts, repeats, compute, budget, stream=0, options=None):
     plain_bb = load_backbone(spec, **(options or {}))
+    plain_bb.require_whole("the plain path")  # a full forward: every block read (lazily read transformers)
     fast_bb = compute.prepare(load_backbone(spec, **(options or {})))
     noises = [image_noise(range(len(images)), 0, plain_bb.model_shape, 0) for _ in ts]
     with torch.inference_mode():
@@ -97,12 +104,14 @@ def measure(name, spec, block, module_name, to_map, images, ts, repeats, compute
     n = len(images) * len(ts)
     plain, fast = n / min(timings["plain"]), n / min(timings["diffprobe"])
     cos = min(F.cosine_similarity(a.flatten(1).float(), b.flatten(1).float(), dim=1).min().item() for a, b in zip(ref, got))
-    print(f"{name}: block {block} ({fast_bb.blocks[block - 1].name}, {fast_bb.blocks[block - 1].channels} ch at "
-          f"{fast_bb.blocks[block - 1].resolution}² of {fast_bb.num_blocks} blocks), {len(images)} images × {len(ts)} timesteps")  # fmt: skip
+    tap = fast_bb.tap_info(block)
+    where = f"block {block} ({tap.name}" if isinstance(block, int) else f"module {block} (in block {fast_bb.tap_block(block)}"
+    print(f"{name}: {where}, {tap.channels} ch at {tap.resolution}² of {fast_bb.num_blocks} blocks), "
+          f"{len(images)} images × {len(ts)} timesteps")  # fmt: skip
     print(f"  plain (encode every time, full forward + hook, fp32): {plain:7.1f} img·t/s")
     print(f"  diffprobe (cached latents, early exit, {compute.describe()}): {fast:7.1f} img·t/s")
     print(f"  min cosine of pooled features to the plain path {cos:.5f}")
-    print(f"ratio: {name} block {block}, diffprobe ({compute.describe()}) vs plain: {fast / plain:.2f}×")
+    print(f"ratio: {name} {'block ' * isinstance(block, int)}{block}, diffprobe ({compute.describe()}) vs plain: {fast / plain:.2f}×")
 
 
 def main() -> None:
@@ -126,6 +135,18 @@ def main() -> None:
         hooked = "up_blocks.1.upsamplers.0" if sd.model.up_blocks[1].upsamplers is not None else last_unit
         measure("SD-shaped U-Net", f"diffusers:{Path(tmp) / 'sd'}", up1, hooked, lambda h: h, images, ts, args.repeats,
                 compute, Budget(args.budget))  # fmt: skip
+        inner = "up_blocks.1.attentions.0.transformer_blocks.0.attn1"
+
+        def tokens_to_map_8(h):  # up_blocks.1 runs at 8×8 latents
+            return h.transpose(1, 2).reshape(h.shape[0], h.shape[2], 8, 8)
+
+        measure("SD-shaped U-Net, inner module", f"diffusers:{Path(tmp) / 'sd'}", inner, inner, tokens_to_map_8, images, ts,
+                args.repeats, compute, Budget(args.budget))  # fmt: skip
+        sdxl_spec = f"diffusers:{save_sdxl(Path(tmp) / 'sdxl', **SDXL)}"
+        sdxl = load_backbone(sdxl_spec)
+        up1 = max(b.index for b in sdxl.blocks if b.name.startswith("up_blocks.1."))
+        hooked = "up_blocks.1.upsamplers.0" if sdxl.model.up_blocks[1].upsamplers is not None else sdxl.blocks[up1 - 1].name
+        measure("SDXL-shaped U-Net", sdxl_spec, up1, hooked, lambda h: h, images, ts, args.repeats, compute, Budget(args.budget))
         dit_spec = f"diffusers:{save_dit(Path(tmp) / 'dit', **DIT)}"
         middle = DIT["num_layers"] // 2  # transformer_blocks.5 is block 7 (block 1 is the patch embedding)
         side = DIT["sample_size"] // 2

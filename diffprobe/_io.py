@@ -22,6 +22,11 @@ import numpy as np
 from .errors import DiffprobeError
 
 
+def cache_dir() -> Path:
+    """Where re-creatable things live (unpacked archives, encoded prompts): $DIFFPROBE_CACHE or ~/.cache/diffprobe."""
+    return Path(os.environ.get("DIFFPROBE_CACHE", Path.home() / ".cache" / "diffprobe"))
+
+
 def describe_os_error(path: str | Path, error: OSError, what: str = "write") -> str:
     reason = error.strerror or type(error).__name__
     return f"cannot {what} {path}: {reason}"

@@ -27,18 +27,13 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ._io import output_errors, publish_dir, save_npy, temp_sibling_dir
+from ._io import cache_dir, output_errors, publish_dir, save_npy, temp_sibling_dir
 from .errors import DiffprobeError
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 TORCHVISION_DATASETS = ("CIFAR10", "Flowers102", "FGVCAircraft", "OxfordIIITPet", "Food101", "DTD", "StanfordCars")
-
-
-def cache_dir() -> Path:
-    """Where unpacked archives (and other re-creatable things) live: $DIFFPROBE_CACHE or ~/.cache/diffprobe."""
-    return Path(os.environ.get("DIFFPROBE_CACHE", Path.home() / ".cache" / "diffprobe"))
 
 
 def _high_bit_depth_to_l(image: Image.Image) -> Image.Image:

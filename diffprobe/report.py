@@ -19,6 +19,21 @@ def short_source(source: str) -> str:
     return f"{family}:{Path(target).name}" if sep else Path(source).name
 
 
+def short_tap(tap: "int | str", width: int = 40) -> str:
+    """A block number, or a module path short enough for an axis: its first two and last parts
+    (down_blocks.2.attentions.1.transformer_blocks.9.attn1.to_out.0 -> down_blocks.2…9.attn1.to_out.0)."""
+    text = str(tap)
+    if len(text) <= width:
+        return text
+    parts = text.split(".")
+    head, tail = ".".join(parts[:2]), parts[-1]
+    for part in reversed(parts[2:-1]):
+        if len(head) + len(tail) + len(part) + 2 > width:
+            break
+        tail = f"{part}.{tail}"
+    return f"{head}…{tail}"
+
+
 def heatmap(path: str | Path, values: np.ndarray, row_labels: Sequence, col_labels: Sequence, title: str,
             xlabel: str = "timestep t", ylabel: str = "block", best: tuple[int, int] | None = None,
             colorbar: str = "top-1 %") -> None:  # fmt: skip

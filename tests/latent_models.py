@@ -60,6 +60,44 @@ def save_sd(folder: Path, seed: int = 0, text_encoder: bool = True, vae_dir: boo
     return str(folder)
 
 
+def save_sdxl(folder: Path, seed: int = 0, force_zeros: bool = True, refiner: bool = False, **unet_overrides) -> str:
+    """An SDXL-shaped pipeline: a text_time U-Net (latent 8×8; 1 and 2 transformer layers), CLIP-L-
+    and CLIP-G-like encoders (16 + 24 wide: 40-wide context; 12-wide pooled projection), VAE factor 2.
+    refiner=True: the refiner's layout (second encoder only, aesthetic-score ids)."""
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    time_dim, pooled = 8, 12
+    cfg = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+               down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+               transformer_layers_per_block=(1, 2), attention_head_dim=(4, 8), cross_attention_dim=40,
+               use_linear_projection=True, norm_num_groups=8, addition_embed_type="text_time",
+               addition_time_embed_dim=time_dim, projection_class_embeddings_input_dim=6 * time_dim + pooled)  # fmt: skip
+    cfg.update(unet_overrides)
+    vae_channels = cfg.pop("vae_block_out_channels", (16, 32))
+    UNet2DConditionModel(**cfg).save_pretrained(folder / "unet")
+    vae(vae_channels).save_pretrained(folder / "vae")
+    clip = dict(vocab_size=54, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
+                bos_token_id=0, eos_token_id=1, pad_token_id=1)  # fmt: skip
+    if not refiner:
+        CLIPTextModel(CLIPTextConfig(hidden_size=16, **clip)).save_pretrained(folder / "text_encoder")
+        save_tokenizer(folder / "tokenizer")
+    CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=24, projection_dim=pooled, **clip)).save_pretrained(folder / "text_encoder_2")
+    save_tokenizer(folder / "tokenizer_2")
+    EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(folder / "scheduler")
+    index = {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": force_zeros,
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+             "image_encoder": [None, None], "feature_extractor": [None, None]}  # fmt: skip
+    if refiner:
+        index.update(_class_name="StableDiffusionXLImg2ImgPipeline", requires_aesthetics_score=True)
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return str(folder)
+
+
 def save_dit(folder: Path, seed: int = 0, **overrides) -> str:
     """A DiT-shaped pipeline: learned-sigma transformer over 8×8 latents, patch 2, 10 classes (+ null)."""
     from diffusers import DDIMScheduler, DiTTransformer2DModel

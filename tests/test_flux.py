@@ -104,7 +104,7 @@ def test_flux_through_the_cli_and_bad_options(flux_folder, cifar_small, tmp_path
 
 
 def test_a_gated_hub_model_says_how_to_log_in():
-    from diffprobe.backbones.diffusers_pipeline import offline_error
+    from diffprobe.backbones.pipeline_parts import offline_error
 
     class GatedRepoError(Exception):  # huggingface_hub's, by name (its constructor needs an HTTP response)
         pass

@@ -201,9 +201,10 @@ def test_dit_shaped_model_through_the_cli(dit_folder, cifar_small, tmp_path, cap
     assert FeatureKey(10, 3, 1).stem in (p.stem for p in (store / "features").glob("*.npy"))
 
 
-def test_prompt_is_encoded_once_and_is_part_of_the_identity(sd_folder, monkeypatch):
+def test_prompt_is_encoded_once_and_is_part_of_the_identity(sd_folder, monkeypatch, tmp_path):
     import transformers
 
+    monkeypatch.setenv("DIFFPROBE_CACHE", str(tmp_path))  # no encoded prompt cached by other tests
     calls = []
     forward = transformers.CLIPTextModel.forward
     monkeypatch.setattr(transformers.CLIPTextModel, "forward", lambda self, *a, **k: (calls.append(1), forward(self, *a, **k))[1])

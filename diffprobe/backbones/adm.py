@@ -282,15 +282,15 @@ class ADMUNet(nn.Module):
         return emb
 
     def run_blocks(self, x: torch.Tensor, emb: torch.Tensor, wanted: tuple[int, ...],
-                   inject: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:  # fmt: skip
+                   inject: dict[int, torch.Tensor] | None = None, out: dict | None = None) -> dict[int, torch.Tensor]:  # fmt: skip
         """Outputs of the blocks in `wanted` (paper numbers), in one pass stopping at the deepest.
 
         inject: tensors added to encoder blocks' outputs (before the skip connection takes them),
         DifFeed's feedback. A plain loop returning a dict (not a generator), so torch.compile can
-        trace it whole.
+        trace it whole. out: the dict to fill (a pass a hook ends early keeps what it has).
         """
         last = max(wanted)
-        out: dict[int, torch.Tensor] = {}
+        out = {} if out is None else out
         skips: list[torch.Tensor] = []
         h = x
         number = 0

@@ -33,8 +33,8 @@ class ADMBackbone(Backbone):
     supports_feedback = True
 
     def run(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, wanted: tuple[int, ...],
-            inject: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:  # fmt: skip
-        return self.model.run_blocks(x, self.model.embed(t, y), wanted, inject)
+            inject: dict[int, torch.Tensor] | None = None, out: dict | None = None) -> dict[int, torch.Tensor]:  # fmt: skip
+        return self.model.run_blocks(x, self.model.embed(t, y), wanted, inject, out)
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(x_t, t, y)

@@ -124,34 +124,62 @@ class Backbone(nn.Module):
         return [{"num_chs": b.channels, "reduction": self.image_size // b.resolution, "module": b.name, "index": b.index}
                 for b in self.blocks]  # fmt: skip
 
-    def resolve_blocks(self, blocks: Iterable[int] | str) -> list[int]:
-        """Sorted unique block numbers; 'all' means every block. Out-of-range is an error."""
-        if isinstance(blocks, str):
-            if blocks.strip().lower() == "all":
-                blocks = range(1, self.num_blocks + 1)
-            else:
-                blocks = [int(b) for b in blocks.split(",") if b.strip()]
-        chosen = sorted(set(int(b) for b in blocks))
+    def resolve_blocks(self, blocks: Iterable[int | str] | str) -> list[int | str]:
+        """Block numbers (sorted, unique; 'all' means every block), then module paths inside the
+        denoiser in the order the pass runs them (backbones/taps.py). Out of range, or a module that
+        is not there, does not run, or gives no map, is one line."""
+        from ..features.plan import parse_taps
+
+        if isinstance(blocks, str) and blocks.strip().lower() == "all":
+            blocks = range(1, self.num_blocks + 1)
+        chosen = list(parse_taps(blocks))
         if not chosen:
             raise DiffprobeError("no blocks requested")
-        bad = [b for b in chosen if not 1 <= b <= self.num_blocks]
+        numbers = [b for b in chosen if isinstance(b, int)]
+        bad = [b for b in numbers if not 1 <= b <= self.num_blocks]
         if bad:
             raise DiffprobeError(
                 f"block {bad[0]} is out of range: this {self.family} model has blocks 1..{self.num_blocks} "
                 f"(see `diffprobe blocks {self.source}`)"
             )
-        if self.loaded_to is not None and chosen[-1] > self.loaded_to:
-            raise DiffprobeError(f"block {chosen[-1]} is deeper than this backbone may read (up_to_block={self.loaded_to}): "
-                                 f"load it with up_to_block={chosen[-1]} or more, or without it")  # fmt: skip
-        return chosen
+        paths = sorted((self.tap_info(p) for p in chosen if isinstance(p, str)), key=lambda info: info.index)
+        deepest = max(numbers + [self.tap_block(p.name) for p in paths])
+        if self.loaded_to is not None and deepest > self.loaded_to:
+            raise DiffprobeError(f"block {deepest} is deeper than this backbone may read (up_to_block={self.loaded_to}): "
+                                 f"load it with up_to_block={deepest} or more, or without it")  # fmt: skip
+        return numbers + [p.name for p in paths]
+
+    # -- taps: any module by path (backbones/taps.py) ---------------------------------------------
+    def tap_table(self) -> dict[str, Any]:
+        """Every module a feature pass runs, in order, with its output and block (a meta-device pass, once)."""
+        table = self.__dict__.get("_tap_table")
+        if table is None:
+            from .taps import build_table
+
+            table = self.__dict__["_tap_table"] = build_table(self)
+        return table
+
+    def tap_info(self, tap: int | str) -> BlockInfo:
+        """What a block number or a module path gives: name, channels, resolution (index: its place in the pass)."""
+        if isinstance(tap, int):
+            return self.blocks[tap - 1]
+        from .taps import check_path
+
+        info = check_path(self, tap, self.tap_table())
+        return BlockInfo(info.order, tap, info.channels, info.resolution)
+
+    def tap_block(self, path: str) -> int:
+        """The block number whose computation runs module `path`."""
+        return self.tap_table()[path].block
 
     supports_feedback: bool = False  # run() takes `inject` (tensors added to encoder block outputs)
 
-    def forward_features(self, x_t: torch.Tensor, t: int | torch.Tensor, blocks: Iterable[int] | str,
+    def forward_features(self, x_t: torch.Tensor, t: int | torch.Tensor, blocks: Iterable[int | str] | str,
                          y: torch.Tensor | None = None, inject: dict[int, torch.Tensor] | None = None
-                         ) -> dict[int, torch.Tensor]:  # fmt: skip
-        """Outputs of `blocks` for the noisy batch x_t at timestep(s) t, in one pass.
-        inject: {encoder block: tensor added to its output} (DifFeed's second pass)."""
+                         ) -> dict[int | str, torch.Tensor]:  # fmt: skip
+        """Outputs of `blocks` (block numbers, module paths) for the noisy batch x_t at timestep(s) t, in
+        one pass that stops after the last of them. inject: {encoder block: tensor added to its
+        output} (DifFeed's second pass)."""
         wanted = self.resolve_blocks(blocks)
         if x_t.ndim != 4 or tuple(x_t.shape[1:]) != self.model_shape:
             raise DiffprobeError(f"expected a noised batch [B, {', '.join(map(str, self.model_shape))}], got shape {list(x_t.shape)}")
@@ -159,13 +187,38 @@ class Backbone(nn.Module):
         if t_tensor.numel() == 1:
             t_tensor = t_tensor.expand(x_t.shape[0])
         self.schedule.check_timesteps(sorted(set(t_tensor.tolist())))
+        numbers = [b for b in wanted if isinstance(b, int)]
+        paths = [b for b in wanted if isinstance(b, str)]
+        deepest = max(numbers + [self.tap_block(p) for p in paths])
         if self.lazy is not None:  # blocks not read yet come off the disk now, outside any compiled code
-            self.lazy.read_to(self.model, wanted[-1])
+            self.lazy.read_to(self.model, deepest)
         if inject:
             if not self.supports_feedback:
                 raise DiffprobeError(f"feeding features back (DifFeed) is implemented for ADM U-Nets; {self.family} backbones do not support it")
+            if paths:
+                raise DiffprobeError("DifFeed reads block numbers, not module paths")
             return self.run(x_t, t_tensor, y, tuple(wanted), inject)
-        return (self._run or self.run)(x_t, t_tensor, y, tuple(wanted))
+        if not paths:
+            return (self._run or self.run)(x_t, t_tensor, y, tuple(wanted))
+        return self._run_with_taps(x_t, t_tensor, y, numbers, paths, deepest)
+
+    def _run_with_taps(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, numbers: list[int],
+                       paths: list[str], deepest: int) -> dict[int | str, torch.Tensor]:  # fmt: skip
+        """One eager pass with hooks on the tapped modules (hooks and compiled code do not mix). It
+        ends at the last tap when no block number asked for lies deeper, so nothing after it runs."""
+        from .taps import StopPass, TapHooks
+
+        table = self.tap_table()
+        stop = max(table[p].block for p in paths) > max(numbers, default=0)
+        out: dict[int | str, torch.Tensor] = {}
+        with TapHooks(self.model, [table[p] for p in paths], stop) as hooks:
+            try:
+                self.run(x, t, y, tuple(sorted(set(numbers) | {deepest})), out=out)
+            except StopPass:
+                pass
+        result: dict[int | str, torch.Tensor] = {b: out[b] for b in numbers}
+        result.update((p, hooks.maps[p]) for p in paths)
+        return result
 
     def forward_intermediates(self, x_t: torch.Tensor, t: int | torch.Tensor, indices: Iterable[int] | str,
                               stop_early: bool = True, y: torch.Tensor | None = None) -> dict[int, torch.Tensor]:  # fmt: skip

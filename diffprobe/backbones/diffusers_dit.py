@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import DiffprobeError
 from .base import BlockInfo
-from .diffusers_pipeline import architecture_config, as_int, check_image_size, load_part, prediction_type
+from .pipeline_parts import architecture_config, as_int, check_image_size, load_part, prediction_type
 from .diffusers_unet import _schedule
 from .partial import finish_depth, load_transformer
 from .vae import LatentBackbone, VaeCodec
@@ -30,12 +30,15 @@ def _to_map(tokens: torch.Tensor, side: int) -> torch.Tensor:
     return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
 
 
-def _run(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, wanted: tuple[int, ...]) -> dict[int, torch.Tensor]:
+def _run(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, wanted: tuple[int, ...],
+         out: dict | None = None) -> dict[int, torch.Tensor]:  # fmt: skip
     """DiTTransformer2DModel.forward up to the deepest wanted block, each wanted block as a map."""
     side = x.shape[-1] // model.config.patch_size
     last = max(wanted)
+    out = {} if out is None else out
     h = model.pos_embed(x)
-    out = {1: _to_map(h, side)} if 1 in wanted else {}
+    if 1 in wanted:
+        out[1] = _to_map(h, side)
     for index, block in enumerate(model.transformer_blocks, start=2):
         if index > last:
             break
@@ -65,8 +68,8 @@ class DiTBackbone(LatentBackbone):
                                  f"({self.num_classes} is the null class)")  # fmt: skip
         return y.to(device=device, dtype=torch.long)
 
-    def run(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, wanted: tuple[int, ...]) -> dict[int, torch.Tensor]:
-        return _run(self.model, x, t, self.labels(y, x.shape[0], x.device), wanted)
+    def run(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, wanted: tuple[int, ...], out: dict | None = None) -> dict[int, torch.Tensor]:
+        return _run(self.model, x, t, self.labels(y, x.shape[0], x.device), wanted, out)
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The raw output: ε and, for learned-sigma DiTs (out_channels = 2·in), the variance channels."""

@@ -27,9 +27,10 @@ from torch import nn
 
 from ..errors import DiffprobeError
 from .base import BlockInfo
-from .diffusers_pipeline import architecture_config, as_int, check_image_size, check_prompt_model_options, load_part, no_transformers_bars
+from .pipeline_parts import architecture_config, as_int, check_image_size, check_prompt_model_options, load_part, no_transformers_bars
 from .diffusers_sd3 import flow_schedule
 from .partial import finish_depth, load_transformer
+from .prompt_cache import cached_prompt
 from .vae import LatentBackbone, VaeCodec
 
 WHAT = "FluxTransformer2DModel"
@@ -90,14 +91,16 @@ class FluxBackbone(LatentBackbone):
                 "txt_ids": torch.zeros(self.prompt_embeds.shape[1], 3, device=x.device, dtype=dtype),
                 "img_ids": image_ids(x.shape[-2], x.shape[-1], x.device, dtype)}  # fmt: skip
 
-    def run(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, wanted: tuple[int, ...]) -> dict[int, torch.Tensor]:
+    def run(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, wanted: tuple[int, ...], out: dict | None = None) -> dict[int, torch.Tensor]:
         """FluxTransformer2DModel.forward up to the deepest wanted block; each wanted block's image tokens as a map."""
         if y is not None:
             raise DiffprobeError("FLUX is conditioned on a prompt, not a class label: drop --class-label (use -o prompt=TEXT)")
         model, rows, cols, last = self.model, x.shape[-2] // 2, x.shape[-1] // 2, max(wanted)
         inputs = self._inputs(x, t)
         h = model.x_embedder(pack(x))
-        out = {1: _to_map(h, rows, cols)} if 1 in wanted else {}
+        out = {} if out is None else out
+        if 1 in wanted:
+            out[1] = _to_map(h, rows, cols)
         if last == 1:
             return out
         timestep = inputs["timestep"] * 1000  # as forward scales them
@@ -181,7 +184,10 @@ def load_flux(target: str, local: bool, device: str | torch.device = "cpu", prom
         scale = None
     steps = as_int(num_train_timesteps, "num_train_timesteps") if num_train_timesteps is not None else None
     schedule = flow_schedule(target, local, steps, WHAT)
-    embeds, pooled = encode_prompt(target, local, str(prompt))
+    subs = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
+    encoded = cached_prompt(target, local, subs, {"family": "flux", "prompt": str(prompt), "tokens": MAX_SEQUENCE_LENGTH},
+                            lambda: dict(zip(("embeds", "pooled"), encode_prompt(target, local, str(prompt)))))
+    embeds, pooled = encoded["embeds"], encoded["pooled"]
     native = DEFAULT_LATENT_SIDE * codec.factor  # FluxPipeline's default size: 1024 px at VAE factor 8
     size = check_image_size(image_size, native, codec.factor * 2, "FLUX (VAE factor × 2×2 packing)")
     side = size // codec.factor // 2

@@ -20,8 +20,9 @@ from torch import nn
 
 from ..errors import DiffprobeError
 from .base import BlockInfo
-from .diffusers_pipeline import architecture_config, as_int, check_image_size, check_prompt_model_options, load_part, no_transformers_bars, prediction_type
+from .pipeline_parts import architecture_config, as_int, check_image_size, check_prompt_model_options, load_part, no_transformers_bars, prediction_type
 from .diffusers_unet import _schedule, _units, walk_units
+from .prompt_cache import cached_prompt
 from .vae import LatentBackbone, VaeCodec
 
 SUPPORTED_DOWN = ("DownBlock2D", "CrossAttnDownBlock2D")
@@ -30,13 +31,9 @@ SUPPORTED_MID = ("UNetMidBlock2DCrossAttn", None)
 WHAT = "UNet2DConditionModel"
 
 
-def _check_supported(unet: nn.Module, latent_channels: int) -> None:
+def check_unet_blocks(unet: nn.Module, latent_channels: int) -> None:
+    """What SD 1.x/2.x and SDXL U-Nets share: their block types, no class embedding, a text-to-image input."""
     cfg = unet.config
-    if cfg.get("addition_embed_type") is not None:
-        raise DiffprobeError(
-            f"this UNet2DConditionModel needs added conditioning (addition_embed_type={cfg.addition_embed_type!r}, "
-            "as SDXL's pooled text embeddings and size/crop ids): diffprobe reads SD 1.x/2.x-style U-Nets only"
-        )
     if cfg.get("class_embed_type") is not None or cfg.get("num_class_embeds") is not None:
         raise DiffprobeError("this UNet2DConditionModel takes class embeddings (an upscaler or variation model?): diffprobe reads SD 1.x/2.x-style U-Nets only")
     if cfg.get("encoder_hid_dim_type") is not None:
@@ -56,18 +53,30 @@ def _check_supported(unet: nn.Module, latent_channels: int) -> None:
         )
 
 
-def _embedding(unet: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """UNet2DConditionModel's timestep embedding (no class or added embeddings: refused at load)."""
+def _check_supported(unet: nn.Module, latent_channels: int) -> None:
+    cfg = unet.config
+    if cfg.get("addition_embed_type") is not None:  # SDXL's text_time is read by diffusers_sdxl.py
+        raise DiffprobeError(f"this UNet2DConditionModel needs added conditioning (addition_embed_type={cfg.addition_embed_type!r}): "
+                             "diffprobe reads SD 1.x/2.x-style U-Nets and SDXL's text_time conditioning")  # fmt: skip
+    check_unet_blocks(unet, latent_channels)
+
+
+def _embedding(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, added: dict | None) -> torch.Tensor:
+    """UNet2DConditionModel's timestep embedding, plus SDXL's added embedding (pooled text, time ids)
+    where `added` holds it, in the order forward sums them (class embeddings are refused at load)."""
     emb = unet.time_embedding(unet.get_time_embed(sample=x, timestep=t), None)
+    if added is not None:
+        emb = emb + unet.get_aug_embed(emb=emb, encoder_hidden_states=context, added_cond_kwargs=added)
     return unet.time_embed_act(emb) if unet.time_embed_act is not None else emb
 
 
-def _run(unet: nn.Module, units, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-         wanted: tuple[int, ...]) -> dict[int, torch.Tensor]:  # fmt: skip
+def run_sd(unet: nn.Module, units, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, wanted: tuple[int, ...],
+           out: dict | None = None, added: dict | None = None) -> dict[int, torch.Tensor]:  # fmt: skip
+    """UNet2DConditionModel.forward unit by unit, stopping after the deepest wanted block."""
     if unet.config.center_input_sample:
         x = 2 * x - 1.0
     context = context.to(x.device).expand(x.shape[0], -1, -1)
-    return walk_units(units, x, _embedding(unet, x, t), wanted, context=context)
+    return walk_units(units, x, _embedding(unet, x, t, context, added), wanted, context=context, out=out)
 
 
 class StableDiffusionBackbone(LatentBackbone):
@@ -82,10 +91,10 @@ class StableDiffusionBackbone(LatentBackbone):
     def extra_identity(self) -> dict[str, torch.Tensor]:
         return {**super().extra_identity(), "context": self.context}
 
-    def run(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, wanted: tuple[int, ...]) -> dict[int, torch.Tensor]:
+    def run(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, wanted: tuple[int, ...], out: dict | None = None) -> dict[int, torch.Tensor]:
         if y is not None:
             raise DiffprobeError("a Stable Diffusion U-Net is conditioned on a prompt, not a class label: drop --class-label (use -o prompt=TEXT)")
-        return _run(self.model, self._units, x, t, self.context, wanted)
+        return run_sd(self.model, self._units, x, t, self.context, wanted, out)
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         context = self.context.to(x_t.device).expand(x_t.shape[0], -1, -1)
@@ -132,14 +141,15 @@ def load_stable_diffusion(target: str, local: bool, device: str | torch.device =
     unet = load_part(UNet2DConditionModel, target, local, "unet", WHAT, low_cpu_mem_usage=False)
     codec = VaeCodec(load_part(AutoencoderKL, target, local, "vae", WHAT, low_cpu_mem_usage=False))
     _check_supported(unet, codec.latent_channels)
-    context = encode_prompt(target, local, str(prompt))
+    context = cached_prompt(target, local, ["text_encoder", "tokenizer"], {"family": "sd", "prompt": str(prompt)},
+                            lambda: {"context": encode_prompt(target, local, str(prompt))})["context"]
     units = _units(unet)
     downsamplers = sum(1 for name, _ in units if ".downsamplers." in name)
     sample = unet.config.sample_size if isinstance(unet.config.sample_size, int) else unet.config.sample_size[0]
     size = check_image_size(image_size, sample * codec.factor, codec.factor * 2**downsamplers, "Stable Diffusion U-Net (VAE factor × its downsampling)")
     steps = as_int(num_train_timesteps, "num_train_timesteps") if num_train_timesteps is not None else None
     sched = _schedule(target, local, schedule, steps)
-    blocks = _meta_blocks(unet, units, size // codec.factor, context.shape)
+    blocks = meta_blocks(unet, units, size // codec.factor, context.shape)
     config = architecture_config(unet)
     config.update(noise_schedule=sched.name, prompt=str(prompt), image_size=size,
                   vae={"class": type(codec.vae).__name__, "scaling_factor": codec.scaling_factor,
@@ -149,7 +159,7 @@ def load_stable_diffusion(target: str, local: bool, device: str | torch.device =
     return backbone.to(device)
 
 
-def _meta_blocks(unet: nn.Module, units, side: int, context_shape) -> list[BlockInfo]:
+def meta_blocks(unet: nn.Module, units, side: int, context_shape, added: dict | None = None) -> list[BlockInfo]:
     """Every block's channels and side from one pass on the meta device (exact, computes nothing)."""
     from diffusers import UNet2DConditionModel
 
@@ -157,5 +167,6 @@ def _meta_blocks(unet: nn.Module, units, side: int, context_shape) -> list[Block
         meta = UNet2DConditionModel.from_config(unet.config)
     x = torch.zeros(1, unet.config.in_channels, side, side, device="meta")
     context = torch.zeros(*context_shape, device="meta")
-    outs = _run(meta, _units(meta), x, torch.zeros(1, dtype=torch.long, device="meta"), context, tuple(range(1, len(units) + 1)))
+    outs = run_sd(meta, _units(meta), x, torch.zeros(1, dtype=torch.long, device="meta"), context, tuple(range(1, len(units) + 1)),
+                  added=added)  # fmt: skip
     return [BlockInfo(i, units[i - 1][0], int(h.shape[1]), int(h.shape[-1])) for i, h in outs.items()]

@@ -28,7 +28,8 @@ from ..errors import DiffprobeError
 from ..features.noise import FlowSchedule
 from .base import BlockInfo
 from .partial import finish_depth, load_transformer
-from .diffusers_pipeline import architecture_config, as_int, check_image_size, check_prompt_model_options, load_part, no_transformers_bars, read_scheduler_config
+from .prompt_cache import cached_prompt
+from .pipeline_parts import architecture_config, as_int, check_image_size, check_prompt_model_options, load_part, no_transformers_bars, read_scheduler_config
 from .vae import LatentBackbone, VaeCodec
 
 WHAT = "SD3Transformer2DModel"
@@ -41,13 +42,15 @@ def _to_map(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def _run(model: nn.Module, x: torch.Tensor, t: torch.Tensor, prompt: torch.Tensor, pooled: torch.Tensor,
-         wanted: tuple[int, ...]) -> dict[int, torch.Tensor]:  # fmt: skip
+         wanted: tuple[int, ...], out: dict | None = None) -> dict[int, torch.Tensor]:  # fmt: skip
     """SD3Transformer2DModel.forward up to the deepest wanted block, each wanted block's image stream as a map."""
     p = model.config.patch_size
     height, width = x.shape[-2] // p, x.shape[-1] // p
     last = max(wanted)
+    out = {} if out is None else out
     h = model.pos_embed(x).contiguous()
-    out = {1: _to_map(h, height, width)} if 1 in wanted else {}
+    if 1 in wanted:
+        out[1] = _to_map(h, height, width)
     if last == 1:
         return out
     batch = x.shape[0]
@@ -75,10 +78,10 @@ class SD3Backbone(LatentBackbone):
     def extra_identity(self) -> dict[str, torch.Tensor]:
         return {**super().extra_identity(), "prompt_embeds": self.prompt_embeds, "pooled_projections": self.pooled_projections}
 
-    def run(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, wanted: tuple[int, ...]) -> dict[int, torch.Tensor]:
+    def run(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, wanted: tuple[int, ...], out: dict | None = None) -> dict[int, torch.Tensor]:
         if y is not None:
             raise DiffprobeError("Stable Diffusion 3 is conditioned on a prompt, not a class label: drop --class-label (use -o prompt=TEXT)")
-        return _run(self.model, x, t, self.prompt_embeds, self.pooled_projections, wanted)
+        return _run(self.model, x, t, self.prompt_embeds, self.pooled_projections, wanted, out)
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The velocity the transformer predicts (ε − x0)."""
@@ -156,7 +159,11 @@ def load_sd3(target: str, local: bool, device: str | torch.device = "cpu", promp
         raise DiffprobeError(f"the transformer takes {cfg.in_channels} input channels but the VAE gives {codec.latent_channels}")
     steps = as_int(num_train_timesteps, "num_train_timesteps") if num_train_timesteps is not None else None
     schedule = flow_schedule(target, local, steps)
-    embeds, pooled = encode_prompt(target, local, str(prompt), use_t5, model)
+    subs = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"] + ["text_encoder_3", "tokenizer_3"] * use_t5
+    settings = {"family": "sd3", "prompt": str(prompt), "t5": use_t5, "tokens": MAX_SEQUENCE_LENGTH, "width": cfg.joint_attention_dim}
+    encoded = cached_prompt(target, local, subs, settings,
+                            lambda: dict(zip(("embeds", "pooled"), encode_prompt(target, local, str(prompt), use_t5, model))))
+    embeds, pooled = encoded["embeds"], encoded["pooled"]
     size = check_image_size(image_size, cfg.sample_size * codec.factor, codec.factor * cfg.patch_size, "SD3 (VAE factor × patch size)")
     side = size // codec.factor // cfg.patch_size
     width = cfg.num_attention_heads * cfg.attention_head_dim

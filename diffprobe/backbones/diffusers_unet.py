@@ -23,7 +23,7 @@ from torch import nn
 from ..errors import DiffprobeError
 from ..features.noise import NoiseSchedule
 from .base import Backbone, BlockInfo
-from .diffusers_pipeline import architecture_config, from_pretrained_checked, read_json
+from .pipeline_parts import architecture_config, from_pretrained_checked, read_json
 
 
 SUPPORTED_DOWN = ("DownBlock2D", "AttnDownBlock2D")
@@ -77,8 +77,8 @@ class DiffusersBackbone(Backbone):
         super().__init__(*args, **kwargs)
         self._units = _units(self.model)
 
-    def run(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, wanted: tuple[int, ...]) -> dict[int, torch.Tensor]:
-        return run_units(self.model, self._units, x, t, y, wanted)
+    def run(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, wanted: tuple[int, ...], out: dict | None = None) -> dict[int, torch.Tensor]:
+        return run_units(self.model, self._units, x, t, y, wanted, out)
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(x_t, t, class_labels=y).sample
@@ -97,7 +97,7 @@ class DiffusersBackbone(Backbone):
 
 
 def run_units(model: nn.Module, units, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
-              wanted: tuple[int, ...]) -> dict[int, torch.Tensor]:  # fmt: skip
+              wanted: tuple[int, ...], out: dict | None = None) -> dict[int, torch.Tensor]:  # fmt: skip
     """UNet2DModel.forward, unrolled unit by unit so it can stop after the deepest wanted block."""
     cfg = model.config
     if cfg.center_input_sample:
@@ -110,18 +110,18 @@ def run_units(model: nn.Module, units, x: torch.Tensor, t: torch.Tensor, y: torc
         emb = emb + model.class_embedding(labels).to(dtype=model.dtype)
     elif y is not None:
         raise DiffprobeError("this diffusers model is unconditional: do not pass class labels y")
-    return walk_units(units, x, emb, wanted)
+    return walk_units(units, x, emb, wanted, out=out)
 
 
 def walk_units(units, h: torch.Tensor, emb: torch.Tensor, wanted: tuple[int, ...],
-               context: torch.Tensor | None = None) -> dict[int, torch.Tensor]:  # fmt: skip
+               context: torch.Tensor | None = None, out: dict | None = None) -> dict[int, torch.Tensor]:  # fmt: skip
     """The U-Net's down/mid/up path unit by unit, stopping after the deepest wanted unit.
 
     Shared by pixel UNet2DModels and SD's UNet2DConditionModels; `context` is the encoded
     prompt that cross-attention units read (None for models without cross-attention).
     """
     last = max(wanted)
-    out: dict[int, torch.Tensor] = {}
+    out = {} if out is None else out  # the caller's dict: a pass a hook ends early keeps what it has
     skips: list[torch.Tensor] = []
     for index, (name, parts) in enumerate(units, start=1):
         for role, module in parts:

@@ -50,7 +50,7 @@ def transformer_folder(target: str, local: bool) -> Path:
         return Path(target) / "transformer"
     from huggingface_hub import snapshot_download
 
-    from .diffusers_pipeline import offline_error
+    from .pipeline_parts import offline_error
 
     try:
         return Path(snapshot_download(target, allow_patterns=["transformer/*"])) / "transformer"
@@ -182,7 +182,7 @@ def load_transformer(cls: Any, target: str, local: bool, up_to_block: Any, chain
     """The pipeline's transformer with its embeddings read and its blocks and output head waiting
     (a LazyDepth); and the deepest block a caller may read (`up_to_block`; None: any). A folder of
     .bin weights (no safetensors) loads whole, as diffusers loads it."""
-    from .diffusers_pipeline import load_part
+    from .pipeline_parts import load_part
 
     folder = transformer_folder(target, local)
     try:

@@ -32,8 +32,16 @@ def float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def blocks_arg(text: str) -> list[int] | str:
-    return "all" if text.strip().lower() == "all" else int_list(text)
+def blocks_arg(text: str) -> list[int | str] | str:
+    """all, or block numbers and module paths: 19,24 or 19,up_blocks.1.attentions.0."""
+    if text.strip().lower() == "all":
+        return "all"
+    from ..features.plan import parse_taps
+
+    try:
+        return list(parse_taps(text))
+    except DiffprobeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def deprecated(p: argparse.ArgumentParser, old: str, new: str, **kwargs: Any) -> None:
@@ -83,7 +91,7 @@ def add_backbone_args(p: argparse.ArgumentParser) -> None:
 # (a traceback from torch), and 0 or -64 read as "not a multiple of 4".
 def check_image_size(size: int | None) -> None:
     """The flag's range, for every family, before a backbone loads (the latent models check it again, from Python too)."""
-    from ..backbones.diffusers_pipeline import MAX_IMAGE_SIZE
+    from ..backbones.pipeline_parts import MAX_IMAGE_SIZE
 
     if size is None:
         return
@@ -164,7 +172,7 @@ def compute_from(args: argparse.Namespace):
 
 # ------------------------------------------------------------------ feature plan and extraction options
 def add_plan_args(p: argparse.ArgumentParser, blocks_required: bool = True, seed_alias: bool = True) -> None:
-    p.add_argument("--blocks", type=blocks_arg, required=blocks_required, help="comma-separated block numbers, or all")
+    p.add_argument("--blocks", type=blocks_arg, required=blocks_required, help="comma-separated block numbers and module paths (`diffprobe blocks SPEC --all`), or all")
     p.add_argument("--t", type=int_list, required=True, help="comma-separated timesteps, e.g. 90,150")
     p.add_argument("--pool", type=int_list, default=[1], help="pooled grid sizes p (p×p), e.g. 1,2; default 1")
     p.add_argument("--noise-seed", type=int, default=0, help="ε depends on (noise seed, image index, draw) only")

@@ -11,6 +11,8 @@ from .common import (add_backbone_args, add_data_args, add_extract_args, add_spl
 
 def cmd_blocks(args: argparse.Namespace) -> None:
     backbone = load_backbone_from(args)
+    if args.all:
+        return _print_modules(backbone, args.json)
     rows = backbone.block_table()
     if args.json:
         print(json.dumps({"source": backbone.source, "image_size": backbone.image_size, "model_shape": list(backbone.model_shape),
@@ -27,6 +29,25 @@ def cmd_blocks(args: argparse.Namespace) -> None:
     for r in rows:
         need = f"  {_count(r['weights_to_here'])} ({2 * r['weights_to_here'] / 1e9:.3g} GB)" if weights else ""
         print(f"{r['index']:>5}  {r['name']:<28} {r['channels']:>8}  {r['resolution']:>7}×{r['resolution']}{need}")
+    print(f"--blocks takes these numbers, or module paths inside them: `diffprobe blocks {backbone.spec} --all` lists those")
+
+
+def _print_modules(backbone, as_json: bool) -> None:
+    """Every module a feature pass runs, in order (from a pass on the meta device): what it gives and
+    whether --blocks can tap it."""
+    table = backbone.tap_table()
+    if as_json:
+        print(json.dumps({"source": backbone.source, "modules": [
+            {"path": i.path, "block": i.block, "output": [list(s) for s in i.shape], "tappable": i.tappable,
+             **({"channels": i.channels, "resolution": i.resolution} if i.tappable else {})} for i in table.values()]}, indent=1))  # fmt: skip
+        return
+    tappable = [i for i in table.values() if i.tappable]
+    width = max(len(i.path) for i in tappable)
+    print(f"{backbone.source}: {len(table)} modules run in a feature pass, {len(tappable)} give a map "
+          f"(pass any of these to --blocks; text tokens and vectors are left out)")  # fmt: skip
+    print(f"{'block':>5}  {'module':<{width}}  {'output (batch 1)':<24} map")
+    for i in tappable:
+        print(f"{i.block:>5}  {i.path:<{width}}  {i.describe_output():<24} {i.channels}×{i.resolution}×{i.resolution}")
 
 
 def _count(n: int) -> str:
@@ -66,6 +87,7 @@ def cmd_store(args: argparse.Namespace) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("blocks", help="print a backbone's block table (paper numbering for ADM)")
     add_backbone_args(p)
+    p.add_argument("--all", action="store_true", help="every module a feature pass runs that gives a map (tappable by path)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_blocks)
 

@@ -13,6 +13,7 @@ from .common import (
     add_data_args,
     add_plan_args,
     add_split_args,
+    blocks_arg,
     compute_from,
     deprecated,
     float_list,
@@ -29,8 +30,8 @@ def cmd_probe(args: argparse.Namespace) -> None:
     from ..probing.heads import head_options
     from ..probing.train import probe
 
-    if not args.blocks:
-        raise DiffprobeError("probe needs --blocks: the block(s) of the stored features to train on")
+    if not args.blocks or args.blocks == "all":
+        raise DiffprobeError("probe needs --blocks: the block(s) or module path(s) of the stored features to train on")
     store = FeatureStore.open(args.store)
     keys = [FeatureKey(t, b, p) for b in args.blocks for t in args.t for p in args.pool]
     options = head_options(args.head, batchnorm=args.batchnorm or None, hidden=args.hidden, width=args.width,
@@ -113,7 +114,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("probe", help="train a head on stored features; choose epoch and weight decay on validation")
     p.add_argument("store", help="feature store directory (from extract or sweep/features)")
     p.add_argument("--t", type=int_list, required=True, help="timestep(s); several only with --head fusion")
-    p.add_argument("--blocks", type=int_list, help="block(s); several only with --head fusion (required)")
+    p.add_argument("--blocks", type=blocks_arg, help="block(s) or module path(s); several only with --head fusion (required)")
     deprecated(p, "--block", "--blocks", dest="blocks", type=int_list)
     p.add_argument("--pool", type=int_list, default=[1], help="pool size(s)")
     p.add_argument("--head", default="linear", choices=["linear", "mlp", "cnn", "attention", "fusion"])

@@ -226,7 +226,7 @@ def extract(backbone: Backbone, data: LabeledImages | str | Path, plan: FeatureP
         if o.overwrite and share.is_main and (out / "manifest.json").is_file():
             FeatureStore.discard(out)  # only rank 0 discards: the others would delete each other's work
         store = FeatureStore.create_or_open(out, manifest, data.labels[rows], rows, data.labels, data.row_prints(rows))
-        dims = {key: backbone.blocks[key.block - 1].channels * key.pool**2 for key in plan.keys}
+        dims = {key: backbone.tap_info(key.block).channels * key.pool**2 for key in plan.keys}
         store.check_free_space(dims)
         with output_errors(out, "--out"):  # a disk that fills while the arrays are made
             for key, dim in dims.items():

@@ -82,7 +82,7 @@ def featurize(backbone: Backbone, x0: torch.Tensor, plan: FeaturePlan, indices: 
     sums: dict[FeatureKey, torch.Tensor] = {}
     for t in sorted({k.t for k in keys}):
         keys_t = [k for k in keys if k.t == t]
-        blocks = sorted({k.block for k in keys_t})
+        blocks = list({k.block: None for k in keys_t})  # numbers and module paths: the backbone orders them
         for eps in noises:
             x_t = compute.batch(backbone.schedule.q_sample(x0, t, eps))
             with compute.autocast():

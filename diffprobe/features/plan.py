@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 import numbers
+import re
 from typing import TYPE_CHECKING, Any, Iterable, Union
 
 from ..errors import DiffprobeError
@@ -23,6 +24,30 @@ if TYPE_CHECKING:
     from ..backbones.base import Backbone
 
 IntsLike = Union[int, str, Iterable[int]]
+TapsLike = Union[int, str, Iterable[Union[int, str]]]
+MODULE_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
+
+
+def parse_taps(value: TapsLike) -> tuple[int | str, ...]:
+    """Block numbers and module paths: 19, "19,up_blocks.1.attentions.0", [19, "mid_block"] ->
+    (19, "mid_block"); numbers sorted first, then paths by name (a path's place in the pass is
+    the backbone's to know)."""
+    if isinstance(value, str):
+        parts: list[Any] = [p.strip() for p in value.split(",") if p.strip()]
+    elif isinstance(value, Iterable) and not isinstance(value, (bytes, dict)):
+        parts = [p.strip() if isinstance(p, str) else p for p in value]
+    else:
+        parts = [value]
+    numbers_, paths = [], set()
+    for part in parts:
+        if isinstance(part, str) and not part.lstrip("-").isdigit():
+            if not MODULE_PATH.match(part):
+                raise DiffprobeError(f"blocks: {part!r} is neither a block number nor a module path "
+                                     "(e.g. 19 or up_blocks.1.attentions.0.transformer_blocks.0.attn1)")  # fmt: skip
+            paths.add(part)
+        else:
+            numbers_.append(part)
+    return parse_ints(numbers_, "blocks") + tuple(sorted(paths))
 
 
 def parse_ints(value: IntsLike, what: str) -> tuple[int, ...]:
@@ -54,7 +79,7 @@ class FeaturePlan:
     """Timesteps × blocks × pool sizes, plus the noise: ε is a function of (noise_seed, image, draw)."""
 
     t: tuple[int, ...]
-    blocks: tuple[int, ...] | str  # "all" until resolved against a backbone
+    blocks: tuple[int | str, ...] | str  # block numbers and module paths; "all" until resolved against a backbone
     pools: tuple[int, ...] = (1,)
     noise_seed: int = 0
     draws: int = 1  # noise draws averaged per image
@@ -66,7 +91,7 @@ class FeaturePlan:
         if isinstance(blocks, str) and blocks.strip().lower() == "all":
             object.__setattr__(self, "blocks", "all")
         else:
-            object.__setattr__(self, "blocks", parse_ints(blocks, "blocks"))
+            object.__setattr__(self, "blocks", parse_taps(blocks))
         object.__setattr__(self, "pools", parse_ints(self.pools, "pools"))
         if not self.t:
             raise DiffprobeError("no timesteps requested")
@@ -85,9 +110,10 @@ class FeaturePlan:
         backbone.schedule.check_timesteps(self.t)
         blocks = tuple(backbone.resolve_blocks(self.blocks))
         for b in blocks:
-            res = backbone.blocks[b - 1].resolution
+            res = backbone.tap_info(b).resolution
             if max(self.pools) > res:
-                raise DiffprobeError(f"pool {max(self.pools)} is larger than block {b}'s {res}×{res} feature map")
+                where = f"block {b}'s" if isinstance(b, int) else f"{b}'s"
+                raise DiffprobeError(f"pool {max(self.pools)} is larger than {where} {res}×{res} feature map")
         return replace(self, blocks=blocks, resolved=True)
 
     @property

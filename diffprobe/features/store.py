@@ -29,6 +29,7 @@ the free space is checked before they are made: a memory map on a full disk dies
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -51,20 +52,43 @@ FORMAT_VERSION = 1
 IDENTITY_FIELDS = ("format", "backbone", "data", "rows", "transform", "noise", "dtype", "precision", "chunk_rows")
 
 
-@dataclass(frozen=True, order=True)
+def tap_order(tap: "int | str") -> tuple:
+    """Block numbers first, in order, then module paths (backbones/taps.py), by name."""
+    return (0, tap, "") if isinstance(tap, int) else (1, 0, tap)
+
+
+@functools.total_ordering
+@dataclass(frozen=True)
 class FeatureKey:
     t: int
-    block: int
+    block: "int | str"  # a block number, or a module path inside the denoiser
     pool: int
+
+    def _order(self) -> tuple:
+        return (self.t, *tap_order(self.block), self.pool)
+
+    def __lt__(self, other: "FeatureKey") -> bool:
+        return self._order() < other._order()
 
     @property
     def stem(self) -> str:
+        """The file name: t0090_b24_p1 for block 24; t0090_p1_mup_blocks.1.attentions.0 for a module path."""
+        if isinstance(self.block, str):
+            return f"t{self.t:04d}_p{self.pool}_m{self.block}"
         return f"t{self.t:04d}_b{self.block:02d}_p{self.pool}"
+
+    @property
+    def tap_label(self) -> str:
+        return f"block {self.block}" if isinstance(self.block, int) else self.block
 
     @classmethod
     def parse(cls, stem: str) -> "FeatureKey":
-        t, b, p = stem.split("_")
-        return cls(int(t[1:]), int(b[1:]), int(p[1:]))
+        t, second, third = stem.split("_", 2)
+        if second.startswith("p") and third.startswith("m") and len(third) > 1:
+            return cls(int(t[1:]), third[1:], int(second[1:]))
+        if "_" in third:
+            raise ValueError(stem)
+        return cls(int(t[1:]), int(second[1:]), int(third[1:]))
 
 
 def _describe_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -402,14 +426,14 @@ class FeatureStore:
         return list(self.manifest["data"]["classes"])
 
     def _paths(self, key: FeatureKey) -> tuple[Path, Path]:
-        base = self.root / "features" / key.stem
-        return base.with_suffix(".npy"), base.with_suffix(".done")
+        folder = self.root / "features"  # not with_suffix: a module path's stem has dots of its own
+        return folder / f"{key.stem}.npy", folder / f"{key.stem}.done"
 
     def keys(self) -> list[FeatureKey]:
         folder = self.root / "features"
         if not folder.is_dir():
             return []
-        return sorted(FeatureKey.parse(p.stem) for p in folder.glob("t*_b*_p*.npy"))
+        return sorted(FeatureKey.parse(p.stem) for p in folder.glob("t*_p*.npy"))
 
     # ---------------------------------------------------------------- checking arrays
     def _array_problem(self, key: FeatureKey, dim: int | None = None) -> tuple[str, int | None] | None:

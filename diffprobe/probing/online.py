@@ -102,7 +102,7 @@ def train_online(backbone: Backbone, data: LabeledImages, plan: FeaturePlan, con
         return [torch.cat(p) for p in zip(*parts)], torch.cat(labels)
 
     key = keys[0]
-    shapes = [(backbone.blocks[k.block - 1].channels, k.pool) for k in keys]
+    shapes = [(backbone.tap_info(k.block).channels, k.pool) for k in keys]
     standard, _ = centre_features(train_idx[: o.standardize_images], "online: standardisation")
     if diffeed:  # the read block's features change as the adapters learn: standardise its first-pass values
         standard = _features(backbone, standard[0], plan, train_idx[: o.standardize_images].tolist(), None, compute)

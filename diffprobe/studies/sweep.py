@@ -34,8 +34,8 @@ from ..features.plan import FeaturePlan
 from ..features.reporting import Reporting, check_test_data
 from ..features.roles import REPORT_SHARE, Roles
 from .._io import output_dir, write_csv, write_json
-from ..report import heatmap, short_source
-from ..features.store import FeatureKey, FeatureStore
+from ..report import heatmap, short_source, short_tap
+from ..features.store import FeatureKey, FeatureStore, tap_order
 
 log = logging.getLogger(__name__)
 PROBES = ("logreg", "knn")
@@ -109,7 +109,8 @@ def choose_cell(rows: Sequence[dict]) -> dict:
 
 
 def cell_key(row: dict) -> FeatureKey:
-    return FeatureKey(int(row["t"]), int(row["block"]), int(row["pool"]))
+    block = row["block"]  # a block number, or a module path (read back from CSV as text)
+    return FeatureKey(int(row["t"]), int(block) if str(block).isdigit() else str(block), int(row["pool"]))
 
 
 def write_sweep(out: str | Path, rows: list[dict], title: str) -> dict:
@@ -121,13 +122,14 @@ def write_sweep(out: str | Path, rows: list[dict], title: str) -> dict:
     best = choose_cell(rows)
     for pool in sorted({r["pool"] for r in rows}):
         cells = [r for r in rows if r["pool"] == pool]
-        blocks = sorted({r["block"] for r in cells})
+        blocks = sorted({r["block"] for r in cells}, key=tap_order)
         ts = sorted({r["t"] for r in cells})
         grid = np.full((len(blocks), len(ts)), np.nan)
         for r in cells:
             grid[blocks.index(r["block"]), ts.index(r["t"])] = r["select_top1"]
         mark = (blocks.index(best["block"]), ts.index(best["t"])) if best["pool"] == pool else None
-        heatmap(out / f"heatmap_pool{pool}.png", grid, blocks, ts, f"{title}, pool {pool}×{pool}", best=mark)
+        heatmap(out / f"heatmap_pool{pool}.png", grid, [short_tap(b) for b in blocks], ts, f"{title}, pool {pool}×{pool}",
+                ylabel="block or module", best=mark)  # fmt: skip
     return best
 
 

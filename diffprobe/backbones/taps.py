@@ -1,0 +1,243 @@
+"""Any activation by name: a tap is a module path inside the denoiser (`up_blocks.1.attentions.0`,
+`transformer_blocks.13.ff`), caught with a forward hook during the family's own block walk.
+
+What each module gives, and in which block it runs, comes from one pass on the meta device (no
+weights, no arithmetic) over a weightless copy of the backbone: every module that runs in a feature
+pass is listed in execution order with its output. Outputs become maps as block outputs do:
+[B, C, H, W] stays, image tokens [B, N, D] become [B, D, √N, √N] (row-major, as patch embeddings
+and U-Net attention lay them out; guided-diffusion's channels-first [B, C, N] likewise); a tuple gives its image-token element (joint blocks return text
+and image streams). Text tokens, vectors and scalars are not maps and cannot be tapped.
+
+Early exit: once every tapped module has fired, and no block number asked for lies deeper, the
+hook raises StopPass, so nothing after the last tap runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable
+
+import torch
+from torch import nn
+
+from ..errors import DiffprobeError
+
+if TYPE_CHECKING:
+    from .base import Backbone
+
+
+class StopPass(Exception):
+    """Raised from a hook once the last tapped module has given its output."""
+
+
+@dataclass(frozen=True)
+class TapInfo:
+    path: str
+    order: int  # position in the pass (first call)
+    block: int  # the block number whose computation runs this module
+    shape: tuple[tuple[int, ...], ...]  # every tensor the module returns, batch of 1
+    element: int | None  # which returned tensor is the map; None: none is (or the module runs more than once)
+    runs: int = 1  # how often the module runs in one pass
+    channels: int = 0
+    resolution: int = 0
+
+    @property
+    def tappable(self) -> bool:
+        return self.element is not None
+
+    def describe_output(self) -> str:
+        return " + ".join("[" + ", ".join(map(str, s)) + "]" for s in self.shape) or "nothing"
+
+
+class _BlockRecorder(dict):
+    """The dict a walk fills with block outputs: remembers how many modules had run when each block finished."""
+
+    def __init__(self, calls: list[str]):
+        super().__init__()
+        self.calls, self.done_at = calls, {}
+
+    def __setitem__(self, block: int, value: Any) -> None:
+        self.done_at.setdefault(block, len(self.calls))
+        super().__setitem__(block, value)
+
+
+def _tensors(output: Any) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, (tuple, list)):
+        return [o for o in output if isinstance(o, torch.Tensor)]
+    if hasattr(output, "to_tuple"):  # diffusers' BaseOutput
+        return _tensors(output.to_tuple())
+    return []
+
+
+def _pick_map(shapes: list[tuple[int, ...]], text_shaped: list[bool], image_tokens: set[int]) -> int | None:
+    """Which returned tensor is a map: a square [B, C, H, W], or image tokens [B, N, D] with N a map's
+    cell count; a tensor shaped by the prompt's length (text tokens, or text and image tokens in one
+    sequence) is not."""
+    for i, s in enumerate(shapes):
+        if len(s) == 4 and s[-1] == s[-2] and not text_shaped[i]:
+            return i
+    for i, s in enumerate(shapes):
+        if len(s) == 3 and s[1] in image_tokens and not text_shaped[i]:
+            return i
+    for i, s in enumerate(shapes):  # channels first, [B, C, N] (guided-diffusion's attention, conv1d)
+        if len(s) == 3 and s[2] in image_tokens and not text_shaped[i]:
+            return i
+    return None
+
+
+def weightless_copy(backbone: "Backbone") -> "Backbone":
+    """The backbone with every weight and buffer on the meta device, its lazily read blocks and output
+    head in place (backbones/partial.py): same code, no memory."""
+    memo: dict[int, Any] = {}
+    for tensor in [*backbone.parameters(), *backbone.buffers()]:
+        empty = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = nn.Parameter(empty, requires_grad=False) if isinstance(tensor, nn.Parameter) else empty
+    for name in ("_prepared", "_prepared_from", "_prepared_for", "_run"):  # set-up copies and compiled code stay behind
+        if name in backbone.__dict__:
+            memo[id(backbone.__dict__[name])] = None
+    twin = copy.deepcopy(backbone, memo)
+    if twin.lazy is not None:
+        for name, module in twin.lazy.waiting:
+            getattr(twin.model, name).append(module)
+        for name, module in twin.lazy.tail.items():
+            setattr(twin.model, name, module)
+        twin.lazy = None
+    twin.loaded_to = None
+    for module in twin.modules():  # hooks a caller put on the model must not see the meta pass
+        module._forward_hooks.clear()
+        module._forward_pre_hooks.clear()
+    return twin.to("meta")
+
+
+def _meta_pass(backbone: "Backbone", longer_prompt: bool) -> tuple[list[str], dict[str, list[tuple[int, ...]]], dict[int, int], dict[str, int]]:
+    """(modules in the order they first run, each one's output shapes, {block: modules run when it
+    finished}, how often each ran) from a pass through every block on a weightless copy. longer_prompt: every encoded
+    prompt one token longer, so outputs shaped by the prompt show themselves."""
+    twin = weightless_copy(backbone)
+    if longer_prompt:
+        for name, buffer in list(twin.named_buffers(recurse=False)):
+            if buffer.ndim == 3:  # an encoded prompt [1, tokens, width]
+                setattr(twin, name, torch.empty(1, buffer.shape[1] + 1, buffer.shape[2], device="meta"))
+    calls: list[str] = []
+    outputs: dict[str, list[tuple[int, ...]]] = {}
+    runs: dict[str, int] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            runs[name] = runs.get(name, 0) + 1
+            if name not in outputs:
+                outputs[name] = [tuple(t.shape) for t in _tensors(output)]
+                calls.append(name)
+
+        return hook
+
+    handles = [m.register_forward_hook(record(name)) for name, m in twin.model.named_modules() if name]
+    blocks = _BlockRecorder(calls)
+    x = torch.zeros(1, *backbone.model_shape, device="meta")
+    t = torch.full((1,), backbone.schedule.num_train_timesteps // 2, device="meta")
+    conditional = backbone.num_classes is not None and backbone.default_class_label is None
+    y = torch.zeros(1, dtype=torch.long, device="meta") if conditional else None
+    try:
+        with torch.no_grad():
+            twin.run(x, t, y, tuple(range(1, backbone.num_blocks + 1)), out=blocks)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls, outputs, blocks.done_at, runs
+
+
+def build_table(backbone: "Backbone") -> dict[str, TapInfo]:
+    """Every module that runs in a feature pass through the last block, in execution order, with
+    its output and block; from two passes on the meta device (the second with a longer prompt)."""
+    calls, outputs, done_at, runs = _meta_pass(backbone, longer_prompt=False)
+    prompted = any(b.ndim == 3 for b in backbone.buffers(recurse=False))
+    longer = _meta_pass(backbone, longer_prompt=True)[1] if prompted else outputs
+    image_tokens = {b.resolution**2 for b in backbone.blocks}
+    side = backbone.model_shape[-1]
+    while side >= 1:  # every level a U-Net or a patch embedding can reach
+        image_tokens.add(side * side)
+        side //= 2
+    finished = sorted(done_at.items(), key=lambda kv: kv[1])
+    table = {}
+    for order, name in enumerate(calls):
+        block = next((b for b, at in finished if order < at), backbone.num_blocks)
+        shapes = outputs[name]
+        text_shaped = [name not in longer or i >= len(longer[name]) or longer[name][i] != s for i, s in enumerate(shapes)]
+        # A module that runs more than once in a pass (a shared activation) has no one output to tap.
+        element = _pick_map(shapes, text_shaped, image_tokens) if runs[name] == 1 else None
+        channels = resolution = 0
+        if element is not None:
+            s = shapes[element]
+            if len(s) == 4:
+                channels, resolution = s[1], s[-1]
+            elif s[1] in image_tokens:
+                channels, resolution = s[2], math.isqrt(s[1])
+            else:
+                channels, resolution = s[1], math.isqrt(s[2])
+        table[name] = TapInfo(name, order, block, tuple(shapes), element, runs[name], channels, resolution)
+    return table
+
+
+def check_path(backbone: "Backbone", path: str, table: dict[str, TapInfo]) -> TapInfo:
+    """The tap for a module path, or one line: no such module (the nearest names), a module the
+    feature pass does not run, or one whose output is not a map."""
+    if path not in table:
+        names = [n for n, _ in backbone.model.named_modules() if n] + [n for n in table]
+        if not any(n == path for n in names):
+            near = difflib.get_close_matches(path, sorted(set(names)), n=3, cutoff=0.5)
+            hint = f"; nearest: {', '.join(near)}" if near else ""
+            raise DiffprobeError(f"no module {path!r} in this {backbone.family} model{hint} "
+                                 f"(`diffprobe blocks {backbone.spec} --all` lists every tappable module)")  # fmt: skip
+        raise DiffprobeError(f"module {path!r} does not run in a feature pass (the output head runs only when sampling): "
+                             f"`diffprobe blocks {backbone.spec} --all` lists what does")  # fmt: skip
+    info = table[path]
+    if info.runs > 1:
+        raise DiffprobeError(f"module {path!r} runs {info.runs} times in one pass (a shared module): tap the module that "
+                             "calls it, or one of its own children")  # fmt: skip
+    if not info.tappable:
+        raise DiffprobeError(f"module {path!r} gives {info.describe_output()}: not a map [B, C, H, W] or image tokens "
+                             "[B, H·W, D] (text tokens and vectors cannot be pooled into features)")  # fmt: skip
+    return info
+
+
+def as_map(output: Any, info: TapInfo) -> torch.Tensor:
+    """The tapped module's output as a map [B, C, H, W]."""
+    tensor = _tensors(output)[info.element]
+    if tensor.ndim == 4:
+        return tensor
+    side = info.resolution
+    if tensor.shape[1] == side * side and tensor.shape[2] == info.channels:  # [B, N, D] image tokens
+        tensor = tensor.transpose(1, 2)
+    return tensor.reshape(tensor.shape[0], info.channels, side, side)
+
+
+class TapHooks:
+    """Forward hooks on the tapped modules of `model` for one pass: each catches its module's first
+    output as a map; with `stop`, the last one to fire ends the pass (StopPass)."""
+
+    def __init__(self, model: nn.Module, infos: Iterable[TapInfo], stop: bool):
+        self.infos = {info.path: info for info in infos}
+        self.maps: dict[str, torch.Tensor] = {}
+        self.stop = stop
+        self.handles = [model.get_submodule(path).register_forward_hook(self._catch(path)) for path in self.infos]
+
+    def _catch(self, path: str):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if path not in self.maps:
+                self.maps[path] = as_map(output, self.infos[path])
+                if self.stop and len(self.maps) == len(self.infos):
+                    raise StopPass
+
+        return hook
+
+    def __enter__(self) -> "TapHooks":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self.handles:
+            h.remove()
