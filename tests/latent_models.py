@@ -98,6 +98,31 @@ def save_sdxl(folder: Path, seed: int = 0, force_zeros: bool = True, refiner: bo
     return str(folder)
 
 
+def save_pixart(folder: Path, seed: int = 0, sigma: bool = False, **overrides) -> str:
+    """A PixArt-shaped pipeline: learned-sigma transformer over 8×8 latents (patch 2, two blocks),
+    T5 encoder, VAE factor 2; α's resolution and aspect-ratio conditions unless sigma=True."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    cfg = dict(sample_size=8, num_layers=2, attention_head_dim=12, num_attention_heads=2, in_channels=4, out_channels=8,
+               patch_size=2, cross_attention_dim=24, caption_channels=20, norm_type="ada_norm_single",
+               num_embeds_ada_norm=1000, use_additional_conditions=not sigma)  # fmt: skip
+    cfg.update(overrides)
+    PixArtTransformer2DModel(**cfg).save_pretrained(folder / "transformer")
+    vae().save_pretrained(folder / "vae")
+    T5EncoderModel(T5Config(vocab_size=30, d_model=cfg["caption_channels"], d_ff=37, d_kv=8, num_layers=2, num_heads=4,
+                            pad_token_id=0, eos_token_id=1)).save_pretrained(folder / "text_encoder")  # fmt: skip
+    save_t5_tokenizer(folder / "tokenizer")
+    DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02).save_pretrained(folder / "scheduler")
+    name = "PixArtSigmaPipeline" if sigma else "PixArtAlphaPipeline"
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": name, "transformer": ["diffusers", "PixArtTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "DPMSolverMultistepScheduler"], "text_encoder": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "T5TokenizerFast"]}))  # fmt: skip
+    return str(folder)
+
+
 def save_dit(folder: Path, seed: int = 0, **overrides) -> str:
     """A DiT-shaped pipeline: learned-sigma transformer over 8×8 latents, patch 2, 10 classes (+ null)."""
     from diffusers import DDIMScheduler, DiTTransformer2DModel

@@ -253,11 +253,12 @@ def _error(argv, capsys) -> str:
 
 
 def test_bad_inputs_are_one_clear_line(sd_folder, dit_folder, tmp_path, capsys):
-    other = tmp_path / "other" / "transformer"
+    other = tmp_path / "other" / "unet"
     other.mkdir(parents=True)
-    (other / "config.json").write_text(json.dumps({"_class_name": "PixArtTransformer2DModel"}))
+    (other / "config.json").write_text(json.dumps({"_class_name": "UNetSpatioTemporalConditionModel"}))  # a video U-Net
     err = _error(["blocks", f"diffusers:{other.parent}"], capsys)
-    assert "PixArtTransformer2DModel" in err and "UNet2DConditionModel" in err and "SD3Transformer2DModel" in err
+    assert "holds a UNetSpatioTemporalConditionModel, which diffprobe cannot read" in err
+    assert all(name in err for name in ("PixArtTransformer2DModel", "UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel"))
 
     no_vae = save_sd(tmp_path / "novae", vae_dir=False)
     no_text = save_sd(tmp_path / "notext", text_encoder=False)
@@ -279,7 +280,7 @@ def test_bad_inputs_are_one_clear_line(sd_folder, dit_folder, tmp_path, capsys):
     assert "outside 0..9" in err
     err = _error(["blocks", f"diffusers:{sd_folder}", "-o", "preset=x"], capsys)
     assert "does not apply" in err
-    assert "SDXL" in _error(["blocks", f"diffusers:{sdxl}"], capsys)
+    assert "has no text_encoder_2/ folder: a SDXL-style" in _error(["blocks", f"diffusers:{sdxl}"], capsys)
 
 
 def test_v_prediction_comes_from_the_scheduler_config(sd_folder, tmp_path):

@@ -16,6 +16,8 @@ FAMILIES: dict[str, tuple[str, str, str]] = {
                                        "SDXL-style latent U-Net (added text_time conditioning): unet/, vae/, text_encoder/, "
                                        "text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/"),
     "DiTTransformer2DModel": ("diffusers_dit", "load_dit", "DiT-style class-conditional latent transformer: transformer/, vae/, scheduler/"),
+    "PixArtTransformer2DModel": ("diffusers_pixart", "load_pixart",
+                                 "PixArt-α/Σ text-to-image latent transformer: transformer/, vae/, scheduler/, text_encoder/ (T5), tokenizer/"),
     "SD3Transformer2DModel": ("diffusers_sd3", "load_sd3",
                               "Stable Diffusion 3/3.5 flow-matching transformer (MMDiT): transformer/, vae/, scheduler/, "
                               "text_encoder/, text_encoder_2/, text_encoder_3/ (optional with -o t5=false), tokenizer*/"),

@@ -120,9 +120,13 @@ def _meta_pass(backbone: "Backbone", longer_prompt: bool) -> tuple[list[str], di
     prompt one token longer, so outputs shaped by the prompt show themselves."""
     twin = weightless_copy(backbone)
     if longer_prompt:
-        for name, buffer in list(twin.named_buffers(recurse=False)):
-            if buffer.ndim == 3:  # an encoded prompt [1, tokens, width]
-                setattr(twin, name, torch.empty(1, buffer.shape[1] + 1, buffer.shape[2], device="meta"))
+        buffers = dict(twin.named_buffers(recurse=False))
+        lengths = {b.shape[1] for b in buffers.values() if b.ndim == 3}  # encoded prompts [1, tokens, width]
+        for name, buffer in buffers.items():
+            if buffer.ndim == 3:
+                setattr(twin, name, torch.empty(1, buffer.shape[1] + 1, buffer.shape[2], device="meta", dtype=buffer.dtype))
+            elif buffer.ndim == 2 and buffer.shape[1] in lengths and buffer.dtype in (torch.long, torch.bool):  # its mask
+                setattr(twin, name, torch.ones(1, buffer.shape[1] + 1, device="meta", dtype=buffer.dtype))
     calls: list[str] = []
     outputs: dict[str, list[tuple[int, ...]]] = {}
     runs: dict[str, int] = {}
