@@ -39,7 +39,8 @@ def heatmap(path: str | Path, values: np.ndarray, row_labels: Sequence, col_labe
             colorbar: str = "top-1 %") -> None:  # fmt: skip
     """Annotated heatmap (rows × columns), NaN cells left blank, the best cell outlined."""
     fig_h = max(3.0, 0.32 * len(row_labels) + 1.5)
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(col_labels) + 2.5), fig_h))
+    label_width = 0.075 * max(len(str(r)) for r in row_labels)  # inches for the row labels (module paths are long)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(col_labels) + 2.5) + label_width, fig_h))
     masked = np.ma.masked_invalid(values)
     im = ax.imshow(masked, cmap="viridis", aspect="auto")
     long_labels = max(len(str(c)) for c in col_labels) > 5

@@ -7,6 +7,9 @@
     load_backbone("diffusers:/path/to/unet_or_pipeline")                 # or a hub id
     load_backbone("diffusers:/path/to/sd-pipeline", prompt="a photo")    # Stable Diffusion-style (latent U-Net)
     load_backbone("diffusers:/path/to/dit-pipeline", class_label=207)    # DiT (null class by default)
+    load_backbone("diffusers:/path/to/sdxl-base")                        # SDXL, PixArt-α/Σ, SD3/3.5, FLUX.1 likewise
+
+Model classes and their loaders: registry.py. Module paths inside any of them are taps too: taps.py.
 """
 
 from __future__ import annotations
