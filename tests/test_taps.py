@@ -111,6 +111,8 @@ def test_block_numbers_and_paths_agree_across_families(sd_folder, tmp_path):
     assert torch.equal(out[2], out["transformer_blocks.0"]) and out["transformer_blocks.0.attn"].shape == out[2].shape
     with pytest.raises(DiffprobeError, match="not a map"):
         flux.resolve_blocks(["context_embedder"])  # the prompt's tokens
+    with pytest.raises(DiffprobeError, match="mixes text and image streams"):
+        flux.resolve_blocks(["transformer_blocks.0.attn+probs"])  # joint attention
 
 
 def test_sweep_extract_and_probe_take_module_paths(sd_folder, cifar_small, tmp_path, capsys):
@@ -130,3 +132,33 @@ def test_sweep_extract_and_probe_take_module_paths(sd_folder, cifar_small, tmp_p
     run = tmp_path / "probe"
     assert main(["probe", str(sweep / "features"), "--t", "100", "--blocks", FF, "--out", str(run), "--epochs", "3"]) == 0
     assert json.loads((run / "metrics.json").read_text())["report"]["top1"] >= 0
+
+
+def test_attention_probabilities_by_path(sd_folder):
+    """PATH+probs: a self- or cross-attention module's probabilities, averaged over heads, equal those
+    diffusers' own AttnProcessor computes (get_attention_scores), as maps [B, keys, h, w]."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor
+
+    bb = load_backbone(f"diffusers:{sd_folder}").eval()
+    unet = UNet2DConditionModel.from_pretrained(sd_folder, subfolder="unet").eval()
+    unet.set_attn_processor(AttnProcessor())
+    caught = {}
+    for path in (ATTN, CROSS):
+        module = unet.get_submodule(path)
+        scores = module.get_attention_scores
+        module.get_attention_scores = lambda q, k, m=None, path=path, scores=scores, module=module: caught.setdefault(path, scores(q, k, m))
+    x_t, t = torch.randn(2, *bb.model_shape), torch.tensor([300, 300])
+    with torch.no_grad():
+        unet(x_t, t, encoder_hidden_states=bb.context.expand(2, -1, -1))
+        ours = bb.forward_features(x_t, t, [ATTN + "+probs", CROSS + "+probs"])
+    for path in (ATTN, CROSS):
+        heads = unet.get_submodule(path).heads
+        per_head = caught[path]  # [B·heads, queries, keys]
+        probs = per_head.view(2, heads, *per_head.shape[1:]).mean(1)
+        side = int(probs.shape[1] ** 0.5)
+        _close(ours[path + "+probs"], probs.transpose(1, 2).reshape(2, -1, side, side))
+    assert ours[CROSS + "+probs"].shape[1] == bb.context.shape[1]  # one channel per prompt token
+    assert torch.allclose(ours[CROSS + "+probs"].sum(1), torch.ones(2, 8, 8))  # each query's weights sum to 1
+    with pytest.raises(DiffprobeError, match="not an attention module"):
+        bb.resolve_blocks([FF + "+probs"])

@@ -170,7 +170,14 @@ class Backbone(nn.Module):
 
     def tap_block(self, path: str) -> int:
         """The block number whose computation runs module `path`."""
-        return self.tap_table()[path].block
+        return self.tap_infos([path])[0].block
+
+    def tap_infos(self, paths: list[str]) -> list[Any]:
+        """taps.TapInfo of each module path (checked)."""
+        from .taps import check_path
+
+        table = self.tap_table()
+        return [check_path(self, p, table) for p in paths]
 
     supports_feedback: bool = False  # run() takes `inject` (tensors added to encoder block outputs)
 
@@ -208,10 +215,10 @@ class Backbone(nn.Module):
         ends at the last tap when no block number asked for lies deeper, so nothing after it runs."""
         from .taps import StopPass, TapHooks
 
-        table = self.tap_table()
-        stop = max(table[p].block for p in paths) > max(numbers, default=0)
+        infos = self.tap_infos(paths)
+        stop = max(info.block for info in infos) > max(numbers, default=0)
         out: dict[int | str, torch.Tensor] = {}
-        with TapHooks(self.model, [table[p] for p in paths], stop) as hooks:
+        with TapHooks(self.model, infos, stop) as hooks:
             try:
                 self.run(x, t, y, tuple(sorted(set(numbers) | {deepest})), out=out)
             except StopPass:

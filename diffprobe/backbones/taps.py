@@ -43,6 +43,8 @@ class TapInfo:
     runs: int = 1  # how often the module runs in one pass
     channels: int = 0
     resolution: int = 0
+    key_tokens: int | None = None  # an attention module's encoder_hidden_states length (cross-attention); None: self
+    probs: bool = False  # the tap is PATH+probs: the module's attention probabilities, averaged over heads
 
     @property
     def tappable(self) -> bool:
@@ -114,9 +116,9 @@ def weightless_copy(backbone: "Backbone") -> "Backbone":
     return twin.to("meta")
 
 
-def _meta_pass(backbone: "Backbone", longer_prompt: bool) -> tuple[list[str], dict[str, list[tuple[int, ...]]], dict[int, int], dict[str, int]]:
+def _meta_pass(backbone: "Backbone", longer_prompt: bool) -> tuple[list[str], dict[str, list[tuple[int, ...]]], dict[int, int], dict[str, int], dict[str, int]]:
     """(modules in the order they first run, each one's output shapes, {block: modules run when it
-    finished}, how often each ran) from a pass through every block on a weightless copy. longer_prompt: every encoded
+    finished}, how often each ran, the context length each got) from a pass through every block on a weightless copy. longer_prompt: every encoded
     prompt one token longer, so outputs shaped by the prompt show themselves."""
     twin = weightless_copy(backbone)
     if longer_prompt:
@@ -130,17 +132,21 @@ def _meta_pass(backbone: "Backbone", longer_prompt: bool) -> tuple[list[str], di
     calls: list[str] = []
     outputs: dict[str, list[tuple[int, ...]]] = {}
     runs: dict[str, int] = {}
+    keys: dict[str, int] = {}
 
     def record(name: str):
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
+        def hook(module: nn.Module, args: Any, kwargs: dict, output: Any) -> None:
             runs[name] = runs.get(name, 0) + 1
             if name not in outputs:
                 outputs[name] = [tuple(t.shape) for t in _tensors(output)]
                 calls.append(name)
+                context = kwargs.get("encoder_hidden_states")
+                if isinstance(context, torch.Tensor) and context.ndim == 3:
+                    keys[name] = context.shape[1]
 
         return hook
 
-    handles = [m.register_forward_hook(record(name)) for name, m in twin.model.named_modules() if name]
+    handles = [m.register_forward_hook(record(name), with_kwargs=True) for name, m in twin.model.named_modules() if name]
     blocks = _BlockRecorder(calls)
     x = torch.zeros(1, *backbone.model_shape, device="meta")
     t = torch.full((1,), backbone.schedule.num_train_timesteps // 2, device="meta")
@@ -152,13 +158,13 @@ def _meta_pass(backbone: "Backbone", longer_prompt: bool) -> tuple[list[str], di
     finally:
         for h in handles:
             h.remove()
-    return calls, outputs, blocks.done_at, runs
+    return calls, outputs, blocks.done_at, runs, keys
 
 
 def build_table(backbone: "Backbone") -> dict[str, TapInfo]:
     """Every module that runs in a feature pass through the last block, in execution order, with
     its output and block; from two passes on the meta device (the second with a longer prompt)."""
-    calls, outputs, done_at, runs = _meta_pass(backbone, longer_prompt=False)
+    calls, outputs, done_at, runs, keys = _meta_pass(backbone, longer_prompt=False)
     prompted = any(b.ndim == 3 for b in backbone.buffers(recurse=False))
     longer = _meta_pass(backbone, longer_prompt=True)[1] if prompted else outputs
     image_tokens = {b.resolution**2 for b in backbone.blocks}
@@ -183,13 +189,20 @@ def build_table(backbone: "Backbone") -> dict[str, TapInfo]:
                 channels, resolution = s[2], math.isqrt(s[1])
             else:
                 channels, resolution = s[1], math.isqrt(s[2])
-        table[name] = TapInfo(name, order, block, tuple(shapes), element, runs[name], channels, resolution)
+        table[name] = TapInfo(name, order, block, tuple(shapes), element, runs[name], channels, resolution, keys.get(name))
     return table
+
+
+PROBS = "+probs"  # PATH+probs: an attention module's probabilities, averaged over heads
 
 
 def check_path(backbone: "Backbone", path: str, table: dict[str, TapInfo]) -> TapInfo:
     """The tap for a module path, or one line: no such module (the nearest names), a module the
-    feature pass does not run, or one whose output is not a map."""
+    feature pass does not run, or one whose output is not a map. PATH+probs: the attention module's
+    probabilities [B, queries, keys] as a map [B, keys, √queries, √queries] (keys: the prompt's tokens
+    for cross-attention, every image token for self-attention)."""
+    if path.endswith(PROBS):
+        return _check_probs(backbone, path, table)
     if path not in table:
         names = [n for n, _ in backbone.model.named_modules() if n] + [n for n in table]
         if not any(n == path for n in names):
@@ -207,6 +220,54 @@ def check_path(backbone: "Backbone", path: str, table: dict[str, TapInfo]) -> Ta
         raise DiffprobeError(f"module {path!r} gives {info.describe_output()}: not a map [B, C, H, W] or image tokens "
                              "[B, H·W, D] (text tokens and vectors cannot be pooled into features)")  # fmt: skip
     return info
+
+
+def _check_probs(backbone: "Backbone", path: str, table: dict[str, TapInfo]) -> TapInfo:
+    base = check_path(backbone, path[: -len(PROBS)], table)
+    module = _module_of(backbone, base.path)
+    if not (hasattr(module, "to_q") and hasattr(module, "to_k") and hasattr(module, "heads")):
+        raise DiffprobeError(f"{path}: {base.path} is a {type(module).__name__}, not an attention module (diffusers' Attention)")
+    if getattr(module, "add_q_proj", None) is not None or getattr(module, "spatial_norm", None) is not None or len(base.shape[base.element]) != 3:
+        raise DiffprobeError(f"{path}: +probs reads attention over one token sequence (self- or cross-attention); "
+                             f"{base.path} mixes text and image streams or runs on maps: tap its output instead")  # fmt: skip
+    keys = base.key_tokens or base.resolution**2
+    return TapInfo(path, base.order, base.block, base.shape, base.element, base.runs, keys, base.resolution, base.key_tokens, probs=True)
+
+
+def _module_of(backbone: "Backbone", path: str) -> nn.Module:
+    """The module at `path`, also where a lazily read block is not read yet (its waiting copy)."""
+    try:
+        return backbone.model.get_submodule(path)
+    except AttributeError:
+        return weightless_copy(backbone).model.get_submodule(path)
+
+
+def attention_probs(attn: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    """Softmax(q·kᵀ·scale) of a diffusers Attention call, averaged over heads: [B, queries, keys].
+    The steps of its processors up to the probabilities (group norm, cross norm, q/k norms, mask)."""
+    h = kwargs.get("hidden_states", args[0] if args else None)
+    context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+    mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
+    batch = h.shape[0]
+    if attn.group_norm is not None:
+        h = attn.group_norm(h.transpose(1, 2)).transpose(1, 2)
+    if context is None:
+        context = h
+    elif attn.norm_cross:
+        context = attn.norm_encoder_hidden_states(context)
+    query, key = attn.to_q(h), attn.to_k(context)
+    head_dim = key.shape[-1] // attn.heads
+    query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    scores = (query.float() @ key.float().transpose(-1, -2)) * attn.scale
+    if mask is not None:
+        mask = attn.prepare_attention_mask(mask, key.shape[2], batch)
+        scores = scores + mask.view(batch, -1, *mask.shape[-2:]).float()
+    return scores.softmax(dim=-1).mean(dim=1)
 
 
 def as_map(output: Any, info: TapInfo) -> torch.Tensor:
@@ -228,12 +289,19 @@ class TapHooks:
         self.infos = {info.path: info for info in infos}
         self.maps: dict[str, torch.Tensor] = {}
         self.stop = stop
-        self.handles = [model.get_submodule(path).register_forward_hook(self._catch(path)) for path in self.infos]
+        self.handles = [model.get_submodule(path[: -len(PROBS)] if info.probs else path).register_forward_hook(self._catch(path), with_kwargs=True)
+                        for path, info in self.infos.items()]  # fmt: skip
 
     def _catch(self, path: str):
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
+        info = self.infos[path]
+
+        def hook(module: nn.Module, args: Any, kwargs: dict, output: Any) -> None:
             if path not in self.maps:
-                self.maps[path] = as_map(output, self.infos[path])
+                if info.probs:
+                    probs = attention_probs(module, args, kwargs).to(_tensors(output)[0].dtype)
+                    self.maps[path] = probs.transpose(1, 2).reshape(probs.shape[0], probs.shape[2], info.resolution, info.resolution)
+                else:
+                    self.maps[path] = as_map(output, info)
                 if self.stop and len(self.maps) == len(self.infos):
                     raise StopPass
 

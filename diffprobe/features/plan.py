@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 IntsLike = Union[int, str, Iterable[int]]
 TapsLike = Union[int, str, Iterable[Union[int, str]]]
-MODULE_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
+MODULE_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*(\+probs)?$")  # +probs: an attention module's probabilities
 
 
 def parse_taps(value: TapsLike) -> tuple[int | str, ...]:
