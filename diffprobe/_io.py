@@ -13,6 +13,7 @@ import csv
 import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -66,6 +67,37 @@ def output_dir(path: str | Path, what: str = "--out") -> Path:
     return path
 
 
+RUN_MARK = ".diffprobe-run"  # which command made an output folder: one kind of run per folder
+SIGNATURES = {"sweep": "sweep.csv", "probe": "metrics.json"}  # runs from before the mark: known by a file
+
+
+def claim_output(path: str | Path, kind: str, *, resumable: bool = False, overwrite: bool = False, what: str = "--out") -> Path:
+    """An output folder for one `kind` of run. A folder holding another kind of run, or files
+    diffprobe did not write, is refused (their files would mix). A finished run of the same kind is
+    continued where the command resumes (`resumable`), else refused unless `overwrite`, which
+    removes it first. The folder is marked with its kind."""
+    path = output_dir(path, what)
+    mark = path / RUN_MARK
+    found = mark.read_text().strip() if mark.is_file() else None
+    contents = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
+    if found is None and contents:
+        found = next((k for k, name in SIGNATURES.items() if name in contents), None)
+        if found is None:
+            raise DiffprobeError(f"{what} {path} holds other files ({', '.join(contents[:3])}{', ...' if len(contents) > 3 else ''}): "
+                                 f"choose an empty or new folder for this {kind} run")  # fmt: skip
+    if found is not None and found != kind:
+        raise DiffprobeError(f"{what} {path} holds a {found} run: a {kind} run there would mix its files with it; choose another folder")
+    if found == kind and contents and not resumable:
+        if not overwrite:
+            raise DiffprobeError(f"{what} {path} already holds a {kind} run: choose another folder, or pass --overwrite to replace it")
+        for name in contents:
+            target = path / name
+            shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+    if not mark.is_file():
+        write_text(mark, kind + "\n")
+    return path
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None], *, exclusive: bool = False) -> bool:
     """Write a file through `write(temporary_path)`, then move it into place.
 
@@ -77,6 +109,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None], *, exclusive: b
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600: colleagues on a shared disk could not read it
     try:
         write(tmp)
         if not exclusive:
@@ -137,7 +170,16 @@ def temp_sibling_dir(final: str | Path, tag: str) -> Path:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned(final.parent, tag)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.{tag}-{os.getpid()}-", dir=final.parent))
+    folder = Path(tempfile.mkdtemp(prefix=f".{final.name}.{tag}-{os.getpid()}-", dir=final.parent))
+    folder.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; the published folder keeps these bits
+    return folder
+
+
+def current_umask() -> int:
+    """The process's umask (os.umask can only be read by setting it; set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _pid_alive(pid: int) -> bool:

@@ -86,7 +86,7 @@ def test_probe_and_sweep_on_a_nan_store_are_one_line(cifar_small, tmp_path, caps
     _poison(store, KEY)
     code, _, err = run(capsys, "probe", store.root, "--t", "90", "--blocks", "13", "--out", tmp_path / "run", "--epochs", "1")
     assert_one_line_error(code, err, "block 13 at t=90", "non-finite features", "--overwrite")
-    assert not list((tmp_path / "run").iterdir())  # checked writable up front, nothing written
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [".diffprobe-run"]  # checked and claimed up front, nothing written
     sweep = ["sweep", *extract_args(cifar_small, sweep_out, "--limit", "60")[1:], "--no-controls"]
     assert_one_line_error(*run(capsys, *sweep)[::2], "non-finite features")
     assert store.is_complete(KEY)  # the store itself is left as it was

@@ -8,10 +8,12 @@ sample, fid, export, card).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from typing import Sequence
 
+from .. import __version__
 from .._io import describe_os_error
 from ..errors import DiffprobeError
 from ..generate import Stopped
@@ -21,15 +23,64 @@ from . import features, generate, probing, studies
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffprobe", description="Diffusion models as image classifiers: extract and probe block features.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no information lines: warnings and errors only "
+                        "(TQDM_DISABLE=1 in the environment hides the bars too)")  # fmt: skip
+    parser.add_argument("--version", action="version", version=f"diffprobe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for stage in (features, probing, studies, generate):
         stage.register(sub)
     return parser
 
 
+def _rank() -> int | None:
+    """This process's rank under torchrun (None when it runs alone)."""
+    import os
+
+    return int(os.environ["RANK"]) if os.environ.get("WORLD_SIZE", "1") != "1" and "RANK" in os.environ else None
+
+
+@contextlib.contextmanager
+def console(quiet: bool, verbose: bool):
+    """Logs and progress bars for one command: under torchrun only rank 0 draws bars and prints
+    information (other ranks: warnings, prefixed with their rank); --quiet: warnings only, no bars;
+    not a terminal (a log file, a pipe): a bar line every 30 s instead of a stream of redraws.
+    tqdm reads TQDM_* settings once, at import, so the bars are set here, for this command only."""
+    import tqdm.std
+
+    rank = _rank()
+    quiet = quiet or bool(rank)
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    prefix = f"diffprobe[rank {rank}]: " if rank is not None else "diffprobe: "
+    logging.basicConfig(level=level, format=prefix + "%(message)s")  # a no-op where logging is set up already
+    root = logging.getLogger()
+    root_level = root.level
+    root.setLevel(level)
+    original = tqdm.std.tqdm.__init__
+    piped = not sys.stderr.isatty()
+
+    def init(self, *a, **k):
+        if quiet:
+            k["disable"] = True
+        elif piped:
+            k.setdefault("mininterval", 30.0)
+            k.setdefault("maxinterval", 60.0)
+        original(self, *a, **k)
+
+    tqdm.std.tqdm.__init__ = init
+    try:
+        yield
+    finally:
+        tqdm.std.tqdm.__init__ = original
+        root.setLevel(root_level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="diffprobe: %(message)s")
+    with console(args.quiet, args.verbose):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         args.func(args)
     except DiffprobeError as e:

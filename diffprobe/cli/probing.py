@@ -40,7 +40,7 @@ def cmd_probe(args: argparse.Namespace) -> None:
                          args.split_seed, args.seed, args.report_share)  # fmt: skip
     test_store = FeatureStore.open(args.test_store) if args.test_store else None
     augmented = FeatureStore.open(args.augmented_store) if args.augmented_store else None
-    metrics = probe(store, keys, args.out, config, test_store, args.device, augmented=augmented)
+    metrics = probe(store, keys, args.out, config, test_store, args.device, augmented=augmented, overwrite=args.overwrite)
     print(f"{args.head} head: {describe_metrics(metrics)}")
     print(f"run: {args.out}/config.json, head.pt, metrics.json, curves.png, confusion.png")
 
@@ -119,6 +119,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pool", type=int_list, default=[1], help="pool size(s)")
     p.add_argument("--head", default="linear", choices=["linear", "mlp", "cnn", "attention", "fusion"])
     p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a probe run already at --out (default: refuse)")
     p.add_argument("--recipe", default="modern", choices=["modern", "paper"], help="modern: AdamW + cosine; paper: SGD, ×0.1 every 7 of 28 epochs")
     p.add_argument("--epochs", type=int, help="override the recipe's epochs")
     p.add_argument("--lr", type=float, help="one learning rate (default: the recipe's search for this head)")

@@ -26,7 +26,7 @@ from .. import __version__
 from ..errors import DiffprobeError
 from .fastprobe import Standardizer, topk
 from .heads import build_head, head_options
-from .._io import output_dir, output_errors, read_json_object, torch_save, write_json
+from .._io import claim_output, output_dir, output_errors, read_json_object, torch_save, write_json
 from ..features.distributed import join, ranks
 from ..features.plan import FeaturePlan
 from ..features.reporting import Reporting, check_same_backbone, check_same_backbone_manifest
@@ -403,14 +403,15 @@ def save_run(fitted: FittedHead, out: str | Path) -> Path:
 
 def probe(store: FeatureStore, keys: Sequence[FeatureKey], out: str | Path, config: ProbeConfig | None = None,
           test_store: FeatureStore | None = None, device: str = "auto", progress: bool = True,
-          augmented: FeatureStore | None = None) -> dict:  # fmt: skip
-    """`diffprobe probe`: fit a head, score the test store if given, save the run; its metrics."""
+          augmented: FeatureStore | None = None, overwrite: bool = False) -> dict:  # fmt: skip
+    """`diffprobe probe`: fit a head, score the test store if given, save the run; its metrics.
+    An --out that already holds a run is refused unless `overwrite`."""
     config = config or ProbeConfig()
     if test_store is not None:  # checked before any training, so a bad test store costs nothing
         reporting = Reporting.of(store, config.val_fraction, config.split_seed, config.report_share, test_store, f"a head on {store.root}")
         config = replace(config, report_share=reporting.roles.report_share)
     if ranks().is_main:
-        output_dir(out)  # before any training: an unusable --out costs nothing
+        claim_output(out, "probe", overwrite=overwrite)  # before any training: an unusable or taken --out costs nothing
     fitted = fit_head(store, keys, config, str(resolve_device(device)), progress, augmented)
     if test_store is not None:
         report_head(fitted, reporting)

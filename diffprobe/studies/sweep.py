@@ -33,7 +33,7 @@ from ..features.distributed import ranks
 from ..features.plan import FeaturePlan
 from ..features.reporting import Reporting, check_test_data
 from ..features.roles import REPORT_SHARE, Roles
-from .._io import output_dir, write_csv, write_json
+from .._io import claim_output, write_csv, write_json
 from ..report import heatmap, short_source, short_tap
 from ..features.store import FeatureKey, FeatureStore, tap_order
 
@@ -219,7 +219,7 @@ def sweep(backbone: Backbone, data: LabeledImages, out: str | Path, plan: Featur
         raise DiffprobeError(f"none of the pools {list(plan.pools)} is among the pools to score {list(score_pools or [])}")
     if test_data is not None:
         check_test_data(data, test_data)
-    output_dir(out)  # before any work: an unusable --out costs nothing
+    claim_output(out, "sweep", resumable=True)  # before any work: an unusable --out, or another run's, costs nothing
     store = extract(backbone, data, plan, out / "features", options)
     test_store = None
     if test_data is not None:

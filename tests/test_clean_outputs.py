@@ -1,0 +1,90 @@
+"""Safe outputs on shared disks (issue 23): files and folders honour the umask, and a run never
+lands silently on top of another run."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from conftest import FIXTURE_SPEC
+from diffprobe import DiffprobeError
+from diffprobe._io import claim_output, publish_dir, temp_sibling_dir, write_json
+from diffprobe.cli import main
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700), (0o002, 0o664, 0o775)])
+def test_outputs_honour_the_umask(tmp_path, umask, file_mode, dir_mode):
+    old = os.umask(umask)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+        building = temp_sibling_dir(tmp_path / "store", "building")
+        write_json(building / "manifest.json", {})
+        publish_dir(building, tmp_path / "store")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == file_mode
+    assert stat.S_IMODE((tmp_path / "store").stat().st_mode) == dir_mode
+    assert stat.S_IMODE((tmp_path / "store" / "manifest.json").stat().st_mode) == file_mode
+
+
+def test_a_run_is_never_written_over_another(tmp_path, cifar_small, capsys):
+    """probe over a probe run is refused (--overwrite replaces it); a sweep into a probe run, or a
+    probe into a sweep, is refused; a sweep rerun continues its own run; a folder of other files is refused."""
+    run = tmp_path / "run"
+    claim_output(run, "probe")
+    (run / "metrics.json").write_text("{}")
+    with pytest.raises(DiffprobeError, match="already holds a probe run: choose another folder, or pass --overwrite"):
+        claim_output(run, "probe")
+    with pytest.raises(DiffprobeError, match="holds a probe run: a sweep run there would mix its files"):
+        claim_output(run, "sweep", resumable=True)
+    claim_output(run, "probe", overwrite=True)
+    assert not (run / "metrics.json").exists() and (run / ".diffprobe-run").read_text().strip() == "probe"
+    legacy = tmp_path / "old-sweep"  # a sweep from before the mark: known by its sweep.csv
+    legacy.mkdir()
+    (legacy / "sweep.csv").write_text("t\n")
+    claim_output(legacy, "sweep", resumable=True)
+    with pytest.raises(DiffprobeError, match="holds a sweep run"):
+        claim_output(legacy, "probe")
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "cat.png").write_bytes(b"")
+    with pytest.raises(DiffprobeError, match="holds other files \\(cat.png\\)"):
+        claim_output(other, "probe")
+
+    sweep = tmp_path / "sweep"
+    args = ["sweep", FIXTURE_SPEC, "--data", str(cifar_small), "--limit", "60", "--blocks", "13", "--t", "90", "--pool", "2",
+            "--no-controls", "--out", str(sweep)]  # fmt: skip
+    assert main(args) == 0 and main(args) == 0  # a rerun continues (its store resumes)
+    probe = ["probe", str(sweep / "features"), "--t", "90", "--blocks", "13", "--pool", "2", "--epochs", "1"]
+    assert main(probe + ["--out", str(sweep)]) == 2
+    assert "holds a sweep run" in capsys.readouterr().err
+    assert main(probe + ["--out", str(tmp_path / "p")]) == 0
+    assert main(probe + ["--out", str(tmp_path / "p")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(probe + ["--out", str(tmp_path / "p"), "--overwrite"]) == 0
+
+
+def test_quiet_and_rank_logging(cifar_small, tmp_path, capsys, monkeypatch):
+    """--quiet: no bars, no information lines; a rank other than 0 under torchrun is quiet too, and
+    its warnings carry its rank. --version prints the version."""
+    args = ["extract", FIXTURE_SPEC, "--data", str(cifar_small), "--limit", "20", "--blocks", "13", "--t", "90"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    loud = capsys.readouterr().err
+    assert "%|" in loud  # the bars, as usual
+    assert main(["--quiet", *args, "--out", str(tmp_path / "b")]) == 0
+    assert "%|" not in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    from diffprobe.cli import console
+
+    with console(False, False):
+        import logging
+
+        import tqdm.std
+
+        assert tqdm.std.tqdm(range(2)).disable and logging.getLogger().level == logging.WARNING
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert "diffprobe 0.2" in capsys.readouterr().out
