@@ -68,7 +68,8 @@ def output_dir(path: str | Path, what: str = "--out") -> Path:
 
 
 RUN_MARK = ".diffprobe-run"  # which command made an output folder: one kind of run per folder
-SIGNATURES = {"sweep": "sweep.csv", "probe": "metrics.json"}  # runs from before the mark: known by a file
+# Runs from before the mark, known by a file: a sweep by its table or its store (an interrupted one), a probe by its metrics.
+SIGNATURES = {"sweep": ("sweep.csv", "features"), "probe": ("metrics.json",)}
 
 
 def claim_output(path: str | Path, kind: str, *, resumable: bool = False, overwrite: bool = False, what: str = "--out") -> Path:
@@ -81,7 +82,7 @@ def claim_output(path: str | Path, kind: str, *, resumable: bool = False, overwr
     found = mark.read_text().strip() if mark.is_file() else None
     contents = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
     if found is None and contents:
-        found = next((k for k, name in SIGNATURES.items() if name in contents), None)
+        found = next((k for k, names in SIGNATURES.items() if any(n in contents for n in names)), None)
         if found is None:
             raise DiffprobeError(f"{what} {path} holds other files ({', '.join(contents[:3])}{', ...' if len(contents) > 3 else ''}): "
                                  f"choose an empty or new folder for this {kind} run")  # fmt: skip
