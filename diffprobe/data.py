@@ -149,6 +149,9 @@ class LabeledImages:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def __repr__(self) -> str:  # a summary: the dataclass's own repr printed every label and image print
+        return f"LabeledImages({self.name!r}, {len(self)} images, {len(self.classes)} classes: {', '.join(self.classes[:5])}{', ...' if len(self.classes) > 5 else ''})"
+
     def fingerprint(self) -> str:
         h = hashlib.sha256(repr(sorted(self.identity.items())).encode())
         h.update(self.labels.astype(np.int64).tobytes())

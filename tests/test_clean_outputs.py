@@ -88,3 +88,37 @@ def test_quiet_and_rank_logging(cifar_small, tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["--version"])
     assert "diffprobe 0.2" in capsys.readouterr().out
+
+
+def test_a_store_refused_for_one_changed_field_names_it_in_one_line(cifar_small, tmp_path, capsys):
+    from latent_models import save_sd
+
+    spec = f"diffusers:{save_sd(tmp_path / 'sd')}"
+    args = ["extract", spec, "--data", str(cifar_small), "--limit", "20", "--blocks", "3", "--t", "90", "--out", str(tmp_path / "s")]
+    assert main([*args, "-o", "prompt=a cat"]) == 0
+    capsys.readouterr()
+    assert main([*args, "-o", "prompt=a dog"]) == 2
+    err = capsys.readouterr().err
+    assert "backbone.config.prompt: 'a cat' vs 'a dog'" in err and err.count("\n") == 1 and len(err) < 600
+
+
+def test_a_class_label_outside_the_model_is_refused_before_a_store_exists(cifar_small, tmp_path, capsys):
+    from latent_models import save_dit
+
+    spec = f"diffusers:{save_dit(tmp_path / 'dit')}"
+    out = tmp_path / "s"
+    assert main(["extract", spec, "--data", str(cifar_small), "--limit", "20", "--blocks", "3", "--t", "90", "--class-label", "5000",
+                 "--out", str(out)]) == 2  # fmt: skip
+    assert "5000" in capsys.readouterr().err and not out.exists()
+
+
+def test_notebook_reprs_are_short(fixture_backbone, cifar_small, tmp_path):
+    from diffprobe import FeaturePlan, FeatureStore, Probe, extract
+    from diffprobe.data import open_dataset
+
+    data = open_dataset(str(cifar_small))
+    store = extract(fixture_backbone, data, FeaturePlan(t=90, blocks=13, pools=2), tmp_path / "s", limit=20, progress=False)
+    for thing in (fixture_backbone, data, store, FeaturePlan(t=90, blocks=13), Probe(), FeatureStore.open(tmp_path / "s")):
+        text = repr(thing)
+        assert len(text) < 300 and "\n" not in text, text
+    assert "300 images, 10 classes" in repr(data) and "20 rows" in repr(store)

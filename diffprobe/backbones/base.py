@@ -52,6 +52,10 @@ class Backbone(nn.Module):
         self._run = None  # a compiled `run`, once `compile()` was called
         self.spec, self.load_options = source, {}  # set by load_backbone
 
+    def __repr__(self) -> str:  # nn.Module's would print every layer of the network
+        return (f"{type(self).__name__}({self.spec!r}, {self.family}, {self.image_size}px, {self.num_blocks} blocks, "
+                f"{self.schedule.name} ({self.schedule.parameterization}), {self.conditioning})")  # fmt: skip
+
     # -- implemented by each family -------------------------------------------------------
     def run(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, wanted: tuple[int, ...]) -> dict[int, torch.Tensor]:
         """Outputs of the `wanted` blocks (valid, sorted) in one pass that stops at the deepest."""

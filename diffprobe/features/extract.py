@@ -196,6 +196,11 @@ def extract(backbone: Backbone, data: LabeledImages | str | Path, plan: FeatureP
         raise DiffprobeError(f"{backbone.source} is class-conditional: choose the class label to condition on (--class-label)")
     if backbone.num_classes is None and o.class_label is not None:
         raise DiffprobeError(f"{backbone.source} is unconditional: drop --class-label")
+    if o.class_label is not None:  # checked before a store exists (a null class, where a model has one, is num_classes)
+        top = backbone.num_classes if backbone.default_class_label is not None else backbone.num_classes - 1
+        if not 0 <= o.class_label <= top:
+            raise DiffprobeError(f"--class-label {o.class_label} is outside this model's classes 0..{top}"
+                                 + (f" ({top} is the null class)" if top == backbone.num_classes else ""))  # fmt: skip
     if len(data) == 0:
         raise DiffprobeError(f"dataset {data.name} is empty")
     if o.augment_views < 0:

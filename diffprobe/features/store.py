@@ -91,17 +91,29 @@ class FeatureKey:
         return cls(int(t[1:]), int(second[1:]), int(third[1:]))
 
 
+def _leaf_differences(a: Any, b: Any, where: str) -> list[str]:
+    """'where.key: old vs new' for every differing leaf of two nested dicts (values shortened)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b), key=str):
+            if a.get(key) != b.get(key):
+                out += _leaf_differences(a.get(key), b.get(key), f"{where}.{key}")
+        return out
+    return [f"{where}: {_short(a)} vs {_short(b)}"]
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def _describe_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """The fields that differ, down to the changed leaf (backbone.config.prompt: 'a cat' vs 'a dog'), in one line."""
     diffs = []
     for name in IDENTITY_FIELDS:
         if old.get(name) != new.get(name):
-            a, b = old.get(name), new.get(name)
-            if isinstance(a, dict) and isinstance(b, dict):
-                keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-                diffs.append(f"{name} ({', '.join(f'{k}: {a.get(k)!r} vs {b.get(k)!r}' for k in keys[:3])})")
-            else:
-                diffs.append(f"{name} ({a!r} vs {b!r})")
-    return "; ".join(diffs)
+            diffs += _leaf_differences(old.get(name), new.get(name), name)
+    return "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
 
 
 CHUNK_PRINTS = "chunk_prints.json"  # per chunk of rows: a hash of its images' names and sizes
@@ -188,6 +200,13 @@ class FeatureStore:
         self.manifest = manifest
         self._maps: dict[FeatureKey, np.memmap] = {}
         self._rows_cache: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None  # checked labels, indices, dataset labels
+
+    def __repr__(self) -> str:
+        backbone = self.manifest.get("backbone", {})
+        source = backbone.get("source", "?") if isinstance(backbone, dict) else "?"
+        rows = self.manifest.get("rows")
+        count = rows.get("count", "?") if isinstance(rows, dict) else "?"
+        return f"FeatureStore({str(self.root)!r}, {source}, {count} rows, {len(self.keys())} settings)"
 
     # ---------------------------------------------------------------- opening
     @classmethod
