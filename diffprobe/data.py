@@ -21,6 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+try:
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None  # type: ignore[assignment]
+
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -239,6 +244,18 @@ def unpack_archive(archive: str | Path) -> Path:
     target = cache_dir() / "archives" / f"{archive.name.split('.')[0]}-{key}"
     if target.is_dir():
         return target
+    with output_errors(target.parent, "cache ($DIFFPROBE_CACHE)"):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(target.parent / f".{target.name}.lock", "a")
+    with lock:  # one process unpacks (every torchrun rank asks at once); the others wait, then find the folder
+        if fcntl is not None:  # POSIX; elsewhere each process unpacks and the first folder published wins
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.is_dir():
+            return target
+        return _unpack(archive, target)
+
+
+def _unpack(archive: Path, target: Path) -> Path:
     with output_errors(target.parent, "cache ($DIFFPROBE_CACHE)"):
         tmp = temp_sibling_dir(target, "unpack")
     try:

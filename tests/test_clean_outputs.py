@@ -122,3 +122,35 @@ def test_notebook_reprs_are_short(fixture_backbone, cifar_small, tmp_path):
         text = repr(thing)
         assert len(text) < 300 and "\n" not in text, text
     assert "300 images, 10 classes" in repr(data) and "20 rows" in repr(store)
+
+
+def test_one_process_unpacks_an_archive_the_others_wait(tmp_path, monkeypatch):
+    """Ranks that open the same .tar at once: one unpacks it, the others wait and find the folder."""
+    import tarfile
+    import threading
+    import time
+
+    from diffprobe import data
+
+    folder = tmp_path / "imgs" / "cat"
+    folder.mkdir(parents=True)
+    (folder / "a.txt").write_text("x")
+    archive = tmp_path / "imgs.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(tmp_path / "imgs", arcname="imgs")
+    monkeypatch.setenv("DIFFPROBE_CACHE", str(tmp_path / "cache"))
+    calls, unpack = [], data._unpack
+
+    def slow(*args):
+        calls.append(1)
+        time.sleep(0.3)
+        return unpack(*args)
+
+    monkeypatch.setattr(data, "_unpack", slow)
+    found = []
+    threads = [threading.Thread(target=lambda: found.append(data.unpack_archive(archive))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(set(found)) == 1 and (found[0] / "imgs" / "cat" / "a.txt").is_file()
