@@ -44,6 +44,14 @@ def blocks_arg(text: str) -> list[int | str] | str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def one_tap(text: str) -> int | str:
+    """One block number or module path."""
+    taps = blocks_arg(text)
+    if taps == "all" or len(taps) != 1:
+        raise argparse.ArgumentTypeError(f"expected one block number or module path, got {text!r}")
+    return taps[0]
+
+
 def deprecated(p: argparse.ArgumentParser, old: str, new: str, **kwargs: Any) -> None:
     """`old` still works for one release, with a warning naming `new`."""
 

@@ -125,7 +125,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "--split-seed: the images pretrain leaves out; what a model card's FID uses)")
     add_split_args(p, report=False)
     p.add_argument("--real-limit", type=int, help="a stratified subset of this many real images (of the split)")
-    p.add_argument("--inception-weights", help="TF-FID Inception weights file (pt_inception-2015-12-05); default: download")
+    p.add_argument("--inception-weights", help="TF-FID Inception weights file (torch-fidelity's weights-inception-2015-12-05-6726825d.pth); default: download")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--out", help="write the result as JSON here")
     p.set_defaults(func=cmd_fid)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import DiffprobeError
 from ..features.distributed import ranks
 from .common import (
     add_backbone_args,
@@ -14,7 +15,9 @@ from .common import (
     add_split_args,
     add_test_data_args,
     check_image_size,
+    deprecated,
     int_list,
+    one_tap,
     extract_options_from,
     load_backbone_from,
     open_data,
@@ -77,6 +80,8 @@ def cmd_compare_heads(args: argparse.Namespace) -> None:
     from ..precision import resolve_device
     from ..studies.heads import compare_heads, markdown_table
 
+    if getattr(args, "block", None) is None:
+        raise DiffprobeError("compare-heads needs --blocks: the stored block (or module path) the heads read")
     key = FeatureKey(args.t, args.block, args.pool)
     rows = compare_heads(FeatureStore.open(args.store), key, args.out, args.head, args.recipe, args.fusion_t,
                          args.val_fraction, args.split_seed, args.seed, str(resolve_device(args.device)), args.report_share,
@@ -156,13 +161,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("store", help="a feature store (from extract or sweep)")
     p.add_argument("--out", required=True)
     p.add_argument("--t", type=int, required=True)
-    p.add_argument("--block", type=int, required=True)
+    p.add_argument("--blocks", dest="block", type=one_tap, help="the stored block number (or module path) the heads read (required)")
+    deprecated(p, "--block", "--blocks", dest="block", type=one_tap)
     p.add_argument("--pool", type=int, required=True, help="the stored pool size; spatial heads want ≥ 2 (e.g. 4)")
     p.add_argument("--fusion-t", type=int, help="the fusion head's second timestep (same block and pool)")
     p.add_argument("--test-store", help="a store of test images no choice sees (same backbone; e.g. from extract --split "
                    "test, or extract --rows report), which then reports instead of the held-out report rows")  # fmt: skip
-    p.add_argument("--head", type=lambda s: s.split(","), default=["linear", "mlp", "cnn", "attention", "fusion"])
-    p.add_argument("--recipe", type=lambda s: s.split(","), default=["modern", "paper"])
+    p.add_argument("--head", type=lambda s: s.split(","), default=["linear", "mlp", "cnn", "attention", "fusion"],
+                   help="comma-separated heads to compare (default: linear,mlp,cnn,attention,fusion)")
+    p.add_argument("--recipe", type=lambda s: s.split(","), default=["modern", "paper"],
+                   help="comma-separated training recipes, each head trained with each (default: modern,paper)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     add_split_args(p)
