@@ -145,6 +145,13 @@ def test_baseline_training_and_cka_against_model_stages(cifar_small, tmp_path, c
     assert code == 0 and "resnet18 trained by diffprobe" in capsys.readouterr().out
     header = (tmp_path / "vs_base" / "cka.csv").read_text().splitlines()[0]
     assert header == "a,layer1,layer2,layer3,layer4"
+    assert main(["cka", "--a", str(tmp_path / "store"), "--b", f"baseline:{tmp_path / 'base'}", "--data", str(cifar_small),
+                 "--out", str(tmp_path / "vs_base_small"), "--batch-size", "20", "--forward-batch", "7"]) == 0  # fmt: skip
+    split = (tmp_path / "vs_base_small" / "cka.csv").read_text().splitlines()
+    whole = (tmp_path / "vs_base" / "cka.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in split] == [r.split(",")[0] for r in whole]
+    for a, b in zip(split[1:], whole[1:]):  # the forward batch changes memory, not the result
+        assert max(abs(float(x) - float(y)) for x, y in zip(a.split(",")[1:], b.split(",")[1:])) < 1e-4
     code = main(["cka", "--a", str(tmp_path / "store"), "--b", "torchvision:resnet18", "--data", str(cifar_small),
                  "--out", str(tmp_path / "vs_tv"), "--batch-size", "30"])  # fmt: skip
     assert code == 0 and "RANDOM weights" in capsys.readouterr().out

@@ -59,7 +59,7 @@ def cmd_cka(args: argparse.Namespace) -> None:
 
     data = open_data(args) if args.data else None
     result = cka_study(FeatureStore.open(args.a), args.out, args.a_keys, args.b, args.b_keys, data, args.b_weights,
-                       args.b_pool, args.batch_size, args.seed)  # fmt: skip
+                       args.b_pool, args.batch_size, args.seed, args.forward_batch)  # fmt: skip
     print(f"CKA of {len(result['a'])} × {len(result['b'])} feature sets over {result['rows']} images (B: {result['b_name']}): "
           f"{args.out}/cka.csv, {args.out}/cka.png")  # fmt: skip
 
@@ -137,7 +137,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--a-keys", help="comma-separated settings of A, e.g. t0090_b24_p1 (default: all complete)")
     p.add_argument("--b-keys", help="settings of B (default: all complete)")
     p.add_argument("--out", required=True)
-    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=1000, help="images per CKA minibatch (default: 1000)")
+    p.add_argument("--forward-batch", type=int, default=64, help="images per forward pass of a --b model (its activations' memory; default: 64)")
     p.add_argument("--seed", type=int, default=0, help="order of rows in the minibatches")
     p.set_defaults(func=cmd_cka)
 

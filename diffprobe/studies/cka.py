@@ -137,9 +137,12 @@ def store_cka(store_a, keys_a, store_b, keys_b, batch_size: int = 1000, seed: in
     return mb.compute()
 
 
-def source_cka(store_a, keys_a, data, source, batch_size: int = 500, seed: int = 0, progress: bool = True) -> np.ndarray:
+def source_cka(store_a, keys_a, data, source, batch_size: int = 500, seed: int = 0, progress: bool = True,
+               forward_batch: int = 64) -> np.ndarray:  # fmt: skip
     """Minibatch linear CKA of stored features (A) against a model's stage features (B) computed
-    on the same images, batch by batch (nothing but one batch in memory)."""
+    on the same images, batch by batch (nothing but one CKA minibatch of pooled features in memory).
+    The model runs `forward_batch` images at a time: a CKA minibatch of 500 images at 224 px
+    through one forward would hold every stage's activations for all 500 at once (8 GB for ResNet-18)."""
 
     if data.fingerprint() != store_a.manifest["data"]["fingerprint"]:
         raise DiffprobeError(f"--data is not the dataset {store_a.root} was extracted from ({store_a.manifest['data']['name']})")
@@ -150,14 +153,17 @@ def source_cka(store_a, keys_a, data, source, batch_size: int = 500, seed: int =
     indices = store_a.indices
     for rows in tqdm(np.array_split(order, max(1, store_a.rows // batch_size)), desc="CKA", unit="batch", disable=not progress):
         rows = np.sort(rows)
-        images = torch.stack([source.transform(data.load(int(i))) for i in indices[rows]])
-        feats = source.features(images)
+        parts = []
+        for start in range(0, len(rows), forward_batch):
+            images = torch.stack([source.transform(data.load(int(i))) for i in indices[rows[start:start + forward_batch]]])
+            parts.append(source.features(images))
+        feats = {s: torch.cat([part[s] for part in parts]) for s in source.stages}
         mb.update([store_a.load(k, rows) for k in keys_a], [feats[s] for s in source.stages])
     return mb.compute()
 
 
 def cka_study(store_a, out, a_keys: str | None = None, b: str | None = None, b_keys: str | None = None, data=None,
-              b_weights: str | None = None, b_pool: int = 1, batch_size: int = 1000, seed: int = 0) -> dict:  # fmt: skip
+              b_weights: str | None = None, b_pool: int = 1, batch_size: int = 1000, seed: int = 0, forward_batch: int = 64) -> dict:  # fmt: skip
     """Minibatch linear CKA between settings of store A and those of B (another store, A itself,
     or a model's stages: baseline:DIR, torchvision:ARCH, timm:NAME computed on `data`);
     writes cka.csv and an annotated heatmap cka.png into `out`."""
@@ -178,7 +184,7 @@ def cka_study(store_a, out, a_keys: str | None = None, b: str | None = None, b_k
             if Path(b_weights).suffix != ".safetensors":
                 load_torch_file(b_weights, "--b-weights file", "pass a state_dict saved with torch.save (or a torchvision weights name)")
         source = ModelSource(b, weights=b_weights, pool=b_pool)
-        matrix = source_cka(store_a, keys_a, data, source, batch_size, seed)
+        matrix = source_cka(store_a, keys_a, data, source, batch_size, seed, forward_batch=forward_batch)
         labels_b, name_b = source.stages, source.description
     else:
         store_b = FeatureStore.open(b) if b else store_a
