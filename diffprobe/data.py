@@ -250,9 +250,12 @@ def unpack_archive(archive: str | Path) -> Path:
     with lock:  # one process unpacks (every torchrun rank asks at once); the others wait, then find the folder
         if fcntl is not None:  # POSIX; elsewhere each process unpacks and the first folder published wins
             fcntl.flock(lock, fcntl.LOCK_EX)
-        if target.is_dir():
-            return target
-        return _unpack(archive, target)
+        try:
+            if target.is_dir():
+                return target
+            return _unpack(archive, target)
+        finally:  # no lock file stays behind; a process that opened it meanwhile just unpacks or finds the folder
+            Path(lock.name).unlink(missing_ok=True)
 
 
 def _unpack(archive: Path, target: Path) -> Path:

@@ -154,3 +154,32 @@ def test_one_process_unpacks_an_archive_the_others_wait(tmp_path, monkeypatch):
     for t in threads:
         t.join()
     assert len(calls) == 1 and len(set(found)) == 1 and (found[0] / "imgs" / "cat" / "a.txt").is_file()
+
+
+def test_a_head_streams_a_store_bigger_than_its_memory_budget(cifar_small, tmp_path, monkeypatch):
+    """Past $DIFFPROBE_MEMORY_BUDGET the rows are read from the store's memory map batch by batch:
+    the same head, the same numbers as in memory."""
+    import json
+
+    import torch
+
+    from diffprobe.features.store import FeatureKey, FeatureStore
+    from diffprobe.probing import rows
+
+    store_dir = tmp_path / "store"
+    assert main(["extract", FIXTURE_SPEC, "--data", str(cifar_small), "--limit", "120", "--blocks", "13", "--t", "90", "--pool", "2",
+                 "--out", str(store_dir)]) == 0  # fmt: skip
+    store = FeatureStore.open(store_dir)
+    key = FeatureKey(90, 13, 2)
+    monkeypatch.setenv("DIFFPROBE_MEMORY_BUDGET", "1K")
+    streamed = rows.load_inputs(store, [key], __import__("numpy").arange(50))[0]
+    assert isinstance(streamed, rows.StoreRows) and streamed.shape == (50, 256)
+    in_memory = torch.from_numpy(store.load(key, __import__("numpy").arange(50)))
+    assert torch.equal(streamed[torch.tensor([7, 3, 3, 49])], in_memory[[7, 3, 3, 49]]) and torch.equal(streamed[10:20], in_memory[10:20])
+    assert all(torch.equal(a, b) for a, b in zip(rows.standardization(streamed), rows.standardization(in_memory)))
+    probe = ["probe", str(store_dir), "--t", "90", "--blocks", "13", "--pool", "2", "--epochs", "3", "--head", "mlp"]
+    assert main(probe + ["--out", str(tmp_path / "streamed")]) == 0
+    monkeypatch.setenv("DIFFPROBE_MEMORY_BUDGET", "1G")
+    assert main(probe + ["--out", str(tmp_path / "in-memory")]) == 0
+    a, b = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("streamed", "in-memory"))
+    assert a["select"] == b["select"] and a["report"] == b["report"]

@@ -62,3 +62,6 @@ class ArrayFeatures:
     def load(self, key: FeatureKey, rows: np.ndarray | None = None) -> np.ndarray:
         array = self.arrays[self.keys.index(key)]
         return array if rows is None else array[rows]
+
+    def open_array(self, key: FeatureKey) -> np.ndarray:
+        return self.arrays[self.keys.index(key)]

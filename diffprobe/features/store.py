@@ -596,6 +596,14 @@ class FeatureStore:
 
     def load(self, key: FeatureKey, rows: np.ndarray | None = None) -> np.ndarray:
         """Features as float32 [rows, dim]; an incomplete or damaged array is an error, never partial data."""
+        data = self.open_array(key)
+        values = np.asarray(data if rows is None else data[rows], dtype=np.float32)
+        check_finite(values, key.t, key.block, key.pool, where=str(self.root))  # stores from before the guard
+        return values
+
+    def open_array(self, key: FeatureKey) -> np.ndarray:
+        """The whole array of a setting, memory-mapped read-only in its stored dtype (nothing read yet);
+        an incomplete or damaged array is an error."""
         array_path, _ = self._paths(key)
         if not array_path.exists():
             have = ", ".join(k.stem for k in self.complete_keys()) or "none"
@@ -605,10 +613,7 @@ class FeatureStore:
         if not self.is_complete(key):
             missing = int((~self.done_chunks(key)).sum())
             raise DiffprobeError(f"{array_path.name} in {self.root} is incomplete ({missing} chunks missing): rerun the extraction to resume it")
-        data = np.load(array_path, mmap_mode="r")
-        values = np.asarray(data if rows is None else data[rows], dtype=np.float32)
-        check_finite(values, key.t, key.block, key.pool, where=str(self.root))  # stores from before the guard
-        return values
+        return np.load(array_path, mmap_mode="r")
 
     def select_keys(self, stems: str | None = None) -> list[FeatureKey]:
         """Settings named like "t0090_b24_p1,t0150_b24_p1" (all complete ones when None), each complete."""

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..errors import DiffprobeError
-from .fastprobe import Standardizer, topk
+from .fastprobe import topk
+from .rows import load_inputs, standardization
 from .heads import build_head, head_options
 from .._io import claim_output, output_dir, output_errors, read_json_object, torch_save, write_json
 from ..features.distributed import join, ranks
@@ -51,16 +52,8 @@ def _lr_at(recipe: Recipe, epoch: float) -> float:
     return 0.5 * recipe.lr * (1 + np.cos(np.pi * (epoch - recipe.warmup_epochs) / span))
 
 
-def load_inputs(store: FeatureStore, keys: Sequence[FeatureKey], rows: np.ndarray | None = None) -> list[torch.Tensor]:
-    return [torch.from_numpy(store.load(k, rows)) for k in keys]
-
-
 def input_shapes(store: FeatureStore, keys: Sequence[FeatureKey]) -> list[tuple[int, int]]:
-    shapes = []
-    for k in keys:
-        dim = store.load(k, np.arange(1)).shape[1]
-        shapes.append((dim // (k.pool * k.pool), k.pool))
-    return shapes
+    return [(int(store.open_array(k).shape[1]) // (k.pool * k.pool), k.pool) for k in keys]
 
 
 class FeatureHead(torch.nn.Module):
@@ -127,10 +120,10 @@ def train_once(store: FeatureStore, keys: Sequence[FeatureKey], head_kind: str, 
     xs_train = load_inputs(store, keys, train_rows)
     xs_val = load_inputs(store, keys, val_rows)
     y_train, y_val = labels[train_rows], labels[val_rows]
-    scalers = [Standardizer(x) for x in xs_train]  # fitted on the clean (centre-crop) training features
+    scalers = [standardization(x) for x in xs_train]  # fitted on the clean (centre-crop) training features
     num_classes = len(store.classes)
     head = build_head(head_kind, input_shapes(store, keys), num_classes, **head_options)
-    model = FeatureHead(head, [s.mean for s in scalers], [s.std for s in scalers], head_kind == "fusion").to(device)
+    model = FeatureHead(head, [m for m, _ in scalers], [s for _, s in scalers], head_kind == "fusion").to(device)
     views = None
     if augmented is not None:
         view_rows = augmented_rows(store, augmented, train_rows)  # [K, n]
