@@ -91,10 +91,10 @@ def cmd_compare_heads(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from ..studies.demo import DEFAULT_CHECKPOINT, HELD_OUT_IMAGES, TRAIN_IMAGES, run_demo
+    from ..studies.demo import HELD_OUT_IMAGES, TRAIN_IMAGES, run_demo
     from ..studies.sweep import describe_summary
 
-    result = run_demo(open_data(args), args.out, args.checkpoint or DEFAULT_CHECKPOINT, limit=TRAIN_IMAGES if args.limit is None else args.limit,
+    result = run_demo(open_data(args), args.out, args.checkpoint, limit=TRAIN_IMAGES if args.limit is None else args.limit,
                       held_out=HELD_OUT_IMAGES if args.held_out is None else args.held_out, blocks=args.blocks,
                       timesteps=args.t, head_epochs=args.head_epochs, samples=args.samples, test_data=open_test_data(args),
                       test_limit=args.test_limit)  # fmt: skip

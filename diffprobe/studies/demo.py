@@ -37,7 +37,26 @@ from ..probing.intervals import Interval, compare, paired_difference
 from .sweep import choose_cell
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CHECKPOINT = PACKAGE_ROOT / "checkpoints" / "diffprobe-cifar10" / "ema.pt"
+CHECKPOINT_PATH = Path("checkpoints") / "diffprobe-cifar10" / "ema.pt"
+
+
+def default_checkpoint() -> Path:
+    """The shipped checkpoint: $DIFFPROBE_CHECKPOINT; else the source tree's checkpoints/ (a clone,
+    an editable install); else where `pip install .` put it (share/diffprobe/ under the
+    environment's prefix, pyproject's data-files). None found is one line saying where it looked."""
+    import os
+    import sys
+
+    if os.environ.get("DIFFPROBE_CHECKPOINT"):
+        return Path(os.environ["DIFFPROBE_CHECKPOINT"])
+    places = [PACKAGE_ROOT / CHECKPOINT_PATH, Path(sys.prefix) / "share" / "diffprobe" / CHECKPOINT_PATH]
+    for place in places:
+        if place.is_file():
+            return place
+    raise DiffprobeError(f"the default checkpoint is in none of {', '.join(map(str, places))}: pass --checkpoint FILE, set "
+                         "$DIFFPROBE_CHECKPOINT, or install diffprobe from its source folder (pip install .)")  # fmt: skip
+
+
 MAP_POOL = 4  # the spatial heads read the block's map average-pooled to 4×4: 16 tokens
 # Images: a stratified 1,500 of the training images, and 600 of the dataset's held-out ones (the
 # checkpoint never trained on them), half selecting and half reporting. A 10% split of one
@@ -60,7 +79,7 @@ DEMO_HEADS: dict[str, dict[str, Any]] = {
 }
 
 
-def run_demo(data: LabeledImages, out: str | Path, checkpoint: str | Path = DEFAULT_CHECKPOINT, limit: int = TRAIN_IMAGES,
+def run_demo(data: LabeledImages, out: str | Path, checkpoint: str | Path | None = None, limit: int = TRAIN_IMAGES,
              held_out: int | None = HELD_OUT_IMAGES,
              blocks: Sequence[int] = (8, 13, 18, 20), timesteps: Sequence[int] = (10, 100),
              heads: Sequence[str] = ("linear", "mlp", "attention", "fusion"), head_epochs: int | None = None,
@@ -69,6 +88,7 @@ def run_demo(data: LabeledImages, out: str | Path, checkpoint: str | Path = DEFA
     from ..generate.sample import sample_grid
     from .sweep import sweep
 
+    checkpoint = default_checkpoint() if checkpoint is None else checkpoint
     if not Path(checkpoint).is_file():
         raise DiffprobeError(f"checkpoint not found: {checkpoint}; pass --checkpoint PATH.pt (an ADM checkpoint with its "
                              "PATH.json flags, e.g. from diffprobe export)")  # fmt: skip
