@@ -7,6 +7,7 @@ import os
 import stat
 
 import pytest
+import torch
 
 from conftest import FIXTURE_SPEC
 from diffprobe import DiffprobeError
@@ -183,3 +184,14 @@ def test_a_head_streams_a_store_bigger_than_its_memory_budget(cifar_small, tmp_p
     assert main(probe + ["--out", str(tmp_path / "in-memory")]) == 0
     a, b = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("streamed", "in-memory"))
     assert a["select"] == b["select"] and a["report"] == b["report"]
+
+
+def test_difeed_mirror_size_message_names_the_valid_blocks(fixture_backbone):
+    from diffprobe.probing.diffeed import DifFeed, mirror
+
+    bb = fixture_backbone
+    bottom = bb.bottleneck_block
+    odd = [b for b in range(bottom + 1, bb.num_blocks + 1) if bb.blocks[b - 1].resolution != bb.blocks[mirror(bb, b) - 1].resolution]
+    assert odd, "the fixture has a decoder block whose mirror differs in size (an upsampling block)"
+    with pytest.raises(DiffprobeError, match=r"differ in size: --feedback-blocks can be [0-9, -]+ on this model"):
+        DifFeed(bb, [odd[0]], bb.num_blocks, 1, torch.nn.Identity())

@@ -24,6 +24,17 @@ def mirror(backbone: Backbone, block: int) -> int:
     return backbone.num_blocks + 1 - block
 
 
+def _ranges(numbers: Sequence[int]) -> str:
+    """[21, 22, 23, 25] -> '21-23, 25'."""
+    parts, start = [], None
+    for i, n in enumerate(numbers):
+        start = n if start is None else start
+        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
+            parts.append(str(start) if start == n else f"{start}-{n}")
+            start = None
+    return ", ".join(parts) or "none"
+
+
 class DifFeed(nn.Module):
     def __init__(self, backbone: Backbone, feedback_blocks: Sequence[int], read_block: int, pool: int, head: nn.Module):
         super().__init__()
@@ -38,8 +49,11 @@ class DifFeed(nn.Module):
                 raise DiffprobeError(f"DifFeed feeds decoder blocks back (after block {bottom}); block {b} is not one")
             src, dst = backbone.blocks[b - 1], backbone.blocks[target - 1]
             if src.resolution != dst.resolution:
+                valid = [d for d in range(bottom + 1, backbone.num_blocks + 1)
+                         if backbone.blocks[d - 1].resolution == backbone.blocks[mirror(backbone, d) - 1].resolution]  # fmt: skip
                 raise DiffprobeError(f"block {b} ({src.resolution}×{src.resolution}) and its mirror {target} "
-                                     f"({dst.resolution}×{dst.resolution}) differ in size")  # fmt: skip
+                                     f"({dst.resolution}×{dst.resolution}) differ in size: --feedback-blocks can be "
+                                     f"{_ranges(valid)} on this model")  # fmt: skip
             adapters[str(b)] = nn.Sequential(nn.Conv2d(src.channels, dst.channels, 1), nn.BatchNorm2d(dst.channels), nn.ReLU())
         self.adapters = nn.ModuleDict(adapters)
         self.feedback_blocks, self.read_block, self.pool, self.head = blocks, read_block, pool, head
