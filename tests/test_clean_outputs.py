@@ -195,3 +195,19 @@ def test_difeed_mirror_size_message_names_the_valid_blocks(fixture_backbone):
     assert odd, "the fixture has a decoder block whose mirror differs in size (an upsampling block)"
     with pytest.raises(DiffprobeError, match=r"differ in size: --feedback-blocks can be [0-9, -]+ on this model"):
         DifFeed(bb, [odd[0]], bb.num_blocks, 1, torch.nn.Identity())
+
+
+def test_every_flag_has_help_and_shows_its_default(capsys):
+    import argparse
+
+    from diffprobe.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {a.option_strings[-1] if a.option_strings else a.dest}" for name, p in sub.choices.items() for a in p._actions
+               if a.help is None and not isinstance(a, argparse._HelpAction)]  # fmt: skip
+    assert not missing
+    with pytest.raises(SystemExit):
+        main(["probe", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "stratified train/selection/report split (default: 0)" in text

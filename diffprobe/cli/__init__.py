@@ -20,6 +20,25 @@ from ..generate import Stopped
 from . import features, generate, probing, studies
 
 
+class HelpWithDefaults(argparse.HelpFormatter):
+    """Help that shows each option's default, unless its text already says it or it has none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        empty = action.default is None or action.default is False or action.default == [] or action.default == argparse.SUPPRESS
+        if not action.option_strings or "default" in text.lower() or empty:  # (0 is a default worth showing: not `in (False, …)`)
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _with_defaults(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = HelpWithDefaults
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _with_defaults(child)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffprobe", description="Diffusion models as image classifiers: extract and probe block features.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -29,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for stage in (features, probing, studies, generate):
         stage.register(sub)
+    _with_defaults(parser)
     return parser
 
 

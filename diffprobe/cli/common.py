@@ -167,8 +167,8 @@ def open_test_data(args: argparse.Namespace):
 # ------------------------------------------------------------------ compute
 def add_compute_args(p: argparse.ArgumentParser, precisions: Sequence[str] = ("auto", "fp32", "bf16", "fp16")) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if a GPU is visible, else cpu), cpu, cuda, cuda:1 ...")
-    p.add_argument("--precision", default="auto", choices=list(precisions))
-    p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--precision", default="auto", choices=list(precisions), help='number format the network runs in (auto: bf16 where this CPU/GPU runs it fast, else fp32)')
+    p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"], help='memory layout for convolutions (auto: where measured faster on this machine)')
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile the network (auto: on for CUDA)")
 
 
@@ -200,7 +200,7 @@ def add_extract_args(p: argparse.ArgumentParser, blocks_required: bool = True) -
     p.add_argument("--limit", type=int, help="a stratified subset of this many images (with --held-out: of the training images)")
     p.add_argument("--held-out", type=int, help="also a stratified subset of this many of the dataset's held-out images "
                    "(--val-fraction, --split-seed), apart from --limit's: more images to select and report on")  # fmt: skip
-    p.add_argument("--subset-seed", type=int, default=0)
+    p.add_argument("--subset-seed", type=int, default=0, help='seed of the stratified --limit/--held-out subset (which images)')
     p.add_argument("--class-label", type=int, help="class to condition on (class-conditional models only)")
     p.add_argument("--batch-size", type=int, default=64, help="images per pass; also the store's chunk size")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored feature dtype")
@@ -212,7 +212,7 @@ def add_extract_args(p: argparse.ArgumentParser, blocks_required: bool = True) -
     p.add_argument("--overwrite", action="store_true", help="discard an existing store at --out")
     p.add_argument("--augment-views", type=int, default=0,
                    help="store K random-resized-crop + flip views per image instead of the centre crop (for probe --augmented-store)")
-    p.add_argument("--augment-seed", type=int, default=0)
+    p.add_argument("--augment-seed", type=int, default=0, help="seed of the augmented views' crops and flips")
 
 
 def extract_options_from(args: argparse.Namespace):
@@ -232,7 +232,7 @@ def add_split_args(p: argparse.ArgumentParser, report: bool = True) -> None:
     (commands that choose and report: probes, sweeps, studies; not pretrain, fid or baselines)."""
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="stratified held-out share of the dataset (the dataset-wide split, also what pretrain leaves out)")
-    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--split-seed", type=int, default=0, help='seed of the stratified train/selection/report split')
     if not report:
         return
     p.add_argument("--report-share", type=float, default=0.5,

@@ -88,7 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("blocks", help="print a backbone's block table (paper numbering for ADM)")
     add_backbone_args(p)
     p.add_argument("--all", action="store_true", help="every module a feature pass runs that gives a map (tappable by path)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help='print machine-readable JSON instead of the table')
     p.set_defaults(func=cmd_blocks)
 
     p = sub.add_parser("presets", help="list the ADM presets (released guided-diffusion checkpoints)")
@@ -106,5 +106,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("store", help="describe a feature store")
-    p.add_argument("store")
+    p.add_argument("store", help='a feature store folder')
     p.set_defaults(func=cmd_store)
