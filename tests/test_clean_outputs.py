@@ -211,3 +211,13 @@ def test_every_flag_has_help_and_shows_its_default(capsys):
         main(["probe", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "stratified train/selection/report split (default: 0)" in text
+
+
+def test_piped_output_is_not_a_stream_of_redraws(cifar_small, tmp_path, capsys):
+    """stderr that is not a terminal (a log file, CI): a bar draws when it starts and ends (and every
+    30 s), not at every batch or postfix."""
+    args = ["extract", FIXTURE_SPEC, "--data", str(cifar_small), "--limit", "120", "--batch-size", "8", "--blocks", "13", "--t", "90",
+            "--out", str(tmp_path / "s")]  # fmt: skip
+    assert main(args) == 0
+    lines = [part for part in capsys.readouterr().err.replace("\n", "\r").split("\r") if "extract" in part and "%|" in part]
+    assert 1 <= len(lines) <= 4, lines  # 15 batches: once at the start, once at the end

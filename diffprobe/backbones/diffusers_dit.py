@@ -21,32 +21,23 @@ from .base import BlockInfo
 from .pipeline_parts import architecture_config, as_int, check_image_size, load_part, prediction_type
 from .diffusers_unet import _schedule
 from .partial import finish_depth, load_transformer
+from .tokens import tokens_to_map, walk_blocks
 from .vae import LatentBackbone, VaeCodec
 
 WHAT = "DiTTransformer2DModel"
-
-
-def _to_map(tokens: torch.Tensor, side: int) -> torch.Tensor:
-    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
 
 
 def _run(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, wanted: tuple[int, ...],
          out: dict | None = None) -> dict[int, torch.Tensor]:  # fmt: skip
     """DiTTransformer2DModel.forward up to the deepest wanted block, each wanted block as a map."""
     side = x.shape[-1] // model.config.patch_size
-    last = max(wanted)
     out = {} if out is None else out
     h = model.pos_embed(x)
     if 1 in wanted:
-        out[1] = _to_map(h, side)
-    for index, block in enumerate(model.transformer_blocks, start=2):
-        if index > last:
-            break
-        h = block(h, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None, timestep=t,
-                  cross_attention_kwargs=None, class_labels=y)  # fmt: skip
-        if index in wanted:
-            out[index] = _to_map(h, side)
-    return out
+        out[1] = tokens_to_map(h, side)
+    return walk_blocks(model.transformer_blocks, h, wanted, out, side,
+                       lambda block, h: block(h, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                                              timestep=t, cross_attention_kwargs=None, class_labels=y))  # fmt: skip
 
 
 class DiTBackbone(LatentBackbone):

@@ -31,6 +31,7 @@ from .pipeline_parts import architecture_config, as_int, check_image_size, check
 from .diffusers_sd3 import flow_schedule
 from .partial import finish_depth, load_transformer
 from .prompt_cache import cached_prompt
+from .tokens import tokens_to_map
 from .vae import LatentBackbone, VaeCodec
 
 WHAT = "FluxTransformer2DModel"
@@ -57,10 +58,6 @@ def image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype)
     ids[..., 1] += torch.arange(height // 2)[:, None]
     ids[..., 2] += torch.arange(width // 2)[None, :]
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
-
-
-def _to_map(tokens: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], rows, cols)
 
 
 class FluxBackbone(LatentBackbone):
@@ -100,7 +97,7 @@ class FluxBackbone(LatentBackbone):
         h = model.x_embedder(pack(x))
         out = {} if out is None else out
         if 1 in wanted:
-            out[1] = _to_map(h, rows, cols)
+            out[1] = tokens_to_map(h, rows, cols)
         if last == 1:
             return out
         timestep = inputs["timestep"] * 1000  # as forward scales them
@@ -117,7 +114,7 @@ class FluxBackbone(LatentBackbone):
             context, h = block(hidden_states=h, encoder_hidden_states=context, temb=temb, image_rotary_emb=rotary,
                                joint_attention_kwargs=None)  # fmt: skip
             if index in wanted:
-                out[index] = _to_map(h, rows, cols)
+                out[index] = tokens_to_map(h, rows, cols)
         return out
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:

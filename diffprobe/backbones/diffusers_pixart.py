@@ -27,14 +27,11 @@ from .partial import finish_depth, load_transformer
 from .pipeline_parts import (architecture_config, as_int, check_image_size, check_prompt_model_options, hub_json, load_part,
                              no_transformers_bars, prediction_type, read_json)  # fmt: skip
 from .prompt_cache import cached_prompt
+from .tokens import tokens_to_map, walk_blocks
 from .vae import LatentBackbone, VaeCodec
 
 WHAT = "PixArtTransformer2DModel"
 SEQUENCE = {"PixArtSigmaPipeline": 300, "PixArtAlphaPipeline": 120}  # each pipeline's max_sequence_length default
-
-
-def _to_map(tokens: torch.Tensor, side: int) -> torch.Tensor:
-    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
 
 
 class PixArtBackbone(LatentBackbone):
@@ -70,21 +67,16 @@ class PixArtBackbone(LatentBackbone):
         out = {} if out is None else out
         h = model.pos_embed(x)
         if 1 in wanted:
-            out[1] = _to_map(h, side)
+            out[1] = tokens_to_map(h, side)
         if last == 1:
             return out
         timestep, _ = model.adaln_single(t, self._conditions(x), batch_size=batch, hidden_dtype=h.dtype)
         context = self.prompt_embeds.to(x.device, x.dtype).expand(batch, -1, -1)
         context = model.caption_projection(context).view(batch, -1, h.shape[-1])
         bias = self._mask_bias(x)
-        for index, block in enumerate(model.transformer_blocks, start=2):
-            if index > last:
-                break
-            h = block(h, attention_mask=None, encoder_hidden_states=context, encoder_attention_mask=bias, timestep=timestep,
-                      cross_attention_kwargs=None, class_labels=None)  # fmt: skip
-            if index in wanted:
-                out[index] = _to_map(h, side)
-        return out
+        return walk_blocks(model.transformer_blocks, h, wanted, out, side,
+                           lambda block, h: block(h, attention_mask=None, encoder_hidden_states=context, encoder_attention_mask=bias,
+                                                  timestep=timestep, cross_attention_kwargs=None, class_labels=None))  # fmt: skip
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The raw output: ε and, with learned σ (out_channels = 2·in), the variance channels."""

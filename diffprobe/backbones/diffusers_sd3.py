@@ -29,16 +29,13 @@ from ..features.noise import FlowSchedule
 from .base import BlockInfo
 from .partial import finish_depth, load_transformer
 from .prompt_cache import cached_prompt
+from .tokens import tokens_to_map
 from .pipeline_parts import architecture_config, as_int, check_image_size, check_prompt_model_options, load_part, no_transformers_bars, read_scheduler_config
 from .vae import LatentBackbone, VaeCodec
 
 WHAT = "SD3Transformer2DModel"
 SHIFT_KEYS = ("shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
 MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default T5 length
-
-
-def _to_map(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], height, width)
 
 
 def _run(model: nn.Module, x: torch.Tensor, t: torch.Tensor, prompt: torch.Tensor, pooled: torch.Tensor,
@@ -50,7 +47,7 @@ def _run(model: nn.Module, x: torch.Tensor, t: torch.Tensor, prompt: torch.Tenso
     out = {} if out is None else out
     h = model.pos_embed(x).contiguous()
     if 1 in wanted:
-        out[1] = _to_map(h, height, width)
+        out[1] = tokens_to_map(h, height, width)
     if last == 1:
         return out
     batch = x.shape[0]
@@ -61,7 +58,7 @@ def _run(model: nn.Module, x: torch.Tensor, t: torch.Tensor, prompt: torch.Tenso
             break
         context, h = block(hidden_states=h, encoder_hidden_states=context, temb=temb, joint_attention_kwargs=None)
         if index in wanted:
-            out[index] = _to_map(h, height, width)
+            out[index] = tokens_to_map(h, height, width)
     return out
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import DiffprobeError
+from .tokens import tokens_to_map
 
 if TYPE_CHECKING:
     from .base import Backbone
@@ -277,8 +278,8 @@ def as_map(output: Any, info: TapInfo) -> torch.Tensor:
         return tensor
     side = info.resolution
     if tensor.shape[1] == side * side and tensor.shape[2] == info.channels:  # [B, N, D] image tokens
-        tensor = tensor.transpose(1, 2)
-    return tensor.reshape(tensor.shape[0], info.channels, side, side)
+        return tokens_to_map(tensor, side)
+    return tensor.reshape(tensor.shape[0], info.channels, side, side)  # guided-diffusion's [B, C, N]
 
 
 class TapHooks:

@@ -82,15 +82,20 @@ def console(quiet: bool, verbose: bool):
         if quiet:
             k["disable"] = True
         elif piped:
-            k.setdefault("mininterval", 30.0)
-            k.setdefault("maxinterval", 60.0)
+            k["mininterval"] = max(k.get("mininterval", 0.1), 30.0)
+            k["maxinterval"] = max(k.get("maxinterval", 10.0), 60.0)
         original(self, *a, **k)
 
-    tqdm.std.tqdm.__init__ = init
+    postfix = tqdm.std.tqdm.set_postfix
+
+    def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):  # a new postfix redraws at once: not in a log file
+        return postfix(self, ordered_dict, refresh=refresh and not piped, **kwargs)
+
+    tqdm.std.tqdm.__init__, tqdm.std.tqdm.set_postfix = init, set_postfix
     try:
         yield
     finally:
-        tqdm.std.tqdm.__init__ = original
+        tqdm.std.tqdm.__init__, tqdm.std.tqdm.set_postfix = original, postfix
         root.setLevel(root_level)
 
 
