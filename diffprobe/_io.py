@@ -177,7 +177,13 @@ def temp_sibling_dir(final: str | Path, tag: str) -> Path:
 
 
 def current_umask() -> int:
-    """The process's umask (os.umask can only be read by setting it; set straight back)."""
+    """The process's umask. Linux reports it in /proc/self/status; elsewhere os.umask can only read it
+    by setting it (set straight back), which other threads creating files at that instant would see."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

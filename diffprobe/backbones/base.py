@@ -146,12 +146,12 @@ class Backbone(nn.Module):
                 f"block {bad[0]} is out of range: this {self.family} model has blocks 1..{self.num_blocks} "
                 f"(see `diffprobe blocks {self.source}`)"
             )
-        paths = sorted((self.tap_info(p) for p in chosen if isinstance(p, str)), key=lambda info: info.index)
-        deepest = max(numbers + [self.tap_block(p.name) for p in paths])
+        paths = sorted(self.tap_infos([p for p in chosen if isinstance(p, str)]), key=lambda info: info.order)
+        deepest = max(numbers + [info.block for info in paths])
         if self.loaded_to is not None and deepest > self.loaded_to:
             raise DiffprobeError(f"block {deepest} is deeper than this backbone may read (up_to_block={self.loaded_to}): "
                                  f"load it with up_to_block={deepest} or more, or without it")  # fmt: skip
-        return numbers + [p.name for p in paths]
+        return numbers + [info.path for info in paths]
 
     # -- taps: any module by path (backbones/taps.py) ---------------------------------------------
     def tap_table(self) -> dict[str, Any]:
@@ -199,27 +199,26 @@ class Backbone(nn.Module):
             t_tensor = t_tensor.expand(x_t.shape[0])
         self.schedule.check_timesteps(sorted(set(t_tensor.tolist())))
         numbers = [b for b in wanted if isinstance(b, int)]
-        paths = [b for b in wanted if isinstance(b, str)]
-        deepest = max(numbers + [self.tap_block(p) for p in paths])
+        infos = self.tap_infos([b for b in wanted if isinstance(b, str)])  # the module paths, checked once a pass
+        deepest = max(numbers + [info.block for info in infos])
         if self.lazy is not None:  # blocks not read yet come off the disk now, outside any compiled code
             self.lazy.read_to(self.model, deepest)
         if inject:
             if not self.supports_feedback:
                 raise DiffprobeError(f"feeding features back (DifFeed) is implemented for ADM U-Nets; {self.family} backbones do not support it")
-            if paths:
+            if infos:
                 raise DiffprobeError("DifFeed reads block numbers, not module paths")
             return self.run(x_t, t_tensor, y, tuple(wanted), inject)
-        if not paths:
+        if not infos:
             return (self._run or self.run)(x_t, t_tensor, y, tuple(wanted))
-        return self._run_with_taps(x_t, t_tensor, y, numbers, paths, deepest)
+        return self._run_with_taps(x_t, t_tensor, y, numbers, infos, deepest)
 
     def _run_with_taps(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, numbers: list[int],
-                       paths: list[str], deepest: int) -> dict[int | str, torch.Tensor]:  # fmt: skip
+                       infos: list[Any], deepest: int) -> dict[int | str, torch.Tensor]:  # fmt: skip
         """One eager pass with hooks on the tapped modules (hooks and compiled code do not mix). It
         ends at the last tap when no block number asked for lies deeper, so nothing after it runs."""
         from .taps import StopPass, TapHooks
 
-        infos = self.tap_infos(paths)
         stop = max(info.block for info in infos) > max(numbers, default=0)
         out: dict[int | str, torch.Tensor] = {}
         with TapHooks(self.model, infos, stop) as hooks:
@@ -228,7 +227,7 @@ class Backbone(nn.Module):
             except StopPass:
                 pass
         result: dict[int | str, torch.Tensor] = {b: out[b] for b in numbers}
-        result.update((p, hooks.maps[p]) for p in paths)
+        result.update((info.path, hooks.maps[info.path]) for info in infos)
         return result
 
     def forward_intermediates(self, x_t: torch.Tensor, t: int | torch.Tensor, indices: Iterable[int] | str,

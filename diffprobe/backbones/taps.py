@@ -45,6 +45,7 @@ class TapInfo:
     channels: int = 0
     resolution: int = 0
     key_tokens: int | None = None  # an attention module's encoder_hidden_states length (cross-attention); None: self
+    attention: str | None = None  # "one sequence" (diffusers Attention, self or cross), "joint" (text and image streams), None
     probs: bool = False  # the tap is PATH+probs: the module's attention probabilities, averaged over heads
 
     @property
@@ -117,9 +118,9 @@ def weightless_copy(backbone: "Backbone") -> "Backbone":
     return twin.to("meta")
 
 
-def _meta_pass(backbone: "Backbone", longer_prompt: bool) -> tuple[list[str], dict[str, list[tuple[int, ...]]], dict[int, int], dict[str, int], dict[str, int]]:
+def _meta_pass(backbone: "Backbone", longer_prompt: bool) -> tuple[list[str], dict[str, list[tuple[int, ...]]], dict[int, int], dict[str, int], dict[str, int], dict[str, str | None]]:
     """(modules in the order they first run, each one's output shapes, {block: modules run when it
-    finished}, how often each ran, the context length each got) from a pass through every block on a weightless copy. longer_prompt: every encoded
+    finished}, how often each ran, the context length each got, which are attention modules) from a pass through every block on a weightless copy. longer_prompt: every encoded
     prompt one token longer, so outputs shaped by the prompt show themselves."""
     twin = weightless_copy(backbone)
     if longer_prompt:
@@ -148,6 +149,7 @@ def _meta_pass(backbone: "Backbone", longer_prompt: bool) -> tuple[list[str], di
         return hook
 
     handles = [m.register_forward_hook(record(name), with_kwargs=True) for name, m in twin.model.named_modules() if name]
+    attention = {name: _attention_kind(m) for name, m in twin.model.named_modules() if name}
     blocks = _BlockRecorder(calls)
     x = torch.zeros(1, *backbone.model_shape, device="meta")
     t = torch.full((1,), backbone.schedule.num_train_timesteps // 2, device="meta")
@@ -159,13 +161,20 @@ def _meta_pass(backbone: "Backbone", longer_prompt: bool) -> tuple[list[str], di
     finally:
         for h in handles:
             h.remove()
-    return calls, outputs, blocks.done_at, runs, keys
+    return calls, outputs, blocks.done_at, runs, keys, attention
+
+
+def _attention_kind(module: nn.Module) -> str | None:
+    if not (hasattr(module, "to_q") and hasattr(module, "to_k") and hasattr(module, "heads")):
+        return None
+    joint = getattr(module, "add_q_proj", None) is not None or getattr(module, "spatial_norm", None) is not None
+    return "joint" if joint else "one sequence"
 
 
 def build_table(backbone: "Backbone") -> dict[str, TapInfo]:
     """Every module that runs in a feature pass through the last block, in execution order, with
     its output and block; from two passes on the meta device (the second with a longer prompt)."""
-    calls, outputs, done_at, runs, keys = _meta_pass(backbone, longer_prompt=False)
+    calls, outputs, done_at, runs, keys, attention = _meta_pass(backbone, longer_prompt=False)
     prompted = any(b.ndim == 3 for b in backbone.buffers(recurse=False))
     longer = _meta_pass(backbone, longer_prompt=True)[1] if prompted else outputs
     image_tokens = {b.resolution**2 for b in backbone.blocks}
@@ -190,7 +199,7 @@ def build_table(backbone: "Backbone") -> dict[str, TapInfo]:
                 channels, resolution = s[2], math.isqrt(s[1])
             else:
                 channels, resolution = s[1], math.isqrt(s[2])
-        table[name] = TapInfo(name, order, block, tuple(shapes), element, runs[name], channels, resolution, keys.get(name))
+        table[name] = TapInfo(name, order, block, tuple(shapes), element, runs[name], channels, resolution, keys.get(name), attention[name])
     return table
 
 
@@ -225,22 +234,14 @@ def check_path(backbone: "Backbone", path: str, table: dict[str, TapInfo]) -> Ta
 
 def _check_probs(backbone: "Backbone", path: str, table: dict[str, TapInfo]) -> TapInfo:
     base = check_path(backbone, path[: -len(PROBS)], table)
-    module = _module_of(backbone, base.path)
-    if not (hasattr(module, "to_q") and hasattr(module, "to_k") and hasattr(module, "heads")):
-        raise DiffprobeError(f"{path}: {base.path} is a {type(module).__name__}, not an attention module (diffusers' Attention)")
-    if getattr(module, "add_q_proj", None) is not None or getattr(module, "spatial_norm", None) is not None or len(base.shape[base.element]) != 3:
+    if base.attention is None:
+        raise DiffprobeError(f"{path}: {base.path} is not an attention module (diffusers' Attention)")
+    if base.attention == "joint" or len(base.shape[base.element]) != 3:
         raise DiffprobeError(f"{path}: +probs reads attention over one token sequence (self- or cross-attention); "
                              f"{base.path} mixes text and image streams or runs on maps: tap its output instead")  # fmt: skip
     keys = base.key_tokens or base.resolution**2
-    return TapInfo(path, base.order, base.block, base.shape, base.element, base.runs, keys, base.resolution, base.key_tokens, probs=True)
-
-
-def _module_of(backbone: "Backbone", path: str) -> nn.Module:
-    """The module at `path`, also where a lazily read block is not read yet (its waiting copy)."""
-    try:
-        return backbone.model.get_submodule(path)
-    except AttributeError:
-        return weightless_copy(backbone).model.get_submodule(path)
+    return TapInfo(path, base.order, base.block, base.shape, base.element, base.runs, keys, base.resolution, base.key_tokens,
+                   base.attention, probs=True)  # fmt: skip
 
 
 def attention_probs(attn: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:

@@ -66,7 +66,7 @@ class StoreRows:
         return StoreRows(self.store, self.key, self.rows, device)
 
     def __getitem__(self, index: Any) -> torch.Tensor:
-        positions = np.arange(len(self.rows))[index] if isinstance(index, slice) else torch.as_tensor(index).cpu().numpy()
+        positions = np.arange(*index.indices(len(self.rows))) if isinstance(index, slice) else torch.as_tensor(index).cpu().numpy()
         wanted = self.rows[positions]
         order = np.argsort(wanted, kind="stable")  # reads in file order; the batch keeps its own order
         values = np.empty((len(wanted), self.shape[1]), dtype=np.float32)
