@@ -177,7 +177,9 @@ class Backbone(nn.Module):
         return self.tap_infos([path])[0].block
 
     def tap_infos(self, paths: list[str]) -> list[Any]:
-        """taps.TapInfo of each module path (checked)."""
+        """taps.TapInfo of each module path (checked); block numbers alone never build the module table."""
+        if not paths:
+            return []
         from .taps import check_path
 
         table = self.tap_table()
