@@ -21,7 +21,7 @@ from .base import BlockInfo
 from .pipeline_parts import architecture_config, as_int, check_image_size, load_part, prediction_type
 from .diffusers_unet import _schedule
 from .partial import finish_depth, load_transformer
-from .tokens import tokens_to_map, walk_blocks
+from .tokens import stacked_blocks, tokens_to_map, walk_blocks
 from .vae import LatentBackbone, VaeCodec
 
 WHAT = "DiTTransformer2DModel"
@@ -117,12 +117,10 @@ def load_dit(target: str, local: bool, device: str | torch.device = "cpu", class
     sched = _schedule(target, local, schedule, steps)
     side = size // codec.factor // cfg.patch_size
     width = cfg.num_attention_heads * cfg.attention_head_dim
-    blocks = [BlockInfo(1, "pos_embed", width, side)]
-    blocks += [BlockInfo(i + 2, f"transformer_blocks.{i}", width, side) for i in range(cfg.num_layers)]
+    blocks = stacked_blocks("pos_embed", [("transformer_blocks", cfg.num_layers)], width, side)
     config = architecture_config(model)
     config.update(noise_schedule=sched.name, class_label=label, null_class=null, image_size=size,
-                  vae={"class": type(codec.vae).__name__, "scaling_factor": codec.scaling_factor,
-                       "shift_factor": codec.shift_factor, "encoding": "posterior mean"})  # fmt: skip
+                  vae=codec.describe())  # fmt: skip
     backbone = DiTBackbone(model, codec, label, blocks, size, sched, config, source=f"diffusers:{target}")
     backbone.prediction_type = config["prediction_type"] = prediction_type(target, local)
     finish_depth(backbone, lazy, deepest)

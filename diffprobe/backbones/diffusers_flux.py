@@ -19,7 +19,6 @@ guidance scale 3.5 (`guidance=...`), and is refused for models without one (schn
 
 from __future__ import annotations
 
-import gc
 from typing import Any
 
 import torch
@@ -27,11 +26,11 @@ from torch import nn
 
 from ..errors import DiffprobeError
 from .base import BlockInfo
-from .pipeline_parts import architecture_config, as_int, check_image_size, check_prompt_model_options, load_part, no_transformers_bars
+from .pipeline_parts import architecture_config, as_int, check_image_size, check_prompt_model_options, load_part
 from .diffusers_sd3 import flow_schedule
 from .partial import finish_depth, load_transformer
-from .prompt_cache import cached_prompt
-from .tokens import tokens_to_map
+from .prompt_cache import encoded_prompt
+from .tokens import stacked_blocks, tokens_to_map
 from .vae import LatentBackbone, VaeCodec
 
 WHAT = "FluxTransformer2DModel"
@@ -144,18 +143,15 @@ def encode_prompt(target: str, local: bool, prompt: str) -> tuple[torch.Tensor, 
     from diffusers import FluxPipeline
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-    with no_transformers_bars():
-        parts = {"text_encoder": load_part(CLIPTextModel, target, local, "text_encoder", WHAT),
-                 "tokenizer": load_part(CLIPTokenizer, target, local, "tokenizer", WHAT),
-                 "text_encoder_2": load_part(T5EncoderModel, target, local, "text_encoder_2", WHAT),
-                 "tokenizer_2": load_part(T5TokenizerFast, target, local, "tokenizer_2", WHAT)}  # fmt: skip
-    pipe = FluxPipeline(transformer=None, scheduler=None, vae=None, **parts)
-    with torch.no_grad():
+    def encode(parts: dict) -> dict[str, torch.Tensor]:
+        pipe = FluxPipeline(transformer=None, scheduler=None, vae=None, **parts)
         embeds, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=torch.device("cpu"),
                                                max_sequence_length=MAX_SEQUENCE_LENGTH)  # fmt: skip
-    del pipe, parts
-    gc.collect()  # the text encoders are not needed again: their memory goes back now
-    return embeds.float(), pooled.float()
+        return {"embeds": embeds.float(), "pooled": pooled.float()}
+
+    parts = {"text_encoder": CLIPTextModel, "tokenizer": CLIPTokenizer, "text_encoder_2": T5EncoderModel, "tokenizer_2": T5TokenizerFast}
+    encoded = encoded_prompt(target, local, WHAT, parts, {"family": "flux", "prompt": prompt, "tokens": MAX_SEQUENCE_LENGTH}, encode)
+    return encoded["embeds"], encoded["pooled"]
 
 
 def load_flux(target: str, local: bool, device: str | torch.device = "cpu", prompt: str = "", guidance: Any = None,
@@ -181,22 +177,17 @@ def load_flux(target: str, local: bool, device: str | torch.device = "cpu", prom
         scale = None
     steps = as_int(num_train_timesteps, "num_train_timesteps") if num_train_timesteps is not None else None
     schedule = flow_schedule(target, local, steps, WHAT)
-    subs = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
-    encoded = cached_prompt(target, local, subs, {"family": "flux", "prompt": str(prompt), "tokens": MAX_SEQUENCE_LENGTH},
-                            lambda: dict(zip(("embeds", "pooled"), encode_prompt(target, local, str(prompt)))))
-    embeds, pooled = encoded["embeds"], encoded["pooled"]
+    embeds, pooled = encode_prompt(target, local, str(prompt))
     native = DEFAULT_LATENT_SIDE * codec.factor  # FluxPipeline's default size: 1024 px at VAE factor 8
     size = check_image_size(image_size, native, codec.factor * 2, "FLUX (VAE factor × 2×2 packing)")
     side = size // codec.factor // 2
     width = cfg.num_attention_heads * cfg.attention_head_dim
-    blocks = [BlockInfo(1, "x_embedder", width, side)]
-    blocks += [BlockInfo(i + 2, f"transformer_blocks.{i}", width, side) for i in range(cfg.num_layers)]
-    blocks += [BlockInfo(i + 2 + cfg.num_layers, f"single_transformer_blocks.{i}", width, side) for i in range(cfg.num_single_layers)]
+    blocks = stacked_blocks("x_embedder", [("transformer_blocks", cfg.num_layers), ("single_transformer_blocks", cfg.num_single_layers)],
+                            width, side)  # fmt: skip
     config = architecture_config(model)
     config.update(noise_schedule=schedule.name, parameterization="flow", sampling=schedule.sampling, prompt=str(prompt),
                   guidance=scale, image_size=size, prediction_type="flow (velocity ε − x0)",
-                  vae={"class": type(codec.vae).__name__, "scaling_factor": codec.scaling_factor,
-                       "shift_factor": codec.shift_factor, "encoding": "posterior mean"})  # fmt: skip
+                  vae=codec.describe())  # fmt: skip
     backbone = FluxBackbone(model, codec, embeds, pooled, scale, blocks, size, schedule, config, source=f"diffusers:{target}")
     backbone.prediction_type = "flow"
     finish_depth(backbone, lazy, deepest)

@@ -13,7 +13,6 @@ tokens as maps [B, D, H/p, W/p]. DDPM-trained: ᾱ from the pipeline's scheduler
 
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +24,9 @@ from .base import BlockInfo
 from .diffusers_unet import _schedule
 from .partial import finish_depth, load_transformer
 from .pipeline_parts import (architecture_config, as_int, check_image_size, check_prompt_model_options, hub_json, load_part,
-                             no_transformers_bars, prediction_type, read_json)  # fmt: skip
-from .prompt_cache import cached_prompt
-from .tokens import tokens_to_map, walk_blocks
+                             prediction_type, read_json)  # fmt: skip
+from .prompt_cache import encoded_prompt
+from .tokens import stacked_blocks, tokens_to_map, walk_blocks
 from .vae import LatentBackbone, VaeCodec
 
 WHAT = "PixArtTransformer2DModel"
@@ -120,16 +119,15 @@ def encode_prompt(target: str, local: bool, prompt: str, pipeline: str, tokens: 
     import diffusers
     from transformers import AutoTokenizer, T5EncoderModel
 
-    with no_transformers_bars():
-        parts = {"text_encoder": load_part(T5EncoderModel, target, local, "text_encoder", WHAT),
-                 "tokenizer": load_part(AutoTokenizer, target, local, "tokenizer", WHAT)}  # fmt: skip
-    pipe = getattr(diffusers, pipeline)(vae=None, transformer=None, scheduler=None, **parts)
-    with torch.no_grad():
+    def encode(parts: dict) -> dict[str, torch.Tensor]:
+        pipe = getattr(diffusers, pipeline)(vae=None, transformer=None, scheduler=None, **parts)
         embeds, mask, _, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, device=torch.device("cpu"),
                                                 clean_caption=False, max_sequence_length=tokens)  # fmt: skip
-    del pipe, parts
-    gc.collect()  # the text encoder is not needed again: its memory goes back now
-    return embeds.float(), mask.long()
+        return {"embeds": embeds.float(), "mask": mask.long()}
+
+    settings = {"family": "pixart", "prompt": prompt, "pipeline": pipeline, "tokens": tokens}
+    encoded = encoded_prompt(target, local, WHAT, {"text_encoder": T5EncoderModel, "tokenizer": AutoTokenizer}, settings, encode)
+    return encoded["embeds"], encoded["mask"]
 
 
 def load_pixart(target: str, local: bool, device: str | torch.device = "cpu", prompt: str = "", image_size: Any = None,
@@ -148,22 +146,18 @@ def load_pixart(target: str, local: bool, device: str | torch.device = "cpu", pr
         raise DiffprobeError(f"the transformer takes {cfg.in_channels} input channels but the VAE gives {codec.latent_channels}")
     pipeline = pipeline_class(target, local)
     tokens = as_int(max_sequence_length, "max_sequence_length") if max_sequence_length is not None else SEQUENCE[pipeline]
-    settings = {"family": "pixart", "prompt": str(prompt), "pipeline": pipeline, "tokens": tokens}
-    encoded = cached_prompt(target, local, ["text_encoder", "tokenizer"], settings,
-                            lambda: dict(zip(("embeds", "mask"), encode_prompt(target, local, str(prompt), pipeline, tokens))))  # fmt: skip
+    embeds, mask = encode_prompt(target, local, str(prompt), pipeline, tokens)
     size = check_image_size(image_size, cfg.sample_size * codec.factor, codec.factor * cfg.patch_size, "PixArt (VAE factor × patch size)")
     steps = as_int(num_train_timesteps, "num_train_timesteps") if num_train_timesteps is not None else None
     sched = _schedule(target, local, schedule, steps)
     side = size // codec.factor // cfg.patch_size
     width = cfg.num_attention_heads * cfg.attention_head_dim
-    blocks = [BlockInfo(1, "pos_embed", width, side)]
-    blocks += [BlockInfo(i + 2, f"transformer_blocks.{i}", width, side) for i in range(cfg.num_layers)]
+    blocks = stacked_blocks("pos_embed", [("transformer_blocks", cfg.num_layers)], width, side)
     config = architecture_config(model)
     config.update(noise_schedule=sched.name, prompt=str(prompt), pipeline=pipeline, max_sequence_length=tokens, image_size=size,
                   additional_conditions=bool(model.use_additional_conditions),
-                  vae={"class": type(codec.vae).__name__, "scaling_factor": codec.scaling_factor,
-                       "shift_factor": codec.shift_factor, "encoding": "posterior mean"})  # fmt: skip
-    backbone = PixArtBackbone(model, codec, encoded["embeds"], encoded["mask"], blocks, size, sched, config, source=f"diffusers:{target}")
+                  vae=codec.describe())  # fmt: skip
+    backbone = PixArtBackbone(model, codec, embeds, mask, blocks, size, sched, config, source=f"diffusers:{target}")
     backbone.prediction_type = config["prediction_type"] = prediction_type(target, local)
     finish_depth(backbone, lazy, deepest)
     return backbone.to(device)

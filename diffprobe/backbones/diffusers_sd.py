@@ -20,9 +20,9 @@ from torch import nn
 
 from ..errors import DiffprobeError
 from .base import BlockInfo
-from .pipeline_parts import architecture_config, as_int, check_image_size, check_prompt_model_options, load_part, no_transformers_bars, prediction_type
+from .pipeline_parts import architecture_config, as_int, check_image_size, check_prompt_model_options, load_part, prediction_type
 from .diffusers_unet import _schedule, _units, walk_units
-from .prompt_cache import cached_prompt
+from .prompt_cache import encoded_prompt
 from .vae import LatentBackbone, VaeCodec
 
 SUPPORTED_DOWN = ("DownBlock2D", "CrossAttnDownBlock2D")
@@ -120,16 +120,18 @@ class StableDiffusionBackbone(LatentBackbone):
 
 
 def encode_prompt(target: str, local: bool, prompt: str) -> torch.Tensor:
-    """The CLIP text encoder's last hidden state for `prompt`, padded to the tokenizer's length, [1, L, D]."""
+    """The CLIP text encoder's last hidden state for `prompt`, padded to the tokenizer's length, [1, L, D]
+    (cached: prompt_cache.py)."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    with no_transformers_bars():
-        tokenizer = load_part(CLIPTokenizer, target, local, "tokenizer", WHAT)
-        encoder = load_part(CLIPTextModel, target, local, "text_encoder", WHAT).eval()
-    tokens = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
-    mask = tokens.attention_mask if getattr(encoder.config, "use_attention_mask", False) else None
-    with torch.no_grad():
-        return encoder(tokens.input_ids, attention_mask=mask)[0].float()
+    def encode(parts: dict) -> dict[str, torch.Tensor]:
+        tokenizer, encoder = parts["tokenizer"], parts["text_encoder"].eval()
+        tokens = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
+        mask = tokens.attention_mask if getattr(encoder.config, "use_attention_mask", False) else None
+        return {"context": encoder(tokens.input_ids, attention_mask=mask)[0].float()}
+
+    parts = {"text_encoder": CLIPTextModel, "tokenizer": CLIPTokenizer}
+    return encoded_prompt(target, local, WHAT, parts, {"family": "sd", "prompt": prompt}, encode)["context"]
 
 
 def load_stable_diffusion(target: str, local: bool, device: str | torch.device = "cpu", prompt: str = "",
@@ -141,8 +143,7 @@ def load_stable_diffusion(target: str, local: bool, device: str | torch.device =
     unet = load_part(UNet2DConditionModel, target, local, "unet", WHAT, low_cpu_mem_usage=False)
     codec = VaeCodec(load_part(AutoencoderKL, target, local, "vae", WHAT, low_cpu_mem_usage=False))
     _check_supported(unet, codec.latent_channels)
-    context = cached_prompt(target, local, ["text_encoder", "tokenizer"], {"family": "sd", "prompt": str(prompt)},
-                            lambda: {"context": encode_prompt(target, local, str(prompt))})["context"]
+    context = encode_prompt(target, local, str(prompt))
     units = _units(unet)
     downsamplers = sum(1 for name, _ in units if ".downsamplers." in name)
     sample = unet.config.sample_size if isinstance(unet.config.sample_size, int) else unet.config.sample_size[0]
@@ -152,8 +153,7 @@ def load_stable_diffusion(target: str, local: bool, device: str | torch.device =
     blocks = meta_blocks(unet, units, size // codec.factor, context.shape)
     config = architecture_config(unet)
     config.update(noise_schedule=sched.name, prompt=str(prompt), image_size=size,
-                  vae={"class": type(codec.vae).__name__, "scaling_factor": codec.scaling_factor,
-                       "shift_factor": codec.shift_factor, "encoding": "posterior mean"})  # fmt: skip
+                  vae=codec.describe())  # fmt: skip
     backbone = StableDiffusionBackbone(unet, codec, context, blocks, size, sched, config, source=f"diffusers:{target}")
     backbone.prediction_type = config["prediction_type"] = prediction_type(target, local)
     return backbone.to(device)

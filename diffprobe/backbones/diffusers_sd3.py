@@ -18,7 +18,6 @@ parameters. The encoded prompt is part of the backbone's fingerprint.
 
 from __future__ import annotations
 
-import gc
 from typing import Any
 
 import torch
@@ -28,9 +27,9 @@ from ..errors import DiffprobeError
 from ..features.noise import FlowSchedule
 from .base import BlockInfo
 from .partial import finish_depth, load_transformer
-from .prompt_cache import cached_prompt
-from .tokens import tokens_to_map
-from .pipeline_parts import architecture_config, as_int, check_image_size, check_prompt_model_options, load_part, no_transformers_bars, read_scheduler_config
+from .prompt_cache import encoded_prompt
+from .tokens import stacked_blocks, tokens_to_map
+from .pipeline_parts import architecture_config, as_int, check_image_size, check_prompt_model_options, load_part, read_scheduler_config
 from .vae import LatentBackbone, VaeCodec
 
 WHAT = "SD3Transformer2DModel"
@@ -123,20 +122,17 @@ def encode_prompt(target: str, local: bool, prompt: str, t5: bool, transformer: 
     from diffusers import StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-    with no_transformers_bars():
-        parts = {"text_encoder": load_part(CLIPTextModelWithProjection, target, local, "text_encoder", WHAT),
-                 "tokenizer": load_part(CLIPTokenizer, target, local, "tokenizer", WHAT),
-                 "text_encoder_2": load_part(CLIPTextModelWithProjection, target, local, "text_encoder_2", WHAT),
-                 "tokenizer_2": load_part(CLIPTokenizer, target, local, "tokenizer_2", WHAT),
-                 "text_encoder_3": load_part(T5EncoderModel, target, local, "text_encoder_3", WHAT) if t5 else None,
-                 "tokenizer_3": load_part(T5TokenizerFast, target, local, "tokenizer_3", WHAT) if t5 else None}  # fmt: skip
-    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=None, vae=None, **parts)
-    with torch.no_grad():
+    def encode(parts: dict) -> dict[str, torch.Tensor]:
+        pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=None, vae=None, **parts)
         embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, prompt_3=None, device=torch.device("cpu"),
                                                   do_classifier_free_guidance=False, max_sequence_length=MAX_SEQUENCE_LENGTH)  # fmt: skip
-    del pipe, parts
-    gc.collect()  # the text encoders are not needed again: their memory goes back now
-    return embeds.float(), pooled.float()
+        return {"embeds": embeds.float(), "pooled": pooled.float()}
+
+    parts = {"text_encoder": CLIPTextModelWithProjection, "tokenizer": CLIPTokenizer, "text_encoder_2": CLIPTextModelWithProjection,
+             "tokenizer_2": CLIPTokenizer, "text_encoder_3": T5EncoderModel if t5 else None, "tokenizer_3": T5TokenizerFast if t5 else None}  # fmt: skip
+    settings = {"family": "sd3", "prompt": prompt, "t5": t5, "tokens": MAX_SEQUENCE_LENGTH, "width": transformer.config.joint_attention_dim}
+    encoded = encoded_prompt(target, local, WHAT, parts, settings, encode)
+    return encoded["embeds"], encoded["pooled"]
 
 
 def load_sd3(target: str, local: bool, device: str | torch.device = "cpu", prompt: str = "", t5: Any = True,
@@ -156,21 +152,15 @@ def load_sd3(target: str, local: bool, device: str | torch.device = "cpu", promp
         raise DiffprobeError(f"the transformer takes {cfg.in_channels} input channels but the VAE gives {codec.latent_channels}")
     steps = as_int(num_train_timesteps, "num_train_timesteps") if num_train_timesteps is not None else None
     schedule = flow_schedule(target, local, steps)
-    subs = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"] + ["text_encoder_3", "tokenizer_3"] * use_t5
-    settings = {"family": "sd3", "prompt": str(prompt), "t5": use_t5, "tokens": MAX_SEQUENCE_LENGTH, "width": cfg.joint_attention_dim}
-    encoded = cached_prompt(target, local, subs, settings,
-                            lambda: dict(zip(("embeds", "pooled"), encode_prompt(target, local, str(prompt), use_t5, model))))
-    embeds, pooled = encoded["embeds"], encoded["pooled"]
+    embeds, pooled = encode_prompt(target, local, str(prompt), use_t5, model)
     size = check_image_size(image_size, cfg.sample_size * codec.factor, codec.factor * cfg.patch_size, "SD3 (VAE factor × patch size)")
     side = size // codec.factor // cfg.patch_size
     width = cfg.num_attention_heads * cfg.attention_head_dim
-    blocks = [BlockInfo(1, "pos_embed", width, side)]
-    blocks += [BlockInfo(i + 2, f"transformer_blocks.{i}", width, side) for i in range(cfg.num_layers)]
+    blocks = stacked_blocks("pos_embed", [("transformer_blocks", cfg.num_layers)], width, side)
     config = architecture_config(model)
     config.update(noise_schedule=schedule.name, parameterization="flow", sampling=schedule.sampling, prompt=str(prompt),
                   t5=use_t5, image_size=size, prediction_type="flow (velocity ε − x0)",
-                  vae={"class": type(codec.vae).__name__, "scaling_factor": codec.scaling_factor,
-                       "shift_factor": codec.shift_factor, "encoding": "posterior mean"})  # fmt: skip
+                  vae=codec.describe())  # fmt: skip
     backbone = SD3Backbone(model, codec, embeds, pooled, blocks, size, schedule, config, source=f"diffusers:{target}")
     backbone.prediction_type = "flow"
     finish_depth(backbone, lazy, deepest)

@@ -14,7 +14,6 @@ the walk are Stable Diffusion's (diffusers_sd.py), with the added embedding in t
 
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +22,11 @@ from torch import nn
 
 from ..errors import DiffprobeError
 from .base import BlockInfo
-from .pipeline_parts import (architecture_config, as_int, check_image_size, check_prompt_model_options, load_part, no_transformers_bars,
-                                 hub_json, prediction_type, read_json)  # fmt: skip
+from .pipeline_parts import (architecture_config, as_int, check_image_size, check_prompt_model_options, hub_json, load_part,
+                             prediction_type, read_json)  # fmt: skip
 from .diffusers_sd import StableDiffusionBackbone, check_unet_blocks, meta_blocks, run_sd
 from .diffusers_unet import _schedule, _units
-from .prompt_cache import cached_prompt
+from .prompt_cache import encoded_prompt
 from .vae import VaeCodec
 
 WHAT = "UNet2DConditionModel+text_time"  # the registry's key for SDXL's U-Net
@@ -86,24 +85,23 @@ def pipeline_config(target: str, local: bool) -> dict:
 
 def encode_prompt(target: str, local: bool, prompt: str, zeros_for_empty: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """StableDiffusionXLPipeline.encode_prompt on the pipeline's own encoders (loaded here, freed after):
-    ([1, 77, D1 + D2] penultimate states, [1, P] pooled); zeros for the empty prompt where the pipeline says so."""
+    ([1, 77, D1 + D2] penultimate states, [1, P] pooled); zeros for the empty prompt where the pipeline says so.
+    Cached (prompt_cache.py)."""
     from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    with no_transformers_bars():
-        parts = {"text_encoder": load_part(CLIPTextModel, target, local, "text_encoder", WHAT),
-                 "tokenizer": load_part(CLIPTokenizer, target, local, "tokenizer", WHAT),
-                 "text_encoder_2": load_part(CLIPTextModelWithProjection, target, local, "text_encoder_2", WHAT),
-                 "tokenizer_2": load_part(CLIPTokenizer, target, local, "tokenizer_2", WHAT)}  # fmt: skip
-    pipe = StableDiffusionXLPipeline(vae=None, unet=None, scheduler=None, force_zeros_for_empty_prompt=zeros_for_empty, **parts)
-    with torch.no_grad():
+    def encode(parts: dict) -> dict[str, torch.Tensor]:
+        pipe = StableDiffusionXLPipeline(vae=None, unet=None, scheduler=None, force_zeros_for_empty_prompt=zeros_for_empty, **parts)
         embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompt, device=torch.device("cpu"), num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False)  # fmt: skip
-    del pipe, parts
-    gc.collect()  # the text encoders are not needed again: their memory goes back now
-    if zeros_for_empty and not prompt:  # what the pipeline feeds the U-Net as its unconditional input
-        embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
-    return embeds.float(), pooled.float()
+        if zeros_for_empty and not prompt:  # what the pipeline feeds the U-Net as its unconditional input
+            embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+        return {"context": embeds.float(), "pooled": pooled.float()}
+
+    parts = {"text_encoder": CLIPTextModel, "tokenizer": CLIPTokenizer, "text_encoder_2": CLIPTextModelWithProjection,
+             "tokenizer_2": CLIPTokenizer}  # fmt: skip
+    encoded = encoded_prompt(target, local, WHAT, parts, {"family": "sdxl", "prompt": prompt, "zeros_for_empty": zeros_for_empty}, encode)
+    return encoded["context"], encoded["pooled"]
 
 
 def load_sdxl(target: str, local: bool, device: str | torch.device = "cpu", prompt: str = "", image_size: Any = None,
@@ -120,10 +118,7 @@ def load_sdxl(target: str, local: bool, device: str | torch.device = "cpu", prom
     codec = VaeCodec(load_part(AutoencoderKL, target, local, "vae", WHAT, low_cpu_mem_usage=False))
     check_unet_blocks(unet, codec.latent_channels)
     zeros = bool(settings.get("force_zeros_for_empty_prompt", True))  # the pipeline's default
-    subs = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
-    encoded = cached_prompt(target, local, subs, {"family": "sdxl", "prompt": str(prompt), "zeros_for_empty": zeros},
-                            lambda: dict(zip(("context", "pooled"), encode_prompt(target, local, str(prompt), zeros))))
-    context, pooled = encoded["context"], encoded["pooled"]
+    context, pooled = encode_prompt(target, local, str(prompt), zeros)
     units = _units(unet)
     downsamplers = sum(1 for name, _ in units if ".downsamplers." in name)
     sample = unet.config.sample_size if isinstance(unet.config.sample_size, int) else unet.config.sample_size[0]
@@ -141,8 +136,7 @@ def load_sdxl(target: str, local: bool, device: str | torch.device = "cpu", prom
     config = architecture_config(unet)
     config.update(noise_schedule=sched.name, prompt=str(prompt), empty_prompt_zeros=zeros, image_size=size,
                   time_ids=[int(v) for v in time_ids[0]],
-                  vae={"class": type(codec.vae).__name__, "scaling_factor": codec.scaling_factor,
-                       "shift_factor": codec.shift_factor, "encoding": "posterior mean"})  # fmt: skip
+                  vae=codec.describe())  # fmt: skip
     backbone = StableDiffusionXLBackbone(unet, codec, context, pooled, time_ids, blocks, size, sched, config, source=f"diffusers:{target}")
     backbone.prediction_type = config["prediction_type"] = prediction_type(target, local)
     return backbone.to(device)

@@ -13,6 +13,7 @@ The encoded prompt is also part of the backbone's fingerprint, so a store knows 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -79,3 +80,22 @@ def cached_prompt(target: str, local: bool, subs: Sequence[str], settings: dict[
         except OSError as e:  # a read-only cache costs only the next encoding
             log.warning("could not cache the encoded prompt in %s (%s); set $DIFFPROBE_CACHE to a writable folder", folder, e)
     return tensors
+
+
+def encoded_prompt(target: str, local: bool, what: str, parts: dict[str, Any], settings: dict[str, Any],
+                   encode: Callable[[dict[str, Any]], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:  # fmt: skip
+    """`encode(loaded parts)` through the cache above, keyed by these parts' folders. `parts` names each
+    pipeline folder a prompt needs with its class (text encoders, tokenizers; None: left out, passed
+    as None); on a miss they are loaded once, without transformers' bars, and freed after encoding."""
+    from .pipeline_parts import load_part, no_transformers_bars
+
+    def load_and_encode() -> dict[str, torch.Tensor]:
+        with no_transformers_bars():
+            loaded = {sub: None if cls is None else load_part(cls, target, local, sub, what) for sub, cls in parts.items()}
+        with torch.no_grad():
+            tensors = encode(loaded)
+        loaded.clear()
+        gc.collect()  # the text encoders are not needed again: their memory goes back now
+        return tensors
+
+    return cached_prompt(target, local, [sub for sub, cls in parts.items() if cls is not None], settings, load_and_encode)

@@ -3,9 +3,11 @@ over a list of blocks that stops after the deepest wanted one."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
+
+from .base import BlockInfo
 
 
 def tokens_to_map(tokens: torch.Tensor, rows: int, cols: int | None = None) -> torch.Tensor:
@@ -25,3 +27,10 @@ def walk_blocks(blocks: Iterable[torch.nn.Module], h: torch.Tensor, wanted: tupl
         if index in wanted:
             out[index] = tokens_to_map(h, rows, cols)
     return out
+
+
+def stacked_blocks(embedding: str, chains: Sequence[tuple[str, int]], width: int, side: int) -> list[BlockInfo]:
+    """The block table of a stacked transformer: 1 = the embedding, then each list's blocks in order
+    (FLUX: transformer_blocks, then single_transformer_blocks), all `width` × side × side."""
+    names = [embedding] + [f"{chain}.{i}" for chain, length in chains for i in range(length)]
+    return [BlockInfo(index, name, width, side) for index, name in enumerate(names, start=1)]

@@ -31,6 +31,11 @@ class VaeCodec(nn.Module):
         self.latent_channels = int(cfg.latent_channels)
         self.factor = 2 ** (len(cfg.block_out_channels) - 1)  # pixels per latent pixel (SD: 8)
 
+    def describe(self) -> dict:
+        """What a backbone's config records of its VAE (part of the store identity)."""
+        return {"class": type(self.vae).__name__, "scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor,
+                "encoding": "posterior mean"}  # fmt: skip
+
     def _weights(self) -> torch.Tensor:
         return next(p for p in self.vae.parameters() if p.ndim > 1)
 
