@@ -91,3 +91,27 @@ def png_bytes(image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+@pytest.fixture(autouse=True)
+def figures_keep_their_text_on_the_canvas(monkeypatch):
+    """Every figure any test makes is checked as it is saved: nothing (a title, a legend, a tick
+    label) may reach past the canvas, where the PNG would cut it off."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    original = Figure.savefig
+
+    def checked_savefig(self, fname, *args, **kwargs):
+        box = self.get_tightbbox(self.canvas.get_renderer())  # in inches, like the figure's size
+        width, height = self.get_size_inches()
+        slack = 0.02
+        assert box.x0 >= -slack and box.y0 >= -slack and box.x1 <= width + slack and box.y1 <= height + slack, (
+            f"{fname}: drawn area {box.x0:.2f}..{box.x1:.2f} × {box.y0:.2f}..{box.y1:.2f} in leaves the "
+            f"{width:.2f} × {height:.2f} in canvas"
+        )
+        return original(self, fname, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", checked_savefig)

@@ -21,7 +21,7 @@ from .registry import display, folder_needs
 
 
 def offline_error(target: str, error: Exception) -> DiffprobeError:
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    whole = " ".join(str(error).split()) or type(error).__name__  # the hub's whole message, on the one line
     if type(error).__name__ == "GatedRepoError" or "gated repo" in str(error).lower():  # SD3, FLUX.1-dev
         return DiffprobeError(
             f"{target} is a gated model: accept its licence on its hub page, then `huggingface-cli login` (or set HF_TOKEN) "
@@ -29,7 +29,7 @@ def offline_error(target: str, error: Exception) -> DiffprobeError:
         )
     return DiffprobeError(
         f"cannot load diffusers model {target!r}: it is not a local folder, and the Hugging Face hub cannot serve it "
-        f"(offline? {first[:160]}): "
+        f"(offline? {whole}): "
         f"download the pipeline where there is internet (`huggingface-cli download {target} --local-dir DIR`) "
         "and pass diffusers:DIR"
     )

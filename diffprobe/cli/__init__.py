@@ -75,6 +75,10 @@ def console(quiet: bool, verbose: bool):
     root = logging.getLogger()
     root_level = root.level
     root.setLevel(level)
+    # huggingface_hub prints through its own handler and also passes each line up to ours: every
+    # retry and error came out twice. Its own handler keeps them (diffusers and transformers do the same).
+    hub_logger = logging.getLogger("huggingface_hub")
+    hub_propagates, hub_logger.propagate = hub_logger.propagate, False
     original = tqdm.std.tqdm.__init__
     piped = not sys.stderr.isatty()
 
@@ -97,6 +101,7 @@ def console(quiet: bool, verbose: bool):
     finally:
         tqdm.std.tqdm.__init__, tqdm.std.tqdm.set_postfix = original, postfix
         root.setLevel(root_level)
+        hub_logger.propagate = hub_propagates
 
 
 def main(argv: Sequence[str] | None = None) -> int:

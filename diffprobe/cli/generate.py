@@ -57,7 +57,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     notes = Path(args.notes).read_text() if args.notes else ""
     card = export_run(args.run, args.out, open_data(args), limit=args.limit, blocks=args.blocks, timesteps=args.t,
-                      pools=args.pool, hardware=args.hardware, notes=notes)  # fmt: skip
+                      pools=args.pool, samples=args.samples, hardware=args.hardware, notes=notes)  # fmt: skip
     for key, value in card["facts"].items():
         print(f"{key}: {value}")
     print(f"model card: {args.out}/MODEL_CARD.md")
@@ -138,6 +138,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--blocks", type=int_list, default=[4, 8, 13, 16, 18, 20], help="blocks the exported card's probe sweep reads")
     p.add_argument("--t", type=int_list, default=[10, 50, 150], help="timesteps the card's probe sweep reads")
     p.add_argument("--pool", type=int_list, default=[1, 2], help="pool sizes the card's probe sweep reads")
+    p.add_argument("--samples", type=int, default=64, help="DDIM samples (100 steps each) in the card's grid")
     p.add_argument("--hardware", help="what the run (since its warm start, if any) trained on (default: what it recorded)")
     p.add_argument("--notes", help="a Markdown file appended to the card")
     p.set_defaults(func=cmd_export)

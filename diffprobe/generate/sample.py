@@ -144,6 +144,9 @@ def sample_images(backbone: Backbone, num: int, sampler: str = "ddim", steps: in
     return torch.cat(images)
 
 
+GRID_MIN_PIXELS = 512
+
+
 def save_samples(images: torch.Tensor, out: str | Path, info: dict) -> dict[str, str]:
     """samples.npz (uint8 NHWC under `arr_0`, guided-diffusion's format), grid.png, samples.json."""
     from torchvision.utils import make_grid, save_image
@@ -158,6 +161,9 @@ def save_samples(images: torch.Tensor, out: str | Path, info: dict) -> dict[str,
         shown = images[:100]
         nrow = int(np.ceil(np.sqrt(len(shown))))
         grid = make_grid(shown.float() / 255, nrow=nrow, padding=1, pad_value=1.0)
+        scale = -(-GRID_MIN_PIXELS // grid.shape[-1])  # 4×4 samples of 32 px made a 133 px image: enlarge, pixels kept sharp
+        if scale > 1:
+            grid = torch.nn.functional.interpolate(grid[None], scale_factor=scale, mode="nearest")[0]
         atomic_write(out / "grid.png", lambda p: save_image(grid, p, format="png"))
         write_json(out / "samples.json", info)
     return {"npz": str(out / "samples.npz"), "grid": str(out / "grid.png")}

@@ -388,7 +388,8 @@ def save_run(fitted: FittedHead, out: str | Path) -> Path:
         torch_save(fitted.model.state_dict(), out / "head.pt")
         write_json(out / "metrics.json", fitted.metrics)
         setting = ", ".join(k.stem for k in fitted.keys)
-        training_curves(out / "curves.png", fitted.metrics["history"], f"{cfg.head} head, {recipe.name} recipe, {setting}")
+        training_curves(out / "curves.png", fitted.metrics["history"], f"{cfg.head} head, {recipe.name} recipe, {setting}",
+                        chosen_epoch=fitted.metrics.get("chosen", {}).get("epoch"))  # fmt: skip
         confusion_matrix_plot(out / "confusion.png", fitted.confusion, fitted.classes,
                               f"{cfg.head} head, {shown_score(fitted.metrics)}")  # fmt: skip
     return out

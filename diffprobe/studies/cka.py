@@ -194,7 +194,6 @@ def cka_study(store_a, out, a_keys: str | None = None, b: str | None = None, b_k
     out = output_dir(out)
     write_csv(out / "cka.csv", [{"a": ka.stem, **{lb: round(float(v), 6) for lb, v in zip(labels_b, row)}}
                                 for ka, row in zip(keys_a, matrix)])  # fmt: skip
-    heatmap(out / "cka.png", matrix * 100, [k.stem for k in keys_a], labels_b,
-            f"linear CKA ×100 (minibatch, {store_a.rows} images)", xlabel=f"B: {name_b}", ylabel=f"A: {name_a}",
-            colorbar="CKA ×100")  # fmt: skip
+    heatmap(out / "cka.png", matrix, [k.stem for k in keys_a], labels_b, f"linear CKA (minibatch, {store_a.rows} images)",
+            xlabel=f"B: {name_b}", ylabel=f"A: {name_a}", colorbar="linear CKA", limits=(0.0, 1.0), fmt="{:.2f}")  # fmt: skip
     return {"matrix": matrix, "a": [k.stem for k in keys_a], "b": labels_b, "b_name": name_b, "rows": store_a.rows}

@@ -71,7 +71,8 @@ def compare_heads(store: FeatureStore, key: FeatureKey, out: str | Path, heads: 
     write_csv(out / "heads.csv", rows)
     write_json(out / "heads.json", {"store": str(store.root), "rows": store.rows, "roles": reporting.describe(), "results": rows})
     shown = f"{reporting.rows} {reporting.unit}" if reporting.reports else f"{len(roles.select)} selection images, optimistic"
-    head_bars(out / "heads.png", rows, f"heads on {key.stem} (top-1 on {shown})")
+    fused = f" (fusion: + t{fusion_t:04d})" if "fusion" in heads else ""
+    head_bars(out / "heads.png", rows, f"heads on {key.stem}{fused}, top-1 on {shown}")
     return rows
 
 
