@@ -114,7 +114,7 @@ def training_curves(path: str | Path, history: Sequence[dict[str, float]], title
     marker = "o" if len(epochs) < 15 else None
     for ax, key, label in ((ax_loss, "loss", "cross-entropy"), (ax_acc, "top1", "top-1 %")):
         ax.plot(epochs, [h[f"train_{key}"] for h in history], label="train", marker=marker)
-        ax.plot(epochs, [h[f"val_{key}"] for h in history], label="selection rows", marker=marker)
+        ax.plot(epochs, [h[f"select_{key}"] for h in history], label="selection rows", marker=marker)
         if chosen_epoch is not None:
             ax.axvline(chosen_epoch, color="red", ls=":", lw=1.2, label=f"chosen: epoch {chosen_epoch}")
         ax.set_xlabel("epoch")

@@ -221,3 +221,31 @@ def test_piped_output_is_not_a_stream_of_redraws(cifar_small, tmp_path, capsys):
     assert main(args) == 0
     lines = [part for part in capsys.readouterr().err.replace("\n", "\r").split("\r") if "extract" in part and "%|" in part]
     assert 1 <= len(lines) <= 4, lines  # 15 batches: once at the start, once at the end
+
+
+def test_hub_log_lines_and_the_offline_error_come_once_and_whole(capfd, monkeypatch):
+    """huggingface_hub's own handler prints its lines; ours must not print them a second time, and
+    the offline error keeps the hub's whole message (it was cut at 160 characters)."""
+    import logging
+
+    from diffprobe.backbones.pipeline_parts import offline_error
+    from diffprobe.cli import console
+
+    with console(quiet=False, verbose=False):
+        logging.getLogger("huggingface_hub").warning("Retrying in 8s [Retry 5/5].")
+    err = capfd.readouterr().err
+    assert err.count("Retrying in 8s") <= 1
+    message = "An error happened while trying to locate the file on the Hub and we cannot find the requested files in the " \
+              "local cache. Please check your connection and try again or make sure your Internet connection is on."
+    line = str(offline_error("org/model", OSError(message)))
+    assert message in line and "\n" not in line
+
+
+def test_probe_online_takes_one_weight_decay(capsys):
+    from diffprobe.cli import build_parser
+
+    args = build_parser().parse_args(["probe-online", FIXTURE_SPEC, "--data", "x", "--out", "o", "--t", "10", "--blocks", "3", "--wd", "0.05"])
+    assert args.wd == 0.05
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["probe-online", FIXTURE_SPEC, "--data", "x", "--out", "o", "--t", "10", "--blocks", "3", "--wd", "0.05,0.1"])
+    assert "invalid float value" in capsys.readouterr().err

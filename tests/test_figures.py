@@ -43,7 +43,7 @@ def test_confusion_curves_and_a_one_row_loss(tmp_path):
     classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     matrix = np.random.default_rng(0).integers(0, 20, (10, 10))
     report.confusion_matrix_plot(tmp_path / "confusion.png", matrix, classes, "attention head, top-1 41.00% [35.00, 47.00]")
-    history = [{"epoch": e, "train_loss": 2 - e / 10, "val_loss": 2.1 - e / 12, "train_top1": 10 + 5 * e, "val_top1": 10 + 4 * e}
+    history = [{"epoch": e, "train_loss": 2 - e / 10, "select_loss": 2.1 - e / 12, "train_top1": 10 + 5 * e, "select_top1": 10 + 4 * e}
                for e in range(1, 11)]  # fmt: skip
     report.training_curves(tmp_path / "curves.png", history, LONG_TITLE, chosen_epoch=7)
     report.loss_curve(tmp_path / "loss.png", [{"step": 10, "loss": 0.5}])

@@ -93,9 +93,9 @@ def test_learning_rate_and_weight_decay_are_chosen_on_validation(store, tmp_path
     trials = m["trials"]
     lrs, _ = search_grid("modern", "linear")
     assert [(t["lr"], t["weight_decay"]) for t in trials] == [(lr, wd) for lr in lrs for wd in (0.0, 10.0)]
-    best = max(trials, key=lambda t: t["val_top1"])
+    best = max(trials, key=lambda t: t["select_top1"])
     assert m["chosen"]["weight_decay"] == best["weight_decay"] and m["chosen"]["lr"] == best["lr"]
-    assert m["select"]["top1"] == pytest.approx(best["val_top1"])
+    assert m["select"]["top1"] == pytest.approx(best["select_top1"])
 
 
 def test_probe_errors(store, tmp_path):

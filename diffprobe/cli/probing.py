@@ -75,8 +75,8 @@ def cmd_probe_online(args: argparse.Namespace) -> None:
     from ..probing.online import OnlineOptions, train_online
 
     options = head_options(args.head, hidden=args.hidden, width=args.width, depth=args.depth, heads=args.heads)
-    config = ProbeConfig(args.head, args.recipe, options, tuple(args.wd) if args.wd else None, args.epochs, args.lr, args.val_fraction,
-                         args.split_seed, args.seed, args.report_share)  # fmt: skip
+    config = ProbeConfig(args.head, args.recipe, options, (args.wd,) if args.wd is not None else None, args.epochs, args.lr,
+                         args.val_fraction, args.split_seed, args.seed, args.report_share)  # fmt: skip
     online = OnlineOptions(compute=compute_from(args), limit=args.limit, subset_seed=args.subset_seed, augment=not args.no_augment,
                            feedback_blocks=tuple(args.feedback_blocks or ()), workers=args.workers)  # fmt: skip
     fitted = train_online(load_backbone_from(args), open_data(args), plan_from(args), config, args.out, online)
@@ -97,7 +97,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", default="modern", choices=["modern", "paper"], help='modern: AdamW + cosine; paper: SGD, ×0.1 every 7 of 28 epochs')
     p.add_argument("--epochs", type=int, help="override the recipe's epochs")
     p.add_argument("--lr", type=float, help="one learning rate (default: the recipe's)")
-    p.add_argument("--wd", type=float_list, help="weight decay (default: the recipe's first for this head)")
+    p.add_argument("--wd", type=float, help="one weight decay: online training runs once, without probe's search over "
+                   "several (default: the first of the recipe's for this head)")  # fmt: skip
     p.add_argument("--hidden", type=int_list, help='MLP hidden widths, comma-separated')
     p.add_argument("--width", type=int, help='attention/CNN head width')
     p.add_argument("--depth", type=int, help='attention head layers')

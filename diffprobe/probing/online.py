@@ -179,7 +179,7 @@ def train_online(backbone: Backbone, data: LabeledImages, plan: FeaturePlan, con
             correct += int((logits.argmax(1) == y).sum())
         val_loss, val_top1, val_top5, _, _ = evaluate()
         history.append({"epoch": epoch + 1, "train_loss": total / n, "train_top1": 100.0 * correct * share.world_size / n,
-                        "val_loss": val_loss, "val_top1": val_top1, "val_top5": val_top5})  # fmt: skip
+                        "select_loss": val_loss, "select_top1": val_top1, "select_top5": val_top5})  # fmt: skip
         if val_top1 > best_top1:
             best_top1, best_epoch, best_state = val_top1, epoch + 1, copy.deepcopy(model.state_dict())
     blown = divergence(history, len(data.classes))

@@ -184,10 +184,10 @@ def train_once(store: FeatureStore, keys: Sequence[FeatureKey], head_kind: str, 
             continue  # long floors (hundreds of epochs on a small store) are checked ~100 times, not every epoch
         val_loss, val_top1, val_top5, _ = _evaluate(model, xs_val, y_val)
         history.append({"epoch": epoch + 1, "train_loss": total_loss / n, "train_top1": 100.0 * correct / n,
-                        "val_loss": val_loss, "val_top1": val_top1, "val_top5": val_top5})  # fmt: skip
+                        "select_loss": val_loss, "select_top1": val_top1, "select_top5": val_top5})  # fmt: skip
         if val_top1 > best_top1:
             best_top1, best_epoch, best_state = val_top1, epoch + 1, copy.deepcopy(model.state_dict())
-        bar.set_postfix(val_top1=f"{val_top1:.1f}")
+        bar.set_postfix(select_top1=f"{val_top1:.1f}")
     model.load_state_dict(best_state)
     return model.cpu(), history, best_epoch
 
@@ -243,8 +243,8 @@ def divergence(history: list[dict], num_classes: int) -> str | None:
     chance's ln(K) (a head that learns ends below it), means the learning rate was too high."""
     last = history[-1]
     chance = math.log(max(num_classes, 2))
-    if not (math.isfinite(last["train_loss"]) and math.isfinite(last["val_loss"])) or last["train_loss"] > DIVERGED * chance:
-        return (f"final training loss {last['train_loss']:.3g}, validation loss {last['val_loss']:.3g} "
+    if not (math.isfinite(last["train_loss"]) and math.isfinite(last["select_loss"])) or last["train_loss"] > DIVERGED * chance:
+        return (f"final training loss {last['train_loss']:.3g}, selection-row loss {last['select_loss']:.3g} "
                 f"(chance is {chance:.2f})")  # fmt: skip
     return None
 
@@ -276,7 +276,7 @@ def fit_head(store: FeatureStore, keys: Sequence[FeatureKey], config: ProbeConfi
                 diverged.append(f"lr {recipe.lr:g}, weight decay {wd:g} ({blown})")
                 log.warning("training diverged at lr %g, weight decay %g (%s): left out of the choice", recipe.lr, wd, blown)
                 continue
-            trials.append((max(h["val_top1"] for h in history), recipe.lr, wd, model, history, best_epoch))
+            trials.append((max(h["select_top1"] for h in history), recipe.lr, wd, model, history, best_epoch))
     if not trials:  # a diverged head scores like chance, or worse: never a number to report
         raise DiffprobeError(f"training diverged at {'; '.join(diverged)}: lower --lr (or leave it out to use the recipe's search)")
     best_top1, best_lr, best_wd, model, history, best_epoch = max(trials, key=lambda tr: tr[0])
@@ -286,7 +286,7 @@ def fit_head(store: FeatureStore, keys: Sequence[FeatureKey], config: ProbeConfi
     metrics: dict[str, Any] = {
         "select": {"top1": sel_top1, "top5": sel_top5, "rows": int(len(val_rows))},
         "chosen": {"epoch": best_epoch, "weight_decay": best_wd, "lr": best_lr, "epochs_trained": history[-1]["epoch"]},
-        "trials": [{"lr": lr, "weight_decay": wd, "val_top1": top1, "epoch": ep} for top1, lr, wd, _, _, ep in trials],
+        "trials": [{"lr": lr, "weight_decay": wd, "select_top1": top1, "epoch": ep} for top1, lr, wd, _, _, ep in trials],
         "roles": roles.describe(),
         "train_rows": int(len(train_rows)),
         "history": history,
