@@ -365,21 +365,35 @@ def open_dataset(spec: str | Path, root: str | Path | None = None, split: str = 
 # ------------------------------------------------------------------ transform, splits, torch Dataset
 
 
-def model_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
-    """Resize the short side, centre-crop to the model's resolution, scale to [-1, 1]."""
-    from torchvision.transforms import v2
+def model_transform(image_size: int, resize: int | None = None, interpolation: str = "bilinear") -> Callable[[Image.Image], torch.Tensor]:
+    """Resize the short side (to `resize`, default the model's resolution), centre-crop to the
+    model's resolution, scale to [-1, 1]. Image encoders bring their own resize and interpolation
+    (timm's crop_pct, torchvision's 256 → 224, bicubic); diffusion models resize to their size."""
+    from torchvision.transforms import InterpolationMode, v2
 
     return v2.Compose([
         v2.PILToTensor(),
-        v2.Resize(image_size, antialias=True),
+        v2.Resize(resize or image_size, interpolation=InterpolationMode(interpolation), antialias=True),
         v2.CenterCrop(image_size),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize([0.5] * 3, [0.5] * 3),
     ])  # fmt: skip
 
 
-def transform_description(image_size: int) -> dict[str, Any]:
-    return {"resize": image_size, "crop": "center", "interpolation": "bilinear-antialias", "range": [-1, 1]}
+def transform_description(image_size: int, resize: int | None = None, interpolation: str = "bilinear") -> dict[str, Any]:
+    described = {"resize": resize or image_size, "crop": "center", "interpolation": f"{interpolation}-antialias", "range": [-1, 1]}
+    if resize and resize != image_size:
+        described["crop_size"] = image_size
+    return described
+
+
+def backbone_transform(backbone: Any) -> Callable[[Image.Image], torch.Tensor]:
+    """The data transform a backbone reads its images through (model_transform with its resize and interpolation)."""
+    return model_transform(backbone.image_size, getattr(backbone, "resize_size", None), getattr(backbone, "interpolation", "bilinear"))
+
+
+def backbone_transform_description(backbone: Any) -> dict[str, Any]:
+    return transform_description(backbone.image_size, getattr(backbone, "resize_size", None), getattr(backbone, "interpolation", "bilinear"))
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:

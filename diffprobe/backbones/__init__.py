@@ -8,6 +8,8 @@
     load_backbone("diffusers:/path/to/sd-pipeline", prompt="a photo")    # Stable Diffusion-style (latent U-Net)
     load_backbone("diffusers:/path/to/dit-pipeline", class_label=207)    # DiT (null class by default)
     load_backbone("diffusers:/path/to/sdxl-base")                        # SDXL, PixArt-α/Σ, SD3/3.5, FLUX.1 likewise
+    load_backbone("timm:vit_base_patch16_224.mae")                       # image encoders, no noise: encoders.py
+    load_backbone("torchvision:resnet50", weights="random")              # … torchvision:ARCH, hf:MODEL_ID_OR_FOLDER
 
 Model classes and their loaders: registry.py. Module paths inside any of them are taps too: taps.py.
 """
@@ -19,7 +21,7 @@ from typing import Any
 from ..errors import DiffprobeError
 from .base import Backbone, BlockInfo
 
-FAMILIES = ("adm", "diffusers")
+FAMILIES = ("adm", "diffusers", "timm", "torchvision", "hf")
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -28,7 +30,8 @@ def parse_spec(spec: str) -> tuple[str, str]:
         if spec.endswith((".pt", ".pth", ".safetensors")) and ":" not in spec:
             return "adm", spec
         raise DiffprobeError(
-            f"backbone spec {spec!r} not understood: expected adm:PATH.pt, adm:random or diffusers:PATH_OR_HUB_ID"
+            f"backbone spec {spec!r} not understood: expected adm:PATH.pt, adm:random, diffusers:PATH_OR_HUB_ID, "
+            "or an image encoder: timm:NAME, torchvision:ARCH, hf:MODEL_ID_OR_FOLDER"
         )
     return family, target
 
@@ -46,6 +49,10 @@ def load_backbone(spec: str, device: str = "cpu", **options: Any) -> Backbone:
         from .adm_backbone import load_adm
 
         backbone: Backbone = load_adm(None if target == "random" else target, device=device, **options)
+    elif family in ("timm", "torchvision", "hf"):  # not diffusion models: the clean image, blocks = stages or layers
+        from .encoders import load_encoder
+
+        backbone = load_encoder(spec, device=device, **options)
     else:  # the folder's (or hub id's) model class picks pixel U-Net, Stable Diffusion or DiT
         from .diffusers_pipeline import load
 

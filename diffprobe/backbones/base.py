@@ -304,4 +304,4 @@ def hash_tensors(h: "hashlib._Hash", tensors: dict[str, torch.Tensor]) -> None:
     for name, tensor in sorted(tensors.items()):
         h.update(name.encode())
         h.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # (reshape: 0-d counters too)

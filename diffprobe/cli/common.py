@@ -181,7 +181,8 @@ def compute_from(args: argparse.Namespace):
 # ------------------------------------------------------------------ feature plan and extraction options
 def add_plan_args(p: argparse.ArgumentParser, blocks_required: bool = True, seed_alias: bool = True) -> None:
     p.add_argument("--blocks", type=blocks_arg, required=blocks_required, help="comma-separated block numbers and module paths (`diffprobe blocks SPEC --all`), or all")
-    p.add_argument("--t", type=int_list, required=True, help="comma-separated timesteps, e.g. 90,150")
+    p.add_argument("--t", type=int_list, help="comma-separated timesteps, e.g. 90,150 (diffusion models; image encoders "
+                   "(timm:, torchvision:, hf:) read the clean image and take none)")  # fmt: skip
     p.add_argument("--pool", type=int_list, default=[1], help="pooled grid sizes p (p×p), e.g. 1,2; default 1")
     p.add_argument("--noise-seed", type=int, default=0, help="ε depends on (noise seed, image index, draw) only")
     if seed_alias:  # commands whose --seed meant the noise seed in 0.1
@@ -192,7 +193,7 @@ def add_plan_args(p: argparse.ArgumentParser, blocks_required: bool = True, seed
 def plan_from(args: argparse.Namespace):
     from ..features.plan import FeaturePlan
 
-    return FeaturePlan(t=args.t, blocks=args.blocks, pools=args.pool, noise_seed=args.noise_seed, draws=args.draws)
+    return FeaturePlan(t=args.t or (), blocks=args.blocks, pools=args.pool, noise_seed=args.noise_seed, draws=args.draws)
 
 
 def add_extract_args(p: argparse.ArgumentParser, blocks_required: bool = True) -> None:

@@ -33,7 +33,7 @@ def cmd_probe(args: argparse.Namespace) -> None:
     if not args.blocks or args.blocks == "all":
         raise DiffprobeError("probe needs --blocks: the block(s) or module path(s) of the stored features to train on")
     store = FeatureStore.open(args.store)
-    keys = [FeatureKey(t, b, p) for b in args.blocks for t in args.t for p in args.pool]
+    keys = [FeatureKey(t, b, p) for b in args.blocks for t in (args.t or [store.only_timestep()]) for p in args.pool]
     options = head_options(args.head, batchnorm=args.batchnorm or None, hidden=args.hidden, width=args.width,
                            depth=args.depth, heads=args.heads)  # fmt: skip
     config = ProbeConfig(args.head, args.recipe, options, tuple(args.wd) if args.wd else None, args.epochs, args.lr, args.val_fraction,
@@ -114,7 +114,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("probe", help="train a head on stored features; choose epoch and weight decay on validation")
     p.add_argument("store", help="feature store directory (from extract or sweep/features)")
-    p.add_argument("--t", type=int_list, required=True, help="timestep(s); several only with --head fusion")
+    p.add_argument("--t", type=int_list, help="timestep(s); several only with --head fusion (default: the store's one "
+                   "timestep, as in an image encoder's store)")  # fmt: skip
     p.add_argument("--blocks", type=blocks_arg, help="block(s) or module path(s); several only with --head fusion (required)")
     deprecated(p, "--block", "--blocks", dest="blocks", type=int_list)
     p.add_argument("--pool", type=int_list, default=[1], help="pool size(s)")

@@ -82,8 +82,9 @@ def cmd_compare_heads(args: argparse.Namespace) -> None:
 
     if getattr(args, "block", None) is None:
         raise DiffprobeError("compare-heads needs --blocks: the stored block (or module path) the heads read")
-    key = FeatureKey(args.t, args.block, args.pool)
-    rows = compare_heads(FeatureStore.open(args.store), key, args.out, args.head, args.recipe, args.fusion_t,
+    store = FeatureStore.open(args.store)
+    key = FeatureKey(store.only_timestep() if args.t is None else args.t, args.block, args.pool)
+    rows = compare_heads(store, key, args.out, args.head, args.recipe, args.fusion_t,
                          args.val_fraction, args.split_seed, args.seed, str(resolve_device(args.device)), args.report_share,
                          FeatureStore.open(args.test_store) if args.test_store else None)  # fmt: skip
     print(markdown_table(rows))
@@ -161,7 +162,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare-heads", help="every head in the modern and paper recipes against logistic regression, same features and split")
     p.add_argument("store", help="a feature store (from extract or sweep)")
     p.add_argument("--out", required=True, help='output folder')
-    p.add_argument("--t", type=int, required=True, help='the stored timestep the heads read')
+    p.add_argument("--t", type=int, help="the stored timestep the heads read (default: the store's one timestep)")
     p.add_argument("--blocks", dest="block", type=one_tap, help="the stored block number (or module path) the heads read (required)")
     deprecated(p, "--block", "--blocks", dest="block", type=one_tap)
     p.add_argument("--pool", type=int, required=True, help="the stored pool size; spatial heads want ≥ 2 (e.g. 4)")

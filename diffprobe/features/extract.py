@@ -27,10 +27,10 @@ from ..data import (
     LabeledImages,
     TransformedImages,
     augment_description,
-    model_transform,
+    backbone_transform,
+    backbone_transform_description,
     open_dataset,
     stratified_subset,
-    transform_description,
 )
 from ..errors import DiffprobeError
 from ..validate import known_keywords
@@ -104,7 +104,7 @@ def build_manifest(backbone: Backbone, data: LabeledImages, rows: np.ndarray, pl
             "role": {"role": options.rows_role, "split": list(options.role_split)} if options.rows_role else None,
         },
         "transform": (augment_description(backbone.image_size, options.augment_views, options.augment_seed)
-                      if options.augment_views else transform_description(backbone.image_size)),
+                      if options.augment_views else backbone_transform_description(backbone)),
         "noise": {"schedule": backbone.schedule.name, **parameterization(backbone.schedule), **plan.noise()},
         "dtype": options.dtype,
         "precision": compute.precision,
@@ -271,7 +271,7 @@ def fill(store: FeatureStore, backbone: Backbone, data: LabeledImages, plan: Fea
         dataset = AugmentedViews(data, rows, views, backbone.image_size, o.augment_seed)
         batches = [list(range(store.rows))[store.chunk_slice(chunk)] for chunk, _ in todo]
     else:  # the loader addresses dataset indices
-        dataset = TransformedImages(data, model_transform(backbone.image_size), backbone.image_size)
+        dataset = TransformedImages(data, backbone_transform(backbone), backbone.image_size)
         batches = [rows[store.chunk_slice(chunk)].tolist() for chunk, _ in todo]
     workers = o.workers if o.workers is not None else (0 if compute.device.type == "cpu" else 8)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=compute.device.type == "cuda")

@@ -78,7 +78,10 @@ def featurize(backbone: Backbone, x0: torch.Tensor, plan: FeaturePlan, indices: 
     runner = compute.prepare(backbone)
     keys = list(keys) if keys is not None else plan.resolve(backbone).keys
     x0 = x0.to(compute.device) if encoded else encode_images(backbone, x0, compute)
-    noises = [e.to(compute.device) for e in noise_draws(indices, plan.noise_seed, tuple(x0.shape[1:]), plan.draws, views)]
+    if getattr(backbone.schedule, "noisy", True):
+        noises = [e.to(compute.device) for e in noise_draws(indices, plan.noise_seed, tuple(x0.shape[1:]), plan.draws, views)]
+    else:  # an encoder reads the clean image: no noise to draw, one pass
+        noises = [None]
     sums: dict[FeatureKey, torch.Tensor] = {}
     for t in sorted({k.t for k in keys}):
         keys_t = [k for k in keys if k.t == t]
@@ -90,4 +93,4 @@ def featurize(backbone: Backbone, x0: torch.Tensor, plan: FeaturePlan, indices: 
             for k in keys_t:
                 pooled = pool_features(feats[k.block], k.pool)
                 sums[k] = pooled if k not in sums else sums[k] + pooled
-    return {k: v / plan.draws for k, v in sums.items()}
+    return {k: v / len(noises) for k, v in sums.items()}

@@ -153,3 +153,30 @@ class FlowSchedule:
             sigma = sigma.expand(x0.shape[0])
         s = sigma.to(x0.device, x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
         return (1 - s) * x0 + s * eps
+
+
+@dataclass(frozen=True, eq=False)
+class CleanImage:
+    """The "schedule" of a backbone that is not a diffusion model (backbones/encoders.py): it reads
+    the clean image. t = 0 is the only setting, x_t = x0, and no noise is drawn; stores record it."""
+
+    parameterization = "none"
+    name = "clean-image"
+    num_timesteps = 1
+    num_train_timesteps = 0
+    noisy = False
+
+    def identity(self) -> bytes:
+        return b"clean-image"
+
+    def describe_t(self) -> str:
+        return "not a diffusion model: it reads the clean image, so there is no timestep (stores use t = 0)"
+
+    def check_timesteps(self, ts: Sequence[int]) -> list[int]:
+        if any(int(t) != 0 for t in ts):
+            raise DiffprobeError("this backbone is not a diffusion model: it reads the clean image, so --t does not apply "
+                                 "(leave it out)")  # fmt: skip
+        return [0 for _ in ts]
+
+    def q_sample(self, x0: torch.Tensor, t: int | torch.Tensor, eps: torch.Tensor | None) -> torch.Tensor:
+        return x0

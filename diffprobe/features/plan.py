@@ -86,15 +86,13 @@ class FeaturePlan:
     resolved: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "t", parse_ints(self.t, "t"))
+        object.__setattr__(self, "t", () if self.t is None else parse_ints(self.t, "t"))  # (): set by resolve (encoders: 0)
         blocks = self.blocks
         if isinstance(blocks, str) and blocks.strip().lower() == "all":
             object.__setattr__(self, "blocks", "all")
         else:
             object.__setattr__(self, "blocks", parse_taps(blocks))
         object.__setattr__(self, "pools", parse_ints(self.pools, "pools"))
-        if not self.t:
-            raise DiffprobeError("no timesteps requested")
         if not self.blocks:
             raise DiffprobeError("no blocks requested")
         if not self.pools or min(self.pools) < 1:
@@ -107,19 +105,23 @@ class FeaturePlan:
         ('all' expanded), pools no larger than each block's map. The one place these are checked."""
         if self.resolved:
             return self
+        if not getattr(backbone.schedule, "noisy", True) and not self.t:
+            return replace(self, t=(0,)).resolve(backbone)  # an image encoder: the clean image, t = 0
+        if not self.t:
+            raise DiffprobeError("no timesteps requested: a diffusion model needs --t (e.g. --t 90,150)")
         backbone.schedule.check_timesteps(self.t)
         blocks = tuple(backbone.resolve_blocks(self.blocks))
         for b in blocks:
             res = backbone.tap_info(b).resolution
-            if max(self.pools) > res:
+            if max(self.pools) > res > 1:  # (a 1×1 block is a vector, such as an encoder's class token: every pool repeats it)
                 where = f"block {b}'s" if isinstance(b, int) else f"{b}'s"
                 raise DiffprobeError(f"pool {max(self.pools)} is larger than {where} {res}×{res} feature map")
         return replace(self, blocks=blocks, resolved=True)
 
     @property
     def keys(self) -> list[FeatureKey]:
-        if self.blocks == "all":
-            raise DiffprobeError("resolve the plan against a backbone first: blocks='all' has no keys yet")
+        if self.blocks == "all" or not self.t:
+            raise DiffprobeError("resolve the plan against a backbone first: blocks='all' or no timesteps has no keys yet")
         return feature_keys(self.t, self.blocks, self.pools)
 
     @classmethod

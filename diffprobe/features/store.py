@@ -586,6 +586,13 @@ class FeatureStore:
     def is_complete(self, key: FeatureKey) -> bool:
         return self._paths(key)[0].exists() and bool(self.done_chunks(key).all()) and self._array_problem(key) is None
 
+    def only_timestep(self) -> int:
+        """The store's timestep when it holds one (an image encoder's store: 0); otherwise ask for --t."""
+        ts = sorted({k.t for k in self.keys()})
+        if len(ts) != 1:
+            raise DiffprobeError(f"{self.root} holds timesteps {', '.join(map(str, ts)) or 'none'}: give --t")
+        return ts[0]
+
     def complete_keys(self) -> list[FeatureKey]:
         """The settings ready to read. A damaged file is an error naming it, not a setting quietly
         left out: the reader would otherwise say only "no complete features"."""

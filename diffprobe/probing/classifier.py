@@ -19,7 +19,7 @@ from torch import nn
 
 from ..backbones import load_backbone
 from ..backbones.base import Backbone
-from ..data import model_transform, read_image, to_rgb
+from ..data import backbone_transform, read_image, to_rgb
 from ..errors import DiffprobeError
 from ..features.featurize import featurize
 from ..features.plan import FeaturePlan
@@ -60,7 +60,7 @@ class Classifier(nn.Module):
         self.compute = compute or choose_compute()
         label = manifest["backbone"].get("class_label")
         self.class_label = None if label is None else int(label)
-        self.transform = model_transform(backbone.image_size)
+        self.transform = backbone_transform(backbone)
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "auto", backbone: str | None = None) -> "Classifier":

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..backbones.base import Backbone
-from ..data import AugmentedViews, LabeledImages, TransformedImages, model_transform, stratified_subset
+from ..data import AugmentedViews, LabeledImages, TransformedImages, backbone_transform, stratified_subset
 from ..errors import DiffprobeError
 from ..features.distributed import join, ranks
 from ..features.extract import ExtractOptions, build_manifest
@@ -88,7 +88,7 @@ def train_online(backbone: Backbone, data: LabeledImages, plan: FeaturePlan, con
     workers = o.workers if o.workers is not None else (0 if compute.device.type == "cpu" else 8)
     fingerprint = backbone.fingerprint()
     runner = compute.prepare(backbone)
-    centre = TransformedImages(data, model_transform(backbone.image_size), backbone.image_size)
+    centre = TransformedImages(data, backbone_transform(backbone), backbone.image_size)
 
     def centre_features(indices: np.ndarray, desc: str) -> tuple[list[torch.Tensor], torch.Tensor]:
         parts: list[list[torch.Tensor]] = []
@@ -214,7 +214,8 @@ def train_online(backbone: Backbone, data: LabeledImages, plan: FeaturePlan, con
 def diffeed_logits(model, runner: Backbone, x0: torch.Tensor, index, views, plan: FeaturePlan, key, compute: Compute) -> torch.Tensor:
     """DifFeed's logits for clean images: encode, noise (as featurize does), two passes."""
     x0 = encode_images(runner, x0, compute)
-    eps = noise_draws(index.tolist(), plan.noise_seed, tuple(x0.shape[1:]), 1, views)[0].to(compute.device)
+    noisy = getattr(runner.schedule, "noisy", True)
+    eps = noise_draws(index.tolist(), plan.noise_seed, tuple(x0.shape[1:]), 1, views)[0].to(compute.device) if noisy else None
     x_t = compute.batch(runner.schedule.q_sample(x0, key.t, eps))
     with compute.autocast():
         return model(x_t, key.t).float()
