@@ -213,3 +213,22 @@ def _save_top1_bars(fig, ax, path: str | Path, title: str) -> None:
     ax.set_title(fitted_title(title, fig.get_size_inches()[0] - 1.0, 9), fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     _save(fig, path)
+
+
+def compare_bars(path: str | Path, rows: Sequence[dict], kinds: Sequence[str], names: Sequence[str], title: str) -> None:
+    """Top-1 per backbone (groups) and probe (bars), each with its interval; non-generative backbones' labels in italics."""
+    width = 0.8 / max(1, len(kinds))
+    fig, ax = plt.subplots(figsize=(1.4 * len(rows) * max(1, len(kinds)) / 2 + 4.5, 4.2))
+    x = np.arange(len(rows))
+    for j, (kind, name) in enumerate(zip(kinds, names)):
+        figures = [r.get(kind) or {} for r in rows]
+        values = [f.get("top1") if f.get("top1") is not None else np.nan for f in figures]
+        errors = np.array([[f["top1"] - f["low"], f["high"] - f["top1"]] if f.get("low") is not None else [0, 0] for f in figures]).T
+        bars = ax.bar(x + (j - (len(kinds) - 1) / 2) * width, values, width, yerr=errors, capsize=2, label=name)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, zorder=4, bbox=LABEL_BOX)
+    labels = [textwrap.fill(r["backbone"], 22) for r in rows]
+    ax.set_xticks(x, labels, fontsize=7)
+    for tick, r in zip(ax.get_xticklabels(), rows):
+        tick.set_fontstyle("normal" if r["generative"] == "yes" else "italic")
+    ax.set_xlabel("backbone (italic: not generative)")
+    _save_top1_bars(fig, ax, path, title)

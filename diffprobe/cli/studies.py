@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..errors import DiffprobeError
 from ..features.distributed import ranks
@@ -37,6 +38,18 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     if ranks().is_main:  # under torchrun, one report
         print(describe_summary(summary))
         print(f"report: {args.out}/sweep.csv, {args.out}/heatmap_pool*.png, {args.out}/summary.json")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from ..studies.compare import Entry, compare
+
+    entries = [Entry.parse(text) for text in args.backbones]
+    rows = compare(entries, open_data(args), args.out, t=args.t or (10, 50, 150), blocks=args.blocks or "all", pools=args.pool,
+                   heads=args.heads, options=extract_options_from(args), val_fraction=args.val_fraction,
+                   split_seed=args.split_seed, report_share=args.report_share, probe=args.probe, controls=not args.no_controls,
+                   head_epochs=args.head_epochs, test_data=open_test_data(args), test_limit=args.test_limit)  # fmt: skip
+    print((Path(args.out) / "compare.md").read_text().rstrip())
+    print(f"table: {args.out}/compare.csv, compare.json, compare.md, compare.png ({len(rows)} backbones)")
 
 
 def cmd_transfer(args: argparse.Namespace) -> None:
@@ -115,6 +128,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also train this head on the best setting (repeatable)")
     p.add_argument("--head-epochs", type=int, help="epochs for those heads (default: the modern recipe's 30)")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("compare", help="several backbones (diffusion models and image encoders) on one dataset and one "
+                       "split: one table, as the paper's Table 1")  # fmt: skip
+    p.add_argument("backbones", nargs="+", help="backbone specs, each optionally SPEC@key=value,… (blocks=, t=, pool=, name=, and "
+                   "load options such as weights=random or prompt=)")  # fmt: skip
+    add_data_args(p)
+    p.add_argument("--out", required=True, help="comparison folder: one sweep folder per backbone, compare.csv/.json/.md/.png")
+    add_extract_args(p, blocks_required=False)
+    add_fast_probe_args(p)
+    add_test_data_args(p)
+    p.add_argument("--heads", type=lambda s: [h for h in s.split(",") if h], default=["linear", "attention"],
+                   help="heads trained on each backbone's chosen cell (comma-separated; empty: the fast probe only)")
+    p.add_argument("--head-epochs", type=int, help="epochs for those heads (default: the modern recipe's)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("transfer", help="one backbone setting on several datasets: one table")
     add_backbone_args(p)
