@@ -14,7 +14,7 @@ from ..errors import DiffprobeError
 from .encoders import EncoderLayout, VisionEncoder
 
 VISION_TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel", "siglip2": "Siglip2VisionModel"}
-CLS_NORMS = ("layernorm", "vision_model.post_layernorm")  # the final norm that a class-token probe reads
+CLS_NORMS = ("layernorm", "post_layernorm", "vision_model.post_layernorm")  # the final norm that a class-token probe reads
 RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL's numbers, as image processors store them
 
 
@@ -90,7 +90,7 @@ def load_hf(target: str, weights: str | None = None, **options: Any) -> VisionEn
     model = _build(target, weights)
     vision = getattr(model.config, "vision_config", None) or model.config
     paths = _layers(model, vision.num_hidden_layers)
-    prefix = 0 if config.model_type in ("siglip", "siglip2") else 1 + int(getattr(vision, "num_register_tokens", 0) or 0)
+    prefix = 0 if config.model_type.startswith("siglip") else 1 + int(getattr(vision, "num_register_tokens", 0) or 0)  # SigLIP: no class token
     modules = dict(model.named_modules())
     norm = next((n for n in CLS_NORMS if prefix and n in modules and not isinstance(modules[n], nn.Identity)), None)
     pre = _preprocessing(target, config)

@@ -165,7 +165,9 @@ class VisionEncoder(Backbone):
     def random_like(self, seed: int = 0) -> "VisionEncoder":
         """The same architecture freshly initialised (the library's own init, from the seed)."""
         config = {k: v for k, v in self.config.items() if k != "preprocess"}
-        fresh = VisionEncoder(self._rebuild(seed), self.layout, self.family, config, f"{self.source} (random weights)", self._rebuild, "random")
+        with torch.random.fork_rng():  # the seed is this control's; the caller's random state is left as it was
+            model = self._rebuild(seed)
+        fresh = VisionEncoder(model, self.layout, self.family, config, f"{self.source} (random weights)", self._rebuild, "random")
         fresh.spec, fresh.load_options = self.spec, {**self.load_options, "weights": "random"}
         return fresh
 
