@@ -130,6 +130,9 @@ def test_encoder_stores_and_bad_input(tmp_path, cifar_small, capsys, caplog):
     assert manifest["noise"]["schedule"] == "clean-image" and {p.name[:5] for p in (store / "features").glob("*.npy")} == {"t0000"}
     assert "RANDOM weights" in caplog.text
     assert main(["probe", str(store), "--blocks", "3", "--epochs", "2", "--out", str(tmp_path / "run")]) == 0  # --t: the store's one
+    image = next((cifar_small / "cat").iterdir())  # predict reloads the random-weights model: the same weights, from the seed
+    assert main(["predict", str(tmp_path / "run"), str(image), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["top"]
 
     bad = [
         (["extract", spec, *small, "--data", str(cifar_small), "--blocks", "1", "--t", "90", "--out", str(tmp_path / "s")],

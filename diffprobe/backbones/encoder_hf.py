@@ -42,8 +42,7 @@ def _build(target: str, weights: str | None, seed: int | None = None) -> nn.Modu
         config.mask_ratio = 0.0  # every patch, none masked: a feature pass sees the whole image
     cls = _model_class(config)
     if weights == "random":
-        if seed is not None:
-            torch.manual_seed(seed)
+        torch.manual_seed(0 if seed is None else seed)  # random weights are a function of the seed: a reload gives the same model
         vision = getattr(config, "vision_config", None)
         return cls._from_config(vision if vision is not None and cls.__name__ in VISION_TOWERS.values() else config)
     if weights is not None:

@@ -16,8 +16,7 @@ def _create(name: str, weights: str | None, seed: int | None = None, **options: 
     import timm
     import torch
 
-    if seed is not None:
-        torch.manual_seed(seed)
+    torch.manual_seed(0 if seed is None else seed)  # random weights are a function of the seed: a reload gives the same model
     if weights not in (None, "random") and not Path(weights).is_file():
         raise DiffprobeError(f"weights file {weights} not found (weights: a file, random, or leave it out for timm's own)")
     try:

@@ -19,8 +19,7 @@ def _build(arch: str, weights: str | None, seed: int | None = None):
 
     if arch not in tvm.list_models():
         raise DiffprobeError(f"torchvision does not know the model {arch!r} (torchvision.models.list_models() lists them)")
-    if seed is not None:
-        torch.manual_seed(seed)
+    torch.manual_seed(0 if seed is None else seed)  # random weights are a function of the seed: a reload gives the same model
     if weights is None or weights == "random" or Path(weights).is_file():
         model = tvm.get_model(arch, weights=None)
         if weights not in (None, "random"):

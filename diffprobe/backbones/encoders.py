@@ -190,7 +190,8 @@ def load_encoder(spec: str, device: str = "cpu", weights: str | None = None, **o
         from .encoder_torchvision import load_torchvision as loader
     else:
         from .encoder_hf import load_hf as loader
-    backbone = loader(target, weights, **options)
+    with torch.random.fork_rng():  # a loader seeds its random init; the caller's random state stays as it was
+        backbone = loader(target, weights, **options)
     if backbone.random_weights:
         import logging
 

@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..errors import DiffprobeError
 from .common import (add_backbone_args, add_data_args, add_extract_args, add_split_args, extract_options_from, load_backbone_from, log,
                      open_data, plan_from)
 
 
 def cmd_blocks(args: argparse.Namespace) -> None:
     backbone = load_backbone_from(args)
+    if args.all and not getattr(backbone, "generative", True):
+        raise DiffprobeError(f"{backbone.spec} is an image encoder: its blocks are its stages or layers (`diffprobe blocks "
+                             f"{backbone.spec}`); module paths inside blocks are read in diffusion backbones")  # fmt: skip
     if args.all:
         return _print_modules(backbone, args.json)
     rows = backbone.block_table()
@@ -29,7 +33,10 @@ def cmd_blocks(args: argparse.Namespace) -> None:
     for r in rows:
         need = f"  {_count(r['weights_to_here'])} ({2 * r['weights_to_here'] / 1e9:.3g} GB)" if weights else ""
         print(f"{r['index']:>5}  {r['name']:<28} {r['channels']:>8}  {r['resolution']:>7}×{r['resolution']}{need}")
-    print(f"--blocks takes these numbers, or module paths inside them: `diffprobe blocks {backbone.spec} --all` lists those")
+    if getattr(backbone, "generative", True):
+        print(f"--blocks takes these numbers, or module paths inside them: `diffprobe blocks {backbone.spec} --all` lists those")
+    else:
+        print("--blocks takes these numbers (no --t: an image encoder reads the clean image)")
 
 
 def _print_modules(backbone, as_json: bool) -> None:
