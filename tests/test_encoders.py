@@ -131,6 +131,7 @@ def test_encoder_stores_and_bad_input(tmp_path, cifar_small, capsys, caplog):
     assert "RANDOM weights" in caplog.text
     assert main(["probe", str(store), "--blocks", "3", "--epochs", "2", "--out", str(tmp_path / "run")]) == 0  # --t: the store's one
     image = next((cifar_small / "cat").iterdir())  # predict reloads the random-weights model: the same weights, from the seed
+    capsys.readouterr()
     assert main(["predict", str(tmp_path / "run"), str(image), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["top"]
 
