@@ -44,7 +44,7 @@ def test_pretrain_sample_extract_probe_export_demo(cifar_small, cifar_with_test,
 
     out = tmp_path / "demo"
     assert main(["demo", "--data", str(cifar_small), "--checkpoint", str(ckpt / "ema.pt"), "--out", str(out), "--limit", "300",
-                 "--blocks", "3,5", "--t", "10,30", "--head-epochs", "2", "--samples", "4"]) == 0  # fmt: skip
+                 "--blocks", "3,5", "--t", "10,30", "--head-epochs", "2", "--samples", "4", "--baseline-epochs", "1"]) == 0  # fmt: skip
     report = (out / "REPORT.md").read_text()
     summary = json.loads((out / "sweep" / "summary.json").read_text())
     assert f"{summary['best']['report']['estimate']:.2f}% [{summary['best']['report']['low']:.2f}," in report
@@ -57,6 +57,12 @@ def test_pretrain_sample_extract_probe_export_demo(cifar_small, cifar_with_test,
     assert all(h["inputs"][0].endswith("_p4") for h in heads.values()) and len(heads["fusion"]["inputs"]) == 2
     for kind, h in heads.items():  # every head's number is in the report, with its interval
         assert f"| {kind} |" in report and f"{h['report']['estimate']:.2f}% [{h['report']['low']:.2f}" in report
+    baseline = demo["sweep"]["baseline"]  # a supervised ResNet-18 beside the diffusion features, same rows, same probe
+    assert "Beside a discriminative network" in report and f"**{baseline['finding']['verdict']}**" in report
+    assert baseline["finding"]["difference"]["rows"] == summary["roles"]["report"]
+    base_summary = json.loads((out / "baseline-sweep" / "summary.json").read_text())
+    same = ("train", "select", "report", "report_images", "val_fraction", "split_seed", "report_share")
+    assert {k: base_summary["roles"][k] for k in same} == {k: summary["roles"][k] for k in same} and base_summary["best"]["t"] == 0
     judged = demo["sweep"]["findings"]  # each finding has a verdict from its paired interval
     assert len(judged) >= 5 and all(f"**{f['verdict']}**" in report for f in judged)
     for f in judged:
@@ -66,7 +72,8 @@ def test_pretrain_sample_extract_probe_export_demo(cifar_small, cifar_with_test,
     # With a test split, every number of the demo (cells, controls, heads, findings) is the test split's.
     out = tmp_path / "demo-test"
     assert main(["demo", "--data", str(cifar_with_test), "--test-data", str(cifar_with_test), "--checkpoint", str(ckpt / "ema.pt"),
-                 "--out", str(out), "--blocks", "3,5", "--t", "10,30", "--head-epochs", "1", "--samples", "1"]) == 0  # fmt: skip
+                 "--out", str(out), "--blocks", "3,5", "--t", "10,30", "--head-epochs", "1", "--samples", "1",
+                 "--baseline-epochs", "0"]) == 0  # fmt: skip
     demo = json.loads((out / "demo.json").read_text())
     sweep = demo["sweep"]
     assert sweep["roles"]["report"] == 0 and sweep["roles"]["report_images"] == 80

@@ -23,7 +23,8 @@ SHRINK = {"--epochs": "1", "--num": "4", "--augment-views": "2", "--limit": "60"
 # Commands whose sizes have defaults the README leaves out: the same shrinking, as flags.
 SIZE_FLAGS = {"pretrain": ["--batch-size", "4"],
               "export": ["--samples", "2", "--limit", "60", "--blocks", "20", "--t", "10", "--pool", "1"],
-              "demo": ["--limit", "60", "--held-out", "20", "--samples", "2", "--head-epochs", "1", "--blocks", "20", "--t", "10,100"]}
+              "demo": ["--limit", "60", "--held-out", "20", "--samples", "2", "--head-epochs", "1", "--blocks", "20", "--t", "10,100",
+                       "--baseline-epochs", "1"]}
 
 
 def readme_commands() -> list[list[str]]:

@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import DiffprobeError
 from .base import Backbone, BlockInfo
 
-FAMILIES = ("adm", "diffusers", "timm", "torchvision", "hf")
+FAMILIES = ("adm", "diffusers", "timm", "torchvision", "hf", "baseline")
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -31,7 +31,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
             return "adm", spec
         raise DiffprobeError(
             f"backbone spec {spec!r} not understood: expected adm:PATH.pt, adm:random, diffusers:PATH_OR_HUB_ID, "
-            "or an image encoder: timm:NAME, torchvision:ARCH, hf:MODEL_ID_OR_FOLDER"
+            "or an image encoder: timm:NAME, torchvision:ARCH, hf:MODEL_ID_OR_FOLDER, baseline:DIR"
         )
     return family, target
 
@@ -49,7 +49,7 @@ def load_backbone(spec: str, device: str = "cpu", **options: Any) -> Backbone:
         from .adm_backbone import load_adm
 
         backbone: Backbone = load_adm(None if target == "random" else target, device=device, **options)
-    elif family in ("timm", "torchvision", "hf"):  # not diffusion models: the clean image, blocks = stages or layers
+    elif family in ("timm", "torchvision", "hf", "baseline"):  # not diffusion models: the clean image, blocks = stages or layers
         from .encoders import load_encoder
 
         backbone = load_encoder(spec, device=device, **options)

@@ -15,7 +15,7 @@ What differs from a diffusion backbone, and only here:
 - preprocessing is the model's own: the data transform resizes and crops as its library says
   (`resize_size`, `interpolation`), and `encode` maps [-1, 1] images to its mean/std.
 
-Loaders: encoder_timm.py, encoder_torchvision.py, encoder_hf.py.
+Loaders: encoder_timm.py, encoder_torchvision.py, encoder_hf.py, encoder_baseline.py (`diffprobe baseline train`'s ResNet).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from .base import Backbone, BlockInfo
 from .taps import StopPass
 from .tokens import tokens_to_map
 
-ENCODER_FAMILIES = ("timm", "torchvision", "hf")
+ENCODER_FAMILIES = ("timm", "torchvision", "hf", "baseline")
 
 
 @dataclass
@@ -175,7 +175,8 @@ class VisionEncoder(Backbone):
 def parse_encoder_spec(spec: str) -> tuple[str, str]:
     family, _, target = spec.partition(":")
     if family not in ENCODER_FAMILIES or not target:
-        raise DiffprobeError(f"encoder spec {spec!r} not understood: expected timm:NAME, torchvision:ARCH or hf:MODEL_ID_OR_FOLDER")
+        raise DiffprobeError(f"encoder spec {spec!r} not understood: expected timm:NAME, torchvision:ARCH, hf:MODEL_ID_OR_FOLDER "
+                             "or baseline:DIR")  # fmt: skip
     return family, target
 
 
@@ -188,6 +189,8 @@ def load_encoder(spec: str, device: str = "cpu", weights: str | None = None, **o
         from .encoder_timm import load_timm as loader
     elif family == "torchvision":
         from .encoder_torchvision import load_torchvision as loader
+    elif family == "baseline":  # a ResNet from `diffprobe baseline train`
+        from .encoder_baseline import load_baseline as loader
     else:
         from .encoder_hf import load_hf as loader
     with torch.random.fork_rng():  # a loader seeds its random init; the caller's random state stays as it was

@@ -111,7 +111,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     result = run_demo(open_data(args), args.out, args.checkpoint, limit=TRAIN_IMAGES if args.limit is None else args.limit,
                       held_out=HELD_OUT_IMAGES if args.held_out is None else args.held_out, blocks=args.blocks,
                       timesteps=args.t, head_epochs=args.head_epochs, samples=args.samples, test_data=open_test_data(args),
-                      test_limit=args.test_limit)  # fmt: skip
+                      test_limit=args.test_limit, baseline_epochs=args.baseline_epochs)  # fmt: skip
     print(describe_summary(result["sweep"]))
     print(f"report: {args.out}/REPORT.md ({result['wall_seconds'] / 60:.1f} min)")
 
@@ -216,6 +216,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--t", type=int_list, default=[10, 100], help="timesteps (the fusion head fuses the best block at two)")
     p.add_argument("--head-epochs", type=int, help="one epoch count for every head (default: each head's demo setting)")
     p.add_argument("--samples", type=int, default=16, help="DDIM samples in the grid")
+    p.add_argument("--baseline-epochs", type=int, default=4, help="epochs of the supervised ResNet-18 set beside the "
+                   "diffusion features (0: leave it out)")  # fmt: skip
     add_test_data_args(p)
     p.set_defaults(func=cmd_demo)
 

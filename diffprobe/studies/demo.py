@@ -8,7 +8,9 @@ every block and pool; nothing is extracted twice):
   2. the controls: raw pixels and the same architecture with random weights, given the same search;
   3. linear, MLP and attention heads on the best block's 4×4 map, and a fusion head over that
      map at two timesteps (the paper's DifFormer);
-  4. a DDIM sample grid;
+  4. a supervised ResNet-18 trained from scratch on training images (`baseline train`), its stages
+     swept by the same probe on the same rows: diffusion features beside a discriminative network;
+  5. a DDIM sample grid;
 and REPORT.md, which judges each of the paper's findings on the report rows (or a test set),
 which no choice saw: holds, does not hold, or not separable at this size, with the paired
 interval and the file it came from.
@@ -64,6 +66,9 @@ MAP_POOL = 4  # the spatial heads read the block's map average-pooled to 4×4: 1
 # report images and ±5.6 at 300, and that width decides which of the paper's findings separate at
 # all. 2,100 images keep the demo within 4 minutes on a 2-core AVX2-only CPU (README).
 TRAIN_IMAGES, HELD_OUT_IMAGES = 1500, 600
+# The supervised ResNet-18 beside the diffusion model: 4 epochs on the 1,500 training images, about
+# a minute on 2 CPU cores; enough to be a real discriminative network on this split, not a strong one.
+BASELINE_EPOCHS = 4
 
 # The heads' settings, fixed from the modern recipe's searches on these features (README "Heads"),
 # so the demo trains each head once instead of once per grid point. The linear head trains 60
@@ -84,7 +89,7 @@ def run_demo(data: LabeledImages, out: str | Path, checkpoint: str | Path | None
              blocks: Sequence[int] = (8, 13, 18, 20), timesteps: Sequence[int] = (10, 100),
              heads: Sequence[str] = ("linear", "mlp", "attention", "fusion"), head_epochs: int | None = None,
              samples: int = 16, sample_steps: int = 25, test_data: LabeledImages | None = None,
-             test_limit: int | None = None) -> dict[str, Any]:  # fmt: skip
+             test_limit: int | None = None, baseline_epochs: int = BASELINE_EPOCHS) -> dict[str, Any]:  # fmt: skip
     from ..generate.sample import sample_grid
     from .sweep import sweep
 
@@ -108,6 +113,9 @@ def run_demo(data: LabeledImages, out: str | Path, checkpoint: str | Path | None
     reporting = sweep_reporting(out / "sweep", summary)
     summary["heads"], hits = train_map_heads(reporting, out / "heads", summary, heads, head_epochs, str(compute.device))
     summary["findings"] = judge_findings(reporting, summary, hits, str(compute.device))
+    if baseline_epochs:
+        summary["baseline"] = baseline_row(data, out, reporting, summary, options, baseline_epochs, backbone.image_size,
+                                           str(compute.device), test_data, test_limit)  # fmt: skip
     grid = sample_grid(backbone, out / "samples", samples, sample_steps, compute)
     result = {"checkpoint": str(checkpoint), "data": data.name, "images": {"train": limit, "held_out": held_out},
               "sweep": summary, "compute": compute.describe(),
@@ -115,6 +123,46 @@ def run_demo(data: LabeledImages, out: str | Path, checkpoint: str | Path | None
     (out / "demo.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
     write_report(out, result, card_path(checkpoint))
     return result
+
+
+def baseline_row(data: LabeledImages, out: Path, reporting: Reporting, summary: dict[str, Any], options: ExtractOptions,
+                 epochs: int, image_size: int, device: str, test_data: LabeledImages | None, test_limit: int | None) -> dict[str, Any]:  # fmt: skip
+    """A ResNet-18 trained from scratch on training images only (the dataset-wide split keeps the
+    selection and report rows out of it), read as a backbone: its stages swept by the same fast
+    probe on the same rows as the diffusion model, and the two best cells compared on the report
+    rows. Trained once: a rerun reads baseline/ back."""
+    from ..backbones import load_backbone
+    from .baseline import train_baseline
+    from .compare import split_identity
+    from .sweep import cell_key, cell_score, sweep
+
+    folder = out / "baseline"
+    training = {"arch": "resnet18", "epochs": epochs, "limit": options.limit}
+    info_path = folder / "baseline.json"
+    if not (info_path.is_file() and {k: json.loads(info_path.read_text()).get(k) for k in training} == training):
+        # `limit` training images: the subset is drawn from the whole dataset, then its held-out part dropped.
+        total = None if options.limit is None else round(options.limit / (1 - summary["val_fraction"]))
+        train_baseline(data, folder, "resnet18", image_size, epochs, limit=total, val_fraction=summary["val_fraction"],
+                       split_seed=summary["split_seed"], device=device)  # fmt: skip
+        info = json.loads(info_path.read_text())
+        info_path.write_text(json.dumps({**info, "limit": options.limit}, indent=1))
+    info = json.loads(info_path.read_text())
+    network = load_backbone(f"baseline:{folder}")
+    theirs = sweep(network, data, out / "baseline-sweep", FeaturePlan(t=None, blocks="all", pools=(1,)), options, controls=False,
+                   val_fraction=summary["val_fraction"], split_seed=summary["split_seed"], report_share=summary["report_share"],
+                   test_data=test_data, test_limit=test_limit)  # fmt: skip
+    their_reporting = sweep_reporting(out / "baseline-sweep", theirs)
+    args = (summary["val_fraction"], summary["split_seed"], summary["report_share"])
+    if split_identity(their_reporting.store, *args)[0] != split_identity(reporting.store, *args)[0]:
+        raise DiffprobeError("the baseline's store holds other rows than the diffusion sweep's: remove OUT/baseline-sweep and rerun")
+    row = {"network": f"ResNet-18 trained from scratch on {info['train_images']} training images ({epochs} epochs, "
+                      f"validation top-1 {info['val_top1']:.1f}%)", "best": theirs["best"], "folder": str(folder)}  # fmt: skip
+    if reporting.reports:
+        ours = cell_score(summary["probe"], reporting, cell_key(summary["best"]), device).report_hits
+        base = cell_score(theirs["probe"], their_reporting, cell_key(theirs["best"]), device).report_hits
+        row["finding"] = claim("Diffusion features beat a supervised network's on the same rows", "pre-trained diffusion best cell",
+                               f"supervised ResNet-18 stage {theirs['best']['block']}", paired_difference(ours, base))  # fmt: skip
+    return row
 
 
 def sweep_reporting(sweep_dir: Path, summary: dict[str, Any]) -> Reporting:
@@ -273,6 +321,15 @@ def write_report(out: Path, result: dict[str, Any], card: Path) -> None:
                   "|---|---|---|---|---|"]  # fmt: skip
         for kind, h in heads.items():
             lines.append(f"| {kind} | {', '.join(h['inputs'])} | {headline(h)} | {h['select_top1']:.2f}% | {h['chosen']['epoch']} |")
+    if s.get("baseline"):
+        b = s["baseline"]
+        lines += ["", "## Beside a discriminative network (same images, same split, same probe; `baseline-sweep/summary.json`)", "",
+                  "| features | top-1 on the report rows (95% interval) | chosen cell |", "|---|---|---|",
+                  f"| pre-trained diffusion U-Net (generative, no labels) | {headline(best)} | t={best['t']} block {best['block']} |",
+                  f"| {b['network']} (supervised on the labels) | {headline(b['best'])} | stage {b['best']['block']} (layer{b['best']['block']}) |"]  # fmt: skip
+        if b.get("finding"):
+            lines += ["", f"- {b['finding']['text']}: **{b['finding']['verdict']}**."]
+        lines += ["", "`diffprobe compare` builds this table for any backbones: see the README's *Compare with other representations*."]
     lines += ["", "## Generation (DDIM, `samples/samples.json`)", "", "![samples](samples/grid.png)", ""]
     if info:
         lines += ["## The checkpoint (its card: `" + str(card.parent / "MODEL_CARD.md") + "`)", ""]
