@@ -210,3 +210,14 @@ def save_flux(folder: Path, seed: int = 0, guidance: bool = True, **overrides) -
              "tokenizer_2": ["transformers", "T5TokenizerFast"], "image_encoder": [None, None], "feature_extractor": [None, None]}  # fmt: skip
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", **parts}))
     return str(folder)
+
+
+# Real sizes (random weights) for benchmarks/gpu_check.py: the shapes set the speed, not the weights.
+# SD 2.1's U-Net (865M) at 512 px: 64×64 latents; a VAE of the same factor 8, kept small (only x_t is timed).
+SD21_SHAPE = dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=1024,
+                  attention_head_dim=(5, 10, 20, 20), use_linear_projection=True, norm_num_groups=32,
+                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, vae_block_out_channels=(8, 8, 8, 8))  # fmt: skip
+# DiT-XL/2 (675M) at 256 px: 28 blocks 1152 wide over 32×32 latents, 1000 classes.
+DIT_XL_SHAPE = dict(num_attention_heads=16, attention_head_dim=72, num_layers=28, sample_size=32, num_embeds_ada_norm=1000,
+                    vae_block_out_channels=(8, 8, 8, 8))  # fmt: skip

@@ -67,3 +67,24 @@ def test_recipe_arms_override_the_baseline_and_keep_the_network_when_warm_starte
         bench_recipe.arm_setup(base, {"lrr": "1"}, scratch=True)
     with pytest.raises(SystemExit, match="expected 'name:key=value"):
         bench_recipe.parse_arm("lr 1e-3:lr")
+
+
+def test_gpu_check_runs_its_code_paths_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.py --device cpu --tiny: every family's parity and every throughput case run
+    (torchrun is left out here: test_distributed runs the same two checks), so the script a GPU
+    window depends on cannot rot."""
+    import json
+    import os
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    done = subprocess.run([sys.executable, str(script), "--device", "cpu", "--tiny", "--skip", "torchrun", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    parity, throughput = report["results"]["parity"], report["results"]["throughput"]
+    for family in ("Stable Diffusion", "SDXL", "DiT", "PixArt", "SD3", "FLUX", "diffusers UNet2DModel", "timm ViT", "transformers DINOv2"):
+        assert parity[family]["passed"] and parity[family]["bf16_min_cosine"] > 0.99, family
+    assert len(throughput) == 5 and all(r["passed"] for r in throughput.values())
+    assert all(r["min_cosine"] > 0.99 and r["ratio"] > 0 for name, r in throughput.items() if "ratio" in r)
+    assert report["failed"] == [] and "failed: none" in (tmp_path / "gpu_check.txt").read_text()

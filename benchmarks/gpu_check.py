@@ -1,0 +1,391 @@
+"""The GPU acceptance check: one command, one JSON, one short summary, for a short GPU window.
+
+    python benchmarks/gpu_check.py --device cuda --out gpu_check/       # a GPU: under 8 minutes
+    python benchmarks/gpu_check.py --device cpu --tiny --out /tmp/gc    # the same code paths on a CPU in a minute (a test runs it)
+
+Sections (each recorded, pass or fail, so one failure does not cost the rest of the window):
+  parity      every family's tiny model (ADM fixture, UNet2DModel, SD, SDXL, DiT, PixArt, SD3, FLUX,
+              timm, transformers): on the device in fp32 (TF32 off) against the CPU's fp32 features
+              (max error relative to the largest value), bf16 / fp16 by cosine, compiled against eager;
+  torchrun    2 processes on one device (NCCL refuses two ranks on one GPU, so gloo carries the
+              collectives there): the store is byte-identical to one process's, the DDP linear head
+              within ±0.5 points of one process's;
+  throughput  random weights at real sizes (--tiny: small ones), diffprobe's path against the plain
+              path (full fp32 forward + hook) in the same run, with the cosine between them: the
+              paper's ADM-256 to block 24 (img/s and share of the bf16 matmul peak), an SD-2.1-shaped
+              U-Net to up_blocks.1 at 512 px, a DiT-XL/2-shaped transformer to block 14 at 256 px, an
+              online attention-head step and a pretrain step of the shipped checkpoint's architecture;
+  memory      peak device memory of each throughput case.
+Writes OUT/gpu_check.json and OUT/gpu_check.txt; exits 1 when a check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the tiny pipeline builders the tests use
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+
+from diffprobe import load_backbone  # noqa: E402
+from diffprobe.features.featurize import pool_features  # noqa: E402
+from diffprobe.features.noise import image_noise  # noqa: E402
+from diffprobe.precision import Compute  # noqa: E402
+
+FIXTURE = ROOT.parent / "shared" / "fixtures" / "adm" / "adm_uncond_tiny.pt"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory(device: torch.device) -> float | None:
+    """Peak memory (MiB) since the last reset: the device's allocator on GPUs, the process's VmHWM on CPUs."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    try:
+        line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
+        return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, StopIteration):
+        return None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+class Report:
+    """Results by section, a summary line per result, and whether anything failed."""
+
+    def __init__(self, out: Path):
+        self.out, self.results, self.lines, self.failed = out, {}, [], []
+
+    def record(self, section: str, name: str, fn) -> None:
+        start = time.perf_counter()
+        try:
+            result = fn()
+            result["seconds"] = round(time.perf_counter() - start, 1)
+            ok = result.pop("ok", True)
+        except Exception as e:  # one broken family or setting is a finding, not the end of the window
+            result, ok = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc(limit=4)}, False
+        result["passed"] = ok
+        self.results.setdefault(section, {})[name] = result
+        shown = ", ".join(f"{k} {v}" for k, v in result.items() if k not in ("trace", "passed") and not isinstance(v, (dict, list)))
+        self.lines.append(f"[{'ok' if ok else 'FAIL'}] {section}/{name}: {shown}")
+        print(self.lines[-1], flush=True)
+        if not ok:
+            self.failed.append(f"{section}/{name}")
+
+    def write(self, header: dict) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "gpu_check.json").write_text(json.dumps({**header, "results": self.results, "failed": self.failed}, indent=1))
+        text = [f"{k}: {v}" for k, v in header.items()] + self.lines + [f"failed: {', '.join(self.failed) or 'none'}"]
+        (self.out / "gpu_check.txt").write_text("\n".join(text) + "\n")
+
+
+# ---------------------------------------------------------------------------------------- parity
+def family_specs(tmp: Path, tiny: bool) -> dict[str, tuple[str, dict]]:
+    """spec and load options of each family's tiny random model, saved with each library's own constructors."""
+    import latent_models as lm
+    from diffusers import UNet2DModel
+
+    specs: dict[str, tuple[str, dict]] = {}
+    if FIXTURE.is_file():
+        specs["adm (guided-diffusion fixture)"] = (f"adm:{FIXTURE}", {})
+    torch.manual_seed(0)
+    UNet2DModel(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+                down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D")
+                ).save_pretrained(tmp / "unet2d")  # fmt: skip
+    specs["diffusers UNet2DModel"] = (f"diffusers:{tmp / 'unet2d'}", {"schedule": "linear"})
+    specs["Stable Diffusion"] = (f"diffusers:{lm.save_sd(tmp / 'sd')}", {})
+    specs["SDXL"] = (f"diffusers:{lm.save_sdxl(tmp / 'sdxl')}", {})
+    specs["DiT"] = (f"diffusers:{lm.save_dit(tmp / 'dit')}", {})
+    specs["PixArt"] = (f"diffusers:{lm.save_pixart(tmp / 'pixart')}", {})
+    specs["SD3"] = (f"diffusers:{lm.save_sd3(tmp / 'sd3')}", {})
+    specs["FLUX"] = (f"diffusers:{lm.save_flux(tmp / 'flux')}", {})
+    specs["timm ViT"] = ("timm:vit_tiny_patch16_224", {"weights": "random", "img_size": 32, "patch_size": 8, "depth": 2})
+    import transformers as tf
+
+    torch.manual_seed(0)
+    tf.Dinov2Model(tf.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+                                   patch_size=8)).save_pretrained(tmp / "dinov2")  # fmt: skip
+    specs["transformers DINOv2"] = (f"hf:{tmp / 'dinov2'}", {})
+    return specs
+
+
+def features(bb, x_t: torch.Tensor, t: int, compute: Compute | None = None) -> dict:
+    runner = compute.prepare(bb) if compute else bb
+    with torch.inference_mode(), (compute.autocast() if compute else torch.autocast("cpu", enabled=False)):
+        x = compute.batch(x_t.to(compute.device)) if compute else x_t
+        out = runner.forward_features(x, t, "all")
+    return {b: v.float().cpu() for b, v in out.items()}
+
+
+def parity(spec: str, options: dict, device: torch.device, tiny: bool) -> dict:
+    cpu_bb = load_backbone(spec, **options)
+    generative = getattr(cpu_bb, "generative", True)
+    t = 0 if not generative else (300 if cpu_bb.schedule.parameterization == "flow" else 100)
+    images = torch.rand(2, 3, cpu_bb.image_size, cpu_bb.image_size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.inference_mode():
+        x0 = cpu_bb.encode(images)
+    noise = image_noise(range(2), 0, tuple(x0.shape[1:]))
+    x_t = cpu_bb.schedule.q_sample(x0, t, noise)
+    reference = features(cpu_bb, x_t, t)
+    scale = max(v.abs().max().item() for v in reference.values()) or 1.0
+    dev_bb = load_backbone(spec, device=str(device), **options)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    fp32 = features(dev_bb, x_t.to(device), t, Compute(device, "fp32", False))
+    error = max((fp32[b] - reference[b]).abs().max().item() for b in reference) / scale
+    result = {"blocks": len(reference), "fp32_max_rel_error": float(f"{error:.3g}")}
+    low = ("bf16", "fp16") if device.type == "cuda" else ("bf16",)
+    for precision in low:
+        got = features(dev_bb, x_t.to(device), t, Compute(device, precision, True))
+        result[f"{precision}_min_cosine"] = round(min(F.cosine_similarity(got[b].flatten(), reference[b].flatten(), dim=0).item()
+                                                      for b in reference), 5)  # fmt: skip
+    if device.type == "cuda" and not tiny:
+        eager = features(dev_bb, x_t.to(device), t, Compute(device, "bf16", True))
+        compiled = features(dev_bb, x_t.to(device), t, Compute(device, "bf16", True, compile=True))
+        result["compiled_vs_eager_min_cosine"] = round(min(F.cosine_similarity(compiled[b].flatten(), eager[b].flatten(), dim=0).item()
+                                                           for b in eager), 5)  # fmt: skip
+    else:
+        result["compiled"] = "not checked (GPU only, not with --tiny)"
+    cosines = [v for k, v in result.items() if k.endswith("min_cosine")]
+    result["ok"] = error < (1e-4 if device.type == "cuda" else 1e-6) and all(c > 0.99 for c in cosines)
+    return result
+
+
+# -------------------------------------------------------------------------------------- torchrun
+def torchrun_check(device: torch.device, tiny: bool, tmp: Path) -> dict:
+    """2 processes on one device against one process: the store's bytes, a DDP linear head's top-1."""
+    from PIL import Image
+
+    data = tmp / "images"
+    gen = torch.Generator().manual_seed(0)
+    for c in range(4):
+        (data / f"class{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(16 if tiny else 64):
+            pixels = (torch.rand(16, 16, 3, generator=gen) * 255 * (c + 1) / 4).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(data / f"class{c}" / f"{i}.png")
+    backend = "gloo"  # CPUs; and on one GPU, where NCCL refuses two ranks on the same device
+    common = ["extract", f"adm:{FIXTURE}", "--data", str(data), "--blocks", "2,4", "--t", "10", "--device", str(device.type)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+    def run(argv: list[str], ranks: int) -> None:
+        import socket
+
+        with socket.socket() as s:  # a free port for the rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr", "127.0.0.1",
+                    "--master-port", str(port)] if ranks > 1 else [sys.executable]  # fmt: skip
+        cmd = launcher + ["-m", "diffprobe", "-q", *argv] + (["--dist-backend", backend] if ranks > 1 and argv[0] == "extract" else [])
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        if done.returncode:
+            error = [line for line in done.stderr.strip().splitlines() if "error" in line.lower()] or done.stderr.strip().splitlines()
+            raise RuntimeError(f"{' '.join(argv[:2])} on {ranks} process(es): {error[-1] if error else done.returncode}")
+
+    run([*common, "--out", str(tmp / "one")], 1)
+    run([*common, "--out", str(tmp / "two")], 2)
+    files = sorted(p.name for p in (tmp / "one" / "features").glob("*.npy"))
+    same = all((tmp / "one" / "features" / f).read_bytes() == (tmp / "two" / "features" / f).read_bytes() for f in files)
+    probe = ["probe", None, "--t", "10", "--blocks", "4", "--head", "linear", "--recipe", "paper", "--epochs", "3",
+             "--device", str(device.type), "--report-share", "0.5", "--val-fraction", "0.5"]  # fmt: skip
+    top1 = {}
+    for name, ranks in (("one", 1), ("two", 2)):
+        argv = list(probe)
+        argv[1] = str(tmp / "one")
+        run([*argv, "--out", str(tmp / f"head-{name}")], ranks)
+        top1[name] = json.loads((tmp / f"head-{name}" / "metrics.json").read_text())["report"]["top1"]
+    gap = abs(top1["one"] - top1["two"])
+    return {"backend": backend, "store_arrays": len(files), "store_byte_identical": same, "ddp_linear_top1": top1["two"],
+            "one_process_top1": top1["one"], "ok": same and bool(files) and gap <= 0.5}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ throughput
+def timed_pair(plain, fast, device: torch.device, repeats: int) -> tuple[float, float]:
+    plain(), fast()  # warm-up: allocators, kernels, the set-up copy, compilation
+    best = [float("inf"), float("inf")]
+    for _ in range(repeats):  # interleaved, so both see the same load
+        for i, fn in enumerate((plain, fast)):
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best[0], best[1]
+
+
+def hooked_forward(bb, module_name: str, x_t: torch.Tensor, t: int) -> torch.Tensor:
+    """The plain path: the model's whole forward in fp32, the block caught with a hook."""
+    caught = {}
+    handle = bb.model.get_submodule(module_name).register_forward_hook(
+        lambda m, i, o: caught.__setitem__("h", o[0] if isinstance(o, tuple) else o))
+    try:
+        with torch.inference_mode():
+            bb.denoise(x_t, torch.full((len(x_t),), t, device=x_t.device))
+    finally:
+        handle.remove()
+    return caught["h"]
+
+
+def extraction_case(spec: str, options: dict, block: int, batch: int, device: torch.device, compute: Compute, repeats: int,
+                    tokens_side: int | None = None, peak: float | None = None, module: str | None = None) -> dict:  # fmt: skip
+    """diffprobe's early-exit pass in the fast compute against the whole fp32 forward + hook, same weights, same batch."""
+    bb = load_backbone(spec, device=str(device), **options)
+    bb.require_whole("the plain path")
+    t = 90
+    x_t = torch.randn(batch, *bb.model_shape, device=device, generator=torch.Generator(device).manual_seed(0))
+    name = module or bb.blocks[block - 1].name
+    runner = compute.prepare(bb)
+    out = {}
+
+    def plain():
+        out["plain"] = hooked_forward(bb, name, x_t, t)
+
+    def fast():
+        with torch.inference_mode(), compute.autocast():
+            out["fast"] = runner.forward_features(compute.batch(x_t), t, [block])[block]
+
+    reset_peak(device)
+    slow, quick = timed_pair(plain, fast, device, repeats)
+    a = out["plain"] if out["plain"].ndim == 4 else out["plain"].transpose(1, 2).reshape(batch, -1, tokens_side, tokens_side)
+    cosine = F.cosine_similarity(pool_features(a, 1), pool_features(out["fast"], 1), dim=1).min().item()
+    result = {"block": f"{block} ({name})", "batch": batch, "plain_img_s": round(batch / slow, 1), "diffprobe_img_s": round(batch / quick, 1),
+              "ratio": round(slow / quick, 2), "min_cosine": round(cosine, 5), "compute": compute.describe(), "peak_mib": peak_memory(device)}  # fmt: skip
+    if peak:
+        from extract import model_flops
+
+        flops = model_flops(runner, compute.batch(x_t[:1]), t, block)
+        result["share_of_bf16_peak"] = round(flops * batch / quick / peak, 3)
+    result["ok"] = cosine > 0.99
+    return result
+
+
+def online_step(device: torch.device, compute: Compute, tiny: bool, repeats: int) -> dict:
+    from diffprobe.features.featurize import featurize
+    from diffprobe.features.plan import FeaturePlan
+    from diffprobe.probing.heads import AttentionHead
+
+    size, channels, batch = (32, 32, 4) if tiny else (256, 256, 64)
+    bb = load_backbone("adm:random", preset="256x256_diffusion_uncond", image_size=size, num_channels=channels,
+                       channel_mult="1,1,2,2,4,4", attention_resolutions=",".join(str(max(1, size // d)) for d in (8, 16, 32)),
+                       device=str(device))  # fmt: skip
+    block = min(24, bb.num_blocks)
+    info = bb.blocks[block - 1]
+    plan = FeaturePlan(t=90, blocks=block, pools=info.resolution)
+    head = AttentionHead(info.channels, info.resolution, 1000, width=256, depth=2, heads=8).to(device)
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-4)
+    x0 = torch.rand(batch, 3, size, size, device=device) * 2 - 1
+    y = torch.randint(0, 1000, (batch,), device=device)
+
+    def step():
+        with torch.no_grad():
+            feats = featurize(bb, x0, plan, range(batch), compute=compute)[plan.keys[0]]
+        loss = F.cross_entropy(head(feats.float()), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    reset_peak(device)
+    _, quick = timed_pair(step, step, device, repeats)
+    return {"block": block, "map": f"{info.channels}×{info.resolution}²", "batch": batch, "img_s": round(batch / quick, 1),
+            "compute": compute.describe(), "peak_mib": peak_memory(device)}  # fmt: skip
+
+
+def pretrain_step(device: torch.device, tiny: bool, repeats: int, tmp: Path) -> dict:
+    from diffprobe.generate.pretrain import DEFAULT_PRETRAIN_FLAGS, PretrainConfig, Trainer
+
+    batch = 8 if tiny else 128
+    images = torch.randint(0, 256, (batch * 2, 3, 32, 32), dtype=torch.uint8)
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    trainer = Trainer(PretrainConfig(flags=dict(DEFAULT_PRETRAIN_FLAGS), batch_size=batch), images, str(tmp), str(device), precision, False)
+    reset_peak(device)
+    steps = iter(range(1000))
+    _, quick = timed_pair(lambda: trainer.step(next(steps)), lambda: trainer.step(next(steps)), device, repeats)
+    params = sum(p.numel() for p in trainer.model.parameters())
+    return {"params_M": round(params / 1e6, 2), "batch": batch, "img_s": round(batch / quick, 1), "precision": precision,
+            "peak_mib": peak_memory(device)}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="small sizes everywhere: the same code paths in about a minute")
+    p.add_argument("--out", default="gpu_check", help="folder for gpu_check.json and gpu_check.txt")
+    p.add_argument("--skip", default="", help="comma-separated sections to leave out: parity, torchrun, throughput")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("gpu_check: no CUDA device here; --device cpu --tiny runs the same code paths on the CPU")
+    skip = {s for s in args.skip.split(",") if s}
+    report = Report(Path(args.out))
+    from diffprobe.precision import choose_compute
+    from extract import matmul_peak
+
+    compute = choose_compute(str(device))
+    header = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.backends.cpu.get_cpu_capability()})",
+              "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "tiny": args.tiny, "compute": compute.describe()}  # fmt: skip
+    peak = None
+    if device.type == "cuda":
+        peak = matmul_peak(device, torch.bfloat16)
+        header["bf16_matmul_peak_tflops"] = round(peak / 1e12, 1)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        if "parity" not in skip:
+            for family, (spec, options) in family_specs(tmp, args.tiny).items():
+                report.record("parity", family, lambda s=spec, o=options: parity(s, o, device, args.tiny))
+        if "torchrun" not in skip and FIXTURE.is_file():
+            report.record("torchrun", "2 processes vs 1", lambda: torchrun_check(device, args.tiny, tmp / "torchrun"))
+        if "throughput" not in skip:
+            import latent_models as lm
+
+            repeats = 1 if args.tiny else args.repeats
+            if args.tiny:
+                adm = ("adm:random", {"preset": "256x256_diffusion_uncond", "image_size": 32, "num_channels": 64,
+                                      "channel_mult": "1,1,2,2,4,4", "attention_resolutions": "4,2,1"}, 24, 4)  # fmt: skip
+                sd = (f"diffusers:{lm.save_sd(tmp / 'sd-tiny')}", {}, None, 2)
+                dit = (f"diffusers:{lm.save_dit(tmp / 'dit-tiny')}", {}, None, 2)
+            else:
+                adm = ("adm:random", {"preset": "256x256_diffusion_uncond"}, 24, 64)
+                sd = (f"diffusers:{lm.save_sd(tmp / 'sd21', **lm.SD21_SHAPE)}", {"image_size": 512}, None, 16)
+                dit = (f"diffusers:{lm.save_dit(tmp / 'ditxl', **lm.DIT_XL_SHAPE)}", {}, 15, 64)
+            report.record("throughput", "ADM-256 to block 24" + " (tiny)" * args.tiny,
+                          lambda: extraction_case(adm[0], adm[1], adm[2], adm[3], device, compute, repeats, peak=peak))
+            sd_bb = load_backbone(sd[0], **sd[1])
+            up1 = max(b.index for b in sd_bb.blocks if b.name.startswith("up_blocks.1."))
+            hooked = "up_blocks.1"  # the plain path catches the whole up block: its last unit's output, upsampled where it upsamples
+            report.record("throughput", "SD-2.1-shaped U-Net to up_blocks.1" + (" (tiny)" if args.tiny else " at 512 px"),
+                          lambda: extraction_case(sd[0], sd[1], up1, sd[3], device, compute, repeats, module=hooked))
+            dit_bb = load_backbone(dit[0], **dit[1])
+            dit_block = dit[2] or max(2, dit_bb.num_blocks // 2)
+            side = dit_bb.blocks[dit_block - 1].resolution
+            report.record("throughput", f"DiT to block {dit_block}" + (" (tiny)" if args.tiny else " (XL/2-shaped, 256 px)"),
+                          lambda: extraction_case(dit[0], dit[1], dit_block, dit[3], device, compute, repeats, tokens_side=side))
+            report.record("throughput", "online attention-head step", lambda: online_step(device, compute, args.tiny, repeats))
+            report.record("throughput", "pretrain step (shipped architecture)", lambda: pretrain_step(device, args.tiny, repeats, tmp / "pre"))
+    header["wall_seconds"] = round(time.perf_counter() - started, 1)
+    report.write(header)
+    print(f"gpu_check: {len(report.failed)} failed of {sum(len(v) for v in report.results.values())}; "
+          f"{args.out}/gpu_check.json, gpu_check.txt ({header['wall_seconds']} s)")  # fmt: skip
+    sys.exit(1 if report.failed else 0)
+
+
+if __name__ == "__main__":
+    main()
