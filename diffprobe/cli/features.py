@@ -77,6 +77,10 @@ def cmd_extract(args: argparse.Namespace) -> None:
     backbone, data, options = load_backbone_from(args), open_data(args), extract_options_from(args)
     log.info("%s on %s (%d images, %d classes), %s", backbone.source, data.name, len(data), len(data.classes), options.compute.describe())
     summary = extract(backbone, data, plan_from(args), args.out, options).summary()
+    from ..features.distributed import ranks
+
+    if not ranks().is_main:  # under torchrun, one summary line
+        return
     print(f"store {summary['root']}: {summary['rows']} rows, {len(summary['complete'])} complete arrays"
           + (f", {len(summary['incomplete'])} incomplete" if summary["incomplete"] else ""))  # fmt: skip
 
