@@ -181,7 +181,7 @@ def torchrun_check(device: torch.device, tiny: bool, tmp: Path) -> dict:
         for i in range(16 if tiny else 64):
             pixels = (torch.rand(16, 16, 3, generator=gen) * 255 * (c + 1) / 4).to(torch.uint8).numpy()
             Image.fromarray(pixels).save(data / f"class{c}" / f"{i}.png")
-    backend = "gloo"  # CPUs; and on one GPU, where NCCL refuses two ranks on the same device
+    backend = "gloo"  # CPUs; and on one GPU, where NCCL refuses two ranks on the same device (what `auto` picks there too)
     common = ["extract", f"adm:{FIXTURE}", "--data", str(data), "--blocks", "2,4", "--t", "10", "--device", str(device.type)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 

@@ -106,3 +106,17 @@ def test_online_attention_head_under_two_torchrun_ranks(cifar_small, tmp_path, i
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["online"] and len(metrics["history"]) == 1
+
+
+def test_auto_backend_shares_one_gpu_with_gloo(monkeypatch):
+    """NCCL refuses two ranks on one GPU: with more local ranks than GPUs, auto picks gloo."""
+    import torch
+
+    from diffprobe.features.distributed import backend_for
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert backend_for("auto", torch.device("cuda", 0)) == "gloo"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert backend_for("auto", torch.device("cuda", 0)) == "nccl"
+    assert backend_for("auto", torch.device("cpu")) == "gloo" and backend_for("nccl", torch.device("cpu")) == "nccl"

@@ -209,7 +209,7 @@ def add_extract_args(p: argparse.ArgumentParser, blocks_required: bool = True) -
     p.add_argument("--workers", type=int, help="DataLoader worker processes (default: 0 on CPU, where the network needs every core; 8 on GPUs)")
     p.add_argument("--rank", type=int, help="this process's share of the chunks (default: torchrun's, else $RANK, else 0)")
     p.add_argument("--world-size", type=int, help="how many processes share the store (default: torchrun's, else $WORLD_SIZE, else 1)")
-    p.add_argument("--dist-backend", default="auto", choices=["auto", "nccl", "gloo"], help="under torchrun (auto: nccl on GPUs, gloo on CPUs)")
+    p.add_argument("--dist-backend", default="auto", choices=["auto", "nccl", "gloo"], help="under torchrun (auto: nccl on GPUs, gloo on CPUs and where ranks outnumber a node's GPUs)")
     p.add_argument("--overwrite", action="store_true", help="discard an existing store at --out")
     p.add_argument("--augment-views", type=int, default=0,
                    help="store K random-resized-crop + flip views per image instead of the centre crop (for probe --augmented-store)")

@@ -51,12 +51,25 @@ def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ)
 
 
+def backend_for(requested: str, device: torch.device | None) -> str:
+    """`auto`: NCCL on GPUs, gloo on CPUs, and gloo where this node runs more ranks than it has GPUs:
+    NCCL refuses two ranks on one device (a GPU shared by 2 processes, as benchmarks/gpu_check.py runs)."""
+    if requested != "auto":
+        return requested
+    if device is None or device.type != "cuda":
+        return "gloo"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if local > torch.cuda.device_count():
+        log.info("%d ranks on %d GPU(s): gloo, since NCCL refuses two ranks on one device", local, torch.cuda.device_count())
+        return "gloo"
+    return "nccl"
+
+
 def join(backend: str = "auto", device: torch.device | None = None) -> None:
     """Join torchrun's process group once (no-op outside torchrun, or when already joined)."""
     if dist.is_initialized() or not launched_by_torchrun() or int(os.environ.get("WORLD_SIZE", 1)) < 2:
         return
-    if backend == "auto":
-        backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+    backend = backend_for(backend, device)
     if backend == "nccl" and not torch.cuda.is_available():
         raise DiffprobeError("the NCCL backend needs CUDA GPUs and none is visible here: use --dist-backend gloo (CPU)")
     if backend not in ("nccl", "gloo"):
