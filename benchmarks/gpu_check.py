@@ -137,7 +137,7 @@ def features(bb, x_t: torch.Tensor, t: int, compute: Compute | None = None) -> d
 
 def parity(spec: str, options: dict, device: torch.device, tiny: bool) -> dict:
     cpu_bb = load_backbone(spec, **options)
-    generative = getattr(cpu_bb, "generative", True)
+    generative = cpu_bb.generative
     t = 0 if not generative else (300 if cpu_bb.schedule.parameterization == "flow" else 100)
     images = torch.rand(2, 3, cpu_bb.image_size, cpu_bb.image_size, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.inference_mode():

@@ -389,11 +389,11 @@ def transform_description(image_size: int, resize: int | None = None, interpolat
 
 def backbone_transform(backbone: Any) -> Callable[[Image.Image], torch.Tensor]:
     """The data transform a backbone reads its images through (model_transform with its resize and interpolation)."""
-    return model_transform(backbone.image_size, getattr(backbone, "resize_size", None), getattr(backbone, "interpolation", "bilinear"))
+    return model_transform(backbone.image_size, backbone.resize_size, backbone.interpolation)
 
 
 def backbone_transform_description(backbone: Any) -> dict[str, Any]:
-    return transform_description(backbone.image_size, getattr(backbone, "resize_size", None), getattr(backbone, "interpolation", "bilinear"))
+    return transform_description(backbone.image_size, backbone.resize_size, backbone.interpolation)
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:

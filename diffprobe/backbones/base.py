@@ -37,6 +37,10 @@ class Backbone(nn.Module):
     """A frozen diffusion U-Net seen as a feature extractor."""
 
     family: str = "?"
+    generative: bool = True  # a diffusion model; image encoders (encoders.py) are not
+    random_weights: bool = False  # encoders built with weights=random say so (tables, logs)
+    resize_size: int | None = None  # short side the data transform resizes to before the centre crop (None: image_size)
+    interpolation: str = "bilinear"  # the data transform's resize filter
 
     def __init__(self, model: nn.Module, blocks: list[BlockInfo], image_size: int, schedule: NoiseSchedule,
                  num_classes: int | None, config: dict[str, Any], source: str):  # fmt: skip

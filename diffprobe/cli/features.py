@@ -12,7 +12,7 @@ from .common import (add_backbone_args, add_data_args, add_extract_args, add_spl
 
 def cmd_blocks(args: argparse.Namespace) -> None:
     backbone = load_backbone_from(args)
-    if args.all and not getattr(backbone, "generative", True):
+    if args.all and not backbone.generative:
         raise DiffprobeError(f"{backbone.spec} is an image encoder: its blocks are its stages or layers (`diffprobe blocks "
                              f"{backbone.spec}`); module paths inside blocks are read in diffusion backbones")  # fmt: skip
     if args.all:
@@ -33,7 +33,7 @@ def cmd_blocks(args: argparse.Namespace) -> None:
     for r in rows:
         need = f"  {_count(r['weights_to_here'])} ({2 * r['weights_to_here'] / 1e9:.3g} GB)" if weights else ""
         print(f"{r['index']:>5}  {r['name']:<28} {r['channels']:>8}  {r['resolution']:>7}×{r['resolution']}{need}")
-    if getattr(backbone, "generative", True):
+    if backbone.generative:
         print(f"--blocks takes these numbers, or module paths inside them: `diffprobe blocks {backbone.spec} --all` lists those")
     else:
         print("--blocks takes these numbers (no --t: an image encoder reads the clean image)")

@@ -78,7 +78,7 @@ def featurize(backbone: Backbone, x0: torch.Tensor, plan: FeaturePlan, indices: 
     runner = compute.prepare(backbone)
     keys = list(keys) if keys is not None else plan.resolve(backbone).keys
     x0 = x0.to(compute.device) if encoded else encode_images(backbone, x0, compute)
-    if getattr(backbone.schedule, "noisy", True):
+    if backbone.schedule.noisy:
         noises = [e.to(compute.device) for e in noise_draws(indices, plan.noise_seed, tuple(x0.shape[1:]), plan.draws, views)]
     else:  # an encoder reads the clean image: no noise to draw, one pass
         noises = [None]

@@ -43,6 +43,7 @@ class NoiseSchedule:
     alphas_cumprod: np.ndarray  # float64, shape [T]
     name: str
     parameterization = "ddpm"
+    noisy = True  # x_t mixes in ε (CleanImage, an encoder's: False)
 
     def identity(self) -> bytes:
         """What a backbone's fingerprint hashes of its schedule."""
@@ -115,6 +116,7 @@ class FlowSchedule:
     num_train_timesteps: int
     sampling: dict  # the scheduler's shift settings, for the record and for sampling
     parameterization = "flow"
+    noisy = True
 
     @property
     def name(self) -> str:

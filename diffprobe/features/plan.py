@@ -105,7 +105,7 @@ class FeaturePlan:
         ('all' expanded), pools no larger than each block's map. The one place these are checked."""
         if self.resolved:
             return self
-        if not getattr(backbone.schedule, "noisy", True) and not self.t:
+        if not backbone.schedule.noisy and not self.t:
             return replace(self, t=(0,)).resolve(backbone)  # an image encoder: the clean image, t = 0
         if not self.t:
             raise DiffprobeError("no timesteps requested: a diffusion model needs --t (e.g. --t 90,150)")

@@ -214,8 +214,7 @@ def train_online(backbone: Backbone, data: LabeledImages, plan: FeaturePlan, con
 def diffeed_logits(model, runner: Backbone, x0: torch.Tensor, index, views, plan: FeaturePlan, key, compute: Compute) -> torch.Tensor:
     """DifFeed's logits for clean images: encode, noise (as featurize does), two passes."""
     x0 = encode_images(runner, x0, compute)
-    noisy = getattr(runner.schedule, "noisy", True)
-    eps = noise_draws(index.tolist(), plan.noise_seed, tuple(x0.shape[1:]), 1, views)[0].to(compute.device) if noisy else None
+    eps = noise_draws(index.tolist(), plan.noise_seed, tuple(x0.shape[1:]), 1, views)[0].to(compute.device) if runner.schedule.noisy else None
     x_t = compute.batch(runner.schedule.q_sample(x0, key.t, eps))
     with compute.autocast():
         return model(x_t, key.t).float()

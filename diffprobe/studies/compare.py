@@ -108,14 +108,14 @@ def compare(entries: Sequence[Entry], data, out: str | Path, t: Sequence[int] = 
             info = json.loads(recorded.with_name("compare-backbone.json").read_text())
         else:
             backbone = load_backbone(entry.spec, **entry.options)
-            generative = getattr(backbone, "generative", True)
+            generative = backbone.generative
             entry_t = entry.t if entry.t is not None else (list(t) if generative else None)
             plan = FeaturePlan(t=entry_t or (), blocks=entry.blocks or blocks, pools=entry.pool or pools)
             summary = sweep(backbone, data, where, plan, options, probe=probe, val_fraction=val_fraction, split_seed=split_seed,
                             controls=controls, train_heads=heads, head_epochs=head_epochs, report_share=report_share,
                             test_data=test_data, test_limit=test_limit)  # fmt: skip
             info = {"params": int(sum(p.numel() for p in backbone.model.parameters())), "generative": generative,
-                    "random_weights": bool(getattr(backbone, "random_weights", False)), "family": backbone.family}  # fmt: skip
+                    "random_weights": backbone.random_weights, "family": backbone.family}  # fmt: skip
             write_json(where / "compare-backbone.json", info)
             write_json(recorded, wanted)
         identity, described = split_identity(FeatureStore.open(where / "features"), val_fraction, split_seed, report_share)
