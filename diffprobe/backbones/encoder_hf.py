@@ -36,8 +36,8 @@ def _model_class(config):
     return getattr(transformers, name) if name else transformers.AutoModel
 
 
-def _build(target: str, weights: str | None, seed: int | None = None) -> nn.Module:
-    config = _config(target)
+def _build(target: str, config, weights: str | None, seed: int | None = None) -> nn.Module:
+    """The model of `config` (read once by load_hf): from its folder or hub id, or random from the seed."""
     if config.model_type == "vit_mae":
         config.mask_ratio = 0.0  # every patch, none masked: a feature pass sees the whole image
     cls = _model_class(config)
@@ -86,7 +86,7 @@ def load_hf(target: str, weights: str | None = None, **options: Any) -> VisionEn
     if options:
         raise DiffprobeError(f"hf models take no options here (got {', '.join(options)}): only weights=random")
     config = _config(target)
-    model = _build(target, weights)
+    model = _build(target, config, weights)
     vision = getattr(model.config, "vision_config", None) or model.config
     paths = _layers(model, vision.num_hidden_layers)
     prefix = 0 if config.model_type.startswith("siglip") else 1 + int(getattr(vision, "num_register_tokens", 0) or 0)  # SigLIP: no class token
@@ -100,7 +100,8 @@ def load_hf(target: str, weights: str | None = None, **options: Any) -> VisionEn
         n = (x.shape[-1] // vision.patch_size) ** 2  # ViT-MAE shuffles patches by random noise: sorted noise keeps them in place
         return m(pixel_values=x, noise=torch.arange(n, device=x.device, dtype=torch.float32).expand(len(x), n))
     layout = EncoderLayout(paths, prefix, norm, pre["image_size"], pre["resize_size"], pre["interpolation"], pre["mean"], pre["std"],
-                           call=call, notes={"processor": pre["processor"]})  # fmt: skip
+                           call=call)  # fmt: skip
     source = f"hf:{target}"
     architecture = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
-    return VisionEncoder(model, layout, "hf", {"library": "transformers", "architecture": architecture}, source, lambda seed: _build(target, "random", seed), "random" if weights == "random" else "pretrained")  # fmt: skip
+    return VisionEncoder(model, layout, "hf", {"library": "transformers", "architecture": architecture, "processor": pre["processor"]}, source,
+                         lambda seed: _build(target, config, "random", seed), "random" if weights == "random" else "pretrained")  # fmt: skip

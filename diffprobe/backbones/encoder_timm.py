@@ -68,6 +68,6 @@ def load_timm(name: str, weights: str | None = None, **options: Any) -> VisionEn
     layout = EncoderLayout(paths, prefix_tokens=prefix, cls_norm=norm, image_size=size,
                            resize_size=int(size / data.get("crop_pct", 1.0)), interpolation=str(data.get("interpolation", "bilinear")),
                            mean=tuple(data["mean"]), std=tuple(data["std"]))  # fmt: skip
-    config = {"library": "timm", "model": name, "options": {k: v for k, v in options.items()}}
+    config = {"library": "timm", "model": name, "options": dict(options)}
     return VisionEncoder(model, layout, "timm", config, f"timm:{name}", lambda seed: _create(name, "random", seed, **options),
                          describe_weights(weights))  # fmt: skip

@@ -21,7 +21,7 @@ Loaders: encoder_timm.py, encoder_torchvision.py, encoder_hf.py, encoder_baselin
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -49,7 +49,6 @@ class EncoderLayout:
     mean: Sequence[float] = (0.485, 0.456, 0.406)
     std: Sequence[float] = (0.229, 0.224, 0.225)
     call: Callable[[nn.Module, torch.Tensor], Any] | None = None  # how to run the model (default: model(x))
-    notes: dict[str, Any] = field(default_factory=dict)
 
 
 class VisionEncoder(Backbone):
@@ -104,13 +103,12 @@ class VisionEncoder(Backbone):
         """Outputs of the wanted blocks from one pass, stopped (StopPass) once the deepest has run."""
         out = {} if out is None else out
         paths = self._paths()
-        modules = dict(self.model.named_modules())
         deepest = max(wanted)
         handles = []
 
         def catch(index: int):
             def hook(module, inputs, output):
-                out[index] = self._as_map(output, is_cls=paths[index - 1] == self.layout.cls_norm and index == len(paths))
+                out[index] = self._as_map(output, is_cls=index > len(self.layout.block_paths))  # the block after the layers: cls
                 if index == deepest:
                     raise StopPass
 
@@ -118,7 +116,7 @@ class VisionEncoder(Backbone):
 
         try:
             for index in wanted:
-                handles.append(modules[paths[index - 1]].register_forward_hook(catch(index)))
+                handles.append(self.model.get_submodule(paths[index - 1]).register_forward_hook(catch(index)))
             try:
                 (self.layout.call or (lambda m, v: m(v)))(self.model, x)
             except StopPass:
