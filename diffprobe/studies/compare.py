@@ -100,8 +100,10 @@ def compare(entries: Sequence[Entry], data, out: str | Path, t: Sequence[int] = 
         where = out / folder
         done = where / "summary.json"
         recorded = where / "compare-entry.json"
-        wanted = {"spec": entry.spec, "options": entry.options, "blocks": entry.blocks or blocks, "t": entry.t,
-                  "pool": entry.pool or list(pools), "heads": list(heads), "data": data.name}  # fmt: skip
+        # Everything that changes this backbone's row: a rerun with other settings recomputes it.
+        wanted = {"spec": entry.spec, "options": entry.options, "blocks": entry.blocks or blocks, "t": entry.t or list(t),
+                  "pool": entry.pool or list(pools), "heads": list(heads), "head_epochs": head_epochs, "probe": probe,
+                  "data": data.name}  # fmt: skip
         if done.is_file() and recorded.is_file() and json.loads(recorded.read_text()) == wanted:
             log.info("%s: finished before, read from %s", entry.spec, done)
             summary = json.loads(done.read_text())
