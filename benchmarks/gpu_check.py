@@ -98,7 +98,7 @@ class Report:
 
 
 # ---------------------------------------------------------------------------------------- parity
-def family_specs(tmp: Path, tiny: bool) -> dict[str, tuple[str, dict]]:
+def family_specs(tmp: Path) -> dict[str, tuple[str, dict]]:
     """spec and load options of each family's tiny random model, saved with each library's own constructors."""
     import latent_models as lm
     from diffusers import UNet2DModel
@@ -349,7 +349,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         if "parity" not in skip:
-            for family, (spec, options) in family_specs(tmp, args.tiny).items():
+            for family, (spec, options) in family_specs(tmp).items():
                 report.record("parity", family, lambda s=spec, o=options: parity(s, o, device, args.tiny))
         if "torchrun" not in skip and FIXTURE.is_file():
             report.record("torchrun", "2 processes vs 1", lambda: torchrun_check(device, args.tiny, tmp / "torchrun"))
