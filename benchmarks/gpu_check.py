@@ -43,8 +43,9 @@ from diffprobe import load_backbone  # noqa: E402
 from diffprobe.features.featurize import pool_features  # noqa: E402
 from diffprobe.features.noise import image_noise  # noqa: E402
 from diffprobe.precision import Compute  # noqa: E402
+from host_sync import audit_featurize, walk_plan  # noqa: E402
+from tiny_families import FIXTURE, family_specs  # noqa: E402
 
-FIXTURE = ROOT.parent / "shared" / "fixtures" / "adm" / "adm_uncond_tiny.pt"
 
 
 def sync(device: torch.device) -> None:
@@ -98,35 +99,6 @@ class Report:
 
 
 # ---------------------------------------------------------------------------------------- parity
-def family_specs(tmp: Path) -> dict[str, tuple[str, dict]]:
-    """spec and load options of each family's tiny random model, saved with each library's own constructors."""
-    import latent_models as lm
-    from diffusers import UNet2DModel
-
-    specs: dict[str, tuple[str, dict]] = {}
-    if FIXTURE.is_file():
-        specs["adm (guided-diffusion fixture)"] = (f"adm:{FIXTURE}", {})
-    torch.manual_seed(0)
-    UNet2DModel(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-                down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D")
-                ).save_pretrained(tmp / "unet2d")  # fmt: skip
-    specs["diffusers UNet2DModel"] = (f"diffusers:{tmp / 'unet2d'}", {"schedule": "linear"})
-    specs["Stable Diffusion"] = (f"diffusers:{lm.save_sd(tmp / 'sd')}", {})
-    specs["SDXL"] = (f"diffusers:{lm.save_sdxl(tmp / 'sdxl')}", {})
-    specs["DiT"] = (f"diffusers:{lm.save_dit(tmp / 'dit')}", {})
-    specs["PixArt"] = (f"diffusers:{lm.save_pixart(tmp / 'pixart')}", {})
-    specs["SD3"] = (f"diffusers:{lm.save_sd3(tmp / 'sd3')}", {})
-    specs["FLUX"] = (f"diffusers:{lm.save_flux(tmp / 'flux')}", {})
-    specs["timm ViT"] = ("timm:vit_tiny_patch16_224", {"weights": "random", "img_size": 32, "patch_size": 8, "depth": 2})
-    import transformers as tf
-
-    torch.manual_seed(0)
-    tf.Dinov2Model(tf.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
-                                   patch_size=8)).save_pretrained(tmp / "dinov2")  # fmt: skip
-    specs["transformers DINOv2"] = (f"hf:{tmp / 'dinov2'}", {})
-    return specs
-
-
 def features(bb, x_t: torch.Tensor, t: int, compute: Compute | None = None) -> dict:
     runner = compute.prepare(bb) if compute else bb
     with torch.inference_mode(), (compute.autocast() if compute else torch.autocast("cpu", enabled=False)):
@@ -164,8 +136,37 @@ def parity(spec: str, options: dict, device: torch.device, tiny: bool) -> dict:
                                                            for b in eager), 5)  # fmt: skip
     else:
         result["compiled"] = "not checked (GPU only, not with --tiny)"
+    result.update(host_waits(cpu_bb, dev_bb, device))
     cosines = [v for k, v in result.items() if k.endswith("min_cosine")]
-    result["ok"] = error < (1e-4 if device.type == "cuda" else 1e-6) and all(c > 0.99 for c in cosines)
+    result["ok"] = (error < (1e-4 if device.type == "cuda" else 1e-6) and all(c > 0.99 for c in cosines) and not result["host_waits"]
+                    and result.get("cuda_sync_debug", "none") == "none")  # fmt: skip
+    return result
+
+
+def host_waits(cpu_bb, dev_bb, device: torch.device) -> dict:
+    """Where one featurize pass would make the host wait for the device: every host read and
+    host-made tensor copied up, found on the meta device (tests/host_sync.py); on a GPU also
+    PyTorch's own sync debug mode over a pass whose batch and noise are already on the device."""
+    from diffprobe.features.featurize import featurize
+
+    plan = walk_plan(cpu_bb)
+    sites = audit_featurize(cpu_bb, plan)
+    result: dict = {"host_waits": len(sites), **({"host_wait_sites": "; ".join(sites[:3])} if sites else {})}
+    if device.type == "cuda":
+        compute = Compute(device, "bf16", True)
+        x0 = torch.zeros(2, *dev_bb.model_shape, device=device)
+        noise = torch.zeros(2, plan.draws, *dev_bb.model_shape, device=device) if dev_bb.schedule.noisy else None
+        with torch.inference_mode():
+            featurize(dev_bb, x0, plan, [0, 1], compute=compute, encoded=True, noise=noise)  # set-up and lazy reads first
+            torch.cuda.synchronize(device)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                featurize(dev_bb, x0, plan, [0, 1], compute=compute, encoded=True, noise=noise)
+                result["cuda_sync_debug"] = "none"
+            except RuntimeError as e:
+                result["cuda_sync_debug"] = str(e).splitlines()[0][:200]
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
     return result
 
 

@@ -83,8 +83,10 @@ def test_gpu_check_runs_its_code_paths_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     parity, throughput = report["results"]["parity"], report["results"]["throughput"]
-    for family in ("Stable Diffusion", "SDXL", "DiT", "PixArt", "SD3", "FLUX", "diffusers UNet2DModel", "timm ViT", "transformers DINOv2"):
+    for family in ("Stable Diffusion", "SDXL", "DiT", "PixArt", "SD3", "FLUX", "diffusers UNet2DModel", "timm ViT", "transformers DINOv2",
+                   "torchvision ResNet-18"):
         assert parity[family]["passed"] and parity[family]["bf16_min_cosine"] > 0.99, family
+        assert parity[family]["host_waits"] == 0, parity[family]  # no host read or upload inside the walk
     assert len(throughput) == 5 and all(r["passed"] for r in throughput.values())
     assert all(r["min_cosine"] > 0.99 and r["ratio"] > 0 for name, r in throughput.items() if "ratio" in r)
     assert report["failed"] == [] and "failed: none" in (tmp_path / "gpu_check.txt").read_text()

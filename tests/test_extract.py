@@ -208,3 +208,15 @@ def test_noise_draws_are_averaged(cifar_small, tmp_path):
             pooled.append(pool_features(bb.forward_features(x_t, 300, [18])[18], 1))
     np.testing.assert_allclose(store.load(FeatureKey(300, 18, 1))[:4], ((pooled[0] + pooled[1]) / 2).numpy(), atol=1e-4)
     assert store.split(0.5, seed=0).sum() == 10  # 2 images per class, one of each to validation
+
+
+def test_overlapped_extraction_writes_the_bytes_of_the_in_turn_path(cifar_small, tmp_path):
+    """ε drawn in a loader worker process and chunks written by a thread (the default) against each
+    step in turn, with augmented views and two draws (the streams that depend on the view)."""
+    data = open_dataset(cifar_small)
+    common = dict(blocks=[5, 13], pools=[1, 2], timesteps=[300], draws=2, limit=12, batch_size=5, augment_views=2)
+    overlapped = run_extract(tmp_path / "overlapped", data, workers=1, **common)
+    in_turn = run_extract(tmp_path / "in-turn", data, overlap=False, **common)
+    assert overlapped.rows == 24 and len(overlapped.complete_keys()) == 4
+    for key in in_turn.complete_keys():
+        assert np.array_equal(overlapped.load(key), in_turn.load(key)), key

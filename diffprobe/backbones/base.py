@@ -200,10 +200,7 @@ class Backbone(nn.Module):
         wanted = self.resolve_blocks(blocks)
         if x_t.ndim != 4 or tuple(x_t.shape[1:]) != self.model_shape:
             raise DiffprobeError(f"expected a noised batch [B, {', '.join(map(str, self.model_shape))}], got shape {list(x_t.shape)}")
-        t_tensor = torch.as_tensor(t, device=x_t.device).reshape(-1)
-        if t_tensor.numel() == 1:
-            t_tensor = t_tensor.expand(x_t.shape[0])
-        self.schedule.check_timesteps(sorted(set(t_tensor.tolist())))
+        t_tensor = self._timesteps(t, x_t)
         numbers = [b for b in wanted if isinstance(b, int)]
         infos = self.tap_infos([b for b in wanted if isinstance(b, str)])  # the module paths, checked once a pass
         deepest = max(numbers + [info.block for info in infos])
@@ -218,6 +215,21 @@ class Backbone(nn.Module):
         if not infos:
             return (self._run or self.run)(x_t, t_tensor, y, tuple(wanted))
         return self._run_with_taps(x_t, t_tensor, y, numbers, infos, deepest)
+
+    def _timesteps(self, t: int | torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        """t as one value per image on x_t's device, checked against the schedule on the host.
+
+        A Python t is checked as given and filled on the device; reading a device tensor back
+        (`.tolist()`) or copying a host one up without pinning would make the host wait for the
+        GPU at every pass. A tensor t is checked on a host copy (free when it lives on the CPU).
+        """
+        if isinstance(t, torch.Tensor):
+            values = t.detach().reshape(-1)
+            self.schedule.check_timesteps(sorted(set(values.cpu().tolist())))
+            values = values.to(x_t.device)
+            return values.expand(x_t.shape[0]) if values.numel() == 1 else values
+        self.schedule.check_timesteps([t])
+        return torch.full((x_t.shape[0],), t, device=x_t.device)
 
     def _run_with_taps(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, numbers: list[int],
                        infos: list[Any], deepest: int) -> dict[int | str, torch.Tensor]:  # fmt: skip

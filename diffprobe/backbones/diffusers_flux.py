@@ -53,10 +53,11 @@ def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 def image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Each packed token's (0, row, column), FluxPipeline._prepare_latent_image_ids' layout."""
-    ids = torch.zeros(height // 2, width // 2, 3)
-    ids[..., 1] += torch.arange(height // 2)[:, None]
-    ids[..., 2] += torch.arange(width // 2)[None, :]
-    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+    rows, cols = height // 2, width // 2  # made on the device: a host-made table would be copied up at every pass
+    ids = torch.zeros(rows, cols, 3, device=device)
+    ids[..., 1] += torch.arange(rows, device=device)[:, None]
+    ids[..., 2] += torch.arange(cols, device=device)[None, :]
+    return ids.reshape(-1, 3).to(dtype)
 
 
 class FluxBackbone(LatentBackbone):

@@ -37,8 +37,8 @@ from ..validate import known_keywords
 from ..precision import Compute, choose_compute
 from .distributed import Ranks, join, ranks
 from .featurize import featurize
-from .guard import check_finite
 from .latents import LatentCache
+from .pipeline import ChunkWriter, NoisedImages
 from .plan import FeaturePlan
 from .roles import REPORT, REPORT_SHARE, SELECT, TRAIN, dataset_roles
 from .store import FeatureStore
@@ -69,6 +69,7 @@ class ExtractOptions:
     progress: bool = True
     augment_views: int = 0  # K random-resized-crop + flip views per image instead of the centre crop
     augment_seed: int = 0
+    overlap: bool = True  # draw ε in the loader and write chunks from a thread while the next computes (False: in turn)
 
     def same_rows_as(self, store: FeatureStore) -> "ExtractOptions":
         """These options, selecting the rows `store` holds (for controls on the same images)."""
@@ -273,14 +274,17 @@ def fill(store: FeatureStore, backbone: Backbone, data: LabeledImages, plan: Fea
     else:  # the loader addresses dataset indices
         dataset = TransformedImages(data, backbone_transform(backbone), backbone.image_size)
         batches = [rows[store.chunk_slice(chunk)].tolist() for chunk, _ in todo]
+    if o.overlap and backbone.schedule.noisy:  # ε drawn with the image, by the loader's workers, ahead of the pass
+        dataset = NoisedImages(dataset, plan.noise_seed, backbone.model_shape, plan.draws, views if o.augment_views else None)
     workers = o.workers if o.workers is not None else (0 if compute.device.type == "cpu" else 8)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=compute.device.type == "cuda")
     total = sum(len({k.t for k in keys}) for _, keys in todo)
     latents = LatentCache.open(backbone, store)  # latent models encode each image once, cached in the store
     images_done, started = 0, time.perf_counter()
     # The bar closes (ending its line) before any error propagates, so messages start clean.
-    with tqdm(total=total, desc=f"extract → {out.name}", unit="pass", disable=not o.progress) as bar, torch.inference_mode():
-        for (chunk, keys), (x0, _, index, errors) in zip(todo, loader):
+    writer = ChunkWriter(store, o.dtype, compute.device, background=o.overlap)
+    with tqdm(total=total, desc=f"extract → {out.name}", unit="pass", disable=not o.progress) as bar, writer, torch.inference_mode():
+        for (chunk, keys), (x0, _, index, errors, *noise) in zip(todo, loader):
             bad = [e for e in errors if e]
             if bad:
                 more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
@@ -289,11 +293,9 @@ def fill(store: FeatureStore, backbone: Backbone, data: LabeledImages, plan: Fea
             chunk_views = views[store.chunk_slice(chunk)] if o.augment_views else None
             y = None if o.class_label is None else torch.full((len(index),), o.class_label, device=compute.device)
             x0 = latents.encode_chunk(backbone, chunk, x0, compute)  # model space: cached latents, or the pixels
-            pooled = featurize(backbone, x0, plan, index.tolist(), keys=keys, views=chunk_views, y=y, compute=compute, encoded=True)
-            for k in keys:
-                values = pooled[k].cpu().numpy().astype(o.dtype)
-                check_finite(values, k.t, k.block, k.pool)  # after the cast: float16 overflow counts too
-                store.write_chunk(k, chunk, values)
+            pooled = featurize(backbone, x0, plan, index.tolist(), keys=keys, views=chunk_views, y=y, compute=compute, encoded=True,
+                               noise=noise[0] if noise else None)  # fmt: skip
+            writer.submit(chunk, pooled)
             bar.update(len({k.t for k in keys}))
             images_done += len(index)
             bar.set_postfix(img_per_s=f"{images_done / (time.perf_counter() - started):.1f}")

@@ -39,7 +39,7 @@ def encode_images(backbone: Backbone, images: torch.Tensor, compute: Compute) ->
     device, run on the compute's set-up copy: the one encoding featurize, the latent cache and
     online training share."""
     with torch.no_grad(), compute.autocast():
-        return compute.prepare(backbone).encode(images.to(compute.device)).float()
+        return compute.prepare(backbone).encode(images.to(compute.device, non_blocking=True)).float()
 
 
 def check_batch(backbone: Backbone, x0: object, indices: Sequence[int], encoded: bool) -> list[int]:
@@ -63,8 +63,8 @@ def check_batch(backbone: Backbone, x0: object, indices: Sequence[int], encoded:
 
 def featurize(backbone: Backbone, x0: torch.Tensor, plan: FeaturePlan, indices: Sequence[int], *,
               keys: Sequence[FeatureKey] | None = None, views: Sequence[int] | None = None,
-              y: torch.Tensor | None = None, compute: Compute | None = None,
-              encoded: bool = False) -> dict[FeatureKey, torch.Tensor]:  # fmt: skip
+              y: torch.Tensor | None = None, compute: Compute | None = None, encoded: bool = False,
+              noise: torch.Tensor | None = None) -> dict[FeatureKey, torch.Tensor]:  # fmt: skip
     """Pooled features of one batch of clean images, averaged over the plan's noise draws.
 
     x0: [B, 3, S, S] in [-1, 1] (the model transform's output), or already in model space
@@ -72,14 +72,22 @@ def featurize(backbone: Backbone, x0: torch.Tensor, plan: FeaturePlan, indices: 
     dataset index, or a content hash for new images). keys: a subset of the plan's (t, block,
     pool) settings (default: all). compute: where and how the frozen network runs (default:
     this machine's fastest, `choose_compute()`); the caller's backbone is not changed.
+    noise: ε already drawn for these images, [B, draws, *model shape] as `noise_draws` draws it
+    (extraction draws it in its loader workers, features/pipeline.py); default: drawn here.
     """
     indices = check_batch(backbone, x0, indices, encoded)
     compute = compute or choose_compute()
     runner = compute.prepare(backbone)
     keys = list(keys) if keys is not None else plan.resolve(backbone).keys
-    x0 = x0.to(compute.device) if encoded else encode_images(backbone, x0, compute)
-    if backbone.schedule.noisy:
-        noises = [e.to(compute.device) for e in noise_draws(indices, plan.noise_seed, tuple(x0.shape[1:]), plan.draws, views)]
+    x0 = x0.to(compute.device, non_blocking=True) if encoded else encode_images(backbone, x0, compute)
+    if backbone.schedule.noisy and noise is not None:
+        if tuple(noise.shape) != (len(indices), plan.draws, *x0.shape[1:]):
+            raise DiffprobeError(f"noise: expected [{len(indices)}, {plan.draws}, {', '.join(map(str, x0.shape[1:]))}] "
+                                 f"(images, draws, model shape), got {list(noise.shape)}")  # fmt: skip
+        noises = list(noise.to(compute.device, non_blocking=True).unbind(1))
+    elif backbone.schedule.noisy:
+        noises = [e.to(compute.device, non_blocking=True)
+                  for e in noise_draws(indices, plan.noise_seed, tuple(x0.shape[1:]), plan.draws, views)]  # fmt: skip
     else:  # an encoder reads the clean image: no noise to draw, one pass
         noises = [None]
     sums: dict[FeatureKey, torch.Tensor] = {}

@@ -95,7 +95,9 @@ class LatentCache:
         """The latents of one chunk of store rows (on the compute's device): from the cache, or encoded and cached now."""
         rows = self.store.chunk_slice(chunk)
         if self.done()[chunk]:
-            return torch.from_numpy(np.array(self._array()[rows])).to(compute.device)
+            cached = torch.from_numpy(np.array(self._array()[rows]))
+            pinned = cached.pin_memory() if compute.device.type == "cuda" else cached  # copied up without the host waiting
+            return pinned.to(compute.device, non_blocking=True)
         latents = encode_images(backbone, images, compute)
         target = self._array()
         target[rows] = latents.cpu().numpy()

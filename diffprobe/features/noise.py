@@ -79,13 +79,22 @@ class NoiseSchedule:
 
     def q_sample(self, x0: torch.Tensor, t: int | torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x_t = √ᾱ_t·x0 + √(1-ᾱ_t)·ε, computed in float64 coefficients then cast to x0's dtype."""
-        t_idx = torch.as_tensor(t, dtype=torch.long).reshape(-1).cpu()
-        abar = torch.from_numpy(self.alphas_cumprod)[t_idx]
+        if not isinstance(t, torch.Tensor):  # one t: the two coefficients filled on the device (no host-made tensor copied up)
+            abar = float(self.alphas_cumprod[int(t)])
+            a, s = (device_scalar(math.sqrt(c), x0) for c in (abar, 1 - abar))
+            return a * x0 + s * eps
+        abar = torch.from_numpy(self.alphas_cumprod)[t.reshape(-1).long().cpu()]
         if abar.numel() == 1:
             abar = abar.expand(x0.shape[0])
         a = abar.sqrt().to(x0.device, x0.dtype).view(-1, 1, 1, 1)
         s = (1 - abar).sqrt().to(x0.device, x0.dtype).view(-1, 1, 1, 1)
         return a * x0 + s * eps
+
+
+def device_scalar(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A float64 coefficient as a one-element tensor of `like`'s dtype on its device: the value a
+    float64 tensor cast to that dtype holds, made by a fill on the device, so the host never waits."""
+    return torch.full((1,) * like.dim(), value, dtype=like.dtype, device=like.device)
 
 
 def image_noise(indices: Sequence[int], seed: int, shape: Sequence[int], draw: int = 0) -> torch.Tensor:
@@ -150,6 +159,9 @@ class FlowSchedule:
 
     def q_sample(self, x0: torch.Tensor, t: int | torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x_t = (1−σ)·x0 + σ·ε, σ in float64 then cast to x0's dtype."""
+        if not isinstance(t, torch.Tensor):  # one t: σ filled on the device (no host-made tensor copied up)
+            sigma = device_scalar(float(t) / self.num_train_timesteps, x0)
+            return (1 - sigma) * x0 + sigma * eps
         sigma = self.sigma(t)
         if sigma.numel() == 1:
             sigma = sigma.expand(x0.shape[0])
