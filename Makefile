@@ -37,7 +37,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# Extraction, pre-training, online and latent benchmarks, each diffprobe's path against a plain reference
+# Extraction, pre-training, online, latent and end-to-end pipeline benchmarks, each diffprobe's path against a plain reference
 # in the same run, in what this machine runs fast (bf16 variants only where bf16 is native); ≤ 5 minutes
 # on 2 cores. BENCH_ARGS go to every benchmark: --as-no-fast-bf16 (the AVX2-only path), --bf16-variants.
 BENCH_ARGS ?=

@@ -1,7 +1,7 @@
-"""`make bench`: the four benchmarks, each diffprobe's path against a plain reference in the same run.
+"""`make bench`: the five benchmarks, each diffprobe's path against a plain reference in the same run.
 
 Prints the machine (CPU capability, native bf16, the compute diffprobe chooses) and what is
-skipped on it, runs extract, pretrain, online and latent one after another (one process each,
+skipped on it, runs extract, pretrain, online, latent and pipeline one after another (one process each,
 never two at once), then the ratios they printed and the wall time of each and of all. Flags
 after the script name go to every benchmark (benchmarks/machine.py):
 
@@ -21,7 +21,7 @@ from pathlib import Path
 from machine import add_machine_args, resolve
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("extract", "pretrain", "online", "latent")
+BENCHMARKS = ("extract", "pretrain", "online", "latent", "pipeline")
 
 
 def main() -> None:

@@ -15,7 +15,10 @@ Sections (each recorded, pass or fail, so one failure does not cost the rest of 
               paper's ADM-256 to block 24 (img/s and share of the bf16 matmul peak), an SD-2.1-shaped
               U-Net to up_blocks.1 at 512 px, a DiT-XL/2-shaped transformer to block 14 at 256 px, an
               online attention-head step and a pretrain step of the shipped checkpoint's architecture;
-  memory      peak device memory of each throughput case.
+              on a GPU also ADM-256 at the pass size extraction fits to its memory; and `extract` end to
+              end over image files, overlapped (ε in the loader, a writer thread) against in turn;
+  memory      peak device memory of each throughput case;
+  compile     (--compile-modes) the ADM case in each torch.compile mode asked for: which one pays here.
 Writes OUT/gpu_check.json and OUT/gpu_check.txt; exits 1 when a check failed.
 """
 
@@ -277,6 +280,60 @@ def extraction_case(spec: str, options: dict, block: int, batch: int, device: to
     return result
 
 
+def fitted_batch_case(adm: tuple, device: torch.device, compute: Compute, repeats: int, peak: float | None) -> dict:
+    """The pass size extraction picks by default on this GPU (features/batching.py), timed like the batch-64 case."""
+    from diffprobe.features.batching import default_batch_size
+    from diffprobe.features.plan import FeaturePlan
+
+    bb = load_backbone(adm[0], device=str(device), **adm[1])
+    batch = default_batch_size(bb, FeaturePlan(t=90, blocks=adm[2]), compute)
+    runner = compute.prepare(bb)
+    x_t = torch.randn(batch, *bb.model_shape, device=device)
+    reset_peak(device)
+
+    def fast():  # diffprobe's path only: the plain fp32 forward would not fit at this batch
+        with torch.inference_mode(), compute.autocast():
+            runner.forward_features(compute.batch(x_t), 90, [adm[2]])
+
+    _, quick = timed_pair(fast, fast, device, repeats)
+    result = {"fitted_batch": batch, "diffprobe_img_s": round(batch / quick, 1), "compute": compute.describe(), "peak_mib": peak_memory(device)}
+    if peak:
+        from extract import model_flops
+
+        result["share_of_bf16_peak"] = round(model_flops(runner, compute.batch(x_t[:1]), 90, adm[2]) * batch / quick / peak, 3)
+    return result
+
+
+def end_to_end(device: torch.device, compute: Compute, tiny: bool, tmp: Path) -> dict:
+    """`extract` over image files, overlapped (ε in the loader, chunks written by a thread) against in turn:
+    img/s of each and whether the stores hold the same bytes (benchmarks/pipeline.py, at GPU sizes)."""
+    import numpy as np
+    from pipeline import image_folder
+
+    from diffprobe.features.extract import extract
+    from diffprobe.features.plan import FeaturePlan
+    from diffprobe.features.store import FeatureStore
+
+    size, channels, images = (32, 32, 32) if tiny else (256, 256, 1024)
+    bb = load_backbone("adm:random", preset="256x256_diffusion_uncond", image_size=size, num_channels=channels, channel_mult="1,1,2,2,4,4",
+                       attention_resolutions=",".join(str(max(1, size // d)) for d in (8, 16, 32)), device=str(device))  # fmt: skip
+    data = image_folder(tmp / "images", images, size)
+    plan = FeaturePlan(t=90, blocks=[4, 12, min(24, bb.num_blocks)], pools=[1, 2])
+    seconds, stores = {}, {}
+    for name, overlap in (("in_turn", False), ("overlapped", True), ("in_turn", False), ("overlapped", True)):  # warm, then timed
+        out = tmp / f"{name}-{len(seconds)}"
+        sync(device)
+        start = time.perf_counter()
+        extract(bb, str(data), plan, out, batch_size=8 if tiny else 64, compute=compute, overlap=overlap, progress=False)
+        sync(device)
+        seconds[name] = time.perf_counter() - start
+        stores[name] = FeatureStore.open(out)
+    same = all(np.array_equal(stores["in_turn"].load(k), stores["overlapped"].load(k)) for k in stores["in_turn"].complete_keys())
+    return {"images": images, "size": size, "in_turn_img_s": round(images / seconds["in_turn"], 1),
+            "overlapped_img_s": round(images / seconds["overlapped"], 1), "ratio": round(seconds["in_turn"] / seconds["overlapped"], 2),
+            "stores_byte_identical": same, "min_cosine": 1.0 if same else 0.0, "ok": same}  # fmt: skip
+
+
 def online_step(device: torch.device, compute: Compute, tiny: bool, repeats: int) -> dict:
     from diffprobe.features.featurize import featurize
     from diffprobe.features.plan import FeaturePlan
@@ -330,6 +387,10 @@ def main() -> None:
     p.add_argument("--out", default="gpu_check", help="folder for gpu_check.json and gpu_check.txt")
     p.add_argument("--skip", default="", help="comma-separated sections to leave out: parity, torchrun, throughput")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--compile-modes", default="",
+                   help="also time ADM-256 to block 24 compiled in these torch.compile modes, comma-separated (eager, default, "
+                        "max-autotune, max-autotune-no-cudagraphs, reduce-overhead): minutes of compilation each, so not in "
+                        "the default run")  # fmt: skip
     args = p.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -369,6 +430,11 @@ def main() -> None:
                 dit = (f"diffusers:{lm.save_dit(tmp / 'ditxl', **lm.DIT_XL_SHAPE)}", {}, 15, 64)
             report.record("throughput", "ADM-256 to block 24" + " (tiny)" * args.tiny,
                           lambda: extraction_case(adm[0], adm[1], adm[2], adm[3], device, compute, repeats, peak=peak))
+            if device.type == "cuda":
+                report.record("throughput", "ADM-256 to block 24 at the fitted batch" + " (tiny)" * args.tiny,
+                              lambda: fitted_batch_case(adm, device, compute, repeats, peak))
+            report.record("throughput", "extraction end to end, overlapped vs in turn" + " (tiny)" * args.tiny,
+                          lambda: end_to_end(device, compute, args.tiny, tmp / "end-to-end"))
             sd_bb = load_backbone(sd[0], **sd[1])
             up1 = max(b.index for b in sd_bb.blocks if b.name.startswith("up_blocks.1."))
             hooked = "up_blocks.1"  # the plain path catches the whole up block: its last unit's output, upsampled where it upsamples
@@ -379,6 +445,10 @@ def main() -> None:
             side = dit_bb.blocks[dit_block - 1].resolution
             report.record("throughput", f"DiT to block {dit_block}" + (" (tiny)" if args.tiny else " (XL/2-shaped, 256 px)"),
                           lambda: extraction_case(dit[0], dit[1], dit_block, dit[3], device, compute, repeats, tokens_side=side))
+            for mode in [m for m in args.compile_modes.split(",") if m]:  # which mode pays on this GPU (precision.COMPILE_MODES)
+                moded = Compute(compute.device, compute.precision, compute.channels_last, mode != "eager", "default" if mode == "eager" else mode)
+                report.record("compile", f"ADM-256 to block 24, {mode}" + " (tiny)" * args.tiny,
+                              lambda c=moded: extraction_case(adm[0], adm[1], adm[2], adm[3], device, c, repeats, peak=peak))
             report.record("throughput", "online attention-head step", lambda: online_step(device, compute, args.tiny, repeats))
             report.record("throughput", "pretrain step (shipped architecture)", lambda: pretrain_step(device, args.tiny, repeats, tmp / "pre"))
     header["wall_seconds"] = round(time.perf_counter() - started, 1)

@@ -22,6 +22,11 @@ if TYPE_CHECKING:
     from .backbones.base import Backbone
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+# torch.compile's modes: "default" fuses norms and pointwise ops; "max-autotune" also times
+# matmul/conv kernel choices (minutes of compilation); "reduce-overhead" replays the pass as a
+# CUDA graph (fewer launches: pays on small batches). Which pays is measured per GPU by
+# benchmarks/gpu_check.py --compile-modes; auto stays "default" until a GPU run says otherwise.
+COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,7 @@ class Compute:
     precision: str  # fp32 | bf16 | fp16 (the autocast dtype; weights stay fp32)
     channels_last: bool
     compile: bool = False  # torch.compile the block walk (GPUs: fuses GroupNorm/SiLU/scale-shift)
+    compile_mode: str = "default"  # torch.compile's mode (COMPILE_MODES), when compile is on
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "fp32":
@@ -78,7 +84,7 @@ class Compute:
         if self.channels_last:
             prepared.to(memory_format=torch.channels_last)
         if self.compile:
-            prepared.compile()
+            prepared.compile(**({} if self.compile_mode == "default" else {"mode": self.compile_mode}))
         return prepared
 
     def batch(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,7 +92,8 @@ class Compute:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def describe(self) -> str:
-        return f"{self.device.type} {self.precision}" + " channels_last" * self.channels_last + " compiled" * self.compile
+        compiled = (" compiled" + (f" ({self.compile_mode})" if self.compile_mode != "default" else "")) * self.compile
+        return f"{self.device.type} {self.precision}" + " channels_last" * self.channels_last + compiled
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:
@@ -153,8 +160,15 @@ def choose_compute(device: str = "auto", precision: str = "auto", channels_last:
         # (issue 12: 73 vs 62 img/s on an AVX2-only CPU, shipped checkpoint, batch 64); on an H100,
         # eager channels_last was slower (230 vs 331 img/s at 256×256).
         channels_last = dev.type == "cpu"
-    if compile == "auto":
+    mode = "default"
+    if isinstance(compile, str) and compile in COMPILE_MODES:  # a mode asked for by name: compiled in that mode
+        compile, mode = True, compile
+    elif compile == "auto":
         # torch.compile fuses the memory-bound norm/pointwise ops on GPUs; on CPU it gained nothing
         # (73-83 vs 84-87 img/s eager) and costs a minute of compilation.
         compile = dev.type == "cuda"
-    return Compute(dev, precision, bool(channels_last), bool(compile))
+    elif isinstance(compile, str):
+        raise DiffprobeError(f"compile {compile!r}: expected auto, on, off or a torch.compile mode ({', '.join(COMPILE_MODES)})")
+    if mode == "reduce-overhead" and dev.type != "cuda":
+        raise DiffprobeError("--compile reduce-overhead replays CUDA graphs: it needs a GPU (on a CPU use off or default)")
+    return Compute(dev, precision, bool(channels_last), bool(compile), mode)

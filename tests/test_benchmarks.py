@@ -87,6 +87,7 @@ def test_gpu_check_runs_its_code_paths_on_the_cpu(tmp_path):
                    "torchvision ResNet-18"):
         assert parity[family]["passed"] and parity[family]["bf16_min_cosine"] > 0.99, family
         assert parity[family]["host_waits"] == 0, parity[family]  # no host read or upload inside the walk
-    assert len(throughput) == 5 and all(r["passed"] for r in throughput.values())
+    assert len(throughput) == 6 and all(r["passed"] for r in throughput.values())
+    assert throughput["extraction end to end, overlapped vs in turn (tiny)"]["stores_byte_identical"]
     assert all(r["min_cosine"] > 0.99 and r["ratio"] > 0 for name, r in throughput.items() if "ratio" in r)
     assert report["failed"] == [] and "failed: none" in (tmp_path / "gpu_check.txt").read_text()

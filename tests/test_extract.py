@@ -220,3 +220,62 @@ def test_overlapped_extraction_writes_the_bytes_of_the_in_turn_path(cifar_small,
     assert overlapped.rows == 24 and len(overlapped.complete_keys()) == 4
     for key in in_turn.complete_keys():
         assert np.array_equal(overlapped.load(key), in_turn.load(key)), key
+
+
+def test_a_compile_mode_reaches_torch_compile_and_cuda_graphs_need_a_gpu(monkeypatch):
+    from diffprobe.precision import COMPILE_MODES
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: seen.append(options) or fn)
+    compute = choose_compute("cpu", "fp32", False, "max-autotune")
+    assert compute.compile and compute.describe() == "cpu fp32 compiled (max-autotune)"
+    compute.prepare(load_backbone(FIXTURE_SPEC))
+    assert seen == [{"dynamic": False, "mode": "max-autotune"}]
+    assert choose_compute("cpu", "fp32", False, True).compile_mode == "default" and "reduce-overhead" in COMPILE_MODES
+    with pytest.raises(DiffprobeError, match="CUDA graphs: it needs a GPU"):
+        choose_compute("cpu", "fp32", False, "reduce-overhead")
+
+
+def test_a_pass_that_runs_out_of_memory_is_retried_in_halves(cifar_small, tmp_path, monkeypatch, caplog):
+    """Chunks of 8 images whose passes fit only 2 at a time: the extraction goes on in passes of 2 and
+    writes what a store made in chunks of 2 holds; one image that does not fit is one clear error."""
+    import diffprobe.features.extract as extraction
+    from diffprobe.features.batching import fitted_batch
+
+    data = open_dataset(cifar_small)
+    small = run_extract(tmp_path / "small", data, blocks=[13], pools=[1], timesteps=[90], limit=16, batch_size=2)
+    real = extraction.featurize
+
+    def fits_two(backbone, x0, *args, **kw):
+        if len(x0) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(backbone, x0, *args, **kw)
+
+    monkeypatch.setattr(extraction, "featurize", fits_two)
+    halved = run_extract(tmp_path / "halved", data, blocks=[13], pools=[1], timesteps=[90], limit=16, batch_size=8)
+    assert halved.chunk_rows == 8 and halved.is_complete(FeatureKey(90, 13, 1))
+    assert np.array_equal(halved.load(FeatureKey(90, 13, 1)), small.load(FeatureKey(90, 13, 1)))
+    assert "passes of 2 images from now on" in caplog.text and "passes of 4 images" in caplog.text
+    monkeypatch.setattr(extraction, "featurize", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("simulated")))
+    with pytest.raises(DiffprobeError, match="one image at a time does not fit"):
+        run_extract(tmp_path / "none-fits", data, blocks=[13], pools=[1], timesteps=[90], limit=16, batch_size=2)
+    # A GPU's pass: the largest power of two within the memory budget, capped.
+    assert fitted_batch(10e9, 1e9) == 8 and fitted_batch(1e9, 3e9) == 1 and fitted_batch(1e15, 1.0) == 512
+
+
+def test_the_per_image_memory_is_the_peak_difference_of_two_small_passes(monkeypatch):
+    """bytes_per_image on a stand-in for the CUDA allocator: a fixed part (weights, workspace)
+    cancels out, each image adds 300 bytes; the walk runs eagerly even on a compiled runner."""
+    from diffprobe.features import batching
+
+    bb = load_backbone(FIXTURE_SPEC)
+    bb._run = compiled = object()  # a compiled walk must not be called for the odd batch sizes
+    passes = []
+    real = bb.forward_features
+    monkeypatch.setattr(bb, "forward_features", lambda x, *a, **k: passes.append((len(x), bb._run)) or real(x, *a, **k))
+    for name, fake in {"synchronize": lambda device=None: None, "reset_peak_memory_stats": lambda device=None: None,
+                       "memory_allocated": lambda device=None: 5000,
+                       "max_memory_allocated": lambda device=None: 5000 + 7000 + 300 * passes[-1][0]}.items():  # fmt: skip
+        monkeypatch.setattr(torch.cuda, name, fake)
+    assert batching.bytes_per_image(bb, FeaturePlan(t=90, blocks=[13]), FP32) == 300
+    assert passes == [(1, None), (4, None), (2, None)] and bb._run is compiled

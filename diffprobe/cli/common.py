@@ -166,16 +166,19 @@ def open_test_data(args: argparse.Namespace):
 
 # ------------------------------------------------------------------ compute
 def add_compute_args(p: argparse.ArgumentParser, precisions: Sequence[str] = ("auto", "fp32", "bf16", "fp16")) -> None:
+    from ..precision import COMPILE_MODES
     p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if a GPU is visible, else cpu), cpu, cuda, cuda:1 ...")
     p.add_argument("--precision", default="auto", choices=list(precisions), help='number format the network runs in (auto: bf16 where this CPU/GPU runs it fast, else fp32)')
     p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"], help='memory layout for convolutions (auto: where measured faster on this machine)')
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile the network (auto: on for CUDA)")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off", *COMPILE_MODES],
+                   help="torch.compile the network (auto: on for CUDA, default mode); or a mode: max-autotune times kernel "
+                        "choices, reduce-overhead replays CUDA graphs (GPU)")  # fmt: skip
 
 
 def compute_from(args: argparse.Namespace):
     from ..precision import choose_compute
 
-    return choose_compute(args.device, args.precision, SWITCH[args.channels_last], SWITCH[args.compile])
+    return choose_compute(args.device, args.precision, SWITCH[args.channels_last], SWITCH.get(args.compile, args.compile))
 
 
 # ------------------------------------------------------------------ feature plan and extraction options
@@ -203,7 +206,9 @@ def add_extract_args(p: argparse.ArgumentParser, blocks_required: bool = True) -
                    "(--val-fraction, --split-seed), apart from --limit's: more images to select and report on")  # fmt: skip
     p.add_argument("--subset-seed", type=int, default=0, help='seed of the stratified --limit/--held-out subset (which images)')
     p.add_argument("--class-label", type=int, help="class to condition on (class-conditional models only)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per pass; also the store's chunk size")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per pass, and a new store's chunk size (default: 64 on a CPU; on a GPU the largest power of two "
+                        "up to 512 that its free memory holds, measured)")  # fmt: skip
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored feature dtype")
     add_compute_args(p)
     p.add_argument("--workers", type=int, help="DataLoader worker processes (default: 0 on CPU, where the network needs every core; 8 on GPUs)")

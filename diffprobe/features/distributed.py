@@ -65,6 +65,14 @@ def backend_for(requested: str, device: torch.device | None) -> str:
     return "nccl"
 
 
+def ranks_per_device(device: torch.device) -> int:
+    """How many of this node's ranks share one GPU (they divide its memory): 1 off torchrun or on a CPU."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return 1
+    return -(-local // max(1, torch.cuda.device_count()))
+
+
 def join(backend: str = "auto", device: torch.device | None = None) -> None:
     """Join torchrun's process group once (no-op outside torchrun, or when already joined)."""
     if dist.is_initialized() or not launched_by_torchrun() or int(os.environ.get("WORLD_SIZE", 1)) < 2:

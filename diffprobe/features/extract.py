@@ -35,7 +35,8 @@ from ..data import (
 from ..errors import DiffprobeError
 from ..validate import known_keywords
 from ..precision import Compute, choose_compute
-from .distributed import Ranks, join, ranks
+from .batching import default_batch_size, halving_on_oom, in_passes
+from .distributed import Ranks, join, ranks, ranks_per_device
 from .featurize import featurize
 from .latents import LatentCache
 from .pipeline import ChunkWriter, NoisedImages
@@ -52,7 +53,7 @@ class ExtractOptions:
     """How (not what) to extract: none of these change a feature's value except dtype, compute's
     precision, class_label and the row selection, which the store's identity records."""
 
-    batch_size: int = 64  # images per pass; also the store's chunk size
+    batch_size: int | None = None  # images per pass and a new store's chunk size (default: 64 on CPUs, fitted to a GPU's memory)
     dtype: str = "float16"  # stored feature dtype
     compute: Compute | None = None  # default: this machine's fastest (choose_compute())
     limit: int | None = None  # a stratified subset of this many images (with held_out: of the training images)
@@ -212,14 +213,19 @@ def extract(backbone: Backbone, data: LabeledImages | str | Path, plan: FeatureP
         raise DiffprobeError(f"--limit {o.limit}: expected a number of images, at least 1 (omit --limit for the whole dataset)")
     if o.held_out is not None and o.held_out < 1:
         raise DiffprobeError(f"--held-out {o.held_out}: expected a number of held-out images, at least 1 (omit --held-out for none beyond --limit's)")
-    if o.batch_size < 1:
-        raise DiffprobeError(f"--batch-size {o.batch_size}: expected a number of images per pass, at least 1 (default 64)")
+    if o.batch_size is not None and o.batch_size < 1:
+        raise DiffprobeError(f"--batch-size {o.batch_size}: expected a number of images per pass, at least 1 (default: 64 on CPUs, "
+                             "fitted to a GPU's free memory)")  # fmt: skip
     if o.workers is not None and o.workers < 0:
         raise DiffprobeError(f"--workers {o.workers}: expected 0 (load images in this process) or more")
     compute = o.compute or choose_compute()
     join(o.dist_backend, compute.device)
     share = ranks(o.rank, o.world_size)
     plan = plan.resolve(backbone)
+    if o.batch_size is None:
+        o = replace(o, batch_size=default_batch_size(backbone, plan, compute, ranks_per_device(compute.device)))
+        if compute.device.type == "cuda":
+            log.info("%d images per pass: what %s's free memory holds (--batch-size sets it)", o.batch_size, compute.device)
     rows = select_rows(data.labels, o)
     views = np.tile(np.arange(max(o.augment_views, 1)), len(rows))
     if o.augment_views:
@@ -244,8 +250,8 @@ def extract(backbone: Backbone, data: LabeledImages | str | Path, plan: FeatureP
     share.barrier()
     store = store or open_store()
     if store.chunk_rows != o.batch_size:
-        log.info("%s was made with --batch-size %d: resuming in its own chunks of %d rows (--batch-size %d applies to new stores)",
-                 out, store.chunk_rows, store.chunk_rows, o.batch_size)  # fmt: skip
+        log.info("%s was made with --batch-size %d: resuming in its own chunks of %d rows, in passes of at most %d images",
+                 out, store.chunk_rows, store.chunk_rows, min(o.batch_size, store.chunk_rows))  # fmt: skip
     fill(store, backbone, data, plan, rows, views, o, compute, share)
     share.barrier()
     missing = {k.stem: int((~store.done_chunks(k)).sum()) for k in plan.keys if not store.is_complete(k)}
@@ -281,6 +287,7 @@ def fill(store: FeatureStore, backbone: Backbone, data: LabeledImages, plan: Fea
     total = sum(len({k.t for k in keys}) for _, keys in todo)
     latents = LatentCache.open(backbone, store)  # latent models encode each image once, cached in the store
     images_done, started = 0, time.perf_counter()
+    pass_rows = min(o.batch_size, store.chunk_rows)  # a store cut in larger chunks (another machine's) runs in passes that fit here
     # The bar closes (ending its line) before any error propagates, so messages start clean.
     writer = ChunkWriter(store, o.dtype, compute.device, background=o.overlap)
     with tqdm(total=total, desc=f"extract → {out.name}", unit="pass", disable=not o.progress) as bar, writer, torch.inference_mode():
@@ -292,9 +299,15 @@ def fill(store: FeatureStore, backbone: Backbone, data: LabeledImages, plan: Fea
                                      "the same command: finished chunks are kept (removing a file changes the dataset: use a new --out)")
             chunk_views = views[store.chunk_slice(chunk)] if o.augment_views else None
             y = None if o.class_label is None else torch.full((len(index),), o.class_label, device=compute.device)
-            x0 = latents.encode_chunk(backbone, chunk, x0, compute)  # model space: cached latents, or the pixels
-            pooled = featurize(backbone, x0, plan, index.tolist(), keys=keys, views=chunk_views, y=y, compute=compute, encoded=True,
-                               noise=noise[0] if noise else None)  # fmt: skip
+
+            def run_chunk(rows_per_pass: int, chunk=chunk, keys=keys, x0=x0, index=index, noise=noise, views=chunk_views, y=y):
+                z0 = latents.encode_chunk(backbone, chunk, x0, compute, rows_per_pass)  # model space: cached latents, or the pixels
+                parts = in_passes(len(index), rows_per_pass, lambda s: featurize(
+                    backbone, z0[s], plan, index[s].tolist(), keys=keys, views=None if views is None else views[s],
+                    y=None if y is None else y[s], compute=compute, encoded=True, noise=noise[0][s] if noise else None))  # fmt: skip
+                return {k: torch.cat([part[k] for part in parts]) if len(parts) > 1 else parts[0][k] for k in keys}
+
+            pooled, pass_rows = halving_on_oom(pass_rows, run_chunk, compute.device)
             writer.submit(chunk, pooled)
             bar.update(len({k.t for k in keys}))
             images_done += len(index)

@@ -96,6 +96,8 @@ def featurize(backbone: Backbone, x0: torch.Tensor, plan: FeaturePlan, indices: 
         blocks = list({k.block: None for k in keys_t})  # numbers and module paths: the backbone orders them
         for eps in noises:
             x_t = compute.batch(backbone.schedule.q_sample(x0, t, eps))
+            if compute.compile and compute.compile_mode == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()  # a new replay: the last pass's maps were pooled already
             with compute.autocast():
                 feats = runner.forward_features(x_t, t, blocks, y=y)
             for k in keys_t:

@@ -26,6 +26,7 @@ import torch
 from .._io import atomic_write, write_json
 from ..backbones.base import Backbone
 from ..precision import Compute
+from .batching import in_passes
 from .featurize import encode_images
 from .store import FeatureStore
 
@@ -35,7 +36,7 @@ class PixelInputs:
 
     encoded_chunks = 0
 
-    def encode_chunk(self, backbone: Backbone, chunk: int, images: torch.Tensor, compute: Compute) -> torch.Tensor:
+    def encode_chunk(self, backbone: Backbone, chunk: int, images: torch.Tensor, compute: Compute, pass_rows: int | None = None) -> torch.Tensor:
         return encode_images(backbone, images, compute)
 
 
@@ -91,14 +92,15 @@ class LatentCache:
             self._map = np.load(self.array_path, mmap_mode="r+")
         return self._map
 
-    def encode_chunk(self, backbone: Backbone, chunk: int, images: torch.Tensor, compute: Compute) -> torch.Tensor:
-        """The latents of one chunk of store rows (on the compute's device): from the cache, or encoded and cached now."""
+    def encode_chunk(self, backbone: Backbone, chunk: int, images: torch.Tensor, compute: Compute, pass_rows: int | None = None) -> torch.Tensor:
+        """The latents of one chunk of store rows (on the compute's device): from the cache, or encoded
+        (in passes of at most pass_rows images) and cached now."""
         rows = self.store.chunk_slice(chunk)
         if self.done()[chunk]:
             cached = torch.from_numpy(np.array(self._array()[rows]))
             pinned = cached.pin_memory() if compute.device.type == "cuda" else cached  # copied up without the host waiting
             return pinned.to(compute.device, non_blocking=True)
-        latents = encode_images(backbone, images, compute)
+        latents = torch.cat(in_passes(len(images), pass_rows or len(images), lambda s: encode_images(backbone, images[s], compute)))
         target = self._array()
         target[rows] = latents.cpu().numpy()
         target.flush()
