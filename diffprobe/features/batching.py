@@ -1,8 +1,8 @@
 """How many images one pass takes: a fixed default on CPUs, on a GPU what its free memory holds.
 
-A store is cut into chunks of rows (resume, ranks and the done marks work per chunk); a pass
-takes at most `pass_rows` of a chunk's images, so a store made on a large GPU resumes on a
-small one. On a GPU the default is measured, not guessed: two small passes (2 and 4 images,
+A store is cut into chunks of rows (resume, ranks and the done marks work per chunk), and a
+chunk is one pass, unless it does not fit: then it runs in passes of half, a quarter, ... of
+its rows, so a store made on a large GPU resumes on a small one. On a GPU the default is measured, not guessed: two small passes (2 and 4 images,
 after one that reads lazily loaded weights) give the bytes each image adds to the peak, and
 the pass is the largest power of two that fits MEMORY_SHARE of the free memory, shared by the
 ranks on the device. A pass that still runs out of memory (fragmentation, another process)

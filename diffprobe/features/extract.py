@@ -250,8 +250,8 @@ def extract(backbone: Backbone, data: LabeledImages | str | Path, plan: FeatureP
     share.barrier()
     store = store or open_store()
     if store.chunk_rows != o.batch_size:
-        log.info("%s was made with --batch-size %d: resuming in its own chunks of %d rows, in passes of at most %d images",
-                 out, store.chunk_rows, store.chunk_rows, min(o.batch_size, store.chunk_rows))  # fmt: skip
+        log.info("%s was made with --batch-size %d: resuming in its own chunks of %d rows (--batch-size %d applies to new stores)",
+                 out, store.chunk_rows, store.chunk_rows, o.batch_size)  # fmt: skip
     fill(store, backbone, data, plan, rows, views, o, compute, share)
     share.barrier()
     missing = {k.stem: int((~store.done_chunks(k)).sum()) for k in plan.keys if not store.is_complete(k)}
@@ -287,7 +287,9 @@ def fill(store: FeatureStore, backbone: Backbone, data: LabeledImages, plan: Fea
     total = sum(len({k.t for k in keys}) for _, keys in todo)
     latents = LatentCache.open(backbone, store)  # latent models encode each image once, cached in the store
     images_done, started = 0, time.perf_counter()
-    pass_rows = min(o.batch_size, store.chunk_rows)  # a store cut in larger chunks (another machine's) runs in passes that fit here
+    # A chunk is one pass, so a resumed store's bytes do not depend on who resumed it; a chunk too
+    # large for this device (a store made on a bigger GPU) is split only when it runs out of memory.
+    pass_rows = store.chunk_rows
     # The bar closes (ending its line) before any error propagates, so messages start clean.
     writer = ChunkWriter(store, o.dtype, compute.device, background=o.overlap)
     with tqdm(total=total, desc=f"extract → {out.name}", unit="pass", disable=not o.progress) as bar, writer, torch.inference_mode():

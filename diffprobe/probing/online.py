@@ -29,6 +29,7 @@ from ..errors import DiffprobeError
 from ..features.distributed import join, ranks
 from ..features.extract import ExtractOptions, build_manifest
 from ..features.featurize import encode_images, featurize, noise_draws
+from ..features.pipeline import NoisedImages
 from ..features.plan import FeaturePlan
 from ..features.roles import Roles, dataset_roles
 from ..precision import Compute, choose_compute
@@ -54,13 +55,14 @@ class OnlineOptions:
     progress: bool = True
 
 
-def _batches(loader_data, rows: list[list[int]], workers: int) -> DataLoader:
-    return DataLoader(loader_data, batch_sampler=rows, num_workers=workers)
+def _batches(loader_data, rows: list[list[int]], workers: int, pin: bool = False) -> DataLoader:
+    return DataLoader(loader_data, batch_sampler=rows, num_workers=workers, pin_memory=pin)
 
 
-def _features(backbone: Backbone, x0: torch.Tensor, plan: FeaturePlan, index, views, compute: Compute) -> list[torch.Tensor]:
+def _features(backbone: Backbone, x0: torch.Tensor, plan: FeaturePlan, index, views, compute: Compute,
+              noise: torch.Tensor | None = None) -> list[torch.Tensor]:  # fmt: skip
     with torch.no_grad():  # plain tensors (not inference-mode ones): the head trains on them
-        feats = featurize(backbone, x0, plan, index, views=views, compute=compute)
+        feats = featurize(backbone, x0, plan, index, views=views, compute=compute, noise=noise)
     return [feats[k].float() for k in plan.keys]
 
 
@@ -158,8 +160,12 @@ def train_online(backbone: Backbone, data: LabeledImages, plan: FeaturePlan, con
         mine = [order[s * bs:(s + 1) * bs][share.rank::share.world_size].tolist() for s in range(steps)]
         images = (AugmentedViews(data, np.arange(len(data)), np.full(len(data), view), backbone.image_size, o.augment_seed)
                   if o.augment else centre)  # fmt: skip
-        total, correct = 0.0, 0
-        for step, (x0, y, index, errors) in enumerate(_batches(images, mine, workers)):
+        if backbone.schedule.noisy and not diffeed:  # ε drawn by the loader with the image (features/pipeline.py)
+            images = NoisedImages(images, plan.noise_seed, backbone.model_shape, 1, np.full(len(data), view))
+        # Summed on the device and read once an epoch: a read every step would make the host wait for the GPU.
+        total = torch.zeros((), dtype=torch.float64, device=compute.device)
+        correct = torch.zeros((), dtype=torch.long, device=compute.device)
+        for step, (x0, y, index, errors, *noise) in enumerate(_batches(images, mine, workers, compute.device.type == "cuda")):
             if any(errors):
                 raise DiffprobeError(next(e for e in errors if e))
             for group in opt.param_groups:
@@ -169,16 +175,17 @@ def train_online(backbone: Backbone, data: LabeledImages, plan: FeaturePlan, con
             if diffeed:
                 logits = diffeed_logits(net, runner, x0, index, views, plan, key, compute)
             else:
-                logits = net([f.to(compute.device) for f in _features(backbone, x0, plan, index.tolist(), views, compute)])
+                logits = net([f.to(compute.device) for f in _features(backbone, x0, plan, index.tolist(), views, compute,
+                                                                      noise[0] if noise else None)])  # fmt: skip
             global_batch = len(order[step * bs:(step + 1) * bs])
             loss = F.cross_entropy(logits.float(), y, reduction="sum") * (share.world_size / global_batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.item() * global_batch / share.world_size
-            correct += int((logits.argmax(1) == y).sum())
+            total += loss.detach().double() * global_batch / share.world_size
+            correct += (logits.argmax(1) == y).sum()
         val_loss, val_top1, val_top5, _, _ = evaluate()
-        history.append({"epoch": epoch + 1, "train_loss": total / n, "train_top1": 100.0 * correct * share.world_size / n,
+        history.append({"epoch": epoch + 1, "train_loss": total.item() / n, "train_top1": 100.0 * correct.item() * share.world_size / n,
                         "select_loss": val_loss, "select_top1": val_top1, "select_top5": val_top5})  # fmt: skip
         if val_top1 > best_top1:
             best_top1, best_epoch, best_state = val_top1, epoch + 1, copy.deepcopy(model.state_dict())
