@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "training-state.pt"
 RENAMED = {"holdout_fraction": "val_fraction", "holdout_seed": "split_seed"}  # names in runs of diffprobe 0.1
 LOSS_WEIGHTINGS = ("uniform", "min-snr")
+DEVICE_IMAGES_SHARE = 0.25  # decoded training images up to this share of a GPU's memory are kept on it (CIFAR-10: 150 MB)
 
 # The default training architecture: DDPM's CIFAR-10 U-Net layout (channel_mult 1,2,2,2, attention at
 # 16×16, dropout 0.1) in ADM's flags, narrower by default so it trains on a CPU.
@@ -140,16 +141,28 @@ def zero_init_like_adm(model: ADMUNet) -> ADMUNet:
     return model
 
 
-def ema_average(decay: float):
-    """EMA with guided-diffusion-style warm-up: the decay grows as (1+n)/(10+n) up to `decay`,
-    so a short run's EMA is not dominated by its random initialisation."""
+class EmaAverage:
+    """AveragedModel's multi_avg_fn: EMA with guided-diffusion-style warm-up, the decay growing as
+    (1+n)/(10+n) up to `decay`, so a short run's EMA is not dominated by its random initialisation.
 
-    def average(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
-        n = float(num_averaged)
-        d = min(decay, (1 + n) / (10 + n))
-        return averaged + (current - averaged) * (1 - d)
+    n (updates so far) is AveragedModel's device counter read once, then counted on the host by
+    the trainer (`updates`): reading the device counter at every update made the host wait for
+    the GPU once per parameter tensor per step. All tensors are updated together (foreach), with
+    the same operations as averaged + (current − averaged)·(1 − d), so the values are unchanged.
+    """
 
-    return average
+    def __init__(self, decay: float):
+        self.decay = decay
+        self.updates: int | None = None  # None: read from the device counter at the next update
+
+    def __call__(self, averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        if self.updates is None:
+            self.updates = int(num_averaged)
+        n = self.updates
+        d = min(self.decay, (1 + n) / (10 + n))
+        step = torch._foreach_sub(current, averaged)
+        torch._foreach_mul_(step, 1 - d)
+        torch._foreach_add_(averaged, step)
 
 
 def snr_weights(abar: torch.Tensor, weighting: str, gamma: float) -> torch.Tensor | None:
@@ -252,6 +265,8 @@ class Trainer:
                  precision: str = "auto", channels_last: bool | None = None):  # fmt: skip
         self.config, self.images, self.out = config, images, Path(out)
         self.device = resolve_device(device)
+        if self.device.type == "cuda" and images.numel() * images.element_size() <= DEVICE_IMAGES_SHARE * torch.cuda.get_device_properties(self.device).total_memory:
+            self.images = images.to(self.device)  # decoded uint8 images that fit stay on the GPU: no upload per step
         flags = normalize_flags(config.flags)
         self.flags = flags
         self.schedule = NoiseSchedule.named(flags["noise_schedule"], flags["diffusion_steps"])
@@ -271,7 +286,8 @@ class Trainer:
         self.model = zero_init_like_adm(ADMUNet(architecture_from_flags(flags))).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.ema = torch.optim.swa_utils.AveragedModel(self.model, avg_fn=ema_average(config.ema_decay))
+        self.ema_average = EmaAverage(config.ema_decay)
+        self.ema = torch.optim.swa_utils.AveragedModel(self.model, multi_avg_fn=self.ema_average)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         warm = max(1, config.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm))
@@ -310,6 +326,7 @@ class Trainer:
             raise DiffprobeError(f"{path} was trained with other settings ({details}); use another --out or the same settings")
         self.model.load_state_dict(blob["model"])
         self.ema.load_state_dict(blob["ema"])
+        self.ema_average.updates = None  # the loaded counter is read at the next update
         self.optimizer.load_state_dict(blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
         self.state = RunState(**blob["state"])
@@ -324,6 +341,7 @@ class Trainer:
         self.ema.module.load_state_dict(source.weights)
         # The EMA's decay (1+n)/(10+n) goes on from the recorded step; a step of 0 makes the first update copy.
         self.ema.n_averaged.fill_(source.step)
+        self.ema_average.updates = None
         self.state = RunState(step=source.step)
 
     def reopen_last_row(self, log_every: int) -> None:
@@ -336,16 +354,24 @@ class Trainer:
 
     # -- one step
 
+    def _upload(self, x: torch.Tensor) -> torch.Tensor:
+        """A host tensor (drawn from the step's CPU generator, so the same on any device) onto the
+        device without the host waiting: pinned, then copied asynchronously."""
+        if self.device.type != "cuda" or x.device == self.device:
+            return x.to(self.device)
+        return x.pin_memory().to(self.device, non_blocking=True)
+
     def loss(self, step: int) -> torch.Tensor:
         cfg = self.config
         positions = batch_rows(len(self.images), cfg.batch_size, cfg.seed, step)
-        x0 = to_model_range(self.images[positions].to(self.device))
+        on_device = self.images.device == self.device
+        x0 = to_model_range(self.images[self._upload(positions)] if on_device else self._upload(self.images[positions]))
         gen = step_generator(cfg.seed, step, 1)
         if cfg.hflip:
             flip = torch.rand(len(x0), generator=gen) < 0.5
-            x0 = torch.where(flip.view(-1, 1, 1, 1).to(self.device), x0.flip(-1), x0)
-        t = torch.randint(0, self.schedule.num_timesteps, (len(x0),), generator=gen).to(self.device)
-        eps = torch.randn(x0.shape, generator=gen).to(self.device)
+            x0 = torch.where(self._upload(flip.view(-1, 1, 1, 1)), x0.flip(-1), x0)
+        t = self._upload(torch.randint(0, self.schedule.num_timesteps, (len(x0),), generator=gen))
+        eps = self._upload(torch.randn(x0.shape, generator=gen))
         abar = self.abar[t].view(-1, 1, 1, 1)
         x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
         if self.channels_last:
@@ -374,7 +400,10 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
+        if self.ema_average.updates is None:
+            self.ema_average.updates = int(self.ema.n_averaged)  # once: counted on the host from here
         self.ema.update_parameters(self.model)
+        self.ema_average.updates += 1
         return loss, grad_norm
 
     def train(self, total_steps: int, save_every: int, log_every: int = 10) -> RunState:
@@ -399,8 +428,16 @@ class Trainer:
         self.reopen_last_row(log_every)
         tick = time.perf_counter()
 
+        losses: list[torch.Tensor] = []  # this window's losses, still on the device: read at a row or a save, not every step
+
+        def read_losses() -> None:
+            if losses:
+                state.window.extend(torch.stack(losses).tolist())
+                losses.clear()
+
         def save() -> None:
             nonlocal tick
+            read_losses()
             now = time.perf_counter()
             state.window_seconds += now - tick
             tick = now
@@ -410,8 +447,9 @@ class Trainer:
             for step in range(start, total_steps):
                 loss, grad_norm = self.step(step)
                 state.step = step + 1
-                state.window.append(loss.item())
+                losses.append(loss.detach())
                 if state.step % log_every == 0 or state.step == total_steps:
+                    read_losses()
                     now = time.perf_counter()
                     seconds = state.window_seconds + now - tick
                     row = {"step": state.step, "loss": float(np.mean(state.window)), "grad_norm": float(grad_norm),
