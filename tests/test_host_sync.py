@@ -7,7 +7,7 @@ import pytest
 
 from diffprobe import load_backbone
 from diffprobe.features.plan import FeaturePlan
-from host_sync import HostSyncAudit, audit_featurize
+from host_sync import Audit, audit_featurize
 from latent_models import save_sd
 
 
@@ -26,15 +26,16 @@ def test_a_module_path_tap_leaves_the_host_free(sd_folder):
     assert audit_featurize(bb, FeaturePlan(t=100, blocks=[attention, 2], pools=[1])) == []
 
 
-def test_the_audit_sees_a_host_read_and_a_host_tensor_copied_up():
+def test_the_audit_sees_host_reads_and_host_data_copied_up():
     import torch
 
     x = torch.zeros(3, device="meta")
-    with HostSyncAudit() as audit:
+    with Audit() as audit:
         x + torch.ones(3).to("meta")  # a host-made tensor copied up
-        try:
-            x.sum().item()  # a host read (meta has no value to give)
-        except Exception:
-            pass
-    assert len(audit.events) == 2, audit.events
-    assert "copied up" in audit.events[0] and "host read" in audit.events[1]
+        x.sum().item()  # a host read (answered with 0: meta has no value to give)
+        torch.tensor([1.0, 2.0], device=x.device)  # host data made into a device tensor
+        x[torch.tensor([0, 2])]  # indexed by a host tensor
+        x[torch.zeros(2, dtype=torch.long, device="meta")] + torch.full((2,), 1.0, device="meta")  # none of these
+    assert [e.split(" (")[0].split(" at ")[0] for e in audit.events] == [
+        "host tensor copied up", "host read", "host data copied up", "indexed by a host tensor"], audit.events
+    assert all("test_host_sync.py" in e for e in audit.events)  # each names the line that asked for it

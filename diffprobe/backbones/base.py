@@ -18,6 +18,7 @@ import hashlib
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -223,8 +224,8 @@ class Backbone(nn.Module):
         (`.tolist()`) or copying a host one up without pinning would make the host wait for the
         GPU at every pass. A tensor t is checked on a host copy (free when it lives on the CPU).
         """
-        if isinstance(t, torch.Tensor):
-            values = t.detach().reshape(-1)
+        if not isinstance(t, (int, float, np.integer, np.floating)):  # a tensor (or a list) of timesteps
+            values = torch.as_tensor(t).detach().reshape(-1)
             self.schedule.check_timesteps(sorted(set(values.cpu().tolist())))
             values = values.to(x_t.device)
             return values.expand(x_t.shape[0]) if values.numel() == 1 else values

@@ -54,7 +54,9 @@ class DiTBackbone(LatentBackbone):
         """Class labels for a batch: y, or the default (null) class; null = num_classes is allowed."""
         if y is None:
             return torch.full((batch,), self.default_class_label, dtype=torch.long, device=device)
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) > self.num_classes):
+        # Checked where y is on the host (a caller's labels); extraction checks --class-label before
+        # any pass, and reading a GPU tensor back here would make the host wait at every pass.
+        if y.device.type == "cpu" and y.numel() and (int(y.min()) < 0 or int(y.max()) > self.num_classes):
             raise DiffprobeError(f"class label {int(y.max()) if int(y.max()) > 0 else int(y.min())} is outside 0..{self.num_classes} "
                                  f"({self.num_classes} is the null class)")  # fmt: skip
         return y.to(device=device, dtype=torch.long)

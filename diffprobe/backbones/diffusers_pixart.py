@@ -51,7 +51,7 @@ class PixArtBackbone(LatentBackbone):
         if not self.model.use_additional_conditions:
             return {"resolution": None, "aspect_ratio": None}
         batch, size = x.shape[0], float(self.image_size)
-        return {"resolution": torch.tensor([[size, size]], device=x.device, dtype=x.dtype).expand(batch, -1),
+        return {"resolution": torch.full((batch, 2), size, device=x.device, dtype=x.dtype),  # filled there: no host copy per pass
                 "aspect_ratio": torch.ones(batch, 1, device=x.device, dtype=x.dtype)}  # fmt: skip
 
     def _mask_bias(self, x: torch.Tensor) -> torch.Tensor:

@@ -103,8 +103,9 @@ class LazyDepth:
     def read_to(self, model: nn.Module, block: int) -> None:
         """Read every block up to `block` (1-based, the embedding first) that is not read yet."""
         while self.waiting and 1 + self.read_count(model) < block:
-            name, module = self.waiting.pop(0)
+            name, module = self.waiting[0]
             self._fill(module, f"{name}.{len(getattr(model, name))}.", _tensor_names(module, persistent_only=True), model)
+            self.waiting.pop(0)  # only once read: a read that fails (out of memory) is retried whole
             getattr(model, name).append(module.eval())
 
     def read_all(self, model: nn.Module) -> None:

@@ -31,11 +31,12 @@ MEMORY_SHARE = 0.8  # of the device's free memory: the rest for the allocator's 
 T = TypeVar("T")
 
 
-def default_batch_size(backbone: Backbone, plan: FeaturePlan, compute: Compute, ranks_per_device: int = 1) -> int:
+def default_batch_size(backbone: Backbone, plan: FeaturePlan, compute: Compute, ranks_per_device: int = 1,
+                       class_label: int | None = None) -> int:  # fmt: skip
     """Images per pass when none is asked for: CPU_BATCH on a CPU; on a GPU, fitted to its free memory."""
     if compute.device.type != "cuda":
         return CPU_BATCH
-    per_image = bytes_per_image(backbone, plan, compute)
+    per_image = bytes_per_image(backbone, plan, compute, class_label)
     free, _ = torch.cuda.mem_get_info(compute.device)
     return fitted_batch(free * MEMORY_SHARE / max(1, ranks_per_device), per_image)
 
@@ -59,7 +60,7 @@ def eager(runner: Backbone):
         runner._run = compiled
 
 
-def bytes_per_image(backbone: Backbone, plan: FeaturePlan, compute: Compute) -> float:
+def bytes_per_image(backbone: Backbone, plan: FeaturePlan, compute: Compute, class_label: int | None = None) -> float:
     """What one more image adds to the peak memory of a pass to the plan's deepest block (and of
     the VAE's encode for latent models), measured eagerly on the device: eager keeps at least as
     many tensors alive as compiled code, so the fit errs on the safe side."""
@@ -80,8 +81,9 @@ def bytes_per_image(backbone: Backbone, plan: FeaturePlan, compute: Compute) -> 
 
     def walk(rows: int) -> None:
         x = torch.zeros(rows, *backbone.model_shape, device=device)
+        y = None if class_label is None else torch.full((rows,), class_label, device=device)  # class-conditional models need one
         with torch.inference_mode(), compute.autocast(), eager(runner):
-            runner.forward_features(compute.batch(x), t, blocks)
+            runner.forward_features(compute.batch(x), t, blocks, y=y)
 
     def encode(rows: int) -> None:
         with torch.inference_mode():

@@ -66,17 +66,23 @@ def backend_for(requested: str, device: torch.device | None) -> str:
 
 
 def ranks_per_device(device: torch.device) -> int:
-    """How many of this node's ranks share one GPU (they divide its memory): 1 off torchrun or on a CPU."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    if device.type != "cuda" or not torch.cuda.is_available():
+    """How many ranks of the process group share this GPU (they divide its memory); 1 off torchrun
+    or on a CPU. Counted by the GPU's UUID across ranks (a collective: every rank calls it), since a
+    launcher may give each rank its own CUDA_VISIBLE_DEVICES, which hides how many share one."""
+    if device.type != "cuda" or not dist.is_initialized():
         return 1
-    return -(-local // max(1, torch.cuda.device_count()))
+    mine = str(torch.cuda.get_device_properties(device).uuid)
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone.count(mine)
 
 
 def join(backend: str = "auto", device: torch.device | None = None) -> None:
     """Join torchrun's process group once (no-op outside torchrun, or when already joined)."""
     if dist.is_initialized() or not launched_by_torchrun() or int(os.environ.get("WORLD_SIZE", 1)) < 2:
         return
+    if device is not None and device.type == "cuda":
+        torch.cuda.set_device(device)  # this rank's GPU is the current one: pinned copies, events and NCCL's objects go there
     backend = backend_for(backend, device)
     if backend == "nccl" and not torch.cuda.is_available():
         raise DiffprobeError("the NCCL backend needs CUDA GPUs and none is visible here: use --dist-backend gloo (CPU)")

@@ -39,7 +39,7 @@ from .batching import default_batch_size, halving_on_oom, in_passes
 from .distributed import Ranks, join, ranks, ranks_per_device
 from .featurize import featurize
 from .latents import LatentCache
-from .pipeline import ChunkWriter, NoisedImages
+from .pipeline import ChunkWriter, NoisedImages, prefetch_factor
 from .plan import FeaturePlan
 from .roles import REPORT, REPORT_SHARE, SELECT, TRAIN, dataset_roles
 from .store import FeatureStore
@@ -223,7 +223,7 @@ def extract(backbone: Backbone, data: LabeledImages | str | Path, plan: FeatureP
     share = ranks(o.rank, o.world_size)
     plan = plan.resolve(backbone)
     if o.batch_size is None:
-        o = replace(o, batch_size=default_batch_size(backbone, plan, compute, ranks_per_device(compute.device)))
+        o = replace(o, batch_size=default_batch_size(backbone, plan, compute, ranks_per_device(compute.device), o.class_label))
         if compute.device.type == "cuda":
             log.info("%d images per pass: what %s's free memory holds (--batch-size sets it)", o.batch_size, compute.device)
     rows = select_rows(data.labels, o)
@@ -283,7 +283,8 @@ def fill(store: FeatureStore, backbone: Backbone, data: LabeledImages, plan: Fea
     if o.overlap and backbone.schedule.noisy:  # ε drawn with the image, by the loader's workers, ahead of the pass
         dataset = NoisedImages(dataset, plan.noise_seed, backbone.model_shape, plan.draws, views if o.augment_views else None)
     workers = o.workers if o.workers is not None else (0 if compute.device.type == "cpu" else 8)
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=compute.device.type == "cuda")
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=compute.device.type == "cuda",
+                        **prefetch_factor(store.chunk_rows, workers))  # fmt: skip
     total = sum(len({k.t for k in keys}) for _, keys in todo)
     latents = LatentCache.open(backbone, store)  # latent models encode each image once, cached in the store
     images_done, started = 0, time.perf_counter()

@@ -79,11 +79,11 @@ class NoiseSchedule:
 
     def q_sample(self, x0: torch.Tensor, t: int | torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x_t = √ᾱ_t·x0 + √(1-ᾱ_t)·ε, computed in float64 coefficients then cast to x0's dtype."""
-        if not isinstance(t, torch.Tensor):  # one t: the two coefficients filled on the device (no host-made tensor copied up)
+        if isinstance(t, (int, float, np.integer, np.floating)):  # one t: the coefficients filled on the device (no host tensor copied up)
             abar = float(self.alphas_cumprod[int(t)])
             a, s = (device_scalar(math.sqrt(c), x0) for c in (abar, 1 - abar))
             return a * x0 + s * eps
-        abar = torch.from_numpy(self.alphas_cumprod)[t.reshape(-1).long().cpu()]
+        abar = torch.from_numpy(self.alphas_cumprod)[torch.as_tensor(t).reshape(-1).long().cpu()]
         if abar.numel() == 1:
             abar = abar.expand(x0.shape[0])
         a = abar.sqrt().to(x0.device, x0.dtype).view(-1, 1, 1, 1)
@@ -159,7 +159,7 @@ class FlowSchedule:
 
     def q_sample(self, x0: torch.Tensor, t: int | torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x_t = (1−σ)·x0 + σ·ε, σ in float64 then cast to x0's dtype."""
-        if not isinstance(t, torch.Tensor):  # one t: σ filled on the device (no host-made tensor copied up)
+        if isinstance(t, (int, float, np.integer, np.floating)):  # one t: σ filled on the device (no host tensor copied up)
             sigma = device_scalar(float(t) / self.num_train_timesteps, x0)
             return (1 - sigma) * x0 + sigma * eps
         sigma = self.sigma(t)

@@ -18,6 +18,7 @@ still writing when the process is stopped leaves that chunk undone, to be recomp
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from typing import Sequence
@@ -30,6 +31,8 @@ from .guard import check_finite
 from .noise import image_noise
 from .store import FeatureKey, FeatureStore
 
+log = logging.getLogger(__name__)
+IN_FLIGHT_IMAGES = 4096  # images (with their ε) the loader's workers may hold ready: bounds shared and pinned host memory
 PENDING_CHUNKS = 2  # chunks computed but not yet written: bounds host memory, and surfaces a write error within two chunks
 
 
@@ -51,9 +54,11 @@ class NoisedImages(Dataset):
         return (*item, noise)
 
 
-def upload(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host to device without making the host wait (the loader pinned the batch on GPUs)."""
-    return x.to(device, non_blocking=True)
+def prefetch_factor(batch: int, workers: int) -> dict:
+    """The DataLoader's prefetch_factor (batches each worker prepares ahead), at most 2 and as many as
+    IN_FLIGHT_IMAGES allow: 8 workers × 2 batches of 512 images with their ε at 256 px would hold
+    ~25 GB of host memory. Empty without workers (the option is refused then)."""
+    return {"prefetch_factor": max(1, min(2, IN_FLIGHT_IMAGES // max(1, batch * workers)))} if workers else {}
 
 
 class ChunkWriter:
@@ -87,10 +92,11 @@ class ChunkWriter:
         widths = [pooled[k].shape[1] for k in keys]
         event = None
         if flat.device.type == "cuda":
-            host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
-            host.copy_(flat, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
+            with torch.cuda.device(flat.device):  # the copy's stream is flat's device's, and the event must mark that one
+                host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+                host.copy_(flat, non_blocking=True)
+                event = torch.cuda.Event(blocking=True)  # the writer thread sleeps on it instead of spinning a core
+                event.record(torch.cuda.current_stream(flat.device))
         else:
             host = flat.detach().cpu()
         job = (chunk, keys, widths, host, event)
@@ -101,12 +107,14 @@ class ChunkWriter:
         self._queue.put(job)  # blocks while PENDING_CHUNKS wait: the thread is the slower side
 
     def close(self, raise_error: bool = True) -> None:
-        """Wait until every submitted chunk is written; raise the first failure (unless already failing)."""
+        """Wait until every submitted chunk is written; raise the first failure (when already failing, log it)."""
         if self._thread is not None and self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
         if raise_error:
             self._raise_pending()
+        elif self._error is not None:
+            log.error("writing a chunk also failed: %s", self._error)
 
     def _raise_pending(self) -> None:
         if self._error is not None:
