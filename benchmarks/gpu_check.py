@@ -315,6 +315,7 @@ def end_to_end(device: torch.device, compute: Compute, tiny: bool, tmp: Path) ->
     from diffprobe.features.store import FeatureStore
 
     size, channels, images = (32, 32, 32) if tiny else (256, 256, 1024)
+    compute = Compute(compute.device, compute.precision, compute.channels_last)  # eager: the host side is measured, not a compilation
     bb = load_backbone("adm:random", preset="256x256_diffusion_uncond", image_size=size, num_channels=channels, channel_mult="1,1,2,2,4,4",
                        attention_resolutions=",".join(str(max(1, size // d)) for d in (8, 16, 32)), device=str(device))  # fmt: skip
     data = image_folder(tmp / "images", images, size)
