@@ -19,7 +19,9 @@ Sections (each recorded, pass or fail, so one failure does not cost the rest of 
               end over image files, overlapped (ε in the loader, a writer thread) against in turn;
   memory      peak device memory of each throughput case;
   compile     (--compile-modes) the ADM case in each torch.compile mode asked for: which one pays here.
-Writes OUT/gpu_check.json and OUT/gpu_check.txt; exits 1 when a check failed.
+Writes OUT/gpu_check.json and OUT/gpu_check.txt after every check (a window cut short keeps what
+ran; "complete" says whether the run ended); checks not started within --budget seconds are
+recorded as skipped. Exits 1 when a check failed, 3 when none failed but some were skipped.
 """
 
 from __future__ import annotations
@@ -73,13 +75,22 @@ def reset_peak(device: torch.device) -> None:
 
 
 class Report:
-    """Results by section, a summary line per result, and whether anything failed."""
+    """Results by section, a summary line per result, and whether anything failed. The files are
+    rewritten after every result, so a window that ends early (a command's time limit) still
+    leaves what was measured; a check not started before the budget ends is recorded as skipped."""
 
-    def __init__(self, out: Path):
-        self.out, self.results, self.lines, self.failed = out, {}, [], []
+    def __init__(self, out: Path, header: dict, budget: float | None = None):
+        self.out, self.header, self.results, self.lines, self.failed, self.skipped = out, header, {}, [], [], []
+        self.deadline = time.perf_counter() + budget if budget else None
 
     def record(self, section: str, name: str, fn) -> None:
         start = time.perf_counter()
+        if self.deadline is not None and start > self.deadline:
+            self.skipped.append(f"{section}/{name}")
+            self.lines.append(f"[skipped] {section}/{name}: past the --budget")
+            print(self.lines[-1], flush=True)
+            self.write(complete=False)
+            return
         try:
             result = fn()
             result["seconds"] = round(time.perf_counter() - start, 1)
@@ -93,10 +104,13 @@ class Report:
         print(self.lines[-1], flush=True)
         if not ok:
             self.failed.append(f"{section}/{name}")
+        self.write(complete=False)
 
-    def write(self, header: dict) -> None:
+    def write(self, complete: bool = True) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "gpu_check.json").write_text(json.dumps({**header, "results": self.results, "failed": self.failed}, indent=1))
+        header = {**self.header, "complete": complete}
+        (self.out / "gpu_check.json").write_text(json.dumps({**header, "results": self.results, "failed": self.failed,
+                                                             "skipped": self.skipped}, indent=1))  # fmt: skip
         text = [f"{k}: {v}" for k, v in header.items()] + self.lines + [f"failed: {', '.join(self.failed) or 'none'}"]
         (self.out / "gpu_check.txt").write_text("\n".join(text) + "\n")
 
@@ -388,6 +402,9 @@ def main() -> None:
     p.add_argument("--out", default="gpu_check", help="folder for gpu_check.json and gpu_check.txt")
     p.add_argument("--skip", default="", help="comma-separated sections to leave out: parity, torchrun, throughput")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--budget", type=float, default=480,
+                   help="seconds after which checks not yet started are recorded as skipped (default 480: the device tool runs one "
+                        "command for at most 10 minutes; results are written after each check either way)")  # fmt: skip
     p.add_argument("--compile-modes", default="",
                    help="also time ADM-256 to block 24 compiled in these torch.compile modes, comma-separated (eager, default, "
                         "max-autotune, max-autotune-no-cudagraphs, reduce-overhead): minutes of compilation each, so not in "
@@ -397,7 +414,6 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device here; --device cpu --tiny runs the same code paths on the CPU")
     skip = {s for s in args.skip.split(",") if s}
-    report = Report(Path(args.out))
     from diffprobe.precision import choose_compute
     from extract import matmul_peak
 
@@ -409,6 +425,7 @@ def main() -> None:
         peak = matmul_peak(device, torch.bfloat16)
         header["bf16_matmul_peak_tflops"] = round(peak / 1e12, 1)
     started = time.perf_counter()
+    report = Report(Path(args.out), header, args.budget)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         if "parity" not in skip:
@@ -453,10 +470,11 @@ def main() -> None:
             report.record("throughput", "online attention-head step", lambda: online_step(device, compute, args.tiny, repeats))
             report.record("throughput", "pretrain step (shipped architecture)", lambda: pretrain_step(device, args.tiny, repeats, tmp / "pre"))
     header["wall_seconds"] = round(time.perf_counter() - started, 1)
-    report.write(header)
-    print(f"gpu_check: {len(report.failed)} failed of {sum(len(v) for v in report.results.values())}; "
+    report.write(complete=True)
+    print(f"gpu_check: {len(report.failed)} failed of {sum(len(v) for v in report.results.values())}"
+          + (f", {len(report.skipped)} skipped past the budget" if report.skipped else "") + "; "
           f"{args.out}/gpu_check.json, gpu_check.txt ({header['wall_seconds']} s)")  # fmt: skip
-    sys.exit(1 if report.failed else 0)
+    sys.exit(1 if report.failed else 3 if report.skipped else 0)
 
 
 if __name__ == "__main__":
