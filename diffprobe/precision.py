@@ -96,6 +96,14 @@ class Compute:
         return f"{self.device.type} {self.precision}" + " channels_last" * self.channels_last + compiled
 
 
+def upload(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor onto `device` without the host waiting: on a GPU pinned first (a pageable copy
+    blocks), then copied asynchronously; PyTorch keeps the pinned block until the copy is done."""
+    if device.type != "cuda" or x.device == device:
+        return x.to(device)
+    return (x if x.is_pinned() else x.pin_memory()).to(device, non_blocking=True)
+
+
 def _device_of(module: torch.nn.Module) -> torch.device:
     first = next(iter(module.parameters()), None)
     return first.device if first is not None else torch.device("cpu")

@@ -18,12 +18,11 @@ import hashlib
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..errors import DiffprobeError
-from ..features.noise import NoiseSchedule
+from ..features.noise import NoiseSchedule, is_one_timestep
 
 
 @dataclass(frozen=True)
@@ -224,7 +223,7 @@ class Backbone(nn.Module):
         (`.tolist()`) or copying a host one up without pinning would make the host wait for the
         GPU at every pass. A tensor t is checked on a host copy (free when it lives on the CPU).
         """
-        if not isinstance(t, (int, float, np.integer, np.floating)):  # a tensor (or a list) of timesteps
+        if not is_one_timestep(t):  # a tensor (or a list) of timesteps
             values = torch.as_tensor(t).detach().reshape(-1)
             self.schedule.check_timesteps(sorted(set(values.cpu().tolist())))
             values = values.to(x_t.device)

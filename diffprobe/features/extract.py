@@ -42,7 +42,7 @@ from .latents import LatentCache
 from .pipeline import ChunkWriter, NoisedImages, prefetch_factor
 from .plan import FeaturePlan
 from .roles import REPORT, REPORT_SHARE, SELECT, TRAIN, dataset_roles
-from .store import FeatureStore
+from .store import FeatureKey, FeatureStore
 
 log = logging.getLogger(__name__)
 DTYPES = ("float16", "float32")
@@ -292,7 +292,7 @@ def fill(store: FeatureStore, backbone: Backbone, data: LabeledImages, plan: Fea
     # large for this device (a store made on a bigger GPU) is split only when it runs out of memory.
     pass_rows = store.chunk_rows
     # The bar closes (ending its line) before any error propagates, so messages start clean.
-    writer = ChunkWriter(store, o.dtype, compute.device, background=o.overlap)
+    writer = ChunkWriter(store, o.dtype, background=o.overlap)
     with tqdm(total=total, desc=f"extract → {out.name}", unit="pass", disable=not o.progress) as bar, writer, torch.inference_mode():
         for (chunk, keys), (x0, _, index, errors, *noise) in zip(todo, loader):
             bad = [e for e in errors if e]
@@ -303,10 +303,10 @@ def fill(store: FeatureStore, backbone: Backbone, data: LabeledImages, plan: Fea
             chunk_views = views[store.chunk_slice(chunk)] if o.augment_views else None
             y = None if o.class_label is None else torch.full((len(index),), o.class_label, device=compute.device)
 
-            def run_chunk(rows_per_pass: int, chunk=chunk, keys=keys, x0=x0, index=index, noise=noise, views=chunk_views, y=y):
+            def run_chunk(rows_per_pass: int) -> dict[FeatureKey, torch.Tensor]:  # called at once, within this iteration
                 z0 = latents.encode_chunk(backbone, chunk, x0, compute, rows_per_pass)  # model space: cached latents, or the pixels
                 parts = in_passes(len(index), rows_per_pass, lambda s: featurize(
-                    backbone, z0[s], plan, index[s].tolist(), keys=keys, views=None if views is None else views[s],
+                    backbone, z0[s], plan, index[s].tolist(), keys=keys, views=None if chunk_views is None else chunk_views[s],
                     y=None if y is None else y[s], compute=compute, encoded=True, noise=noise[0][s] if noise else None))  # fmt: skip
                 return {k: torch.cat([part[k] for part in parts]) if len(parts) > 1 else parts[0][k] for k in keys}
 

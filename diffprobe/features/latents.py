@@ -25,7 +25,7 @@ import torch
 
 from .._io import atomic_write, write_json
 from ..backbones.base import Backbone
-from ..precision import Compute
+from ..precision import Compute, upload
 from .batching import in_passes
 from .featurize import encode_images
 from .store import FeatureStore
@@ -97,9 +97,7 @@ class LatentCache:
         (in passes of at most pass_rows images) and cached now."""
         rows = self.store.chunk_slice(chunk)
         if self.done()[chunk]:
-            cached = torch.from_numpy(np.array(self._array()[rows]))
-            pinned = cached.pin_memory() if compute.device.type == "cuda" else cached  # copied up without the host waiting
-            return pinned.to(compute.device, non_blocking=True)
+            return upload(torch.from_numpy(np.array(self._array()[rows])), compute.device)
         latents = torch.cat(in_passes(len(images), pass_rows or len(images), lambda s: encode_images(backbone, images[s], compute)))
         target = self._array()
         target[rows] = latents.cpu().numpy()

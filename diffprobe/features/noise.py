@@ -79,7 +79,7 @@ class NoiseSchedule:
 
     def q_sample(self, x0: torch.Tensor, t: int | torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x_t = √ᾱ_t·x0 + √(1-ᾱ_t)·ε, computed in float64 coefficients then cast to x0's dtype."""
-        if isinstance(t, (int, float, np.integer, np.floating)):  # one t: the coefficients filled on the device (no host tensor copied up)
+        if is_one_timestep(t):  # the coefficients filled on the device (no host tensor copied up)
             abar = float(self.alphas_cumprod[int(t)])
             a, s = (device_scalar(math.sqrt(c), x0) for c in (abar, 1 - abar))
             return a * x0 + s * eps
@@ -89,6 +89,12 @@ class NoiseSchedule:
         a = abar.sqrt().to(x0.device, x0.dtype).view(-1, 1, 1, 1)
         s = (1 - abar).sqrt().to(x0.device, x0.dtype).view(-1, 1, 1, 1)
         return a * x0 + s * eps
+
+
+def is_one_timestep(t: object) -> bool:
+    """A single Python or NumPy number (the extraction's case: coefficients filled on the device),
+    as opposed to a tensor or list of per-image timesteps."""
+    return isinstance(t, (int, float, np.integer, np.floating))
 
 
 def device_scalar(value: float, like: torch.Tensor) -> torch.Tensor:
@@ -159,7 +165,7 @@ class FlowSchedule:
 
     def q_sample(self, x0: torch.Tensor, t: int | torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x_t = (1−σ)·x0 + σ·ε, σ in float64 then cast to x0's dtype."""
-        if isinstance(t, (int, float, np.integer, np.floating)):  # one t: σ filled on the device (no host tensor copied up)
+        if is_one_timestep(t):  # σ filled on the device (no host tensor copied up)
             sigma = device_scalar(float(t) / self.num_train_timesteps, x0)
             return (1 - sigma) * x0 + sigma * eps
         sigma = self.sigma(t)

@@ -11,7 +11,7 @@ H100. So:
 - `ChunkWriter` copies a chunk's pooled features to the host in one transfer, and a background
   thread casts, checks and writes them while the main thread runs the next chunk.
 
-Neither changes a value: ε comes from the same function (`noise.image_noise`), the rows written
+Neither changes a value: ε comes from the same function (`featurize.noise_draws`), the rows written
 are the same bytes, and a chunk is still marked done only after its rows are flushed (a thread
 still writing when the process is stopped leaves that chunk undone, to be recomputed).
 """
@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .guard import check_finite
-from .noise import image_noise
+from .featurize import noise_draws
 from .store import FeatureKey, FeatureStore
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,7 @@ class NoisedImages(Dataset):
     def __getitem__(self, key: int) -> tuple:
         item = self.images[key]
         view = int(self.views[key]) if self.views is not None else 0
-        noise = torch.cat([image_noise([item[2]], self.seed, self.shape, view * self.draws + d) for d in range(self.draws)])
-        return (*item, noise)
+        return (*item, torch.cat(noise_draws([item[2]], self.seed, self.shape, self.draws, [view])))
 
 
 def prefetch_factor(batch: int, workers: int) -> dict:
@@ -71,8 +70,8 @@ class ChunkWriter:
     always waits for the chunks already computed to be written.
     """
 
-    def __init__(self, store: FeatureStore, dtype: str, device: torch.device, background: bool = True):
-        self.store, self.dtype, self.device, self.background = store, dtype, device, background
+    def __init__(self, store: FeatureStore, dtype: str, background: bool = True):
+        self.store, self.dtype, self.background = store, dtype, background
         self._queue: queue.Queue = queue.Queue(maxsize=PENDING_CHUNKS)
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None

@@ -51,7 +51,7 @@ from ..data import LabeledImages, images_uint8, stratified_split, to_model_range
 from .._io import output_dir, output_errors, torch_save, write_json
 from ..backbones.pickles import load_torch_file
 from ..errors import DiffprobeError
-from ..precision import cpu_has_fast_bf16, describe_hardware, resolve_device
+from ..precision import cpu_has_fast_bf16, describe_hardware, resolve_device, upload
 from ..features.noise import NoiseSchedule
 from . import Stopped
 from .vlb import learned_range_vlb
@@ -354,24 +354,17 @@ class Trainer:
 
     # -- one step
 
-    def _upload(self, x: torch.Tensor) -> torch.Tensor:
-        """A host tensor (drawn from the step's CPU generator, so the same on any device) onto the
-        device without the host waiting: pinned, then copied asynchronously."""
-        if self.device.type != "cuda" or x.device == self.device:
-            return x.to(self.device)
-        return x.pin_memory().to(self.device, non_blocking=True)
-
     def loss(self, step: int) -> torch.Tensor:
         cfg = self.config
         positions = batch_rows(len(self.images), cfg.batch_size, cfg.seed, step)
         on_device = self.images.device == self.device
-        x0 = to_model_range(self.images[self._upload(positions)] if on_device else self._upload(self.images[positions]))
+        x0 = to_model_range(self.images[upload(positions, self.device)] if on_device else upload(self.images[positions], self.device))
         gen = step_generator(cfg.seed, step, 1)
         if cfg.hflip:
             flip = torch.rand(len(x0), generator=gen) < 0.5
-            x0 = torch.where(self._upload(flip.view(-1, 1, 1, 1)), x0.flip(-1), x0)
-        t = self._upload(torch.randint(0, self.schedule.num_timesteps, (len(x0),), generator=gen))
-        eps = self._upload(torch.randn(x0.shape, generator=gen))
+            x0 = torch.where(upload(flip.view(-1, 1, 1, 1), self.device), x0.flip(-1), x0)
+        t = upload(torch.randint(0, self.schedule.num_timesteps, (len(x0),), generator=gen), self.device)
+        eps = upload(torch.randn(x0.shape, generator=gen), self.device)  # drawn on the CPU: the same ε on any device
         abar = self.abar[t].view(-1, 1, 1, 1)
         x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
         if self.channels_last:
