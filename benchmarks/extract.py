@@ -30,7 +30,7 @@ from diffprobe.features.plan import FeaturePlan
 from diffprobe.features.noise import image_noise
 from diffprobe.precision import Compute
 from diffprobe.features.store import FeatureKey
-from machine import Budget, Machine, add_machine_args, announce
+from machine import Budget, Machine, add_machine_args, announce, paper_adm_options
 
 
 def sync(device: torch.device) -> None:
@@ -136,12 +136,7 @@ def main() -> None:
     torch.manual_seed(0)
     if args.backbone == "adm:random":
         size = args.image_size
-        # The paper model's shape (256x256_diffusion_uncond), scaled: same levels, attention at the
-        # same downsampling factors (8, 16, 32), heads of 64 channels.
-        backbone = load_backbone(
-            "adm:random", preset="256x256_diffusion_uncond", image_size=size, num_channels=args.channels,
-            channel_mult="1,1,2,2,4,4", attention_resolutions=",".join(str(size // ds) for ds in (8, 16, 32)),
-        ).to(device)  # fmt: skip
+        backbone = load_backbone("adm:random", **paper_adm_options(size, args.channels)).to(device)
     else:
         backbone = load_backbone(args.backbone).to(device)
         size = backbone.image_size

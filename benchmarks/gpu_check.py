@@ -49,13 +49,10 @@ from diffprobe.features.featurize import pool_features  # noqa: E402
 from diffprobe.features.noise import image_noise  # noqa: E402
 from diffprobe.precision import Compute  # noqa: E402
 from host_sync import audit_featurize, walk_plan  # noqa: E402
+from extract import sync  # noqa: E402
+from machine import paper_adm_options  # noqa: E402
 from tiny_families import FIXTURE, family_specs  # noqa: E402
 
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def peak_memory(device: torch.device) -> float | None:
@@ -321,31 +318,18 @@ def fitted_batch_case(adm: tuple, device: torch.device, compute: Compute, repeat
 def end_to_end(device: torch.device, compute: Compute, tiny: bool, tmp: Path) -> dict:
     """`extract` over image files, overlapped (ε in the loader, chunks written by a thread) against in turn:
     img/s of each and whether the stores hold the same bytes (benchmarks/pipeline.py, at GPU sizes)."""
-    import numpy as np
-    from pipeline import image_folder
+    from pipeline import image_folder, time_both_paths
 
-    from diffprobe.features.extract import extract
     from diffprobe.features.plan import FeaturePlan
-    from diffprobe.features.store import FeatureStore
 
     size, channels, images = (32, 32, 32) if tiny else (256, 256, 1024)
     compute = Compute(compute.device, compute.precision, compute.channels_last)  # eager: the host side is measured, not a compilation
-    bb = load_backbone("adm:random", preset="256x256_diffusion_uncond", image_size=size, num_channels=channels, channel_mult="1,1,2,2,4,4",
-                       attention_resolutions=",".join(str(max(1, size // d)) for d in (8, 16, 32)), device=str(device))  # fmt: skip
+    bb = load_backbone("adm:random", device=str(device), **paper_adm_options(size, channels))
     data = image_folder(tmp / "images", images, size)
     plan = FeaturePlan(t=90, blocks=[4, 12, min(24, bb.num_blocks)], pools=[1, 2])
-    seconds, stores = {}, {}
-    for name, overlap in (("in_turn", False), ("overlapped", True), ("in_turn", False), ("overlapped", True)):  # warm, then timed
-        out = tmp / f"{name}-{len(seconds)}"
-        sync(device)
-        start = time.perf_counter()
-        extract(bb, str(data), plan, out, batch_size=8 if tiny else 64, compute=compute, overlap=overlap, progress=False)
-        sync(device)
-        seconds[name] = time.perf_counter() - start
-        stores[name] = FeatureStore.open(out)
-    same = all(np.array_equal(stores["in_turn"].load(k), stores["overlapped"].load(k)) for k in stores["in_turn"].complete_keys())
-    return {"images": images, "size": size, "in_turn_img_s": round(images / seconds["in_turn"], 1),
-            "overlapped_img_s": round(images / seconds["overlapped"], 1), "ratio": round(seconds["in_turn"] / seconds["overlapped"], 2),
+    seconds, same, _ = time_both_paths(bb, data, plan, tmp, 8 if tiny else 64, compute, None, range(2))  # the best of a warm run and a timed one
+    return {"images": images, "size": size, "in_turn_img_s": round(images / seconds["in turn"], 1),
+            "overlapped_img_s": round(images / seconds["overlapped"], 1), "ratio": round(seconds["in turn"] / seconds["overlapped"], 2),
             "stores_byte_identical": same, "min_cosine": 1.0 if same else 0.0, "ok": same}  # fmt: skip
 
 
@@ -355,9 +339,7 @@ def online_step(device: torch.device, compute: Compute, tiny: bool, repeats: int
     from diffprobe.probing.heads import AttentionHead
 
     size, channels, batch = (32, 32, 4) if tiny else (256, 256, 64)
-    bb = load_backbone("adm:random", preset="256x256_diffusion_uncond", image_size=size, num_channels=channels,
-                       channel_mult="1,1,2,2,4,4", attention_resolutions=",".join(str(max(1, size // d)) for d in (8, 16, 32)),
-                       device=str(device))  # fmt: skip
+    bb = load_backbone("adm:random", device=str(device), **paper_adm_options(size, channels))
     block = min(24, bb.num_blocks)
     info = bb.blocks[block - 1]
     plan = FeaturePlan(t=90, blocks=block, pools=info.resolution)
@@ -438,8 +420,7 @@ def main() -> None:
 
             repeats = 1 if args.tiny else args.repeats
             if args.tiny:
-                adm = ("adm:random", {"preset": "256x256_diffusion_uncond", "image_size": 32, "num_channels": 64,
-                                      "channel_mult": "1,1,2,2,4,4", "attention_resolutions": "4,2,1"}, 24, 4)  # fmt: skip
+                adm = ("adm:random", paper_adm_options(32, 64), 24, 4)
                 sd = (f"diffusers:{lm.save_sd(tmp / 'sd-tiny')}", {}, None, 2)
                 dit = (f"diffusers:{lm.save_dit(tmp / 'dit-tiny')}", {}, None, 2)
             else:

@@ -99,6 +99,14 @@ def announce(args: argparse.Namespace, device: str | torch.device = "cpu") -> Ma
     return machine
 
 
+def paper_adm_options(size: int, channels: int) -> dict:
+    """load_backbone options of the paper model's shape (256x256_diffusion_uncond) scaled down: the
+    same levels, attention at the same downsampling factors (8, 16, 32; at least 1 px), heads of 64
+    channels, at `size` px and `channels` base channels (with "adm:random")."""
+    return {"preset": "256x256_diffusion_uncond", "image_size": size, "num_channels": channels, "channel_mult": "1,1,2,2,4,4",
+            "attention_resolutions": ",".join(str(max(1, size // ds)) for ds in (8, 16, 32))}
+
+
 class Budget:
     """Wall-clock budget, counted from its creation: at least one timed repeat, then stop once it is spent."""
 

@@ -26,7 +26,7 @@ from diffprobe.features.featurize import featurize
 from diffprobe.features.noise import image_noise
 from diffprobe.features.plan import FeaturePlan
 from diffprobe.probing.heads import AttentionHead
-from machine import Budget, add_machine_args, resolve
+from machine import Budget, add_machine_args, paper_adm_options, resolve
 
 
 def sync(device: torch.device) -> None:
@@ -52,10 +52,7 @@ def main() -> None:
     print(machine.header())  # one diffprobe path (the chosen compute): nothing to skip
     device, size = machine.device, args.image_size
     torch.manual_seed(0)
-    backbone = load_backbone(
-        "adm:random", preset="256x256_diffusion_uncond", image_size=size, num_channels=args.channels,
-        channel_mult="1,1,2,2,4,4", attention_resolutions=",".join(str(size // ds) for ds in (8, 16, 32)),
-    ).to(device)  # fmt: skip
+    backbone = load_backbone("adm:random", **paper_adm_options(size, args.channels)).to(device)
     info = backbone.blocks[args.block - 1]
     plan = FeaturePlan(t=args.t, blocks=args.block, pools=info.resolution)
     compute = machine.compute

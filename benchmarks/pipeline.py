@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -29,7 +30,8 @@ from diffprobe.features.extract import extract  # noqa: E402
 from diffprobe.features.noise import image_noise  # noqa: E402
 from diffprobe.features.plan import FeaturePlan  # noqa: E402
 from diffprobe.features.store import FeatureStore  # noqa: E402
-from machine import Budget, add_machine_args, announce  # noqa: E402
+from extract import sync  # noqa: E402
+from machine import Budget, add_machine_args, announce, paper_adm_options  # noqa: E402
 
 NOISE_SHAPES = {"CIFAR pixels 3×32²": (3, 32, 32), "ADM-256 pixels 3×256²": (3, 256, 256), "SD 512 px latent 4×64²": (4, 64, 64)}
 
@@ -55,6 +57,26 @@ def image_folder(root: Path, count: int, size: int) -> Path:
     return root
 
 
+def time_both_paths(bb, data: Path, plan: FeaturePlan, out: Path, batch: int, compute, workers: int | None,
+                    repeats: Iterable[int]) -> tuple[dict[str, float], bool, int]:  # fmt: skip
+    """`extract` in turn and overlapped, interleaved (both see the same load): each path's best
+    seconds over `repeats`, whether the two stores hold the same bytes, and how many settings."""
+    best = {"in turn": float("inf"), "overlapped": float("inf")}
+    stores = {}
+    for repeat in repeats:
+        for name, overlap in (("in turn", False), ("overlapped", True)):
+            store = out / f"{name.replace(' ', '-')}-{repeat}"
+            sync(compute.device)
+            start = time.perf_counter()
+            extract(bb, str(data), plan, store, batch_size=batch, compute=compute, overlap=overlap, workers=workers, progress=False)
+            sync(compute.device)
+            best[name] = min(best[name], time.perf_counter() - start)
+            stores[name] = FeatureStore.open(store)
+    keys = stores["in turn"].complete_keys()
+    same = all(np.array_equal(stores["in turn"].load(k), stores["overlapped"].load(k)) for k in keys)
+    return best, same, len(keys)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -73,28 +95,15 @@ def main() -> None:
     budget = Budget(args.budget if args.budget is not None else 300)
     noise_cost()
     size = args.image_size
-    bb = load_backbone("adm:random", preset="256x256_diffusion_uncond", image_size=size, num_channels=args.channels,
-                       channel_mult="1,1,2,2,4,4", attention_resolutions=",".join(str(max(1, size // d)) for d in (8, 16, 32)),
-                       device=args.device)  # fmt: skip
+    bb = load_backbone("adm:random", device=args.device, **paper_adm_options(size, args.channels))
     plan = FeaturePlan(t=[int(t) for t in args.t.split(",")], blocks=[int(b) for b in args.blocks.split(",")],
                        pools=[int(p) for p in args.pools.split(",")])  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         data = image_folder(tmp / "images", args.images, size)
-        best = {"in turn": float("inf"), "overlapped": float("inf")}
-        stores = {}
-        for repeat in budget.repeats(args.repeats):
-            for name, overlap in (("in turn", False), ("overlapped", True)):  # interleaved: both see the same load
-                out = tmp / f"{name.replace(' ', '-')}-{repeat}"
-                start = time.perf_counter()
-                extract(bb, str(data), plan, out, batch_size=args.batch, compute=machine.compute, overlap=overlap,
-                        workers=args.workers, progress=False)  # fmt: skip
-                best[name] = min(best[name], time.perf_counter() - start)
-                stores[name] = FeatureStore.open(out)
-        keys = stores["in turn"].complete_keys()
-        same = all(np.array_equal(stores["in turn"].load(k), stores["overlapped"].load(k)) for k in keys)
+        best, same, settings = time_both_paths(bb, data, plan, tmp, args.batch, machine.compute, args.workers, budget.repeats(args.repeats))
     print(f"  {args.images} images at {size} px, blocks {args.blocks}, pools {args.pools}, t {args.t}, batch {args.batch}, "
-          f"{len(keys)} settings, workers {args.workers if args.workers is not None else 'default'}")  # fmt: skip
+          f"{settings} settings, workers {args.workers if args.workers is not None else 'default'}")  # fmt: skip
     for name, seconds in best.items():
         print(f"  {name:<10} {seconds:6.2f} s  {args.images / seconds:7.1f} img/s")
     print(f"  stores byte-identical: {same}")
