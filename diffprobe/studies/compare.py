@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .._io import claim_output, write_csv, write_json
+from .._io import claim_output, write_csv, write_json, write_text
 from ..errors import DiffprobeError
 from ..features.plan import FeaturePlan
 from ..features.roles import REPORT_SHARE, store_roles
@@ -177,5 +177,5 @@ def write_table(out: Path, rows: list[dict], data_name: str, split: tuple, teste
                  else "the selection rows (no report rows: optimistic)")  # fmt: skip
     lines += ["", f"Every backbone: the same {split[2]['train']} training and {split[2]['select']} selection rows of {data_name} "
               f"(split {split[0]}); cells and epochs chosen on the selection rows, top-1 with its 95% bootstrap interval on {rows_note}."]
-    (out / "compare.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "compare.md", "\n".join(lines) + "\n")
     compare_bars(out / "compare.png", rows, kinds, [names[k] for k in kinds], f"{data_name}: top-1 on {rows_note}")

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .._io import output_dir
+from .._io import output_dir, write_json, write_text
 from ..backbones import load_backbone
 from ..data import LabeledImages
 from ..errors import DiffprobeError
@@ -120,7 +120,7 @@ def run_demo(data: LabeledImages, out: str | Path, checkpoint: str | Path | None
     result = {"checkpoint": str(checkpoint), "data": data.name, "images": {"train": limit, "held_out": held_out},
               "sweep": summary, "compute": compute.describe(),
               "samples": str(grid), "wall_seconds": time.time() - started}  # fmt: skip
-    (out / "demo.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
+    write_json(out / "demo.json", result)
     write_report(out, result, card_path(checkpoint))
     return result
 
@@ -145,7 +145,7 @@ def baseline_row(data: LabeledImages, out: Path, reporting: Reporting, summary: 
         train_baseline(data, folder, "resnet18", image_size, epochs, limit=total, val_fraction=summary["val_fraction"],
                        split_seed=summary["split_seed"], device=device)  # fmt: skip
         info = json.loads(info_path.read_text())
-        info_path.write_text(json.dumps({**info, "limit": options.limit}, indent=1))
+        write_json(info_path, {**info, "limit": options.limit})
     info = json.loads(info_path.read_text())
     network = load_backbone(f"baseline:{folder}")
     theirs = sweep(network, data, out / "baseline-sweep", FeaturePlan(t=None, blocks="all", pools=(1,)), options, controls=False,
@@ -334,7 +334,7 @@ def write_report(out: Path, result: dict[str, Any], card: Path) -> None:
     if info:
         lines += ["## The checkpoint (its card: `" + str(card.parent / "MODEL_CARD.md") + "`)", ""]
         lines += [f"- {k}: {v}" for k, v in info.get("facts", {}).items()]
-    (out / "REPORT.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "REPORT.md", "\n".join(lines) + "\n")
 
 
 def subset_words(images: dict[str, Any]) -> str:

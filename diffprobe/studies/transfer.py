@@ -11,7 +11,7 @@ from ..data import open_dataset
 from ..errors import DiffprobeError
 from ..features.extract import ExtractOptions, extract
 from ..features.plan import FeaturePlan
-from .._io import output_dir, write_csv
+from .._io import output_dir, write_csv, write_text
 from ..precision import choose_compute
 from ..features.reporting import Reporting, check_test_data
 from ..features.roles import REPORT_SHARE
@@ -102,7 +102,7 @@ def transfer(backbone: Backbone, datasets: Sequence[str], out: str | Path, plan:
                      f"{r.get('pixels_top1', '–')} | {r.get('random_weights_top1', '–')} |")  # fmt: skip
     verdicts = [f"- {r['dataset']}: {r[k]}" for r in rows for k in ("vs_random_weights", "vs_pixels") if r.get(k)]
     lines += [""] + verdicts if verdicts else []
-    (out / "transfer.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "transfer.md", "\n".join(lines) + "\n")
     shown = f"{test_split} splits" if test_split else "report rows"
     transfer_bars(out / "transfer.png", rows, f"{short_source(backbone.source)} at {key.stem}: {probe} top-1 on each dataset's {shown}")
     return rows
