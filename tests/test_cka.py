@@ -161,20 +161,31 @@ def test_baseline_training_and_cka_against_model_stages(cifar_small, tmp_path, c
     assert "not a baseline run" in capsys.readouterr().err
 
 
-def test_timm_source_random_and_from_a_local_file(tmp_path):
+def test_encoder_source_random_from_a_local_file_and_the_extract_path(tmp_path):
+    """CKA's model side is the encoder backbone `extract` uses: the same blocks, preprocessing and
+    features (pooled), so a CKA against timm:NAME equals one against its extracted store."""
     import timm
     from PIL import Image
 
-    from diffprobe.studies.baseline import ModelSource
+    from diffprobe.backbones.encoders import load_encoder
+    from diffprobe.data import backbone_transform
+    from diffprobe.studies.cka import EncoderSource
 
-    random = ModelSource("timm:resnet18")
+    random = EncoderSource("timm:resnet18")
     assert "RANDOM weights" in random.description and random.stages == ["act1", "layer1", "layer2", "layer3", "layer4"]
+    torch.manual_seed(1)  # other weights than the random source's (seed 0)
     full = timm.create_model("resnet18", pretrained=False)
     torch.save(full.state_dict(), tmp_path / "r18.pth")
-    loaded = ModelSource("timm:resnet18", weights=str(tmp_path / "r18.pth"), pool=2)
-    assert "weights from" in loaded.description
+    loaded = EncoderSource("timm:resnet18", weights=str(tmp_path / "r18.pth"), pool=2)
+    assert "weights" in loaded.description and "RANDOM" not in loaded.description
     x = torch.stack([loaded.transform(Image.new("RGB", (40, 30), (i * 40, 0, 0))) for i in range(3)])
     feats = loaded.features(x)
     assert feats["layer4"].shape == (3, 512 * 4)
-    with pytest.raises(DiffprobeError, match="cannot create timm model"):
-        ModelSource("timm:no_such_net")
+    backbone = load_encoder("timm:resnet18", weights=str(tmp_path / "r18.pth")).eval()
+    assert backbone_transform(backbone)(Image.new("RGB", (40, 30))).shape == x.shape[1:]
+    with torch.no_grad():
+        direct = backbone.forward_features(backbone.encode(x), 0, [5])[5]
+    torch.testing.assert_close(feats["layer4"], torch.nn.functional.adaptive_avg_pool2d(direct, 2).flatten(1))
+    assert not torch.allclose(EncoderSource("timm:resnet18", pool=2).features(x)["layer4"], feats["layer4"])  # the file's weights
+    with pytest.raises(DiffprobeError, match="does not know the model"):
+        EncoderSource("timm:no_such_net")

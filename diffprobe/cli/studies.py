@@ -158,9 +158,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("cka", help="minibatch linear CKA between the features of two stores (or a store and itself)")
     p.add_argument("--a", required=True, help="feature store A")
-    p.add_argument("--b", help="feature store B, baseline:DIR, torchvision:ARCH or timm:NAME (default: A against itself)")
-    p.add_argument("--b-weights", help="torchvision:ARCH weights: a local state_dict file or a torchvision weights name (else random, and said so)")
-    p.add_argument("--b-pool", type=int, default=1, help="pool size for a model's stage outputs")
+    p.add_argument("--b", help="feature store B, or a model's blocks: baseline:DIR, torchvision:ARCH, timm:NAME or hf:ID_OR_FOLDER (default: A against itself)")
+    p.add_argument("--b-weights", help="a model B's weights: a local file, 'hub' (timm's own), a torchvision weights name (IMAGENET1K_V1), "
+                   "or leave out for random weights, said so (baseline:DIR and hf: folders bring their own)")
+    p.add_argument("--b-pool", type=int, default=1, help="pool size for a model's block outputs")
     add_data_args(p, required=False, help="the dataset of store A (needed with a model as B)")
     p.add_argument("--a-keys", help="comma-separated settings of A, e.g. t0090_b24_p1 (default: all complete)")
     p.add_argument("--b-keys", help="settings of B (default: all complete)")

@@ -1,10 +1,9 @@
-"""Supervised baselines and torchvision models as feature sources for CKA.
+"""A supervised baseline trained here.
 
 `train_baseline` trains a torchvision ResNet from scratch on a dataset diffprobe reads (CIFAR-10
 here, a few CPU minutes with --limit), so offline users have a real discriminative network to
-compare diffusion features against. `ModelSource` turns any torchvision classifier (a trained
-baseline, torchvision weights from a local file or the hub, or random weights) into pooled
-stage features.
+compare diffusion features against. It is read back as the `baseline:DIR` backbone
+(backbones/encoder_baseline.py), in `extract`, `compare` and `cka` alike.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -21,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data import LabeledImages, images_uint8, model_transform, stratified_split, stratified_subset, to_model_range
+from ..data import LabeledImages, images_uint8, stratified_split, stratified_subset, to_model_range
 from .._io import output_dir
 from ..errors import DiffprobeError
 from ..precision import choose_compute
@@ -123,99 +121,6 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, compu
             pred = model(x).argmax(1)
         correct += (pred.cpu() == labels[start : start + batch_size]).sum().item()
     return 100.0 * correct / max(len(images), 1)
-
-
-def _imagenet_transform(size: int, mean: list[float], std: list[float]):
-    from torchvision.transforms import v2
-
-    return v2.Compose([v2.PILToTensor(), v2.Resize(size, antialias=True), v2.CenterCrop(size),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])  # fmt: skip
-
-
-class ModelSource:
-    """Pooled stage outputs of a torchvision classifier, for CKA.
-
-    spec: `baseline:DIR` (from `diffprobe baseline train`), `torchvision:ARCH` or `timm:NAME`, with
-    `weights` a local file, a torchvision weights name / "hub" for timm (downloads when online), or
-    None for random weights. `description` always says which.
-    """
-
-    def __init__(self, spec: str, weights: str | None = None, stages: Sequence[str] = RESNET_STAGES, pool: int = 1,
-                 image_size: int | None = None):  # fmt: skip
-        import torchvision.models as tvm
-        from torchvision.models.feature_extraction import create_feature_extractor
-
-        kind, _, target = spec.partition(":")
-        if kind == "baseline":
-            info_path = Path(target) / "baseline.json"
-            if not info_path.is_file():
-                raise DiffprobeError(f"{target} is not a baseline run (no baseline.json): run `diffprobe baseline train` first")
-            info = json.loads(info_path.read_text())
-            model = build_resnet(info["arch"], len(info["classes"]), info["image_size"])
-            load_checked(model, Path(target) / "baseline.pt", f"a {info['arch']} baseline", "run `diffprobe baseline train` again")
-            self.image_size = info["image_size"]
-            self.description = f"{info['arch']} trained by diffprobe on {info['data']} (val top-1 {info['val_top1']:.1f}%)"
-        elif kind == "torchvision":
-            if not hasattr(tvm, target):
-                raise DiffprobeError(f"unknown torchvision model {target!r}")
-            if weights and Path(weights).is_file():
-                model = getattr(tvm, target)(weights=None)
-                load_checked(model, weights, f"torchvision {target}", "pass the weights file of this architecture")
-                self.description = f"{target} with weights from {weights}"
-            elif weights:
-                try:
-                    model = getattr(tvm, target)(weights=weights)
-                except Exception as e:  # unknown name, or offline
-                    raise DiffprobeError(f"cannot get torchvision weights {weights!r} for {target} (offline? pass a local file): {e}") from None
-                self.description = f"{target} with torchvision weights {weights}"
-            else:
-                model = getattr(tvm, target)(weights=None)
-                self.description = f"{target} with RANDOM weights (no weights given)"
-            self.image_size = image_size or 224
-        elif kind == "timm":
-            self._init_timm(target, weights, pool)
-            return
-        else:
-            raise DiffprobeError(f"model source {spec!r} not understood: expected baseline:DIR, torchvision:ARCH or timm:NAME")
-        self.stages, self.pool = list(stages), pool
-        extractor = create_feature_extractor(model.eval(), return_nodes={s: s for s in self.stages})
-        self._forward = lambda x: extractor(x)
-        if kind == "baseline":
-            self.transform = model_transform(self.image_size)  # as it was trained
-        else:  # torchvision's ImageNet preprocessing
-            self.transform = _imagenet_transform(self.image_size, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-
-    def _init_timm(self, name: str, weights: str | None, pool: int) -> None:
-        """Any timm model's stages through `features_only` (CNNs: every stage; ViTs: last blocks)."""
-        try:
-            import timm
-        except ImportError:
-            raise DiffprobeError("timm sources need the timm package: pip install timm") from None
-        try:
-            if weights and Path(weights).is_file():
-                model = timm.create_model(name, pretrained=True, features_only=True, pretrained_cfg_overlay={"file": str(weights)})
-                self.description = f"{name} (timm) with weights from {weights}"
-            elif weights:
-                model = timm.create_model(name, pretrained=True, features_only=True)
-                self.description = f"{name} (timm) with its hub weights"
-            else:
-                model = timm.create_model(name, pretrained=False, features_only=True)
-                self.description = f"{name} (timm) with RANDOM weights (no weights given)"
-        except Exception as e:  # unknown model name, offline hub, bad file
-            raise DiffprobeError(f"cannot create timm model {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-        cfg = model.pretrained_cfg
-        self.image_size = int(cfg.get("input_size", (3, 224, 224))[-1])
-        self.stages = list(model.feature_info.module_name())
-        self.pool = pool
-        model.eval()
-        self._forward = lambda x: dict(zip(self.stages, model(x)))
-        self.transform = _imagenet_transform(self.image_size, list(cfg.get("mean", (0.485, 0.456, 0.406))),
-                                             list(cfg.get("std", (0.229, 0.224, 0.225))))  # fmt: skip
-
-    @torch.no_grad()
-    def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        outs = self._forward(images)
-        return {s: F.adaptive_avg_pool2d(outs[s].float(), self.pool).flatten(1) for s in self.stages}
 
 
 def load_checked(model: nn.Module, path: str | Path, config: str, recover: str) -> None:

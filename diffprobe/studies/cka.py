@@ -137,6 +137,54 @@ def store_cka(store_a, keys_a, store_b, keys_b, batch_size: int = 1000, seed: in
     return mb.compute()
 
 
+MODEL_SPECS = ("baseline:", "torchvision:", "timm:", "hf:")
+
+
+class EncoderSource:
+    """B side of a CKA study against a model: every block of an image encoder (`load_encoder`, the
+    same loader as `extract --backbone timm:…`), average-pooled to `pool`×`pool`, read through the
+    encoder's own preprocessing.
+
+    weights: a local file, a library weights name ("hub" for timm's own, a torchvision weights
+    name such as IMAGENET1K_V1), or None for random weights, said so in `description`.
+    `baseline:DIR` and `hf:` folders bring their own weights, so None means theirs.
+    """
+
+    def __init__(self, spec: str, weights: str | None = None, pool: int = 1):
+        from ..backbones.encoders import load_encoder
+        from ..data import backbone_transform
+
+        brings_own = spec.startswith(("baseline:", "hf:"))
+        if weights is None and not brings_own:
+            weights = "random"
+        elif weights == "hub":
+            weights = None  # the library's pretrained weights: the hub, or its cache
+        self.backbone = load_encoder(spec, weights=weights)
+        self.backbone.eval()
+        self.stages = [b.name for b in self.backbone.blocks]
+        self.pool = pool
+        self.transform = backbone_transform(self.backbone)
+        from ..report import short_source
+
+        note, name = self.backbone.weights_note, short_source(spec)  # a plot label: no long folders
+        if spec.startswith("baseline:") and note != "random":
+            note = f"{self.backbone.config['arch']} {note}"  # which network the folder holds
+        if note == "random":
+            self.description = f"{name} with RANDOM weights (no weights given)"
+        else:
+            self.description = f"{name} (weights {Path(note[5:]).name})" if note.startswith("file ") else f"{name} ({note})"
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Images from `transform` ([-1, 1]) -> {block name: pooled, flattened features}."""
+        wanted = [b.index for b in self.backbone.blocks]
+        maps = self.backbone.forward_features(self.backbone.encode(images), 0, wanted)
+        pooled = {}
+        for block in self.backbone.blocks:
+            pooled[block.name] = torch.nn.functional.adaptive_avg_pool2d(maps[block.index].float(), self.pool).flatten(1)
+        return pooled
+
+
 def source_cka(store_a, keys_a, data, source, batch_size: int = 500, seed: int = 0, progress: bool = True,
                forward_batch: int = 64) -> np.ndarray:  # fmt: skip
     """Minibatch linear CKA of stored features (A) against a model's stage features (B) computed
@@ -165,7 +213,7 @@ def source_cka(store_a, keys_a, data, source, batch_size: int = 500, seed: int =
 def cka_study(store_a, out, a_keys: str | None = None, b: str | None = None, b_keys: str | None = None, data=None,
               b_weights: str | None = None, b_pool: int = 1, batch_size: int = 1000, seed: int = 0, forward_batch: int = 64) -> dict:  # fmt: skip
     """Minibatch linear CKA between settings of store A and those of B (another store, A itself,
-    or a model's stages: baseline:DIR, torchvision:ARCH, timm:NAME computed on `data`);
+    or a model's blocks: baseline:DIR, torchvision:ARCH, timm:NAME, hf:ID computed on `data`);
     writes cka.csv and an annotated heatmap cka.png into `out`."""
     from .._io import output_dir, write_csv
     from ..features.store import FeatureStore
@@ -173,9 +221,7 @@ def cka_study(store_a, out, a_keys: str | None = None, b: str | None = None, b_k
 
     keys_a = store_a.select_keys(a_keys)
     name_a = short_source(store_a.manifest["backbone"]["source"])
-    if b and b.startswith(("baseline:", "torchvision:", "timm:")):
-        from .baseline import ModelSource
-
+    if b and b.startswith(MODEL_SPECS):
         if data is None:
             raise DiffprobeError("comparing with a model needs --data: the dataset the store was extracted from")
         if b_weights and Path(b_weights).is_file():  # a file: read it safely first (code refused, damage one line)
@@ -183,7 +229,7 @@ def cka_study(store_a, out, a_keys: str | None = None, b: str | None = None, b_k
 
             if Path(b_weights).suffix != ".safetensors":
                 load_torch_file(b_weights, "--b-weights file", "pass a state_dict saved with torch.save (or a torchvision weights name)")
-        source = ModelSource(b, weights=b_weights, pool=b_pool)
+        source = EncoderSource(b, weights=b_weights, pool=b_pool)
         matrix = source_cka(store_a, keys_a, data, source, batch_size, seed, forward_batch=forward_batch)
         labels_b, name_b = source.stages, source.description
     else:
