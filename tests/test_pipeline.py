@@ -9,6 +9,7 @@ import urllib.error
 import numpy as np
 
 from diffprobe.cli import main
+from diffprobe.backbones import load_backbone
 
 FLAGS = "--image_size 16 --num_channels 32 --channel_mult 1,2 --num_res_blocks 1 --attention_resolutions 8 --diffusion_steps 50"
 
@@ -59,6 +60,8 @@ def test_pretrain_sample_extract_probe_export_demo(cifar_small, cifar_with_test,
         assert f"| {kind} |" in report and f"{h['report']['estimate']:.2f}% [{h['report']['low']:.2f}" in report
     baseline = demo["sweep"]["baseline"]  # a supervised ResNet-18 beside the diffusion features, same rows, same probe
     assert "Beside a discriminative network" in report and f"**{baseline['finding']['verdict']}**" in report
+    # The demo's recipe (torchvision's stem, read back as a backbone with that stem: its weights would not load otherwise).
+    assert "(standard stem)" in report and json.loads((out / "baseline" / "baseline.json").read_text())["stem"] == "standard"
     assert baseline["finding"]["difference"]["rows"] == summary["roles"]["report"]
     base_summary = json.loads((out / "baseline-sweep" / "summary.json").read_text())
     same = ("train", "select", "report", "report_images", "val_fraction", "split_seed", "report_share")
@@ -68,6 +71,15 @@ def test_pretrain_sample_extract_probe_export_demo(cifar_small, cifar_with_test,
     for f in judged:
         d = f["difference"]
         assert f["verdict"] == ("holds" if d["low"] > 0 else "does not hold" if d["high"] < 0 else "not separable at this size")
+
+    # Another baseline recipe on the same --out: the network is trained again and the store of the old one, which the demo
+    # owns, is discarded (it used to be refused, with advice to pass an --overwrite the demo did not have).
+    old_print = json.loads((out / "baseline-sweep" / "features" / "manifest.json").read_text())["backbone"]["fingerprint"]
+    assert main(["demo", "--data", str(cifar_small), "--checkpoint", str(ckpt / "ema.pt"), "--out", str(out), "--limit", "300",
+                 "--blocks", "3,5", "--t", "10,30", "--head-epochs", "1", "--samples", "1", "--baseline-epochs", "2"]) == 0  # fmt: skip
+    assert json.loads((out / "baseline" / "baseline.json").read_text())["epochs"] == 2
+    new_print = json.loads((out / "baseline-sweep" / "features" / "manifest.json").read_text())["backbone"]["fingerprint"]
+    assert new_print != old_print and new_print == load_backbone(f"baseline:{out / 'baseline'}").fingerprint()
 
     # With a test split, every number of the demo (cells, controls, heads, findings) is the test split's.
     out = tmp_path / "demo-test"

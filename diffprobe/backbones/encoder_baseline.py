@@ -26,7 +26,7 @@ def load_baseline(folder: str, weights: str | None = None, **options: Any) -> Vi
         import torch
 
         torch.manual_seed(0 if seed is None else seed)
-        return build_resnet(info["arch"], len(info["classes"]), info["image_size"])
+        return build_resnet(info["arch"], len(info["classes"]), info["image_size"], info.get("stem", "auto"))  # runs before stems: auto
 
     model = build()
     if weights != "random":

@@ -83,7 +83,7 @@ def cmd_baseline_train(args: argparse.Namespace) -> None:
     check_image_size(args.image_size)
     info = train_baseline(open_data(args), args.out, args.arch, args.image_size, args.epochs, args.batch_size, args.lr,
                           limit=args.limit, val_fraction=args.val_fraction, split_seed=args.split_seed, seed=args.seed,
-                          device=args.device)  # fmt: skip
+                          device=args.device, stem=args.stem)  # fmt: skip
     print(f"{info['arch']} on {info['data']}: validation top-1 {info['val_top1']:.2f}% after {info['epochs']} epochs "
           f"({info['train_images']} training images, {info['wall_seconds']:.0f} s); {args.out}/baseline.pt, baseline.json")  # fmt: skip
 
@@ -111,7 +111,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     result = run_demo(open_data(args), args.out, args.checkpoint, limit=TRAIN_IMAGES if args.limit is None else args.limit,
                       held_out=HELD_OUT_IMAGES if args.held_out is None else args.held_out, blocks=args.blocks,
                       timesteps=args.t, head_epochs=args.head_epochs, samples=args.samples, test_data=open_test_data(args),
-                      test_limit=args.test_limit, baseline_epochs=args.baseline_epochs)  # fmt: skip
+                      test_limit=args.test_limit, baseline_epochs=args.baseline_epochs, overwrite=args.overwrite)  # fmt: skip
     print(describe_summary(result["sweep"]))
     print(f"report: {args.out}/REPORT.md ({result['wall_seconds'] / 60:.1f} min)")
 
@@ -176,6 +176,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = bsub.add_parser("train", help="train a torchvision ResNet from scratch (CIFAR stem for small images)")
     add_data_args(p)
     p.add_argument("--arch", default="resnet18")
+    p.add_argument("--stem", choices=("auto", "small", "standard"), default="auto",
+                   help="small: 3×3 stride 1, no max-pool (4×4 maps at layer4 from 32 px); standard: torchvision's 7×7 stride 2 "
+                        "and max-pool (16× cheaper at 32 px); auto: small up to 64 px")
     p.add_argument("--out", required=True, help='output folder')
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--epochs", type=int, default=4, help='training epochs')
@@ -217,8 +220,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--t", type=int_list, default=[10, 100], help="timesteps (the fusion head fuses the best block at two)")
     p.add_argument("--head-epochs", type=int, help="one epoch count for every head (default: each head's demo setting)")
     p.add_argument("--samples", type=int, default=16, help="DDIM samples in the grid")
-    p.add_argument("--baseline-epochs", type=int, default=4, help="epochs of the supervised ResNet-18 set beside the "
-                   "diffusion features (0: leave it out)")  # fmt: skip
+    p.add_argument("--baseline-epochs", type=int, help="epochs of the supervised ResNet-18 set beside the "
+                   "diffusion features (default 20; 0: leave it out)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="discard the feature stores already at --out (another checkpoint's) and start again")
     add_test_data_args(p)
     p.set_defaults(func=cmd_demo)
 

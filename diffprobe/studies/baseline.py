@@ -30,15 +30,26 @@ log = logging.getLogger(__name__)
 RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
-def build_resnet(arch: str, num_classes: int, image_size: int) -> nn.Module:
+STEMS = ("auto", "small", "standard")
+
+
+def resolve_stem(stem: str, image_size: int) -> str:
+    if stem not in STEMS:
+        raise DiffprobeError(f"unknown stem {stem!r}: expected {', '.join(STEMS)}")
+    return ("small" if image_size <= 64 else "standard") if stem == "auto" else stem
+
+
+def build_resnet(arch: str, num_classes: int, image_size: int, stem: str = "auto") -> nn.Module:
+    """A torchvision ResNet, randomly initialised. stem "small": a 3×3 stride-1 convolution and no
+    max-pool (the usual small-image stem: a 32×32 image still has 4×4 maps at layer4); "standard":
+    torchvision's 7×7 stride-2 convolution and max-pool (16× fewer FLOPs at 32 px, 1×1 at layer4);
+    "auto": small up to 64 px."""
     import torchvision.models as tvm
 
     if not arch.startswith("resnet") or not hasattr(tvm, arch):
         raise DiffprobeError(f"unknown baseline architecture {arch!r}: expected a torchvision ResNet such as resnet18 or resnet50")
     model = getattr(tvm, arch)(weights=None, num_classes=num_classes)
-    if image_size <= 64:
-        # The usual small-image stem: a 3×3 stride-1 convolution and no max-pool, so a 32×32 image
-        # still has 4×4 maps at layer4 instead of 1×1.
+    if resolve_stem(stem, image_size) == "small":
         model.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
     return model
@@ -62,10 +73,11 @@ def random_crop_flip(images: torch.Tensor, padding: int, gen: torch.Generator) -
 def train_baseline(data: LabeledImages, out: str | Path, arch: str = "resnet18", image_size: int = 32, epochs: int = 4,
                    batch_size: int = 128, lr: float = 0.1, weight_decay: float = 5e-4, limit: int | None = None,
                    val_fraction: float = 0.1, split_seed: int = 0, seed: int = 0, device: str = "auto",
-                   progress: bool = True) -> dict:  # fmt: skip
+                   progress: bool = True, stem: str = "auto") -> dict:  # fmt: skip
     """SGD (momentum 0.9, nesterov) with cosine decay, random crop (padding 4) + flip; the same
     stratified validation split diffprobe's probes use. Writes baseline.pt and baseline.json."""
     output_dir(out)  # an unusable --out fails before training, not after
+    stem = resolve_stem(stem, image_size)
     torch.manual_seed(seed)
     compute = choose_compute(device)
     rows = stratified_subset(data.labels, limit, 0) if limit is not None else np.arange(len(data))
@@ -78,7 +90,7 @@ def train_baseline(data: LabeledImages, out: str | Path, arch: str = "resnet18",
     val_labels = torch.from_numpy(data.labels[val_idx])
     steps_per_epoch = max(1, len(train_idx) // batch_size)
     gen = torch.Generator().manual_seed(seed)
-    model = build_resnet(arch, len(data.classes), image_size).to(compute.device).to(memory_format=torch.channels_last)
+    model = build_resnet(arch, len(data.classes), image_size, stem).to(compute.device).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * steps_per_epoch), pct_start=0.15)
     history, started = [], time.perf_counter()
@@ -103,9 +115,9 @@ def train_baseline(data: LabeledImages, out: str | Path, arch: str = "resnet18",
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.save(model.float().cpu().state_dict(), out / "baseline.pt")
-    info = {"arch": arch, "image_size": image_size, "classes": data.classes, "data": data.name,
+    info = {"arch": arch, "stem": stem, "image_size": image_size, "classes": data.classes, "data": data.name,
             "data_fingerprint": data.fingerprint(), "train_images": int(len(train_idx)), "val_images": int(len(val_idx)),
-            "epochs": epochs, "val_top1": history[-1]["val_top1"], "history": history, "seed": seed,
+            "epochs": epochs, "batch_size": batch_size, "lr": lr, "val_top1": history[-1]["val_top1"], "history": history, "seed": seed,
             "wall_seconds": round(time.perf_counter() - started, 1), "device": compute.describe()}  # fmt: skip
     (out / "baseline.json").write_text(json.dumps(info, indent=1))
     return info
