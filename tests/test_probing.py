@@ -199,6 +199,16 @@ def test_sweep_writes_csv_heatmaps_best_and_controls(cifar_small, tmp_path, caps
     assert random["report_top1"] == own_best["report_top1"]
     assert "beats" in text or "not separable at this size" in text
 
+    # Other rows on the same --out with --overwrite: the controls start again too (they were refused, advising the
+    # --overwrite just given), and the pixels control is not read from the cache of the other rows.
+    pixels_key = json.loads((out / "control_pixels.json").read_text())
+    code = main(["sweep", FIXTURE_SPEC, "--data", str(cifar_small), "--blocks", "3", "--t", "10", "--pool", "1",
+                 "--limit", "150", "--overwrite", "--out", str(out)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert FeatureStore.open(out / "control_random_weights").rows == 150
+    assert json.loads((out / "control_pixels.json").read_text())["rows"] != pixels_key["rows"]
+    assert np.load(out / "control_pixels.npy").shape[0] == 150
+
 
 def test_transfer_writes_one_table(cifar_small, tmp_path, capsys):
     import shutil

@@ -17,6 +17,8 @@ def load_baseline(folder: str, weights: str | None = None, **options: Any) -> Vi
 
     if options:
         raise DiffprobeError(f"baseline backbones take no options (got {', '.join(options)})")
+    if weights not in (None, "random"):
+        raise DiffprobeError(f"baseline:{folder} brings its own weights (baseline.pt): weights takes only random, not {weights!r}")
     info_path = Path(folder) / "baseline.json"
     if not info_path.is_file():
         raise DiffprobeError(f"{folder} is not a baseline run (no baseline.json): run `diffprobe baseline train` first")

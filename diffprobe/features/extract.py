@@ -73,10 +73,11 @@ class ExtractOptions:
     overlap: bool = True  # draw ε in the loader and write chunks from a thread while the next computes (False: in turn)
 
     def same_rows_as(self, store: FeatureStore) -> "ExtractOptions":
-        """These options, selecting the rows `store` holds (for controls on the same images)."""
+        """These options, selecting the rows `store` holds (for controls on the same images). An
+        --overwrite carries over: the controls of a store started again are stale too."""
         rows = store.manifest["rows"]
         role = rows.get("role") or {}
-        return replace(self, limit=rows["limit"], held_out=rows.get("held_out"), subset_seed=rows["subset_seed"] or 0, overwrite=False,
+        return replace(self, limit=rows["limit"], held_out=rows.get("held_out"), subset_seed=rows["subset_seed"] or 0,
                        rows_role=role.get("role"), role_split=tuple(role.get("split", self.role_split)))  # fmt: skip
 
     def for_test_set(self, limit: int | None) -> "ExtractOptions":

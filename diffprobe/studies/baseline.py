@@ -8,7 +8,6 @@ compare diffusion features against. It is read back as the `baseline:DIR` backbo
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import LabeledImages, images_uint8, stratified_split, stratified_subset, to_model_range
-from .._io import output_dir
+from .._io import output_dir, write_json
 from ..errors import DiffprobeError
 from ..precision import choose_compute
 from ..backbones.adm_config import check_state_dict
@@ -119,7 +118,7 @@ def train_baseline(data: LabeledImages, out: str | Path, arch: str = "resnet18",
             "data_fingerprint": data.fingerprint(), "train_images": int(len(train_idx)), "val_images": int(len(val_idx)),
             "epochs": epochs, "batch_size": batch_size, "lr": lr, "val_top1": history[-1]["val_top1"], "history": history, "seed": seed,
             "wall_seconds": round(time.perf_counter() - started, 1), "device": compute.describe()}  # fmt: skip
-    (out / "baseline.json").write_text(json.dumps(info, indent=1))
+    write_json(out / "baseline.json", info)
     return info
 
 

@@ -106,6 +106,9 @@ def run_demo(data: LabeledImages, out: str | Path, checkpoint: str | Path | None
         raise DiffprobeError("the fusion head fuses two timesteps: give at least two --t values")
     if head_epochs is not None:
         head_epochs = positive_int(head_epochs, "head epochs (--head-epochs)")
+    baseline_epochs = BASELINE_EPOCHS if baseline_epochs is None else baseline_epochs
+    if baseline_epochs:  # checked before the sweep, not after it (0 leaves the baseline out)
+        baseline_epochs = positive_int(baseline_epochs, "baseline epochs (--baseline-epochs)")
     out = output_dir(out)
     started = time.time()
     backbone = load_backbone(f"adm:{checkpoint}")
@@ -118,7 +121,6 @@ def run_demo(data: LabeledImages, out: str | Path, checkpoint: str | Path | None
     reporting = sweep_reporting(out / "sweep", summary)
     summary["heads"], hits = train_map_heads(reporting, out / "heads", summary, heads, head_epochs, str(compute.device))
     summary["findings"] = judge_findings(reporting, summary, hits, str(compute.device))
-    baseline_epochs = BASELINE_EPOCHS if baseline_epochs is None else baseline_epochs
     if baseline_epochs:
         summary["baseline"] = baseline_row(data, out, reporting, summary, options, baseline_epochs, backbone.image_size,
                                            str(compute.device), test_data, test_limit)  # fmt: skip
@@ -143,9 +145,10 @@ def baseline_row(data: LabeledImages, out: Path, reporting: Reporting, summary: 
     from .sweep import cell_key, cell_score, sweep
 
     folder = out / "baseline"
-    training = {"arch": "resnet18", "epochs": epochs, "limit": options.limit, **BASELINE_RECIPE}
+    training = {"arch": "resnet18", "epochs": epochs, "limit": options.limit, "image_size": image_size,
+                "data_fingerprint": data.fingerprint(), **BASELINE_RECIPE}  # fmt: skip
     info_path = folder / "baseline.json"
-    retrain = not (info_path.is_file() and {k: json.loads(info_path.read_text()).get(k) for k in training} == training)
+    retrain = {k: read_json_or_none(info_path).get(k) for k in training} != training
     if retrain:
         # `limit` training images: the subset is drawn from the whole dataset, then its held-out part dropped.
         total = None if options.limit is None else round(options.limit / (1 - summary["val_fraction"]))
@@ -175,6 +178,14 @@ def baseline_row(data: LabeledImages, out: Path, reporting: Reporting, summary: 
         row["finding"] = claim("Diffusion features beat a supervised network's on the same rows", "pre-trained diffusion best cell",
                                f"supervised ResNet-18 stage {theirs['best']['block']}", paired_difference(ours, base))  # fmt: skip
     return row
+
+
+def read_json_or_none(path: Path) -> dict[str, Any]:
+    """A JSON file's object, or {} when it is missing or unreadable (a run killed mid-write)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def sweep_reporting(sweep_dir: Path, summary: dict[str, Any]) -> Reporting:

@@ -11,6 +11,8 @@ difference.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,7 @@ from ..features.distributed import ranks
 from ..features.plan import FeaturePlan
 from ..features.reporting import Reporting, check_test_data
 from ..features.roles import REPORT_SHARE, Roles
-from .._io import claim_output, write_csv, write_json
+from .._io import claim_output, save_npy, write_csv, write_json
 from ..report import heatmap, short_source, short_tap
 from ..features.store import FeatureKey, FeatureStore, tap_order
 
@@ -145,11 +147,16 @@ def pixel_features(data: LabeledImages, rows: np.ndarray, image_size: int, side:
 
 
 def cached_pixels(data: LabeledImages, store: FeatureStore, image_size: int, cache: Path) -> np.ndarray:
-    """The pixels control's features of a store's images, computed once (cache: an .npy file)."""
-    if cache.is_file() and np.load(cache, mmap_mode="r").shape[0] == store.rows:
+    """The pixels control's features of a store's images, computed once (cache: an .npy file, with
+    a .json naming the images and size it holds: other rows of the same count are not read as these)."""
+    key = {"rows": hashlib.sha256(np.ascontiguousarray(store.indices, dtype=np.int64).tobytes()).hexdigest()[:20],
+           "data": store.manifest["data"].get("fingerprint"), "image_size": int(image_size)}  # fmt: skip
+    key_file = cache.with_suffix(".json")
+    if cache.is_file() and key_file.is_file() and json.loads(key_file.read_text()) == key:
         return np.load(cache)
     pixels = pixel_features(data, store.indices, image_size)
-    np.save(cache, pixels)
+    save_npy(cache, pixels)
+    write_json(key_file, key)
     return pixels
 
 
