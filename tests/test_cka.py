@@ -127,14 +127,29 @@ def test_cka_command_on_two_stores(cifar_small, tmp_path, capsys):
     assert "no complete t0090_b03_p1" in capsys.readouterr().err
 
 
+def test_baseline_stems_give_the_maps_they_promise():
+    from diffprobe.studies.baseline import build_resnet
+
+    x = torch.zeros(1, 3, 32, 32)
+    for stem, side in (("auto", 4), ("small", 4), ("standard", 1)):  # auto: the small stem up to 64 px
+        model = build_resnet("resnet18", 10, 32, stem).eval()
+        trunk = torch.nn.Sequential(*list(model.children())[:-2])
+        assert trunk(x).shape[-1] == side, stem
+    assert build_resnet("resnet18", 10, 224).conv1.kernel_size == (7, 7)
+    with pytest.raises(DiffprobeError, match="unknown stem"):
+        build_resnet("resnet18", 10, 32, "tiny")
+
+
 def test_baseline_training_and_cka_against_model_stages(cifar_small, tmp_path, capsys):
     from conftest import FIXTURE_SPEC
     from diffprobe.cli import main
 
-    assert main(["baseline", "train", "--data", str(cifar_small), "--epochs", "1", "--batch-size", "64",
+    # torchvision's stem (16× cheaper at 32 px), read back with it by baseline:DIR (its weights would not load otherwise).
+    assert main(["baseline", "train", "--data", str(cifar_small), "--epochs", "1", "--batch-size", "64", "--stem", "standard",
                  "--out", str(tmp_path / "base")]) == 0  # fmt: skip
     info = json.loads((tmp_path / "base" / "baseline.json").read_text())
     assert info["arch"] == "resnet18" and info["train_images"] == 270 and 0 <= info["val_top1"] <= 100
+    assert info["stem"] == "standard"
     assert "validation top-1" in capsys.readouterr().out
 
     assert main(["extract", FIXTURE_SPEC, "--data", str(cifar_small), "--blocks", "3,13", "--t", "10", "--limit", "60",

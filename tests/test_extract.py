@@ -90,7 +90,7 @@ def _cli(*args: str) -> list[str]:
 def test_killed_extraction_resumes_to_identical_arrays(cifar_small, tmp_path):
     # This CPU's default precision (bf16 only where it is native: forced bf16 is ~40× slower on AVX2-only CPUs).
     common = ["extract", FIXTURE_SPEC, "--data", str(cifar_small), "--blocks", "5,13,18,25", "--t", "50,300",
-              "--pool", "1,2", "--batch-size", "6", "--limit", "120"]  # fmt: skip
+              "--pool", "1,2", "--batch-size", "6", "--limit", "72"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run(_cli(*common, "--out", str(tmp_path / "whole")), check=True, env=env, capture_output=True)
 
