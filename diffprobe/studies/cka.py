@@ -137,7 +137,12 @@ def store_cka(store_a, keys_a, store_b, keys_b, batch_size: int = 1000, seed: in
     return mb.compute()
 
 
-MODEL_SPECS = ("baseline:", "torchvision:", "timm:", "hf:")
+def is_model_spec(b: str | None) -> bool:
+    """Whether --b names an image encoder (timm:, torchvision:, hf:, baseline:) rather than a store."""
+    from ..backbones.encoders import ENCODER_FAMILIES
+
+    family, sep, _ = (b or "").partition(":")
+    return bool(sep) and family in ENCODER_FAMILIES
 
 
 class EncoderSource:
@@ -153,6 +158,7 @@ class EncoderSource:
     def __init__(self, spec: str, weights: str | None = None, pool: int = 1):
         from ..backbones.encoders import load_encoder
         from ..data import backbone_transform
+        from ..report import short_source
 
         brings_own = spec.startswith(("baseline:", "hf:"))
         if weights is None and not brings_own:
@@ -164,8 +170,6 @@ class EncoderSource:
         self.stages = [b.name for b in self.backbone.blocks]
         self.pool = pool
         self.transform = backbone_transform(self.backbone)
-        from ..report import short_source
-
         note, name = self.backbone.weights_note, short_source(spec)  # a plot label: no long folders
         if spec.startswith("baseline:") and note != "random":
             note = f"{self.backbone.config['arch']} {note}"  # which network the folder holds
@@ -221,7 +225,7 @@ def cka_study(store_a, out, a_keys: str | None = None, b: str | None = None, b_k
 
     keys_a = store_a.select_keys(a_keys)
     name_a = short_source(store_a.manifest["backbone"]["source"])
-    if b and b.startswith(MODEL_SPECS):
+    if is_model_spec(b):
         if data is None:
             raise DiffprobeError("comparing with a model needs --data: the dataset the store was extracted from")
         if b_weights and Path(b_weights).is_file():  # a file: read it safely first (code refused, damage one line)

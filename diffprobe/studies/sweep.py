@@ -11,7 +11,6 @@ difference.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -149,8 +148,7 @@ def pixel_features(data: LabeledImages, rows: np.ndarray, image_size: int, side:
 def cached_pixels(data: LabeledImages, store: FeatureStore, image_size: int, cache: Path) -> np.ndarray:
     """The pixels control's features of a store's images, computed once (cache: an .npy file, with
     a .json naming the images and size it holds: other rows of the same count are not read as these)."""
-    key = {"rows": hashlib.sha256(np.ascontiguousarray(store.indices, dtype=np.int64).tobytes()).hexdigest()[:20],
-           "data": store.manifest["data"].get("fingerprint"), "image_size": int(image_size)}  # fmt: skip
+    key = {"rows": store.manifest["rows"]["selection"], "data": store.manifest["data"].get("fingerprint"), "image_size": int(image_size)}
     key_file = cache.with_suffix(".json")
     if cache.is_file() and key_file.is_file() and json.loads(key_file.read_text()) == key:
         return np.load(cache)
