@@ -255,12 +255,40 @@ def test_a_pass_that_runs_out_of_memory_is_retried_in_halves(cifar_small, tmp_pa
     halved = run_extract(tmp_path / "halved", data, blocks=[13], pools=[1], timesteps=[90], limit=16, batch_size=8)
     assert halved.chunk_rows == 8 and halved.is_complete(FeatureKey(90, 13, 1))
     assert np.array_equal(halved.load(FeatureKey(90, 13, 1)), small.load(FeatureKey(90, 13, 1)))
-    assert "passes of 2 images from now on" in caplog.text and "passes of 4 images" in caplog.text
+    assert "passes of 2 images for now" in caplog.text and "passes of 4 images" in caplog.text
     monkeypatch.setattr(extraction, "featurize", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("simulated")))
     with pytest.raises(DiffprobeError, match="one image at a time does not fit"):
         run_extract(tmp_path / "none-fits", data, blocks=[13], pools=[1], timesteps=[90], limit=16, batch_size=2)
     # A GPU's pass: the largest power of two within the memory budget, capped.
     assert fitted_batch(10e9, 1e9) == 8 and fitted_batch(1e9, 3e9) == 1 and fitted_batch(1e15, 1.0) == 512
+
+
+def test_a_halved_pass_is_tried_at_double_size_again_after_clean_chunks(monkeypatch):
+    """One OOM (fragmentation) must not halve the rest of a long extraction: after REGROW_AFTER
+    clean chunks the pass doubles back towards the chunk's rows; a try that fails keeps the size
+    that worked and waits 4× longer before the next."""
+    from diffprobe.features import batching
+
+    monkeypatch.setattr(batching, "REGROW_AFTER", 2)
+    fits = {"rows": 2}
+    tried = []
+
+    def run(rows):
+        tried.append(rows)
+        if rows > fits["rows"]:
+            raise torch.OutOfMemoryError("simulated")
+        return rows
+
+    size = batching.PassSize(8, torch.device("cpu"))
+    assert size.run(run) == 2 and tried == [8, 4, 2]  # halved to what fits
+    fits["rows"] = 8  # the memory came back
+    tried.clear()
+    assert [size.run(run) for _ in range(6)] == [2, 2, 4, 4, 4, 8] and tried == [2, 2, 4, 4, 4, 8]
+    fits["rows"] = 4  # full again: halved; one failed try after 2 clean chunks, the next only after 8 more
+    tried.clear()
+    assert [size.run(run) for _ in range(11)] == [4] * 11 and size.wait == 8
+    assert tried[:6] == [8, 4, 4, 4, 8, 4] and tried.count(8) == 2
+    assert size.run(run) == 4 and tried[-2:] == [8, 4] and size.wait == 32
 
 
 def test_the_per_image_memory_is_the_peak_difference_of_two_small_passes(monkeypatch):

@@ -6,7 +6,8 @@ its rows, so a store made on a large GPU resumes on a small one. On a GPU the de
 after one that reads lazily loaded weights) give the bytes each image adds to the peak, and
 the pass is the largest power of two that fits MEMORY_SHARE of the free memory, shared by the
 ranks on the device. A pass that still runs out of memory (fragmentation, another process)
-is retried in halves, so the work goes on instead of stopping.
+is retried in halves, so the work goes on instead of stopping; after a run of chunks without
+trouble the larger pass is tried again, since one OOM need not mean the rest never fits.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 CPU_BATCH = 64  # the batch every CPU figure in benchmarks/ and the README was measured at
 MAX_GPU_BATCH = 512  # past this a pass gains no speed and a chunk's writes grow large
+REGROW_AFTER = 8  # chunks without trouble before a halved pass is tried at double again (a failed try waits 4× longer)
 MEMORY_SHARE = 0.8  # of the device's free memory: the rest for the allocator's fragmentation and the loader's pinned uploads
 
 T = TypeVar("T")
@@ -115,4 +117,35 @@ def halving_on_oom(pass_rows: int, run: Callable[[int], T], device: torch.device
             pass_rows = max(1, pass_rows // 2)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            log.warning("%s ran out of memory: passes of %d images from now on (--batch-size sets it)", device, pass_rows)
+            log.warning("%s ran out of memory: passes of %d images for now (--batch-size sets the chunk)", device, pass_rows)
+
+
+class PassSize:
+    """Images per pass, chunk after chunk: the chunk's rows, halved on each OOM (halving_on_oom).
+    A transient OOM (fragmentation, another process's burst) would otherwise cost the rest of a
+    long extraction its batch size, so after REGROW_AFTER clean chunks the pass is tried at double
+    size, up to the chunk's rows; a try that runs out of memory keeps the size that worked and
+    waits four times longer before the next one, so a GPU that is really full pays rarely."""
+
+    def __init__(self, rows: int, device: torch.device):
+        self.ceiling, self.rows, self.device = rows, rows, device
+        self.clean, self.wait = 0, REGROW_AFTER
+
+    def run(self, run: Callable[[int], T]) -> T:
+        if self.rows < self.ceiling and self.clean >= self.wait:
+            trial = min(self.ceiling, self.rows * 2)
+            try:
+                result = run(trial)
+            except torch.OutOfMemoryError:
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                self.clean, self.wait = 0, self.wait * 4
+                log.info("passes of %d images still do not fit %s: staying at %d", trial, self.device, self.rows)
+            else:
+                log.info("passes of %d images fit %s again", trial, self.device)
+                self.rows, self.clean = trial, 0
+                return result
+        result, rows = halving_on_oom(self.rows, run, self.device)
+        self.clean = self.clean + 1 if rows == self.rows else 0
+        self.rows = rows
+        return result

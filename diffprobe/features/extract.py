@@ -35,7 +35,7 @@ from ..data import (
 from ..errors import DiffprobeError
 from ..validate import known_keywords
 from ..precision import Compute, choose_compute
-from .batching import default_batch_size, halving_on_oom, in_passes
+from .batching import PassSize, default_batch_size, in_passes
 from .distributed import Ranks, join, ranks, ranks_per_device
 from .featurize import featurize
 from .latents import LatentCache
@@ -291,7 +291,7 @@ def fill(store: FeatureStore, backbone: Backbone, data: LabeledImages, plan: Fea
     images_done, started = 0, time.perf_counter()
     # A chunk is one pass, so a resumed store's bytes do not depend on who resumed it; a chunk too
     # large for this device (a store made on a bigger GPU) is split only when it runs out of memory.
-    pass_rows = store.chunk_rows
+    pass_size = PassSize(store.chunk_rows, compute.device)
     # The bar closes (ending its line) before any error propagates, so messages start clean.
     writer = ChunkWriter(store, o.dtype, background=o.overlap)
     with tqdm(total=total, desc=f"extract → {out.name}", unit="pass", disable=not o.progress) as bar, writer, torch.inference_mode():
@@ -311,7 +311,7 @@ def fill(store: FeatureStore, backbone: Backbone, data: LabeledImages, plan: Fea
                     y=None if y is None else y[s], compute=compute, encoded=True, noise=noise[0][s] if noise else None))  # fmt: skip
                 return {k: torch.cat([part[k] for part in parts]) if len(parts) > 1 else parts[0][k] for k in keys}
 
-            pooled, pass_rows = halving_on_oom(pass_rows, run_chunk, compute.device)
+            pooled = pass_size.run(run_chunk)
             writer.submit(chunk, pooled)
             bar.update(len({k.t for k in keys}))
             images_done += len(index)
