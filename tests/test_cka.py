@@ -202,5 +202,14 @@ def test_encoder_source_random_from_a_local_file_and_the_extract_path(tmp_path):
         direct = backbone.forward_features(backbone.encode(x), 0, [5])[5]
     torch.testing.assert_close(feats["layer4"], torch.nn.functional.adaptive_avg_pool2d(direct, 2).flatten(1))
     assert not torch.allclose(EncoderSource("timm:resnet18", pool=2).features(x)["layer4"], feats["layer4"])  # the file's weights
+    # --b-keys picks blocks by name; the walk stops at the deepest picked (layer4 never runs)
+    picked = EncoderSource("timm:resnet18", weights=str(tmp_path / "r18.pth"), pool=2, blocks="layer3,layer1")
+    ran = []
+    picked.backbone.model.layer4.register_forward_hook(lambda *a: ran.append("layer4"))
+    some = picked.features(x)
+    assert picked.stages == ["layer3", "layer1"] == list(some) and not ran
+    torch.testing.assert_close(some["layer3"], feats["layer3"])
+    with pytest.raises(DiffprobeError, match=r"has no block layer9 \(--b-keys\): its blocks are act1, layer1"):
+        EncoderSource("timm:resnet18", blocks="layer9")
     with pytest.raises(DiffprobeError, match="does not know the model"):
         EncoderSource("timm:no_such_net")

@@ -164,7 +164,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--b-pool", type=int, default=1, help="pool size for a model's block outputs")
     add_data_args(p, required=False, help="the dataset of store A (needed with a model as B)")
     p.add_argument("--a-keys", help="comma-separated settings of A, e.g. t0090_b24_p1 (default: all complete)")
-    p.add_argument("--b-keys", help="settings of B (default: all complete)")
+    p.add_argument("--b-keys", help="settings of store B, or a model B's block names, e.g. layer3,layer4 or blocks.5 "
+                   "(default: every complete setting, every block)")
     p.add_argument("--out", required=True, help='output folder')
     p.add_argument("--batch-size", type=int, default=1000, help="images per CKA minibatch (default: 1000)")
     p.add_argument("--forward-batch", type=int, default=64, help="images per forward pass of a --b model (its activations' memory; default: 64)")

@@ -153,9 +153,11 @@ class EncoderSource:
     weights: a local file, a library weights name ("hub" for timm's own, a torchvision weights
     name such as IMAGENET1K_V1), or None for random weights, said so in `description`.
     `baseline:DIR` and `hf:` folders bring their own weights, so None means theirs.
+    blocks: comma-separated block names (layer3,layer4 or blocks.5); None for all. The forward
+    stops at the deepest one asked for.
     """
 
-    def __init__(self, spec: str, weights: str | None = None, pool: int = 1):
+    def __init__(self, spec: str, weights: str | None = None, pool: int = 1, blocks: str | None = None):
         from ..backbones.encoders import load_encoder
         from ..data import backbone_transform
         from ..report import short_source
@@ -167,7 +169,16 @@ class EncoderSource:
             weights = None  # the library's pretrained weights: the hub, or its cache
         self.backbone = load_encoder(spec, weights=weights)
         self.backbone.eval()
-        self.stages = [b.name for b in self.backbone.blocks]
+        self.blocks = self.backbone.blocks
+        if blocks:
+            names = [name.strip() for name in blocks.split(",") if name.strip()]
+            by_name = {b.name: b for b in self.backbone.blocks}
+            unknown = [name for name in names if name not in by_name]
+            if unknown:
+                raise DiffprobeError(f"{spec} has no block {', '.join(unknown)} (--b-keys): its blocks are "
+                                     f"{', '.join(by_name)}")  # fmt: skip
+            self.blocks = [by_name[name] for name in dict.fromkeys(names)]
+        self.stages = [b.name for b in self.blocks]
         self.pool = pool
         self.transform = backbone_transform(self.backbone)
         note, name = self.backbone.weights_note, short_source(spec)  # a plot label: no long folders
@@ -181,10 +192,9 @@ class EncoderSource:
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Images from `transform` ([-1, 1]) -> {block name: pooled, flattened features}."""
-        wanted = [b.index for b in self.backbone.blocks]
-        maps = self.backbone.forward_features(self.backbone.encode(images), 0, wanted)
+        maps = self.backbone.forward_features(self.backbone.encode(images), 0, [b.index for b in self.blocks])
         pooled = {}
-        for block in self.backbone.blocks:
+        for block in self.blocks:
             pooled[block.name] = torch.nn.functional.adaptive_avg_pool2d(maps[block.index].float(), self.pool).flatten(1)
         return pooled
 
@@ -233,7 +243,7 @@ def cka_study(store_a, out, a_keys: str | None = None, b: str | None = None, b_k
 
             if Path(b_weights).suffix != ".safetensors":
                 load_torch_file(b_weights, "--b-weights file", "pass a state_dict saved with torch.save (or a torchvision weights name)")
-        source = EncoderSource(b, weights=b_weights, pool=b_pool)
+        source = EncoderSource(b, weights=b_weights, pool=b_pool, blocks=b_keys)
         matrix = source_cka(store_a, keys_a, data, source, batch_size, seed, forward_batch=forward_batch)
         labels_b, name_b = source.stages, source.description
     else:
