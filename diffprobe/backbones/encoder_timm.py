@@ -31,7 +31,8 @@ def _create(name: str, weights: str | None, seed: int | None = None, **options: 
         raise DiffprobeError(f"cannot create timm model {name!r}: {' '.join(str(e).split())}") from None
     except Exception as e:  # offline hub, a file of another model
         text = " ".join(str(e).split()) or type(e).__name__
-        hint = (" (offline? timm downloads its weights from the hub: pass weights=FILE, -o weights=FILE on the command line)"
+        hint = ((" (offline? timm downloads its weights from the hub: pass a weights file, `-o weights=FILE` to extract, "
+                "`--b-weights FILE` to cka)")
                 if weights is None else "")  # fmt: skip
         raise DiffprobeError(f"cannot load timm model {name!r}{hint}: {text}") from None
 
