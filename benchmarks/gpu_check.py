@@ -5,11 +5,9 @@
 
 Sections (each recorded, pass or fail, so one failure does not cost the rest of the window):
   parity      every family's tiny model (ADM fixture, UNet2DModel, SD, SDXL, DiT, PixArt, SD3, FLUX,
-              timm, transformers): on the device in fp32 (TF32 off) against the CPU's fp32 features
-              (max error relative to the largest value), bf16 / fp16 by cosine, compiled against eager;
-  torchrun    2 processes on one device (NCCL refuses two ranks on one GPU, so gloo carries the
-              collectives there): the store is byte-identical to one process's, the DDP linear head
-              within ±0.5 points of one process's;
+              timm, transformers): on the device in fp32 (TF32 off, restored after) against the CPU's
+              fp32 features (max error relative to the largest value), bf16 / fp16 by cosine, and
+              where one pass would make the host wait;
   throughput  random weights at real sizes (--tiny: small ones), diffprobe's path against the plain
               path (full fp32 forward + hook) in the same run, with the cosine between them: the
               paper's ADM-256 to block 24 (img/s and share of the bf16 matmul peak), an SD-2.1-shaped
@@ -17,16 +15,24 @@ Sections (each recorded, pass or fail, so one failure does not cost the rest of 
               online attention-head step and a pretrain step of the shipped checkpoint's architecture;
               on a GPU also ADM-256 at the pass size extraction fits to its memory; and `extract` end to
               end over image files, overlapped (ε in the loader, a writer thread) against in turn;
-  memory      peak device memory of each throughput case;
+  torchrun    2 processes on one device (NCCL refuses two ranks on one GPU, so gloo carries the
+              collectives there): the store is byte-identical to one process's, the DDP linear head
+              within ±0.5 points of one process's;
+  compiled    (GPU, not --tiny) every family's walk torch.compile'd against eager, both bf16: last,
+              since each compiles for about a minute;
+  memory      peak device memory of each throughput case (diffprobe's path and the plain one apart,
+              each above what was allocated when it started);
   compile     (--compile-modes) the ADM case in each torch.compile mode asked for: which one pays here.
 Writes OUT/gpu_check.json and OUT/gpu_check.txt after every check (a window cut short keeps what
 ran; "complete" says whether the run ended); checks not started within --budget seconds are
-recorded as skipped. Exits 1 when a check failed, 3 when none failed but some were skipped.
+recorded as skipped, and so are the fixture's checks where ../shared is not beside the checkout
+(a GPU machine: set DIFFPROBE_SHARED, or run benchmarks/gpu_prepare.sh first and carry .gpu). Exits 1 when a check failed, 3 when none failed but some were skipped.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -55,10 +61,14 @@ from tiny_families import FIXTURE, family_specs  # noqa: E402
 
 
 
+_ALLOCATED_AT_RESET: dict = {}
+
+
 def peak_memory(device: torch.device) -> float | None:
-    """Peak memory (MiB) since the last reset: the device's allocator on GPUs, the process's VmHWM on CPUs."""
+    """Peak memory (MiB) since the last reset_peak: on GPUs what the allocator held above what was
+    allocated at the reset (the case's own, not what earlier cases left); the process's VmHWM on CPUs."""
     if device.type == "cuda":
-        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        return round((torch.cuda.max_memory_allocated(device) - _ALLOCATED_AT_RESET.get(device, 0)) / 2**20, 1)
     try:
         line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
         return round(int(line.split()[1]) / 1024, 1)
@@ -68,7 +78,22 @@ def peak_memory(device: torch.device) -> float | None:
 
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
+        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+        _ALLOCATED_AT_RESET[device] = torch.cuda.memory_allocated(device)
+
+
+def settle(device: torch.device) -> None:
+    """Between checks: what earlier cases left goes (a prepared copy and its original refer to
+    each other, so only a collection frees them; the allocator's cache would shrink the free memory
+    the fitted batch sees), and torch.compile starts clean (its recompile limit counts per code object,
+    and ADM's walk is compiled again by many cases: past the limit it would silently run eagerly)."""
+    import gc
+
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 class Report:
@@ -76,18 +101,23 @@ class Report:
     rewritten after every result, so a window that ends early (a command's time limit) still
     leaves what was measured; a check not started before the budget ends is recorded as skipped."""
 
-    def __init__(self, out: Path, header: dict, budget: float | None = None):
+    def __init__(self, out: Path, header: dict, budget: float | None = None, device: torch.device | None = None):
         self.out, self.header, self.results, self.lines, self.failed, self.skipped = out, header, {}, [], [], []
         self.deadline = time.perf_counter() + budget if budget else None
+        self.device = device
+
+    def skip(self, section: str, name: str, why: str) -> None:
+        self.skipped.append(f"{section}/{name}")
+        self.lines.append(f"[skipped] {section}/{name}: {why}")
+        print(self.lines[-1], flush=True)
+        self.write(complete=False)
 
     def record(self, section: str, name: str, fn) -> None:
         start = time.perf_counter()
         if self.deadline is not None and start > self.deadline:
-            self.skipped.append(f"{section}/{name}")
-            self.lines.append(f"[skipped] {section}/{name}: past the --budget")
-            print(self.lines[-1], flush=True)
-            self.write(complete=False)
-            return
+            return self.skip(section, name, "past the --budget")
+        if self.device is not None:
+            settle(self.device)
         try:
             result = fn()
             result["seconds"] = round(time.perf_counter() - start, 1)
@@ -133,9 +163,8 @@ def parity(spec: str, options: dict, device: torch.device, tiny: bool) -> dict:
     reference = features(cpu_bb, x_t, t)
     scale = max(v.abs().max().item() for v in reference.values()) or 1.0
     dev_bb = load_backbone(spec, device=str(device), **options)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    fp32 = features(dev_bb, x_t.to(device), t, Compute(device, "fp32", False))
+    with tf32_off():
+        fp32 = features(dev_bb, x_t.to(device), t, Compute(device, "fp32", False))
     error = max((fp32[b] - reference[b]).abs().max().item() for b in reference) / scale
     result = {"blocks": len(reference), "fp32_max_rel_error": float(f"{error:.3g}")}
     low = ("bf16", "fp16") if device.type == "cuda" else ("bf16",)
@@ -143,18 +172,34 @@ def parity(spec: str, options: dict, device: torch.device, tiny: bool) -> dict:
         got = features(dev_bb, x_t.to(device), t, Compute(device, precision, True))
         result[f"{precision}_min_cosine"] = round(min(F.cosine_similarity(got[b].flatten(), reference[b].flatten(), dim=0).item()
                                                       for b in reference), 5)  # fmt: skip
-    if device.type == "cuda" and not tiny:
-        eager = features(dev_bb, x_t.to(device), t, Compute(device, "bf16", True))
-        compiled = features(dev_bb, x_t.to(device), t, Compute(device, "bf16", True, compile=True))
-        result["compiled_vs_eager_min_cosine"] = round(min(F.cosine_similarity(compiled[b].flatten(), eager[b].flatten(), dim=0).item()
-                                                           for b in eager), 5)  # fmt: skip
-    else:
-        result["compiled"] = "not checked (GPU only, not with --tiny)"
     result.update(host_waits(cpu_bb, dev_bb, device))
     cosines = [v for k, v in result.items() if k.endswith("min_cosine")]
     result["ok"] = (error < (1e-4 if device.type == "cuda" else 1e-6) and all(c > 0.99 for c in cosines) and not result["host_waits"]
                     and result.get("cuda_sync_debug", "none") == "none")  # fmt: skip
     return result
+
+
+@contextlib.contextmanager
+def tf32_off():
+    """fp32 parity without TF32, restored after: the throughput cases' plain path runs as PyTorch's defaults leave it."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def compiled_parity(spec: str, options: dict, device: torch.device) -> dict:
+    """torch.compile'd walk against the eager one, both bf16 on the device: a GPU section of its
+    own, after throughput, since each family compiles for about a minute."""
+    bb = load_backbone(spec, device=str(device), **options)
+    t = 0 if not bb.generative else (300 if bb.schedule.parameterization == "flow" else 100)
+    x_t = torch.randn(2, *bb.model_shape, generator=torch.Generator().manual_seed(0)).to(device)
+    eager = features(bb, x_t, t, Compute(device, "bf16", True))
+    compiled = features(bb, x_t, t, Compute(device, "bf16", True, compile=True))
+    cosine = min(F.cosine_similarity(compiled[b].flatten(), eager[b].flatten(), dim=0).item() for b in eager)
+    return {"blocks": len(eager), "compiled_vs_eager_min_cosine": round(cosine, 5), "ok": cosine > 0.99}
 
 
 def host_waits(cpu_bb, dev_bb, device: torch.device) -> dict:
@@ -197,8 +242,12 @@ def torchrun_check(device: torch.device, tiny: bool, tmp: Path) -> dict:
             pixels = (torch.rand(16, 16, 3, generator=gen) * 255 * (c + 1) / 4).to(torch.uint8).numpy()
             Image.fromarray(pixels).save(data / f"class{c}" / f"{i}.png")
     backend = "gloo"  # CPUs; and on one GPU, where NCCL refuses two ranks on the same device (what `auto` picks there too)
-    common = ["extract", f"adm:{FIXTURE}", "--data", str(data), "--blocks", "2,4", "--t", "10", "--device", str(device.type)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # Chunks of 16 so both ranks get some (a GPU's fitted batch would hold every image in one chunk), and
+    # eager: both runs must compute alike, and two ranks compiling at once would outlast the timeout.
+    common = ["extract", f"adm:{FIXTURE}", "--data", str(data), "--blocks", "2,4", "--t", "10", "--device", str(device.type),
+              "--batch-size", "16", "--compile", "off"]  # fmt: skip
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # and carried packages (gpu_check.sh)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
 
     def run(argv: list[str], ranks: int) -> None:
         import socket
@@ -276,12 +325,18 @@ def extraction_case(spec: str, options: dict, block: int, batch: int, device: to
         with torch.inference_mode(), compute.autocast():
             out["fast"] = runner.forward_features(compute.batch(x_t), t, [block])[block]
 
-    reset_peak(device)
     slow, quick = timed_pair(plain, fast, device, repeats)
+    peaks = {}
+    for name_, fn in (("plain", plain), ("diffprobe", fast)):  # each path's own peak, after the timing (warm)
+        reset_peak(device)
+        fn()
+        sync(device)
+        peaks[name_] = peak_memory(device)
     a = out["plain"] if out["plain"].ndim == 4 else out["plain"].transpose(1, 2).reshape(batch, -1, tokens_side, tokens_side)
     cosine = F.cosine_similarity(pool_features(a, 1), pool_features(out["fast"], 1), dim=1).min().item()
     result = {"block": f"{block} ({name})", "batch": batch, "plain_img_s": round(batch / slow, 1), "diffprobe_img_s": round(batch / quick, 1),
-              "ratio": round(slow / quick, 2), "min_cosine": round(cosine, 5), "compute": compute.describe(), "peak_mib": peak_memory(device)}  # fmt: skip
+              "ratio": round(slow / quick, 2), "min_cosine": round(cosine, 5), "compute": compute.describe(), "peak_mib": peaks["diffprobe"],
+              "plain_peak_mib": peaks["plain"]}  # fmt: skip
     if peak:
         from extract import model_flops
 
@@ -382,7 +437,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="small sizes everywhere: the same code paths in about a minute")
     p.add_argument("--out", default="gpu_check", help="folder for gpu_check.json and gpu_check.txt")
-    p.add_argument("--skip", default="", help="comma-separated sections to leave out: parity, torchrun, throughput")
+    p.add_argument("--skip", default="", help="comma-separated sections to leave out: parity, throughput, torchrun, compiled "
+                   "(compiled against eager for every family: GPU only, about a minute each)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--budget", type=float, default=480,
                    help="seconds after which checks not yet started are recorded as skipped (default 480: the device tool runs one "
@@ -392,9 +448,11 @@ def main() -> None:
                         "max-autotune, max-autotune-no-cudagraphs, reduce-overhead): minutes of compilation each, so not in "
                         "the default run")  # fmt: skip
     args = p.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device here; --device cpu --tiny runs the same code paths on the CPU")
+    from diffprobe.precision import resolve_device
+
+    device = resolve_device(args.device)  # cuda -> cuda:0: set_device, NCCL and pinned copies need an index
     skip = {s for s in args.skip.split(",") if s}
     from diffprobe.precision import choose_compute
     from extract import matmul_peak
@@ -407,14 +465,17 @@ def main() -> None:
         peak = matmul_peak(device, torch.bfloat16)
         header["bf16_matmul_peak_tflops"] = round(peak / 1e12, 1)
     started = time.perf_counter()
-    report = Report(Path(args.out), header, args.budget)
+    report = Report(Path(args.out), header, args.budget, device)
+    families = {}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         if "parity" not in skip:
-            for family, (spec, options) in family_specs(tmp).items():
+            families = family_specs(tmp)
+            if not FIXTURE.is_file():
+                report.skip("parity", "adm (guided-diffusion fixture)", f"{FIXTURE} is not here: set DIFFPROBE_SHARED "
+                            "(benchmarks/gpu_prepare.sh carries a copy in .gpu/shared)")  # fmt: skip
+            for family, (spec, options) in families.items():
                 report.record("parity", family, lambda s=spec, o=options: parity(s, o, device, args.tiny))
-        if "torchrun" not in skip and FIXTURE.is_file():
-            report.record("torchrun", "2 processes vs 1", lambda: torchrun_check(device, args.tiny, tmp / "torchrun"))
         if "throughput" not in skip:
             import latent_models as lm
 
@@ -432,8 +493,6 @@ def main() -> None:
             if device.type == "cuda":
                 report.record("throughput", "ADM-256 to block 24 at the fitted batch" + " (tiny)" * args.tiny,
                               lambda: fitted_batch_case(adm, device, compute, repeats, peak))
-            report.record("throughput", "extraction end to end, overlapped vs in turn" + " (tiny)" * args.tiny,
-                          lambda: end_to_end(device, compute, args.tiny, tmp / "end-to-end"))
             sd_bb = load_backbone(sd[0], **sd[1])
             up1 = max(b.index for b in sd_bb.blocks if b.name.startswith("up_blocks.1."))
             hooked = "up_blocks.1"  # the plain path catches the whole up block: its last unit's output, upsampled where it upsamples
@@ -442,14 +501,26 @@ def main() -> None:
             dit_bb = load_backbone(dit[0], **dit[1])
             dit_block = dit[2] or max(2, dit_bb.num_blocks // 2)
             side = dit_bb.blocks[dit_block - 1].resolution
+            del sd_bb, dit_bb
             report.record("throughput", f"DiT to block {dit_block}" + (" (tiny)" if args.tiny else " (XL/2-shaped, 256 px)"),
                           lambda: extraction_case(dit[0], dit[1], dit_block, dit[3], device, compute, repeats, tokens_side=side))
+            report.record("throughput", "online attention-head step", lambda: online_step(device, compute, args.tiny, repeats))
+            report.record("throughput", "pretrain step (shipped architecture)", lambda: pretrain_step(device, args.tiny, repeats, tmp / "pre"))
+            report.record("throughput", "extraction end to end, overlapped vs in turn" + " (tiny)" * args.tiny,
+                          lambda: end_to_end(device, compute, args.tiny, tmp / "end-to-end"))
+        if "torchrun" not in skip:
+            if FIXTURE.is_file():
+                report.record("torchrun", "2 processes vs 1", lambda: torchrun_check(device, args.tiny, tmp / "torchrun"))
+            else:
+                report.skip("torchrun", "2 processes vs 1", f"{FIXTURE} is not here: set DIFFPROBE_SHARED")
+        if "compiled" not in skip and device.type == "cuda" and not args.tiny:  # a minute of compilation per family
+            for family, (spec, options) in (families or family_specs(tmp)).items():
+                report.record("compiled", family, lambda s=spec, o=options: compiled_parity(s, o, device))
+        if "throughput" not in skip:
             for mode in [m for m in args.compile_modes.split(",") if m]:  # which mode pays on this GPU (precision.COMPILE_MODES)
                 moded = Compute(compute.device, compute.precision, compute.channels_last, mode != "eager", "default" if mode == "eager" else mode)
                 report.record("compile", f"ADM-256 to block 24, {mode}" + " (tiny)" * args.tiny,
                               lambda c=moded: extraction_case(adm[0], adm[1], adm[2], adm[3], device, c, repeats, peak=peak))
-            report.record("throughput", "online attention-head step", lambda: online_step(device, compute, args.tiny, repeats))
-            report.record("throughput", "pretrain step (shipped architecture)", lambda: pretrain_step(device, args.tiny, repeats, tmp / "pre"))
     header["wall_seconds"] = round(time.perf_counter() - started, 1)
     report.write(complete=True)
     print(f"gpu_check: {len(report.failed)} failed of {sum(len(v) for v in report.results.values())}"

@@ -98,7 +98,7 @@ def probe_accuracy(model: torch.nn.Module, flags: dict, probe: dict, plan: Featu
         x, idx = probe[split]
         chunks = [featurize(backbone, x[i : i + 128], plan, idx[i : i + 128]) for i in range(0, len(x), 128)]
         key = next(iter(chunks[0]))
-        feats[split] = torch.cat([c[key] for c in chunks]).numpy()
+        feats[split] = torch.cat([c[key] for c in chunks]).float().cpu().numpy()  # featurize runs on the GPU when there is one
     score, _ = logistic_regression(feats["train"], probe["train_y"], feats["val"], probe["val_y"])
     return score.top1
 

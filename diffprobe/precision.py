@@ -99,8 +99,10 @@ class Compute:
 def upload(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor onto `device` without the host waiting: on a GPU pinned first (a pageable copy
     blocks), then copied asynchronously; PyTorch keeps the pinned block until the copy is done."""
-    if device.type != "cuda" or x.device == device:
+    if device.type != "cuda":
         return x.to(device)
+    if x.device.type != "cpu":  # already on a GPU (this one or another): only host memory is pinned
+        return x.to(device, non_blocking=True)
     return (x if x.is_pinned() else x.pin_memory()).to(device, non_blocking=True)
 
 
@@ -111,20 +113,24 @@ def _device_of(module: torch.nn.Module) -> torch.device:
 
 def resolve_device(device: str = "auto") -> torch.device:
     """'auto' -> the GPU of this process (cuda:LOCAL_RANK under torchrun) if any, else the CPU.
+    A bare 'cuda' gets that index too: torch.cuda.set_device, NCCL's device_id and pinned copies
+    need one, and under torchrun each rank must land on its own GPU, not all on cuda:0.
     The one place a device name is resolved; a GPU asked for but absent is a clear error."""
     if device == "auto":
-        if torch.cuda.is_available():
-            import os
-
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-        return torch.device("cpu")
+        return _this_ranks_gpu() if torch.cuda.is_available() else torch.device("cpu")
     try:
         dev = torch.device(device)
     except RuntimeError:
         raise DiffprobeError(f"device {device!r} not understood: expected auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DiffprobeError(f"--device {device} asked for, but no CUDA GPU is visible: use --device cpu (or auto)")
-    return dev
+    return _this_ranks_gpu() if dev.type == "cuda" and dev.index is None else dev
+
+
+def _this_ranks_gpu() -> torch.device:
+    import os
+
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
 
 
 def cpu_name() -> str:
@@ -153,7 +159,7 @@ def cpu_has_fast_bf16() -> bool:
 def choose_compute(device: str = "auto", precision: str = "auto", channels_last: str | bool = "auto",
                    compile: str | bool = "auto") -> Compute:  # fmt: skip
     """Resolve 'auto' settings for this machine; explicit ones are checked and kept."""
-    dev = resolve_device(device) if isinstance(device, str) else device
+    dev = resolve_device(str(device))  # a torch.device too: a bare cuda gets this rank's index
     if precision == "auto":
         if dev.type == "cuda":
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("DIFFPROBE_SHARED") or ROOT.parent / "shared")  # elsewhere, e.g. .gpu/shared on a GPU machine
 FIXTURE_DIR = SHARED / "fixtures" / "adm"
 FIXTURE_CKPT = FIXTURE_DIR / "adm_uncond_tiny.pt"
 CIFAR_TAR = SHARED / "data" / "cifar10-train.tar.gz"

@@ -120,3 +120,20 @@ def test_classifier_refuses_another_backbone_or_noise(bb, store):
         dp.Classifier(bb, dp.FeaturePlan(t=90, blocks=3, pools=2), clf)
     with pytest.raises(dp.DiffprobeError, match="not fitted"):
         dp.Probe().predict(store)
+
+
+def test_a_bare_cuda_device_gets_this_ranks_index_and_upload_never_pins_gpu_memory(monkeypatch):
+    """torch.cuda.set_device, NCCL's device_id and DDP need an index: `--device cuda` under torchrun
+    means cuda:LOCAL_RANK (modulo the GPUs visible), as `auto` does; an explicit index is kept. A
+    tensor already on a GPU is copied as is (pin_memory() on it would raise)."""
+    from diffprobe.precision import resolve_device, upload
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_device("cuda") == torch.device("cuda", 1) == resolve_device("auto")
+    assert resolve_device("cuda:0") == torch.device("cuda", 0) and resolve_device("cpu") == torch.device("cpu")
+    pinned = []
+    fake_gpu_tensor = type("OnGpu", (), {"device": torch.device("cuda", 1), "pin_memory": lambda self: pinned.append(1),
+                                         "to": lambda self, device, non_blocking=False: (device, non_blocking)})()  # fmt: skip
+    assert upload(fake_gpu_tensor, torch.device("cuda", 0)) == (torch.device("cuda", 0), True) and not pinned

@@ -77,10 +77,12 @@ def test_gpu_check_runs_its_code_paths_on_the_cpu(tmp_path):
     import os
     import subprocess
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
-    done = subprocess.run([sys.executable, str(script), "--device", "cpu", "--tiny", "--skip", "torchrun", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    root = Path(__file__).resolve().parents[1]  # through the shell script a GPU window runs: its environment set-up too
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "DEVICE": "cpu", "TINY": "1", "SKIP": "torchrun",
+           "OUT": str(tmp_path)}  # fmt: skip
+    done = subprocess.run(["bash", "benchmarks/gpu_check.sh"], capture_output=True, text=True, timeout=300, env=env, cwd=root)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.startswith("torch ")  # gpu_env.sh's import check of every package diffprobe needs
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     parity, throughput = report["results"]["parity"], report["results"]["throughput"]
     for family in ("Stable Diffusion", "SDXL", "DiT", "PixArt", "SD3", "FLUX", "diffusers UNet2DModel", "timm ViT", "transformers DINOv2",
@@ -91,3 +93,26 @@ def test_gpu_check_runs_its_code_paths_on_the_cpu(tmp_path):
     assert throughput["extraction end to end, overlapped vs in turn (tiny)"]["stores_byte_identical"]
     assert all(r["min_cosine"] > 0.99 and r["ratio"] > 0 for name, r in throughput.items() if "ratio" in r)
     assert report["failed"] == [] and "failed: none" in (tmp_path / "gpu_check.txt").read_text()
+
+
+def test_gpu_train_returns_what_export_needs_in_pieces(cifar_small, tmp_path):
+    """benchmarks/gpu_train.sh on the CPU: warm-starts from the shipped checkpoint (resuming its own run
+    is pretrain's, tested in test_pretrain); what comes back is ema.pt in pieces under 16 MiB and
+    training-state.pt without its weights, which is what `export` reads."""
+    import os
+    import subprocess
+
+    import torch
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHON": sys.executable, "DEVICE": "cpu", "DATA": str(cifar_small), "BATCH": "4", "LIMIT_S": "200",
+           "RUN": str(tmp_path / "run"), "OUT": str(tmp_path / "out"), "STEPS": "2801"}  # the shipped checkpoint is at step 2800
+    done = subprocess.run(["bash", "benchmarks/gpu_train.sh"], capture_output=True, text=True, timeout=300, env=env, cwd=root)
+    assert done.returncode == 0 and "step 2801," in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    out = tmp_path / "out"
+    pieces = sorted(out.glob("ema.pt.part-*"))
+    assert len(pieces) > 1 and all(p.stat().st_size <= 16 * 2**20 for p in pieces)
+    assert b"".join(p.read_bytes() for p in pieces) == (tmp_path / "run" / "ema.pt").read_bytes()
+    state = torch.load(out / "training-state.pt", weights_only=True)
+    assert set(state) == {"config", "state"} and state["state"]["step"] == 2801 and state["config"]["batch_size"] == 4
+    assert (out / "ema.json").is_file() and (out / "loss.csv").is_file() and len(list(out.iterdir())) <= 8

@@ -6,13 +6,16 @@ model here, and both check it from then on.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
 import latent_models as lm
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "adm" / "adm_uncond_tiny.pt"
+# ../shared beside the checkout; $DIFFPROBE_SHARED where it lies elsewhere (a GPU machine gets a copy carried in .gpu/shared)
+SHARED = Path(os.environ.get("DIFFPROBE_SHARED") or Path(__file__).resolve().parents[2] / "shared")
+FIXTURE = SHARED / "fixtures" / "adm" / "adm_uncond_tiny.pt"
 
 
 def family_specs(tmp: Path) -> dict[str, tuple[str, dict]]:

@@ -357,7 +357,7 @@ class Trainer:
     def loss(self, step: int) -> torch.Tensor:
         cfg = self.config
         positions = batch_rows(len(self.images), cfg.batch_size, cfg.seed, step)
-        on_device = self.images.device == self.device
+        on_device = self.images.device.type == self.device.type  # moved there whole when it fits (see __init__)
         x0 = to_model_range(self.images[upload(positions, self.device)] if on_device else upload(self.images[positions], self.device))
         gen = step_generator(cfg.seed, step, 1)
         if cfg.hflip:
