@@ -441,7 +441,8 @@ def main() -> None:
                    "(compiled against eager for every family: GPU only, about a minute each)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--budget", type=float, default=480,
-                   help="seconds after which checks not yet started are recorded as skipped (default 480: the device tool runs one "
+                   help="seconds after which checks not yet started are recorded as skipped (default 480; gpu_check.sh passes 420 and "
+                        "runs extract.py's table after it with the time left; the device tool runs one "
                         "command for at most 10 minutes; results are written after each check either way)")  # fmt: skip
     p.add_argument("--compile-modes", default="",
                    help="also time ADM-256 to block 24 compiled in these torch.compile modes, comma-separated (eager, default, "
