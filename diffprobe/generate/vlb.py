@@ -8,6 +8,7 @@ KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0 and the discretised decoder N
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 import torch
@@ -31,6 +32,18 @@ def posterior_terms(schedule: NoiseSchedule) -> dict[str, torch.Tensor]:
         "sqrt_recip_abar": torch.from_numpy(np.sqrt(1.0 / abar)),
         "sqrt_recipm1_abar": torch.from_numpy(np.sqrt(1.0 / abar - 1)),
     }
+
+
+_ON_DEVICE: "weakref.WeakKeyDictionary[NoiseSchedule, dict]" = weakref.WeakKeyDictionary()
+
+
+def _terms_on(schedule: NoiseSchedule, device: torch.device) -> dict[str, torch.Tensor]:
+    """posterior_terms on `device`, made once per schedule and device: copying the tables up at every
+    training step made the host wait for the GPU several times a step."""
+    per_device = _ON_DEVICE.setdefault(schedule, {})
+    if device not in per_device:
+        per_device[device] = {k: v.to(device) for k, v in posterior_terms(schedule).items()}
+    return per_device[device]
 
 
 def _at(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -57,7 +70,7 @@ def discretized_gaussian_nll(x: torch.Tensor, mean: torch.Tensor, log_scale: tor
 def learned_range_vlb(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
                       eps_pred: torch.Tensor, var_values: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """L_vlb per image (bits/dim) for a model predicting ε and v ∈ [-1, 1] interpolating log β_t and log β̃_t."""
-    terms = posterior_terms(schedule)
+    terms = _terms_on(schedule, x0.device)
     frac = (var_values + 1) / 2
     model_logvar = frac * _at(terms["log_betas"], t, x0) + (1 - frac) * _at(terms["log_var_clipped"], t, x0)
     x0_pred = _at(terms["sqrt_recip_abar"], t, x0) * x_t - _at(terms["sqrt_recipm1_abar"], t, x0) * eps_pred

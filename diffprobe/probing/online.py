@@ -128,6 +128,9 @@ def train_online(backbone: Backbone, data: LabeledImages, plan: FeaturePlan, con
         net = DistributedDataParallel(model, device_ids=[compute.device.index] if compute.device.type == "cuda" else None)
     opt = (torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=config.weight_decays[0])
            if recipe.optimizer == "sgd" else torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=config.weight_decays[0]))  # fmt: skip
+    # DifFeed's gradients pass through the backbone under autocast: in fp16 (a GPU without bf16) they
+    # underflow without loss scaling, PyTorch's own scaler; a head on detached features trains in fp32
+    scaler = torch.amp.GradScaler(compute.device.type, enabled=compute.precision == "fp16" and diffeed)
 
     val_inputs, val_labels = centre_features(val_idx, "online: validation features") if not diffeed else (None, None)
     gen = torch.Generator().manual_seed(config.seed)
@@ -180,8 +183,9 @@ def train_online(backbone: Backbone, data: LabeledImages, plan: FeaturePlan, con
             global_batch = len(order[step * bs:(step + 1) * bs])
             loss = F.cross_entropy(logits.float(), y, reduction="sum") * (share.world_size / global_batch)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             total += loss.detach().double() * global_batch / share.world_size
             correct += (logits.argmax(1) == y).sum()
         val_loss, val_top1, val_top5, _, _ = evaluate()

@@ -92,6 +92,8 @@ def train_baseline(data: LabeledImages, out: str | Path, arch: str = "resnet18",
     model = build_resnet(arch, len(data.classes), image_size, stem).to(compute.device).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * steps_per_epoch), pct_start=0.15)
+    # fp16 autocast (a GPU without bf16) needs loss scaling, or small gradients underflow to zero: PyTorch's own scaler
+    scaler = torch.amp.GradScaler(compute.device.type, enabled=compute.precision == "fp16")
     history, started = [], time.perf_counter()
     for epoch in range(epochs):
         model.train()
@@ -105,8 +107,9 @@ def train_baseline(data: LabeledImages, out: str | Path, arch: str = "resnet18",
             with compute.autocast():
                 loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             bar.set_postfix(loss=f"{loss.item():.3f}")
         history.append({"epoch": epoch + 1, "val_top1": evaluate(model, val_images, val_labels, compute)})
