@@ -4,7 +4,9 @@
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 pythonpath=$PWD
-if ls .gpu/wheels/*.whl >/dev/null 2>&1; then  # installed outside the image, which is read-only and bare after each lease
+# Installed outside the image (bare after each lease), and only where diffusers is missing: a machine
+# that has it (this one, tests running side by side) keeps its own and never rewrites a shared folder.
+if ! $PY -c "import diffusers" >/dev/null 2>&1 && ls .gpu/wheels/*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu-site .gpu/wheels/*.whl || exit 1
     pythonpath=$PWD:/tmp/gpu-site
 fi

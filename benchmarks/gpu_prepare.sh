@@ -12,6 +12,7 @@
 set -eu
 PY=${PYTHON:-.venv/bin/python}
 SHARED=${DIFFPROBE_SHARED:-../shared}
+case "$(realpath "$SHARED")" in "$(realpath .)/.gpu"*) echo "DIFFPROBE_SHARED points into .gpu, which this script remakes: unset it"; exit 1;; esac
 rm -rf .gpu
 mkdir -p .gpu/wheels .gpu/shared/fixtures .gpu/shared/data
 version=$($PY -c "import diffusers; print(diffusers.__version__)")

@@ -10,15 +10,19 @@
 #   mkdir -p runs/gpu-pretrain && cp FILES_AT/* runs/gpu-pretrain/ && cat runs/gpu-pretrain/ema.pt.part-* > runs/gpu-pretrain/ema.pt
 #   diffprobe export runs/gpu-pretrain --data ../shared/data/cifar10-train.tar.gz --out checkpoints/diffprobe-cifar10
 # Recipe: DDPM's CIFAR-10 one (Ho et al. 2020: batch 128, lr 2e-4, EMA 0.9999); a GPU has room for it.
-set -u
+set -u -o pipefail
 OUT=${OUT:-gpu_train}  # the device tool sets OUT: what is written there comes back
 RUN=${RUN:-runs/gpu-pretrain}
 source benchmarks/gpu_env.sh
 mkdir -p "$OUT"
-data=${DATA:-$DIFFPROBE_SHARED/data/cifar10-train.tar.gz}
+data=${DATA:-${DIFFPROBE_SHARED:-../shared}/data/cifar10-train.tar.gz}
 timeout -s TERM -k 60 "${LIMIT_S:-180}" $PY -m diffprobe pretrain --data "$data" --out "$RUN" --steps "${STEPS:-1000000}" \
     --init-from checkpoints/diffprobe-cifar10/ema.pt --device "${DEVICE:-cuda}" --batch-size "${BATCH:-128}" --lr 2e-4 \
     --save-every "${SAVE_EVERY:-2000}" 2>&1 | tr '\r' '\n' | tee "$OUT/train.log" | tail -40
+status=${PIPESTATUS[0]}
+# 124: the time limit fired and pretrain saved on SIGTERM; anything else but 0 failed, and an ema.pt
+# left by an earlier call on this machine must not go back as this one's
+if [ "$status" -ne 0 ] && [ "$status" -ne 124 ]; then echo "pretrain failed (exit $status): see $OUT/train.log"; exit 1; fi
 [ -f "$RUN/ema.pt" ] || { echo "no $RUN/ema.pt: training saved nothing"; exit 1; }
 split -b 15M -d "$RUN/ema.pt" "$OUT/ema.pt.part-"
 cp "$RUN/ema.json" "$RUN/loss.csv" "$OUT/"
@@ -30,4 +34,5 @@ blob = torch.load(f"{run}/training-state.pt", map_location="cpu", weights_only=T
 torch.save({k: blob[k] for k in ("config", "state")}, f"{out}/training-state.pt")
 print(f"step {blob['state']['step']}, on {blob['state'].get('hardware')}")
 PY
+[ $? -eq 0 ] || exit 1
 ls -la "$OUT"

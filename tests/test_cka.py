@@ -211,5 +211,7 @@ def test_encoder_source_random_from_a_local_file_and_the_extract_path(tmp_path):
     torch.testing.assert_close(some["layer3"], feats["layer3"])
     with pytest.raises(DiffprobeError, match=r"has no block layer9 \(--b-keys\): its blocks are act1, layer1"):
         EncoderSource("timm:resnet18", blocks="layer9")
+    with pytest.raises(DiffprobeError, match="names no block"):
+        EncoderSource("timm:resnet18", blocks=" , ")
     with pytest.raises(DiffprobeError, match="does not know the model"):
         EncoderSource("timm:no_such_net")

@@ -289,6 +289,9 @@ def test_a_halved_pass_is_tried_at_double_size_again_after_clean_chunks(monkeypa
     assert [size.run(run) for _ in range(11)] == [4] * 11 and size.wait == 8
     assert tried[:6] == [8, 4, 4, 4, 8, 4] and tried.count(8) == 2
     assert size.run(run) == 4 and tried[-2:] == [8, 4] and size.wait == 32
+    fits["rows"] = 8  # free again: the next try fits, and a later OOM is waited out from the start again
+    size.clean = size.wait
+    assert size.run(run) == 8 and size.rows == 8 and size.wait == 2
 
 
 def test_the_per_image_memory_is_the_peak_difference_of_two_small_passes(monkeypatch):

@@ -143,7 +143,7 @@ class PassSize:
                 log.info("passes of %d images still do not fit %s: staying at %d", trial, self.device, self.rows)
             else:
                 log.info("passes of %d images fit %s again", trial, self.device)
-                self.rows, self.clean = trial, 0
+                self.rows, self.clean, self.wait = trial, 0, REGROW_AFTER  # that OOM was passing: the next one starts afresh
                 return result
         result, rows = halving_on_oom(self.rows, run, self.device)
         self.clean = self.clean + 1 if rows == self.rows else 0

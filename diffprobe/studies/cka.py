@@ -172,6 +172,8 @@ class EncoderSource:
         self.blocks = self.backbone.blocks
         if blocks:
             names = [name.strip() for name in blocks.split(",") if name.strip()]
+            if not names:
+                raise DiffprobeError(f"--b-keys {blocks!r} names no block of {spec}: give names such as layer3,layer4, or leave it out")
             by_name = {b.name: b for b in self.backbone.blocks}
             unknown = [name for name in names if name not in by_name]
             if unknown:
