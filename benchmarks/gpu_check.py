@@ -151,10 +151,14 @@ def features(bb, x_t: torch.Tensor, t: int, compute: Compute | None = None) -> d
     return {b: v.float().cpu() for b, v in out.items()}
 
 
+def check_timestep(bb) -> int:
+    """The t the parity checks read at: a mid-noise step of the model's schedule (0 for an image encoder)."""
+    return 0 if not bb.generative else (300 if bb.schedule.parameterization == "flow" else 100)
+
+
 def parity(spec: str, options: dict, device: torch.device, tiny: bool) -> dict:
     cpu_bb = load_backbone(spec, **options)
-    generative = cpu_bb.generative
-    t = 0 if not generative else (300 if cpu_bb.schedule.parameterization == "flow" else 100)
+    t = check_timestep(cpu_bb)
     images = torch.rand(2, 3, cpu_bb.image_size, cpu_bb.image_size, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.inference_mode():
         x0 = cpu_bb.encode(images)
@@ -194,7 +198,7 @@ def compiled_parity(spec: str, options: dict, device: torch.device) -> dict:
     """torch.compile'd walk against the eager one, both bf16 on the device: a GPU section of its
     own, after throughput, since each family compiles for about a minute."""
     bb = load_backbone(spec, device=str(device), **options)
-    t = 0 if not bb.generative else (300 if bb.schedule.parameterization == "flow" else 100)
+    t = check_timestep(bb)
     x_t = torch.randn(2, *bb.model_shape, generator=torch.Generator().manual_seed(0)).to(device)
     eager = features(bb, x_t, t, Compute(device, "bf16", True))
     compiled = features(bb, x_t, t, Compute(device, "bf16", True, compile=True))
@@ -451,12 +455,11 @@ def main() -> None:
     args = p.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device here; --device cpu --tiny runs the same code paths on the CPU")
-    from diffprobe.precision import resolve_device
+    from diffprobe.precision import choose_compute, resolve_device
+    from extract import matmul_peak
 
     device = resolve_device(args.device)  # cuda -> cuda:0: set_device, NCCL and pinned copies need an index
     skip = {s for s in args.skip.split(",") if s}
-    from diffprobe.precision import choose_compute
-    from extract import matmul_peak
 
     compute = choose_compute(str(device))
     header = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.backends.cpu.get_cpu_capability()})",

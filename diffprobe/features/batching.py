@@ -104,6 +104,12 @@ def in_passes(rows: int, pass_rows: int, run: Callable[[slice], T]) -> list[T]:
     return [run(slice(start, min(start + pass_rows, rows))) for start in range(0, rows, pass_rows)]
 
 
+def release_cached(device: torch.device) -> None:
+    """After an OOM: the blocks the failed pass left in PyTorch's CUDA cache go back, so the next try sees them free."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def halving_on_oom(pass_rows: int, run: Callable[[int], T], device: torch.device) -> tuple[T, int]:
     """run(pass_rows), retried with half the rows each time the device runs out of memory; returns
     the result and the pass size that worked (the caller keeps it for the chunks that follow)."""
@@ -115,8 +121,7 @@ def halving_on_oom(pass_rows: int, run: Callable[[int], T], device: torch.device
                 raise DiffprobeError(f"one image at a time does not fit in the memory of {device}: use a device with more memory, "
                                      "--precision bf16/fp16, or an earlier block") from None  # fmt: skip
             pass_rows = max(1, pass_rows // 2)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            release_cached(device)
             log.warning("%s ran out of memory: passes of %d images for now (--batch-size sets the chunk)", device, pass_rows)
 
 
@@ -137,8 +142,7 @@ class PassSize:
             try:
                 result = run(trial)
             except torch.OutOfMemoryError:
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+                release_cached(self.device)
                 self.clean, self.wait = 0, self.wait * 4
                 log.info("passes of %d images still do not fit %s: staying at %d", trial, self.device, self.rows)
             else:

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .._io import output_dir, write_json, write_text
+from .._io import output_dir, read_json_object, write_json, write_text
 from ..backbones import load_backbone
 from ..data import LabeledImages
 from ..errors import DiffprobeError
@@ -148,7 +148,7 @@ def baseline_row(data: LabeledImages, out: Path, reporting: Reporting, summary: 
     training = {"arch": "resnet18", "epochs": epochs, "limit": options.limit, "image_size": image_size,
                 "data_fingerprint": data.fingerprint(), **BASELINE_RECIPE}  # fmt: skip
     info_path = folder / "baseline.json"
-    if {k: read_json_or_none(info_path).get(k) for k in training} != training:
+    if {k: read_json_or_empty(info_path).get(k) for k in training} != training:
         # `limit` training images: the subset is drawn from the whole dataset, then its held-out part dropped.
         total = None if options.limit is None else round(options.limit / (1 - summary["val_fraction"]))
         train_baseline(data, folder, "resnet18", image_size, epochs, limit=total, val_fraction=summary["val_fraction"],
@@ -160,7 +160,7 @@ def baseline_row(data: LabeledImages, out: Path, reporting: Reporting, summary: 
     # A network trained again (another recipe, an earlier diffprobe's, or a run cut short between training
     # and extraction) makes the store of the old one stale: the demo owns it, so it is discarded, not refused.
     manifest = out / "baseline-sweep" / "features" / "manifest.json"
-    stale = manifest.is_file() and read_json_or_none(manifest).get("backbone", {}).get("fingerprint") != network.fingerprint()
+    stale = manifest.is_file() and read_json_or_empty(manifest).get("backbone", {}).get("fingerprint") != network.fingerprint()
     theirs = sweep(network, data, out / "baseline-sweep", FeaturePlan(t=None, blocks="all", pools=(1,)),
                    replace(options, overwrite=True) if stale else options, controls=False,
                    val_fraction=summary["val_fraction"], split_seed=summary["split_seed"], report_share=summary["report_share"],
@@ -179,11 +179,12 @@ def baseline_row(data: LabeledImages, out: Path, reporting: Reporting, summary: 
     return row
 
 
-def read_json_or_none(path: Path) -> dict[str, Any]:
-    """A JSON file's object, or {} when it is missing or unreadable (a run killed mid-write)."""
+def read_json_or_empty(path: Path) -> dict[str, Any]:
+    """A JSON file's object, or {} when it is missing or unreadable (a run killed mid-write): the
+    project's reader, with "start again" in place of its error."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return read_json_object(path, "")
+    except DiffprobeError:
         return {}
 
 
